@@ -1,0 +1,28 @@
+# Two entry points: `make demo` (install + run the main job) and `make test` (install + run the tests).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PBRF_DATA ?= $(abspath ../shared/datasets)
+export PBRF_DATA
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,ray]"
+
+demo: install
+	$(BIN)/pbrf run
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/bench_influence.py
+	$(BIN)/python bench/bench_respond.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,31 @@
+"""pbrf: influence functions for PyTorch and the proximal Bregman response function they answer.
+
+Bae, Ng, Lo, Ghassemi, Grosse, "If Influence Functions are the Answer, Then What is the
+Question?" (NeurIPS 2022). See the README for the sign and scaling conventions.
+"""
+
+from . import tasks
+from .curvature import CurvatureOperator
+from .influence import delta_theta, influence, per_example_grads
+from .problem import Problem
+from .solvers import SolveInfo, SolverDivergedError, solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "tasks",
+    "Problem",
+    "CurvatureOperator",
+    "influence",
+    "delta_theta",
+    "per_example_grads",
+    "solve",
+    "SolveInfo",
+    "SolverDivergedError",
+]
+
+from .optim import Recipe  # noqa: E402
+from .respond import KINDS, Response, respond  # noqa: E402
+from .training import TrainResult, load_checkpoint, save_checkpoint, train  # noqa: E402
+
+__all__ += ["Recipe", "respond", "Response", "KINDS", "train", "TrainResult", "save_checkpoint", "load_checkpoint"]

@@ -1,0 +1,161 @@
+"""Curvature of the training objective: Gauss–Newton and Hessian products, and dense matrices.
+
+All vectors are flat parameter vectors; a batch of vectors is a matrix of ROWS ``[m, n_params]``.
+
+* Gauss–Newton (DESIGN §1): ``G = (1/N) Σ_i J_iᵀ H_i J_i`` with ``J_i = ∂f(θ, x_i)/∂θ`` and
+  ``H_i = ∂²L/∂f²``; the damped curvature is ``C = G + (wd + λ) I``.
+* Hessian: ``C = ∇²J(θ) + λ I = (1/N) Σ_i ∇²L_i + (wd + λ) I``.
+
+Products are matrix-free (``torch.func.jvp`` / ``vjp``), vectorised over the rows with ``vmap`` and
+accumulated over chunks of the training data so that memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from .problem import Problem
+
+__all__ = ["CurvatureOperator", "ggn_matvec", "hessian_matvec", "dense_ggn", "dense_hessian", "CURVATURES"]
+
+CURVATURES = ("ggn", "hessian")
+
+
+def _rows(v: Tensor) -> tuple[Tensor, bool]:
+    return (v.unsqueeze(0), True) if v.dim() == 1 else (v, False)
+
+
+def _chunk_ggn(prob: Problem, theta: Tensor, x: Tensor, t: Tensor, V: Tensor) -> Tensor:
+    """``Σ_{i ∈ chunk} J_iᵀ H_i J_i V`` for rows ``V`` ``[m, p]`` (not divided by N)."""
+
+    def f(th: Tensor) -> Tensor:
+        return prob.outputs_flat(th, x)
+
+    out, vjp_fn = vjp(f, theta)
+    JV = vmap(lambda v: jvp(f, (theta,), (v,))[1])(V)
+    HJV = vmap(lambda u: prob.task.output_hvp(out, t, u))(JV)
+    return vmap(lambda u: vjp_fn(u)[0])(HJV)
+
+
+def _chunk_hessian(prob: Problem, theta: Tensor, x: Tensor, t: Tensor, V: Tensor) -> Tensor:
+    """``Σ_{i ∈ chunk} ∇²L_i V`` for rows ``V`` (forward-over-reverse; not divided by N)."""
+
+    def g(th: Tensor) -> Tensor:
+        return torch.func.grad(lambda p: prob.task.loss(prob.outputs_flat(p, x), t).sum())(th)
+
+    return vmap(lambda v: jvp(g, (theta,), (v,))[1])(V)
+
+
+def _accumulate(chunk_fn, prob: Problem, theta: Tensor, V: Tensor, index: Tensor | None) -> Tensor:
+    x, t = (prob.x, prob.t) if index is None else (prob.x[index], prob.t[index])
+    n = x.shape[0]
+    out = torch.zeros_like(V)
+    for s in prob.chunks(n):
+        out += chunk_fn(prob, theta, x[s], t[s], V)
+    return out / n
+
+
+def ggn_matvec(prob: Problem, V: Tensor, theta: Tensor | None = None, index: Tensor | None = None) -> Tensor:
+    """Undamped Gauss–Newton product ``(1/n) Σ_i J_iᵀ H_i J_i v`` over the training set or ``index``.
+
+    Args:
+        prob: the problem.
+        V: a vector ``[p]`` or rows ``[m, p]``.
+        theta: where to linearise (default θ^s).
+        index: optional subset of training examples (a minibatch); the mean is over that subset.
+    """
+    V, single = _rows(V)
+    theta = prob.theta if theta is None else theta
+    out = _accumulate(_chunk_ggn, prob, theta, V, index)
+    return out[0] if single else out
+
+
+def hessian_matvec(prob: Problem, V: Tensor, theta: Tensor | None = None, index: Tensor | None = None) -> Tensor:
+    """Hessian of the mean data loss times ``V`` (weight decay not included)."""
+    V, single = _rows(V)
+    theta = prob.theta if theta is None else theta
+    out = _accumulate(_chunk_hessian, prob, theta, V, index)
+    return out[0] if single else out
+
+
+class CurvatureOperator:
+    """The damped curvature ``C`` as a linear operator on flat parameter vectors.
+
+    ``C = G + (wd + λ) I`` for ``curvature="ggn"`` and ``C = ∇²J + λ I`` (which includes wd) for
+    ``curvature="hessian"``; in both cases ``shift = wd + λ`` is added to the data term.
+
+    Args:
+        prob: the problem (data, θ^s, weight decay).
+        curvature: ``"ggn"`` or ``"hessian"``.
+        damping: λ ≥ 0.
+        theta: linearisation point (default θ^s).
+    """
+
+    def __init__(self, prob: Problem, curvature: str = "ggn", damping: float = 0.0, theta: Tensor | None = None):
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+        if not (isinstance(damping, (int, float)) and damping >= 0 and math.isfinite(damping)):
+            raise ValueError(
+                f"damping must be a finite number >= 0, got {damping!r}; use e.g. damping=1e-3."
+            )
+        self.prob, self.curvature, self.damping = prob, curvature, float(damping)
+        self.theta = prob.theta if theta is None else theta
+        self.shift = prob.weight_decay + self.damping
+        self.n_params = prob.n_params
+        self._data_mv: Callable = ggn_matvec if curvature == "ggn" else hessian_matvec
+
+    def matvec(self, V: Tensor, index: Tensor | None = None) -> Tensor:
+        """``C V`` for a vector or rows; with ``index`` the data term is the minibatch mean."""
+        return self._data_mv(self.prob, V, self.theta, index) + self.shift * V
+
+    __call__ = matvec
+
+    def dense(self, max_params: int = 5000) -> Tensor:
+        """The dense damped matrix ``[p, p]`` built from explicit Jacobians / ``torch.func.hessian``."""
+        if self.n_params > max_params:
+            raise ValueError(
+                f"dense curvature: the model has {self.n_params} parameters, above max_params={max_params}; "
+                "use solver='cg' or 'lissa', or raise max_params if the p×p matrix fits in memory."
+            )
+        build = dense_ggn if self.curvature == "ggn" else dense_hessian
+        eye = torch.eye(self.n_params, dtype=self.theta.dtype, device=self.theta.device)
+        return build(self.prob, self.theta) + self.shift * eye
+
+    def __repr__(self) -> str:
+        return f"CurvatureOperator({self.curvature}, damping={self.damping}, shift={self.shift}, p={self.n_params})"
+
+
+def dense_ggn(prob: Problem, theta: Tensor | None = None) -> Tensor:
+    """Dense undamped ``G = (1/N) Σ J_iᵀ H_i J_i`` from per-chunk Jacobians (small models only)."""
+    theta = prob.theta if theta is None else theta
+    p = prob.n_params
+    G = torch.zeros(p, p, dtype=theta.dtype, device=theta.device)
+    for s in prob.chunks():
+        x, t = prob.x[s], prob.t[s]
+        out = prob.outputs_flat(theta, x)
+        B, D = out.shape[0], out[0].numel()
+        J = torch.func.jacrev(lambda th: prob.outputs_flat(th, x))(theta).reshape(B, D, p)
+        basis = torch.eye(D, dtype=out.dtype, device=out.device).reshape(D, 1, *out.shape[1:])
+        H = vmap(lambda e: prob.task.output_hvp(out, t, e.expand_as(out)))(basis)  # [D, B, *out]
+        H = H.reshape(D, B, D).permute(1, 2, 0)  # H[b, :, d] = H_b e_d
+        G += torch.einsum("bdp,bde,beq->pq", J, H, J)
+    return G / prob.n_train
+
+
+def dense_hessian(prob: Problem, theta: Tensor | None = None, block: int = 256) -> Tensor:
+    """Dense Hessian of the mean data loss ``(1/N) Σ ∇²L_i`` from Hessian-vector products on the identity.
+
+    (``torch.func.hessian``, i.e. ``jacfwd(jacrev)``, returns wrong values for some models — e.g. with
+    embeddings and attention in torch 2.13 — whereas ``jvp(grad)`` products agree with
+    reverse-over-reverse; so the dense matrix is assembled from the latter, ``block`` columns at a time.)
+    """
+    theta = prob.theta if theta is None else theta
+    p = prob.n_params
+    eye = torch.eye(p, dtype=theta.dtype, device=theta.device)
+    H = torch.cat([hessian_matvec(prob, eye[s : s + block], theta) for s in range(0, p, block)])
+    return 0.5 * (H + H.T)

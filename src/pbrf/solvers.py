@@ -1,0 +1,216 @@
+"""Linear solvers for ``C X = B`` behind one signature, each returning diagnostics.
+
+``solve(op, B, solver, **options) -> (X, SolveInfo)`` with ``B`` a vector ``[p]`` or rows
+``[m, p]`` (one independent system per row). ``op`` is a :class:`~pbrf.curvature.CurvatureOperator`
+(anything with ``matvec(V, index=None)``, ``n_params`` and, for ``exact``, ``dense()``).
+
+* ``exact`` — dense Cholesky / LU solve; refuses above ``max_params``.
+* ``cg`` — conjugate gradients, batched over rows, stopping each row at ``‖CX − B‖/‖B‖ ≤ tol``.
+* ``lissa`` — the stochastic Neumann recursion ``h ← b + h − C_batch h / scale`` (Agarwal et al. 2017),
+  ``X = h / scale``; it diverges unless ``scale`` exceeds about half the largest eigenvalue of
+  ``C``, which is detected and reported (``diverged=True``), never returned silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["SolveInfo", "SolverDivergedError", "solve", "solve_exact", "solve_cg", "solve_lissa", "SOLVERS"]
+
+log = logging.getLogger(__name__)
+
+
+class SolverDivergedError(RuntimeError):
+    """A solver diverged or produced non-finite values."""
+
+
+@dataclass
+class SolveInfo:
+    """Diagnostics of one :func:`solve` call.
+
+    Attributes:
+        solver: name of the solver.
+        iterations: iterations performed (0 for ``exact``).
+        residual: max over rows of the final relative residual ``‖C x − b‖ / ‖b‖``.
+        converged: residual ≤ tolerance (always True for a finite exact solve).
+        diverged: non-finite values, growth beyond bounds, or a non-positive curvature direction.
+        seconds: wall time.
+        extra: solver-specific values (e.g. the LiSSA scale used, eigenvalue estimate).
+    """
+
+    solver: str
+    iterations: int = 0
+    residual: float = float("nan")
+    converged: bool = False
+    diverged: bool = False
+    seconds: float = 0.0
+    message: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rel_residual(op, X: Tensor, B: Tensor) -> Tensor:
+    R = op.matvec(X) - B
+    bn = B.norm(dim=1)
+    return torch.where(bn > 0, R.norm(dim=1) / bn.clamp_min(torch.finfo(B.dtype).tiny), R.norm(dim=1))
+
+
+def _finish(op, X: Tensor, B: Tensor, info: SolveInfo, tol: float) -> SolveInfo:
+    if not torch.isfinite(X).all():
+        info.diverged, info.converged = True, False
+        info.message = info.message or "non-finite values in the solution"
+        return info
+    res = _rel_residual(op, X, B)
+    info.residual = float(res.max()) if res.numel() else 0.0
+    info.converged = bool(info.residual <= tol) and not info.diverged
+    return info
+
+
+def solve_exact(op, B: Tensor, max_params: int = 5000) -> tuple[Tensor, SolveInfo]:
+    """Dense solve ``C⁻¹ Bᵀ`` (Cholesky, LU fallback when C is not positive definite)."""
+    info = SolveInfo("exact")
+    C = op.dense(max_params=max_params)
+    L, err = torch.linalg.cholesky_ex(C)
+    if int(err) == 0:
+        X = torch.cholesky_solve(B.T, L).T
+    else:
+        info.message = "curvature not positive definite; used LU"
+        X = torch.linalg.solve(C, B.T).T
+    return X, _finish(op, X, B, info, tol=1e-6)
+
+
+def solve_cg(
+    op, B: Tensor, tol: float = 1e-10, max_iter: int | None = None, x0: Tensor | None = None
+) -> tuple[Tensor, SolveInfo]:
+    """Conjugate gradients on every row of ``B`` at once (one matvec with all active rows per step).
+
+    Args:
+        tol: relative residual ``‖C x − b‖/‖b‖`` at which a row stops.
+        max_iter: iteration cap (default ``min(10 p, 2000)``).
+        x0: warm start ``[m, p]`` (e.g. the previous solution).
+    """
+    info = SolveInfo("cg")
+    max_iter = min(10 * op.n_params, 2000) if max_iter is None else int(max_iter)
+    X = torch.zeros_like(B) if x0 is None else x0.reshape(B.shape).clone().to(B)
+    R = B - op.matvec(X) if x0 is not None else B.clone()
+    P, rs = R.clone(), (R * R).sum(1)
+    bn2 = (B * B).sum(1)
+    thresh = (tol**2) * bn2
+    it = 0
+    for it in range(1, max_iter + 1):
+        active = rs > thresh
+        if not bool(active.any()):
+            it -= 1
+            break
+        AP = op.matvec(P)
+        pAp = (P * AP).sum(1)
+        if bool((pAp[active] <= 0).any()):
+            info.diverged = True
+            info.message = "non-positive curvature direction met: C is not positive definite; increase damping"
+            break
+        alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rs))
+        X += alpha[:, None] * P
+        R -= alpha[:, None] * AP
+        rs_new = (R * R).sum(1)
+        beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+        P = R + beta[:, None] * P
+        rs = torch.where(active, rs_new, rs)
+    info.iterations = it
+    return X, _finish(op, X, B, info, tol)
+
+
+def _power_iteration(op, p: int, like: Tensor, iters: int = 30, seed: int = 0) -> float:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(p, generator=g, dtype=like.dtype).to(like.device)
+    v /= v.norm()
+    lam = 0.0
+    for _ in range(iters):
+        w = op.matvec(v)
+        lam = float(v @ w)
+        v = w / w.norm().clamp_min(torch.finfo(like.dtype).tiny)
+    return lam
+
+
+def solve_lissa(
+    op,
+    B: Tensor,
+    scale: float | None = None,
+    depth: int = 1000,
+    repeats: int = 1,
+    batch_size: int | None = None,
+    seed: int = 0,
+    tol: float = 1e-2,
+) -> tuple[Tensor, SolveInfo]:
+    """LiSSA: ``h_{j+1} = b + h_j − C_{B_j} h_j / scale``, estimate ``h_depth / scale``, averaged over repeats.
+
+    Args:
+        scale: must exceed about half the largest eigenvalue of ``C``; ``None`` estimates
+            ``λ_max`` by power iteration on the full curvature and uses ``1.1 λ_max``.
+        depth: recursion steps per repeat.
+        repeats: independent repeats averaged.
+        batch_size: minibatch of training examples per step (``None`` = full batch, deterministic).
+        seed: minibatch sampling seed.
+        tol: residual threshold reported as ``converged`` (LiSSA is an approximation).
+    """
+    info = SolveInfo("lissa")
+    if scale is None:
+        lam = _power_iteration(op, op.n_params, B, seed=seed)
+        scale = 1.1 * lam
+        info.extra["lambda_max_estimate"] = lam
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"lissa: scale must be a positive number, got {scale!r}.")
+    info.extra["scale"] = float(scale)
+    n = op.prob.n_train
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    bound = 1e6 * max(float(B.norm(dim=1).max()), 1e-300) * depth
+    total = torch.zeros_like(B)
+    for _ in range(repeats):
+        h = B.clone()
+        for j in range(depth):
+            idx = None if batch_size is None or batch_size >= n else torch.randperm(n, generator=gen)[:batch_size]
+            h = B + h - op.matvec(h, index=idx.to(op.prob.device) if idx is not None else None) / scale
+            if j % 10 == 9 and not (torch.isfinite(h).all() and float(h.norm(dim=1).max()) < bound):
+                info.diverged = True
+                info.iterations += j + 1
+                info.message = (
+                    f"LiSSA diverged at step {j + 1} with scale={scale:.4g}: the scale must exceed the largest "
+                    "eigenvalue of the damped curvature (leave scale=None to estimate it, or increase it)"
+                )
+                return torch.full_like(B, float("nan")), info
+        info.iterations += depth
+        total += h / scale
+    X = total / repeats
+    return X, _finish(op, X, B, info, tol)
+
+
+SOLVERS = {"exact": solve_exact, "cg": solve_cg, "lissa": solve_lissa}
+
+
+def solve(op, B: Tensor, solver: str = "cg", **options) -> tuple[Tensor, SolveInfo]:
+    """Solve ``C X = B`` row-wise with the named solver; returns ``(X, SolveInfo)``.
+
+    Raises:
+        ValueError: unknown solver or unknown option (the message lists the valid ones).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}; choose one of {sorted(SOLVERS)}.")
+    fn = SOLVERS[solver]
+    valid = fn.__code__.co_varnames[2 : fn.__code__.co_argcount + fn.__code__.co_kwonlyargcount]
+    bad = set(options) - set(valid)
+    if bad:
+        raise ValueError(f"Unknown option(s) {sorted(bad)} for solver {solver!r}; valid options: {list(valid)}.")
+    single = B.dim() == 1
+    B2 = B.unsqueeze(0) if single else B
+    t0 = time.perf_counter()
+    X, info = fn(op, B2, **options)
+    info.seconds = time.perf_counter() - t0
+    log.debug("solve %s: %s", solver, info)
+    return (X[0] if single else X), info
