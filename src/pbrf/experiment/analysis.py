@@ -1,0 +1,375 @@
+"""Decomposition of the influence/LOO mismatch into five gaps, and correlations (DESIGN §1).
+
+Pure numpy. The inputs are the measured changes of one experiment, one array per *kind*::
+
+    dm[kind]  float array [n_test, n_removals]      Δm = m(θ_r) − m(θ^s)  (cold: vs the cold
+                                                     full-data run), as returned by
+                                                     ``Response.loss_change``
+    df[kind]  float array [n_removals, n_test, *out] Δf = f(θ_r, x) − f(reference, x), as returned
+                                                     by ``Response.output_change`` (optional)
+
+with ``kind`` in :data:`KINDS` = response functions 1..6 of DESIGN §1. Sign convention: a positive
+Δm means that removing the set *increases* the test loss. Any kind may be missing (e.g. the
+cold-start runs were skipped); the statistics that involve it are then ``None``.
+
+Non-finite values (a diverged optimisation) are never silently averaged in: a (test, removal) pair
+is *valid* when every present kind is finite there, and every gap statistic is computed over the
+same valid pairs, so the signed means still telescope exactly. The counts are reported.
+
+Every function returns plain Python floats / ints / lists / ``None`` (non-finite numbers become
+``None``), so the result can be written with ``json.dump(..., allow_nan=False)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = [
+    "KINDS",
+    "GAPS",
+    "GAP_PAIRS",
+    "KIND_LABELS",
+    "RESPONSE_KINDS",
+    "rankdata",
+    "pearson",
+    "spearman",
+    "decompose",
+    "correlations",
+    "summarise",
+]
+
+#: Response functions 1..6 of DESIGN §1, in the order of the decomposition.
+KINDS = ("cold", "warm", "proximal", "pbrf", "linearized", "influence")
+#: Gap j lies between ``KINDS[j]`` and ``KINDS[j + 1]``.
+GAPS = (
+    "warm-start gap",
+    "proximity gap",
+    "non-convergence gap",
+    "linearisation error",
+    "solver error",
+)
+#: ``{gap name: (kind a, kind b)}``: the gap is Δm_a − Δm_b.
+GAP_PAIRS = {name: (KINDS[j], KINDS[j + 1]) for j, name in enumerate(GAPS)}
+#: The response functions the influence estimate is compared with (the paper's table rows).
+RESPONSE_KINDS = KINDS[:-1]
+#: Human-readable names, as in the paper.
+KIND_LABELS = {
+    "cold": "cold-start LOO",
+    "warm": "warm-start LOO",
+    "proximal": "proximal",
+    "pbrf": "PBRF",
+    "linearized": "linearised PBRF",
+    "influence": "influence",
+}
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _num(x) -> float | None:
+    """A JSON-safe float: ``None`` for NaN/inf/None."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _as_array(name: str, value) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must be an array of measurements, got a scalar.")
+    return arr
+
+
+def _present(arrays: Mapping | None, what: str) -> dict[str, np.ndarray]:
+    """The arrays of the known kinds that are present (not None), as float64, with one shape."""
+    if arrays is None:
+        return {}
+    unknown = sorted(set(arrays) - set(KINDS))
+    if unknown:
+        raise ValueError(f"{what} has unknown kinds {unknown}; use keys from {KINDS}.")
+    out = {k: _as_array(f"{what}[{k!r}]", arrays[k]) for k in KINDS if arrays.get(k) is not None}
+    shapes = {k: a.shape for k, a in out.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"all {what} arrays must have one shape; got {shapes}.")
+    return out
+
+
+# --------------------------------------------------------------------------- correlations
+
+
+def rankdata(x) -> np.ndarray:
+    """Ranks 1..n of a 1-D array, ties receiving the average of their ranks (scipy's "average").
+
+    Args:
+        x: 1-D array of finite numbers.
+
+    Returns:
+        float64 array of the same length; e.g. ``[10, 20, 20, 5] -> [2, 3.5, 3.5, 1]``.
+    """
+    x = np.asarray(x).ravel()
+    n = x.size
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts_mask = np.r_[True, xs[1:] != xs[:-1]] if n else np.zeros(0, bool)
+    group = np.cumsum(starts_mask) - 1
+    starts = np.flatnonzero(starts_mask)
+    ends = np.r_[starts[1:], n]  # exclusive
+    average = (starts + ends + 1) / 2.0  # mean of the 1-based positions starts+1 .. ends
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = average[group]
+    return ranks
+
+
+def _finite_pairs(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"correlated arrays must have the same size; got {a.size} and {b.size}.")
+    keep = np.isfinite(a) & np.isfinite(b)
+    return a[keep], b[keep]
+
+
+def _pearson_finite(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of finite 1-D arrays; NaN when n < 2 or either is constant."""
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    ac, bc = a - a.mean(), b - b.mean()
+    r = float(np.dot(ac, bc) / math.sqrt(float(np.dot(ac, ac)) * float(np.dot(bc, bc))))
+    return max(-1.0, min(1.0, r))
+
+
+def pearson(a, b) -> float:
+    """Pearson correlation over the pairs where both ``a`` and ``b`` are finite.
+
+    Args:
+        a: array of any shape (flattened).
+        b: array with as many elements as ``a``.
+
+    Returns:
+        The correlation in [-1, 1], or NaN when fewer than two finite pairs remain or either side
+        is constant.
+    """
+    return _pearson_finite(*_finite_pairs(a, b))
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties) over the finite pairs of ``a``, ``b``.
+
+    Args:
+        a: array of any shape (flattened).
+        b: array with as many elements as ``a``.
+
+    Returns:
+        Pearson correlation of the ranks, or NaN as in :func:`pearson`.
+    """
+    a, b = _finite_pairs(a, b)
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return _pearson_finite(rankdata(a), rankdata(b))
+
+
+def _per_test_mean(fn, scores: np.ndarray, values: np.ndarray) -> tuple[float, int]:
+    """Mean over test points (rows) of ``fn(row_scores, row_values)``, skipping NaN rows."""
+    per_row = np.array([fn(s, v) for s, v in zip(scores, values)], dtype=np.float64)
+    ok = np.isfinite(per_row)
+    return (float(per_row[ok].mean()) if ok.any() else math.nan), int(ok.sum())
+
+
+def _correlation_entry(scores: np.ndarray, values: np.ndarray) -> dict:
+    p_row, n_rows = _per_test_mean(pearson, scores, values)
+    s_row, _ = _per_test_mean(spearman, scores, values)
+    n_pairs = int((np.isfinite(scores) & np.isfinite(values)).sum())
+    return {
+        "pearson": _num(pearson(scores, values)),
+        "spearman": _num(spearman(scores, values)),
+        "pearson_per_test": _num(p_row),
+        "spearman_per_test": _num(s_row),
+        "n_pairs": n_pairs,
+        "n_tests_used": n_rows,
+    }
+
+
+def correlations(scores, dm: Mapping) -> dict[str, dict]:
+    """Correlations between influence scores and each kind's measured change (DESIGN §1).
+
+    Args:
+        scores: influence estimates Δm_IF, shape [n_test, n_removals].
+        dm: ``{kind: Δm}``, each [n_test, n_removals]; missing/None kinds are skipped.
+
+    Returns:
+        ``{kind: {"pearson", "spearman", "pearson_per_test", "spearman_per_test", "n_pairs",
+        "n_tests_used"}}`` for every present kind in :data:`KINDS` order. ``pearson``/``spearman``
+        are over all finite (test, removal) pairs; the ``*_per_test`` values are the mean over
+        test points of the correlation across removals, skipping rows with fewer than two finite
+        pairs or zero variance (``n_tests_used`` counts the rows kept). Undefined values are None.
+    """
+    scores = _as_array("scores", scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [n_test, n_removals], got shape {scores.shape}.")
+    out = {}
+    for kind, values in _present(dm, "dm").items():
+        if values.shape != scores.shape:
+            raise ValueError(
+                f"dm[{kind!r}] has shape {values.shape} but scores has {scores.shape}; both must "
+                "be [n_test, n_removals] (transpose one of them)."
+            )
+        out[kind] = _correlation_entry(scores, values)
+    return out
+
+
+# --------------------------------------------------------------------------- decomposition
+
+
+def _valid_mask(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Boolean mask of the pairs where every array is finite (over trailing output dims too)."""
+    if not arrays:
+        return None
+    first = next(iter(arrays.values()))
+    mask = np.ones(first.shape[:2] if first.ndim >= 2 else first.shape, dtype=bool)
+    for a in arrays.values():
+        finite = np.isfinite(a)
+        mask &= finite.reshape(mask.shape + (-1,)).all(axis=-1)
+    return mask
+
+
+def _output_norm(diff: np.ndarray) -> np.ndarray:
+    """L2 norm over the output dims of ``diff`` [n_pairs, *out] (abs for scalar outputs)."""
+    return np.sqrt((diff.reshape(diff.shape[0], -1) ** 2).sum(axis=-1))
+
+
+def _gap_stats(dm: dict[str, np.ndarray], mask: np.ndarray) -> tuple[dict, dict]:
+    absolute, signed = {}, {}
+    for name, (a, b) in GAP_PAIRS.items():
+        if a in dm and b in dm and mask.any():
+            diff = dm[a][mask] - dm[b][mask]
+            absolute[name], signed[name] = _num(np.abs(diff).mean()), _num(diff.mean())
+        else:
+            absolute[name] = signed[name] = None
+    return absolute, signed
+
+
+def _output_gaps(df: dict[str, np.ndarray]) -> dict | None:
+    if not df:
+        return None
+    mask = _valid_mask(df)
+    out = {}
+    for name, (a, b) in GAP_PAIRS.items():
+        ok = a in df and b in df and mask.any()
+        out[name] = _num(_output_norm(df[a][mask] - df[b][mask]).mean()) if ok else None
+    return out
+
+
+def _chain(kinds) -> tuple[str, str] | None:
+    """First and last present kinds when they form one contiguous block of :data:`KINDS`."""
+    idx = [KINDS.index(k) for k in kinds]
+    if len(idx) < 2 or idx != list(range(idx[0], idx[-1] + 1)):
+        return None
+    return KINDS[idx[0]], KINDS[idx[-1]]
+
+
+def _telescoping_residual(dm: dict[str, np.ndarray], mask: np.ndarray) -> tuple[float | None, list | None]:
+    """max over valid pairs of |Σ_j (Δm_j − Δm_{j+1}) − (Δm_first − Δm_last)|, and [first, last]."""
+    chain = _chain(list(dm))
+    if chain is None or not mask.any():
+        return None, list(chain) if chain else None
+    lo, hi = KINDS.index(chain[0]), KINDS.index(chain[1])
+    with np.errstate(invalid="ignore"):  # inf − inf at invalid pairs, masked out below
+        total = sum(dm[KINDS[j]] - dm[KINDS[j + 1]] for j in range(lo, hi))
+        residual = np.abs(total - (dm[chain[0]] - dm[chain[1]]))[mask]
+    return float(residual.max()), list(chain)
+
+
+def decompose(dm: Mapping, df: Mapping | None = None) -> dict:
+    """The five gaps between consecutive response functions (DESIGN §1), averaged over pairs.
+
+    For gap j between kinds a = ``KINDS[j]`` and b = ``KINDS[j + 1]``:
+    ``gaps`` = mean |Δm_a − Δm_b|, ``signed`` = mean (Δm_a − Δm_b), ``output_gaps`` = mean
+    ||Δf_a − Δf_b||₂ (L2 over the output dims), means over all valid (test, removal) pairs.
+
+    Args:
+        dm: ``{kind: Δm}``, each [n_test, n_removals]; missing or None kinds allowed.
+        df: optional ``{kind: Δf}``, each [n_removals, n_test, *out].
+
+    Returns:
+        A JSON-safe dict::
+
+            {"gaps": {gap: float|None}, "signed": {gap: float|None},
+             "output_gaps": {gap: float|None} | None,
+             "total": mean |Δm_cold − Δm_influence| | None,
+             "total_signed": mean (Δm_cold − Δm_influence) | None,
+             "telescoping_residual": float|None,  # max over pairs, see below
+             "telescoping_chain": [first kind, last kind] | None,
+             "mean_abs": {kind: mean |Δm|}, "kinds": [present kinds],
+             "n_pairs": int, "n_valid": int, "nonfinite": {kind: int}}
+
+        ``telescoping_residual`` is max over pairs of |Σ signed differences − (Δm_first −
+        Δm_last)| over the contiguous chain of present kinds (None if the present kinds are not
+        contiguous); it is floating-point round-off (~1e-16 relative) by construction, and
+        ``Σ signed`` equals ``total_signed`` up to the same round-off.
+    """
+    arrays = _present(dm, "dm")
+    if not arrays:
+        raise ValueError(f"dm has no arrays; pass at least two of {KINDS}.")
+    mask = _valid_mask(arrays)
+    absolute, signed = _gap_stats(arrays, mask)
+    residual, chain = _telescoping_residual(arrays, mask)
+    both = "cold" in arrays and "influence" in arrays and mask.any()
+    total = arrays["cold"][mask] - arrays["influence"][mask] if both else None
+    return {
+        "gaps": absolute,
+        "signed": signed,
+        "output_gaps": _output_gaps(_present(df, "df")),
+        "total": _num(np.abs(total).mean()) if both else None,
+        "total_signed": _num(total.mean()) if both else None,
+        "telescoping_residual": residual,
+        "telescoping_chain": chain,
+        "mean_abs": {k: _num(np.abs(a[mask]).mean()) if mask.any() else None for k, a in arrays.items()},
+        "kinds": list(arrays),
+        "n_pairs": int(mask.size),
+        "n_valid": int(mask.sum()),
+        "nonfinite": {k: int((~np.isfinite(a)).sum()) for k, a in arrays.items()},
+    }
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarise(
+    dm: Mapping,
+    df: Mapping | None = None,
+    scores=None,
+    diagnostics: Mapping | None = None,
+) -> dict:
+    """Decomposition and correlations of one experiment, as one JSON-safe dict.
+
+    Args:
+        dm: ``{kind: Δm}``, each [n_test, n_removals].
+        df: optional ``{kind: Δf}``, each [n_removals, n_test, *out].
+        scores: influence estimates [n_test, n_removals]; defaults to ``dm["influence"]``.
+        diagnostics: optional JSON-safe dict (solver / optimiser diagnostics), stored as is.
+
+    Returns:
+        ``{"n_test", "n_removals", "kinds", "decomposition": decompose(dm, df),
+        "correlations": correlations(scores, dm) | {}}`` plus ``"diagnostics"`` when given.
+        Correlations are empty when there are no scores and no ``dm["influence"]``.
+    """
+    decomposition = decompose(dm, df)
+    present = _present(dm, "dm")
+    if scores is None:
+        scores = present.get("influence")
+    corr = correlations(scores, dm) if scores is not None else {}
+    shape = next(iter(present.values())).shape
+    summary = {
+        "n_test": int(shape[0]),
+        "n_removals": int(shape[1]) if len(shape) > 1 else 1,
+        "kinds": decomposition["kinds"],
+        "decomposition": decomposition,
+        "correlations": corr,
+    }
+    if diagnostics is not None:
+        summary["diagnostics"] = diagnostics
+    return summary

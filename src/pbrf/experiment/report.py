@@ -1,0 +1,637 @@
+"""Reports of one experiment (``summary.json``, ``report.md``, figures) and of several runs.
+
+Everything here reads the JSON-safe summary of :func:`pbrf.experiment.analysis.summarise` and,
+for the scatter plots, the raw ``dm`` arrays ``{kind: Δm [n_test, n_removals]}``. Missing or
+non-finite numbers (``None`` / NaN) are rendered as ``n/a``. Files are written atomically (a
+temporary file in the same folder, then ``os.replace``), so an interrupted write leaves the
+previous file intact and no partial file behind.
+
+Figures use matplotlib's object API (:class:`matplotlib.figure.Figure` with the Agg canvas), so
+this module never changes the global pyplot backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from pbrf.experiment.analysis import GAP_PAIRS, GAPS, KIND_LABELS, KINDS, RESPONSE_KINDS
+
+__all__ = [
+    "KIND_COLORS",
+    "GAP_COLORS",
+    "TABLE_KINDS",
+    "fmt_corr",
+    "fmt_value",
+    "write_report",
+    "render_markdown",
+    "plot_decomposition",
+    "plot_scatter",
+    "plot_correlations",
+    "format_table",
+    "format_table_text",
+    "plot_sweep",
+    "print_summary",
+]
+
+DPI = 120
+NA = "n/a"
+#: One colour per kind, shared by every figure.
+KIND_COLORS = {
+    "cold": "#1b9e77",
+    "warm": "#d95f02",
+    "proximal": "#7570b3",
+    "pbrf": "#e7298a",
+    "linearized": "#66a61e",
+    "influence": "#444444",
+}
+#: One colour per gap, shared by the decomposition and sweep figures.
+GAP_COLORS = {g: colormaps["viridis"](x) for g, x in zip(GAPS, np.linspace(0.0, 0.85, len(GAPS)))}
+#: Columns of the paper's Table 1: influence vs these response functions.
+TABLE_KINDS = ("cold", "warm", "proximal", "pbrf")
+TABLE_SHORT = {"cold": "LOO", "warm": "Warm", "proximal": "Proximal", "pbrf": "PBRF", "linearized": "Lin. PBRF"}
+#: Config entries (matched on the last dotted key) repeated in the report's "Experiment" section.
+HEADLINE_KEYS = (
+    "dataset", "model", "n_train", "n_test", "n_test_points", "n_removals", "group_size",
+    "damping", "weight_decay", "solver", "curvature", "dtype", "device",
+)  # fmt: skip
+CONFIG_FIRST = (
+    "name", "dataset", "task", "model", "n_train", "n_test", "n_removals", "removal_size",
+    "damping", "weight_decay", "solver", "curvature", "seeds", "dtype", "device",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _finite(x) -> float | None:
+    """``float(x)`` when it is a finite number, else None."""
+    if isinstance(x, bool) or x is None:
+        return None
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def fmt_corr(x) -> str:
+    """A correlation with 3 decimals (``0.934``), or ``n/a`` for None/NaN."""
+    x = _finite(x)
+    return NA if x is None else f"{x:.3f}"
+
+
+def fmt_value(x) -> str:
+    """A magnitude in scientific notation (``1.234e-03``), or ``n/a`` for None/NaN/inf."""
+    x = _finite(x)
+    return NA if x is None else f"{x:.3e}"
+
+
+def _fmt_config_value(v) -> str:
+    if isinstance(v, float):
+        return NA if _finite(v) is None else f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        text = ", ".join(_fmt_config_value(x) for x in v[:8])
+        return f"[{text}, … ({len(v)} items)]" if len(v) > 8 else f"[{text}]"
+    return str(v).replace("\n", " ")
+
+
+def _jsonable(obj):
+    """A copy of ``obj`` that ``json.dumps(allow_nan=False)`` accepts (NaN/inf -> None)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _finite(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
+
+
+def _corr(summary: Mapping) -> Mapping:
+    """The correlations block of a summary (or the block itself when given directly)."""
+    return summary.get("correlations", summary) or {}
+
+
+def _decomp(summary: Mapping) -> Mapping:
+    return summary.get("decomposition") or {}
+
+
+def _get(d: Mapping | None, *keys):
+    for k in keys:
+        if not isinstance(d, Mapping):
+            return None
+        d = d.get(k)
+    return d
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` then move the temporary file onto ``path``; clean up on error.
+
+    The temporary file lives next to ``path`` (same filesystem, so ``os.replace`` is atomic) and
+    is created by ``write`` itself, so it gets the usual permissions (umask), unlike mkstemp's 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    def write(tmp):
+        with open(tmp, "x", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    return _atomic_write(path, write)
+
+
+def _save_figure(fig: Figure, path: Path) -> Path:
+    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _log_bars(ax, labels: Sequence[str], values: Sequence, colors: Sequence, ylabel: str) -> None:
+    """Bars on a log axis; zeros drawn at a floor and labelled "0", missing values "n/a"."""
+    vals = [_finite(v) for v in values]
+    positive = [v for v in vals if v is not None and v > 0]
+    floor = min(positive) / 10 if positive else 1e-12
+    heights = [max(v, floor) if v is not None else floor for v in vals]
+    x = np.arange(len(labels))
+    bars = ax.bar(x, heights, color=colors, edgecolor="black", linewidth=0.6)
+    for bar, v in zip(bars, vals):
+        if v is None or v <= 0:
+            bar.set_alpha(0.25)
+            bar.set_hatch("//")
+        text = NA if v is None else ("0" if v <= 0 else f"{v:.2e}")
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xticks(x, [label.replace(" ", "\n") for label in labels], fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", which="major", alpha=0.3)
+    ax.margins(y=0.15)
+
+
+def plot_decomposition(summary: Mapping, path) -> Path:
+    """The five gaps as bars on a log scale (and the output-space variant when present)."""
+    dec = _decomp(summary)
+    output = dec.get("output_gaps")
+    fig = Figure(figsize=(13 if output else 7, 4.4), layout="constrained")
+    axes = fig.subplots(1, 2 if output else 1, squeeze=False)[0]
+    colors = [GAP_COLORS[g] for g in GAPS]
+    gaps = dec.get("gaps") or {}
+    _log_bars(axes[0], GAPS, [gaps.get(g) for g in GAPS], colors, r"mean $|\Delta m_a - \Delta m_b|$")
+    axes[0].set_title("Gaps in the measured test-loss change")
+    scale = _finite(_get(dec, "mean_abs", "pbrf"))
+    if scale:
+        label = r"mean $|\Delta m|$ (PBRF), for scale"
+        axes[0].axhline(scale, color=KIND_COLORS["pbrf"], ls="--", lw=1, label=label)
+        axes[0].legend(fontsize=8, loc="upper right")
+    if output:
+        _log_bars(axes[1], GAPS, [output.get(g) for g in GAPS], colors, r"mean $\|\Delta f_a - \Delta f_b\|_2$")
+        axes[1].set_title("Gaps in the test outputs")
+    return _save_figure(fig, path)
+
+
+def _scatter_panel(ax, x: np.ndarray, y: np.ndarray, kind: str, corr: Mapping) -> None:
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    alpha = float(np.clip(30 / math.sqrt(max(x.size, 1)), 0.15, 0.8))
+    ax.scatter(x, y, s=8, alpha=alpha, color=KIND_COLORS[kind], edgecolors="none", rasterized=True)
+    if x.size:
+        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        ax.plot([lo, hi], [lo, hi], color="0.3", ls="--", lw=0.8)  # y = x
+    p, s = fmt_corr(_get(corr, kind, "pearson")), fmt_corr(_get(corr, kind, "spearman"))
+    ax.set_title(f"{KIND_LABELS[kind]}\nP = {p}, S = {s}", fontsize=10)
+    ax.set_xlabel(r"influence estimate $\Delta m_{\mathrm{IF}}$", fontsize=9)
+    ax.set_ylabel(rf"$\Delta m$ ({KIND_LABELS[kind]})", fontsize=9)
+    ax.axhline(0, color="0.8", lw=0.5, zorder=0)
+    ax.axvline(0, color="0.8", lw=0.5, zorder=0)
+    ax.tick_params(labelsize=8)
+
+
+def plot_scatter(summary: Mapping, dm: Mapping, path) -> Path | None:
+    """Grid of influence estimate (x) vs each response function's Δm (y); None without data."""
+    x = dm.get("influence")
+    kinds = [k for k in RESPONSE_KINDS if dm.get(k) is not None]
+    if x is None or not kinds:
+        return None
+    x = np.asarray(x, dtype=np.float64).ravel()
+    ncols = min(3, len(kinds))
+    nrows = math.ceil(len(kinds) / ncols)
+    fig = Figure(figsize=(3.7 * ncols, 3.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, kind in zip(axes, kinds):
+        _scatter_panel(ax, x, np.asarray(dm[kind], dtype=np.float64).ravel(), kind, _corr(summary))
+    for ax in axes[len(kinds):]:
+        ax.set_visible(False)
+    return _save_figure(fig, path)
+
+
+def plot_correlations(summary: Mapping, path) -> Path | None:
+    """Grouped bars: Pearson / Spearman (all pairs and per-test mean) per response function."""
+    corr = _corr(summary)
+    kinds = [k for k in RESPONSE_KINDS if k in corr]
+    if not kinds:
+        return None
+    metrics = [("pearson", "Pearson", "#3b6ea8"), ("spearman", "Spearman", "#e08a3c"),
+               ("pearson_per_test", "Pearson (per-test mean)", "#9cc0e6"),
+               ("spearman_per_test", "Spearman (per-test mean)", "#f5c99b")]  # fmt: skip
+    fig = Figure(figsize=(1.6 * len(kinds) + 3, 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(metrics)
+    x = np.arange(len(kinds))
+    for j, (key, label, color) in enumerate(metrics):
+        vals = [_finite(corr[k].get(key)) for k in kinds]
+        heights = [np.nan if v is None else v for v in vals]
+        ax.bar(x + (j - 1.5) * width, heights, width, label=label, color=color, edgecolor="black", lw=0.4)
+    ax.set_xticks(x, [KIND_LABELS[k] for k in kinds], fontsize=9)
+    ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.05)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_ylabel("correlation with the influence estimate")
+    ax.set_title("Influence estimate vs response functions")
+    fig.legend(loc="outside lower center", ncols=len(metrics), fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def _sweep_x(values: Sequence) -> tuple[np.ndarray, list[str] | None, bool]:
+    """x positions, tick labels for categorical values (else None), and whether to use log x."""
+    numeric = [_finite(v) for v in values]
+    if any(v is None for v in numeric) or any(isinstance(v, (bool, str)) for v in values):
+        return np.arange(len(values), dtype=float), [str(v) for v in values], False
+    arr = np.array(numeric)
+    log = bool(arr.size > 1 and (arr > 0).all() and arr.max() / arr.min() >= 20)
+    return arr, None, log
+
+
+def _sweep_gap_panel(ax, x: np.ndarray, summaries: Sequence[Mapping], factor: str) -> None:
+    for gap in GAPS:
+        y = [_finite(_get(s, "decomposition", "gaps", gap)) for s in summaries]
+        ax.plot(x, [v if v is not None and v > 0 else np.nan for v in y], "o-", color=GAP_COLORS[gap], label=gap)
+    ax.set_yscale("log")
+    ax.set_ylabel(r"mean $|\Delta m_a - \Delta m_b|$")
+    ax.set_title(f"Gaps vs {factor}")
+    ax.legend(fontsize=8)
+
+
+def _sweep_corr_panel(ax, x: np.ndarray, summaries: Sequence[Mapping], factor: str) -> None:
+    for kind, style in (("pbrf", "o-"), ("cold", "s--")):
+        y = [_finite(_get(s, "correlations", kind, "pearson")) for s in summaries]
+        y = [np.nan if v is None else v for v in y]
+        ax.plot(x, y, style, color=KIND_COLORS[kind], label=f"influence vs {KIND_LABELS[kind]}")
+    ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.05)
+    ax.set_ylabel("Pearson correlation")
+    ax.set_title(f"Correlation vs {factor}")
+    ax.legend(fontsize=8)
+
+
+def plot_sweep(factor: str, values: Sequence, summaries: Sequence[Mapping], path) -> Path:
+    """Gaps (log y) and influence-vs-PBRF / vs-LOO Pearson correlation against a factor's value.
+
+    Args:
+        factor: name of the varied factor (x-axis label), e.g. ``"damping"`` or ``"width"``.
+        values: the factor's values, one per summary: numbers (log x-axis when positive and
+            spanning at least a factor 20) or labels (categorical axis).
+        summaries: :func:`pbrf.experiment.analysis.summarise` results, in the order of ``values``.
+        path: where to write the PNG (written atomically; parent folders created).
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        ValueError: ``values`` and ``summaries`` differ in length.
+    """
+    if len(values) != len(summaries):
+        raise ValueError(
+            f"plot_sweep needs one summary per value; got {len(values)} values and {len(summaries)} summaries."
+        )
+    x, labels, logx = _sweep_x(values)
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_gap, ax_corr = fig.subplots(1, 2)
+    _sweep_gap_panel(ax_gap, x, summaries, factor)
+    _sweep_corr_panel(ax_corr, x, summaries, factor)
+    for ax in (ax_gap, ax_corr):
+        ax.set_xlabel(factor)
+        ax.grid(alpha=0.3)
+        if logx:
+            ax.set_xscale("log")
+        if labels is not None:
+            ax.set_xticks(x, labels)
+    return _save_figure(fig, Path(path))
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    """A markdown table; ``align`` has one letter per column, "l" or "r" (default: l, then r)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = [":---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(map(_md_cell, header)) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _flatten(d: Mapping, prefix: str = "") -> list[tuple[str, object]]:
+    items = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        items += _flatten(v, key + ".") if isinstance(v, Mapping) and v else [(key, v)]
+    return items
+
+
+def _config_section(config: Mapping) -> str:
+    items = _flatten(config or {})
+    if not items:
+        return "## Configuration\n\n_No configuration recorded._"
+    rank = {k: i for i, k in enumerate(CONFIG_FIRST)}
+    items.sort(key=lambda kv: rank.get(kv[0], len(rank)))  # stable: the rest keep their order
+    rows = [(f"`{k}`", _fmt_config_value(v)) for k, v in items]
+    return "## Configuration\n\n" + _md_table(["setting", "value"], rows, align="ll")
+
+
+def _corr_rows(corr: Mapping) -> list[list[str]]:
+    keys = ("pearson", "spearman", "pearson_per_test", "spearman_per_test")
+    return [[KIND_LABELS[k]] + [fmt_corr(_get(corr, k, key)) for key in keys] for k in RESPONSE_KINDS]
+
+
+def _headline_config(config: Mapping) -> dict:
+    """The config entries whose last key is one of :data:`HEADLINE_KEYS` (any nesting)."""
+    return {k: v for k, v in _flatten(config or {}) if k.rsplit(".", 1)[-1] in HEADLINE_KEYS and v is not None}
+
+
+def _experiment_section(summary: Mapping, config: Mapping) -> str:
+    """Key facts: ``summary["experiment"]``, sizes, kinds computed, headline config values."""
+    facts = dict(summary.get("experiment") or {})
+    for key in ("n_test", "n_removals"):
+        if key in summary:
+            facts.setdefault(key, summary[key])
+    if summary.get("kinds"):
+        facts.setdefault("response functions", ", ".join(KIND_LABELS.get(k, k) for k in summary["kinds"]))
+    for key, value in _headline_config(config).items():
+        if key.rsplit(".", 1)[-1] not in facts:  # e.g. data.n_train when n_train is known
+            facts[key] = value
+    if not facts:
+        return ""
+    rows = [(f"`{k}`", _fmt_config_value(v)) for k, v in _flatten(facts)]
+    return "## Experiment\n\n" + _md_table(["", "value"], rows, align="ll")
+
+
+def _correlation_section(summary: Mapping) -> str:
+    header = ["response function", "Pearson", "Spearman", "Pearson (per-test mean)", "Spearman (per-test mean)"]
+    table = _md_table(header, _corr_rows(_corr(summary)))
+    return (
+        "## Influence estimate vs response functions\n\n"
+        "Correlation between the influence estimate Δm_IF and each response function's Δm over all "
+        "(test point, removal) pairs, and the mean over test points of the correlation across "
+        "removals.\n\n" + table
+    )
+
+
+def _decomposition_rows(dec: Mapping) -> list[list[str]]:
+    rows = []
+    for gap in GAPS:
+        a, b = GAP_PAIRS[gap]
+        between = f"{KIND_LABELS[a]} → {KIND_LABELS[b]}"
+        vals = [_get(dec, key, gap) for key in ("gaps", "signed", "output_gaps")]
+        rows.append([gap, between] + [fmt_value(v) for v in vals])
+    total = ["**total**", f"{KIND_LABELS['cold']} → influence", fmt_value(dec.get("total")),
+             fmt_value(dec.get("total_signed")), ""]  # fmt: skip
+    return rows + [total]
+
+
+def _gaps_within(first: str, last: str) -> list[str]:
+    lo, hi = KINDS.index(first), KINDS.index(last)
+    return [g for g, (a, b) in GAP_PAIRS.items() if lo <= KINDS.index(a) and KINDS.index(b) <= hi]
+
+
+def _telescoping_text(dec: Mapping) -> str:
+    chain, residual = dec.get("telescoping_chain"), _finite(dec.get("telescoping_residual"))
+    if not chain or residual is None:
+        return "Telescoping check: n/a (the response functions computed do not form a contiguous chain)."
+    a, b = chain
+    signed = [_finite(_get(dec, "signed", g)) for g in _gaps_within(a, b)]
+    text = f"Telescoping check ({KIND_LABELS[a]} → {KIND_LABELS[b]}): Σ signed gaps = "
+    text += NA if None in signed else fmt_value(sum(signed))
+    if chain == ["cold", "influence"]:
+        text += f"; mean(Δm_cold − Δm_influence) = {fmt_value(dec.get('total_signed'))}"
+    return text + (
+        f"; max over pairs of |Σ_j (Δm_j − Δm_j+1) − (Δm_{a} − Δm_{b})| = {fmt_value(residual)}"
+        " (floating-point round-off only)."
+    )
+
+
+def _validity_text(dec: Mapping) -> str:
+    n_pairs, n_valid = dec.get("n_pairs"), dec.get("n_valid")
+    text = f"Pairs used: {n_valid} of {n_pairs} (test point, removal) pairs."
+    bad = {k: v for k, v in (dec.get("nonfinite") or {}).items() if v}
+    if bad:
+        counts = ", ".join(f"{KIND_LABELS.get(k, k)} {v}" for k, v in bad.items())
+        text += f" Non-finite Δm (pairs excluded from every gap): {counts}."
+    return text
+
+
+def _decomposition_section(summary: Mapping) -> str:
+    dec = _decomp(summary)
+    header = ["gap", "between (a → b)", "mean |Δm_a − Δm_b|", "signed mean Δm_a − Δm_b",
+              "output-space mean ||Δf_a − Δf_b||"]  # fmt: skip
+    table = _md_table(header, _decomposition_rows(dec), align="llrrr")
+    return "\n\n".join(["## Decomposition of the mismatch", table, _telescoping_text(dec), _validity_text(dec)])
+
+
+def _diagnostics_section(diagnostics) -> str:
+    """Per-kind diagnostics as a table (kinds as rows); anything else as a list."""
+    nested = isinstance(diagnostics, Mapping) and all(isinstance(v, Mapping) for v in diagnostics.values())
+    if nested and diagnostics:
+        cols = list(dict.fromkeys(c for v in diagnostics.values() for c in v))
+        rows = [[KIND_LABELS.get(k, str(k))] + [_fmt_diag(v.get(c)) for c in cols] for k, v in diagnostics.items()]
+        body = _md_table([""] + cols, rows)
+    elif isinstance(diagnostics, Mapping):
+        body = "\n".join(f"- `{k}`: {_fmt_diag(v)}" for k, v in diagnostics.items()) or "_none_"
+    else:
+        body = _fmt_diag(diagnostics)
+    return "## Diagnostics\n\n" + body
+
+
+def _fmt_diag(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return NA if v is None else str(v)
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return NA if _finite(v) is None else f"{float(v):.4g}"
+    return _fmt_config_value(v)
+
+
+HOW_TO_READ = """## How to read this
+
+Sign convention: Δm = m(θ_r) − m(θ^s) is the change of a test loss when a removal set r is taken
+out of the training data; positive Δm means that removing the set increases the test loss. The
+influence estimate predicts the same quantity to first order.
+
+The response functions form a chain from cold-start leave-one-out retraining to the influence
+estimate; each gap isolates one approximation (warm start instead of retraining from scratch, a
+proximity term, an optimisation not run to convergence, linearisation, an inexact linear solver).
+The signed gaps add up exactly to the total difference between cold-start LOO and influence.
+
+The PBRF (proximal Bregman response function) is the quantity that influence functions actually
+approximate. A high correlation of influence with the PBRF together with a low correlation with
+LOO means the estimator is accurate for what it answers, and the mismatch with LOO comes from the
+warm-start, proximity and non-convergence gaps, not from the influence computation (linearisation
+error and solver error)."""
+
+
+def _figures_section(figures: Mapping[str, Path | None], run_dir: Path) -> str:
+    lines = ["## Figures"]
+    for name, path in figures.items():
+        if path is not None:
+            lines.append(f"![{name}]({Path(path).relative_to(run_dir).as_posix()})")
+    if len(lines) == 1:
+        lines.append("_No figures (not enough data)._")
+    return "\n\n".join(lines)
+
+
+def render_markdown(summary: Mapping, config: Mapping, title: str, figures: Mapping, run_dir: Path) -> str:
+    """The text of ``report.md`` (see :func:`write_report`)."""
+    parts = [f"# {title}", _experiment_section(summary, config), _correlation_section(summary),
+             _decomposition_section(summary), _figures_section(figures, run_dir)]  # fmt: skip
+    if "diagnostics" in summary:
+        parts.append(_diagnostics_section(summary["diagnostics"]))
+    parts += [HOW_TO_READ, _config_section(config)]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def write_report(
+    run_dir,
+    summary: Mapping,
+    dm: Mapping,
+    config: Mapping,
+    title: str = "Influence functions vs. response functions",
+) -> Path:
+    """Write ``summary.json``, ``report.md`` and ``figures/*.png`` into ``run_dir``, atomically.
+
+    Written: ``figures/decomposition.png`` (log-scale gaps, output-space panel when present),
+    ``figures/scatter.png`` (influence vs each response function, when ``dm`` holds
+    ``"influence"``), ``figures/correlations.png``, then ``report.md``, then ``summary.json``
+    (last, so its presence means the report is complete). ``summary.json`` holds ``summary``
+    with NaN/inf replaced by ``null``.
+
+    Args:
+        run_dir: output folder (created if needed).
+        summary: result of :func:`pbrf.experiment.analysis.summarise`, optionally with a
+            ``"diagnostics"`` entry.
+        dm: ``{kind: Δm [n_test, n_removals]}`` for the scatter plots.
+        config: the run's configuration (any JSON-like dict; nested dicts are flattened).
+        title: report title.
+
+    Returns:
+        The path of ``report.md``.
+    """
+    run_dir = Path(run_dir)
+    clean = _jsonable(summary)
+    summary_text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
+    fig_dir = run_dir / "figures"
+    figures = {
+        "decomposition": plot_decomposition(clean, fig_dir / "decomposition.png"),
+        "scatter": plot_scatter(clean, dm or {}, fig_dir / "scatter.png"),
+        "correlations": plot_correlations(clean, fig_dir / "correlations.png"),
+    }
+    report = _write_text(run_dir / "report.md", render_markdown(clean, config, title, figures, run_dir))
+    _write_text(run_dir / "summary.json", summary_text)
+    return report
+
+
+# --------------------------------------------------------------------------- tables across runs
+
+
+def _table_cells(summary: Mapping, kinds: Sequence[str]) -> list[str]:
+    corr = _corr(summary)
+    return [fmt_corr(_get(corr, k, key)) for k in kinds for key in ("pearson", "spearman")]
+
+
+def _table_header(kinds: Sequence[str]) -> list[str]:
+    return ["run"] + [f"{TABLE_SHORT.get(k, k)} {m}" for k in kinds for m in ("P", "S")]
+
+
+def format_table(rows: Sequence[tuple[str, Mapping]], kinds: Sequence[str] = TABLE_KINDS) -> str:
+    """Several runs as a markdown table in the layout of the paper's Table 1.
+
+    Args:
+        rows: ``(run name, summary)`` pairs; a summary is a
+            :func:`~pbrf.experiment.analysis.summarise` result (or just its ``correlations``).
+        kinds: the response functions compared with influence, one P/S column pair each.
+
+    Returns:
+        Markdown: one row per run, columns Pearson (P) and Spearman (S) of the influence estimate
+        vs LOO (cold start), warm-start LOO, proximal and PBRF; missing values are ``n/a``.
+    """
+    body = [[str(name)] + _table_cells(s, kinds) for name, s in rows]
+    note = "P = Pearson, S = Spearman correlation of the influence estimate with each response function."
+    return _md_table(_table_header(kinds), body) + "\n\n" + note + "\n"
+
+
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def format_table_text(rows: Sequence[tuple[str, Mapping]], kinds: Sequence[str] = TABLE_KINDS) -> str:
+    """Plain-text, column-aligned variant of :func:`format_table` for terminal output."""
+    body = [[str(name)] + _table_cells(s, kinds) for name, s in rows]
+    return _text_table(_table_header(kinds), body)
+
+
+def print_summary(summary: Mapping) -> str:
+    """The compact terminal summary of one run: correlations, then gaps. Returns the text.
+
+    The caller prints it (``print(print_summary(s))``); nothing is printed here.
+    """
+    corr = _corr(summary)
+    kinds = [k for k in RESPONSE_KINDS if k in corr]
+    corr_rows = [[KIND_LABELS[k]] + r[1:] for k, r in zip(RESPONSE_KINDS, _corr_rows(corr)) if k in kinds]
+    dec = _decomp(summary)
+    gap_rows = [[g, fmt_value(_get(dec, "gaps", g)), fmt_value(_get(dec, "signed", g))] for g in GAPS]
+    gap_rows.append(["total (LOO − influence)", fmt_value(dec.get("total")), fmt_value(dec.get("total_signed"))])
+    parts = []
+    if corr_rows:
+        parts.append(_text_table(["influence vs", "Pearson", "Spearman", "P/test", "S/test"], corr_rows))
+    parts.append(_text_table(["gap", "mean |Δm|", "signed"], gap_rows))
+    parts.append(_validity_text(dec))
+    return "\n\n".join(parts)
