@@ -143,7 +143,8 @@ def dense_ggn(prob: Problem, theta: Tensor | None = None) -> Tensor:
         basis = torch.eye(D, dtype=out.dtype, device=out.device).reshape(D, 1, *out.shape[1:])
         H = vmap(lambda e: prob.task.output_hvp(out, t, e.expand_as(out)))(basis)  # [D, B, *out]
         H = H.reshape(D, B, D).permute(1, 2, 0)  # H[b, :, d] = H_b e_d
-        G += torch.einsum("bdp,bde,beq->pq", J, H, J)
+        HJ = torch.einsum("bde,beq->bdq", H, J)
+        G += J.reshape(B * D, p).T @ HJ.reshape(B * D, p)
     return G / prob.n_train
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +52,14 @@ class InfluenceInfo:
     curvature: str
 
 
+def _as_index(i, k: int) -> int:
+    if isinstance(i, Tensor) and i.dim() == 0 and not i.is_floating_point() and i.dtype != torch.bool:
+        return int(i)
+    if isinstance(i, numbers.Integral) and not isinstance(i, bool):
+        return int(i)
+    raise ValueError(f"removals[{k}]: indices must be integers, got {i!r}.")
+
+
 def normalize_removals(removals, n_train: int) -> list[list[int]]:
     """Removal sets as a list of index lists.
 
@@ -58,6 +67,8 @@ def normalize_removals(removals, n_train: int) -> list[list[int]]:
     (groups). Raises ``ValueError`` naming the bad entry for out-of-range, empty or duplicate
     indices.
     """
+    if hasattr(removals, "__array__") and not isinstance(removals, Tensor):
+        removals = torch.as_tensor(removals)
     if isinstance(removals, Tensor):
         if removals.dim() != 1 or removals.is_floating_point():
             raise ValueError(
@@ -69,7 +80,12 @@ def normalize_removals(removals, n_train: int) -> list[list[int]]:
         raise ValueError("removals: pass a non-empty list of indices or of index lists, e.g. [0, 5] or [[0, 1], [2]].")
     groups = []
     for k, r in enumerate(removals):
-        g = [int(r)] if isinstance(r, (int,)) or (isinstance(r, Tensor) and r.dim() == 0) else [int(i) for i in r]
+        if isinstance(r, numbers.Integral) or (isinstance(r, Tensor) and r.dim() == 0):
+            g = [_as_index(r, k)]
+        elif isinstance(r, (Sequence, Tensor)) and not isinstance(r, (str, bytes)):
+            g = [_as_index(i, k) for i in r]
+        else:
+            raise ValueError(f"removals[{k}] must be an integer index or a list of integer indices, got {r!r}.")
         if not g:
             raise ValueError(f"removals[{k}] is an empty group; every removal set needs at least one index.")
         bad = [i for i in g if not 0 <= i < n_train]

@@ -84,7 +84,7 @@ def solve_exact(op, B: Tensor, max_params: int = 5000) -> tuple[Tensor, SolveInf
     else:
         info.message = "curvature not positive definite; used LU"
         X = torch.linalg.solve(C, B.T).T
-    return X, _finish(op, X, B, info, tol=1e-6)
+    return X, _finish(op, X, B, info, tol=10 * torch.finfo(B.dtype).eps ** 0.5)
 
 
 def solve_cg(
@@ -177,7 +177,7 @@ def solve_lissa(
         for j in range(depth):
             idx = None if batch_size is None or batch_size >= n else torch.randperm(n, generator=gen)[:batch_size]
             h = B + h - op.matvec(h, index=idx.to(op.prob.device) if idx is not None else None) / scale
-            if j % 10 == 9 and not (torch.isfinite(h).all() and float(h.norm(dim=1).max()) < bound):
+            if (j % 10 == 9 or j == depth - 1) and not (torch.isfinite(h).all() and float(h.norm(dim=1).max()) < bound):
                 info.diverged = True
                 info.iterations += j + 1
                 info.message = (
