@@ -1,0 +1,347 @@
+"""Response functions (DESIGN §1): what happens to the model when training points are removed.
+
+For a removal set ``r`` (``|r| = k``) and the trained parameters θ^s:
+
+1. ``cold``: retrain from a fresh initialisation without ``r`` (base recipe, same seed and minibatch
+   order as a full-data reference run); ``Δm = m(θ_cold(−r)) − m(θ_cold(full))``, mean over seeds.
+2. ``warm``: minimise ``J_{−r}(θ) = J(θ) − (1/N) Σ_{m∈r} L(z_m, θ)`` from θ^s with the base recipe.
+3. ``proximal``: minimise ``J_{−r}(θ) + (λ/2) ||θ − θ^s||²`` from θ^s.
+4. ``pbrf``: minimise ``(1/N) Σ_i D_L(f(θ, x_i), f(θ^s, x_i)) − (1/N) Σ_{m∈r} L(z_m, θ)
+   + ((wd + λ)/2) ||θ − θ^s||²`` from θ^s.
+5. ``linearized``: ``θ^s + Δθ_IF`` with ``C = G + (wd + λ) I`` solved accurately.
+
+Every kind is computed for K removal sets at once: the K problems are stacked and optimised as one
+batched problem (:func:`pbrf.optim.optimize`) on shared minibatches, in chunks of ``chunk_size``.
+In minibatch objectives the data term is ``(1/B) Σ_{i ∈ batch} w_i L_i`` with ``w_i = 0`` for removed
+points (an unbiased estimate of the ``1/N``-normalised ``J_{−r}``); in full batch it is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp, vmap
+from tqdm.auto import tqdm
+
+from .influence import Measurement, delta_theta, normalize_removals, per_example_grads
+from .optim import Recipe, optimize
+from .problem import Params, Problem
+
+__all__ = ["respond", "Response", "KINDS"]
+
+log = logging.getLogger(__name__)
+
+KINDS = ("cold", "warm", "proximal", "pbrf", "linearized")
+
+
+# ---------------------------------------------------------------------------------------- objectives
+def _sq(params: Params, anchor: Params | None = None) -> Tensor:
+    if anchor is None:
+        return sum(p.pow(2).sum() for p in params.values())
+    return sum((params[k] - anchor[k]).pow(2).sum() for k in params)
+
+
+def removal_objective(prob: Problem, prox: float = 0.0) -> Callable:
+    """``(1/B) Σ_batch w_i L_i + (wd/2)||θ||² [+ (prox/2)||θ − θ^s||²]`` with per-problem weights ``aux["w"]``."""
+    wd, anchor = prob.weight_decay, prob.params
+
+    def objective(params: Params, aux: dict, batch: dict) -> Tensor:
+        losses = prob.losses(params, batch["x"], batch["t"])
+        val = (aux["w"][batch["idx"]] * losses).sum() / losses.shape[0] + 0.5 * wd * _sq(params)
+        return val + 0.5 * prox * _sq(params, anchor) if prox else val
+
+    return objective
+
+
+def pbrf_objective(prob: Problem, damping: float) -> Callable:
+    """The PBRF objective (DESIGN §1, item 4) for one problem; removed points in ``aux``."""
+    n, shift, anchor = prob.n_train, prob.weight_decay + damping, prob.params
+
+    def objective(params: Params, aux: dict, batch: dict) -> Tensor:
+        div = prob.task.bregman(prob.outputs(params, batch["x"]), batch["f_ref"], batch["t"]).mean()
+        removed = (aux["vr"] * prob.losses(params, aux["xr"], aux["tr"])).sum() / n
+        return div - removed + 0.5 * shift * _sq(params, anchor)
+
+    return objective
+
+
+def _mask_aux(prob: Problem, groups: list[list[int]], weight: float) -> dict:
+    w = torch.ones(len(groups), prob.n_train, dtype=prob.dtype, device=prob.device)
+    for k, g in enumerate(groups):
+        w[k, g] = 1.0 - weight
+    return {"w": w}
+
+
+def _removed_aux(prob: Problem, groups: list[list[int]], weight: float) -> dict:
+    kmax = max(len(g) for g in groups)
+    idx = torch.zeros(len(groups), kmax, dtype=torch.long, device=prob.device)
+    valid = torch.zeros(len(groups), kmax, dtype=prob.dtype, device=prob.device)
+    for k, g in enumerate(groups):
+        idx[k, : len(g)] = torch.tensor(g, device=prob.device)
+        valid[k, : len(g)] = weight
+    return {"xr": prob.x[idx], "tr": prob.t[idx], "vr": valid}
+
+
+# ---------------------------------------------------------------------------------------- response
+@dataclass
+class Response:
+    """Result of :func:`respond` for K removal sets.
+
+    Attributes:
+        kind: the response function.
+        groups: the removal sets (index lists), in order.
+        params_flat: resulting parameters ``[K, p]`` (cold: ``[S, K, p]``, one row block per seed).
+        reference: cold start only: the full-data runs ``[S, p]``.
+        diagnostics: one dict per removal set (steps, objective, grad_norm, diverged, ...).
+        first_order: linearized only: measure ``∇mᵀΔθ`` instead of ``m(θ^s + Δθ) − m(θ^s)``.
+    """
+
+    kind: str
+    groups: list[list[int]]
+    problem: Problem = field(repr=False)
+    params_flat: Tensor = field(repr=False)
+    reference: Tensor | None = field(default=None, repr=False)
+    diagnostics: list[dict] = field(default_factory=list, repr=False)
+    first_order: bool = False
+
+    @property
+    def n_removals(self) -> int:
+        return len(self.groups)
+
+    @property
+    def params(self) -> Params:
+        """Resulting parameters as a stacked dict (leading ``[K]``, or ``[S, K]`` for cold)."""
+        return self.problem.unflatten(self.params_flat)
+
+    @property
+    def delta(self) -> Tensor:
+        """Parameter change ``θ_r − θ_ref`` (cold: mean over seeds of ``θ_cold(−r) − θ_cold(full)``), ``[K, p]``."""
+        if self.reference is not None:
+            return (self.params_flat - self.reference[:, None]).mean(0)
+        return self.params_flat - self.problem.theta
+
+    def _map(self, fn: Callable[[Tensor], Tensor], thetas: Tensor, chunk: int = 64) -> Tensor:
+        return torch.cat([vmap(fn)(thetas[s : s + chunk]) for s in range(0, thetas.shape[0], chunk)])
+
+    def loss_change(self, test, measurement: Measurement | None = None, first_order: bool | None = None) -> Tensor:
+        """``Δm = m(θ_r) − m(θ_ref)`` for each test point and removal set, ``[n_test, K]``.
+
+        ``m`` is the per-example test loss unless ``measurement`` is given. Positive means removing
+        the set increased the test loss. Cold start: averaged over seeds, relative to the full-data
+        run of the same seed. Linearized (``first_order``, its default): ``∇m(θ^s)ᵀ Δθ``.
+        """
+        prob = self.problem
+        xt, tt = prob.prepare(test, "test")
+        meas = prob.task.loss if measurement is None else measurement
+        first_order = self.first_order if first_order is None else first_order
+        if first_order:
+            return per_example_grads(prob, xt, tt, measurement) @ self.delta.T
+        m = lambda th: meas(prob.outputs_flat(th, xt), tt)  # noqa: E731
+        with torch.no_grad():
+            if self.reference is None:
+                return (self._map(m, self.params_flat) - m(prob.theta)).T
+            per_seed = [self._map(m, P) - m(R)[None] for P, R in zip(self.params_flat, self.reference)]
+            return torch.stack(per_seed).mean(0).T
+
+    def output_change(self, test, first_order: bool | None = None) -> Tensor:
+        """Change of the test outputs ``f(θ_r, x) − f(θ_ref, x)``, ``[K, n_test, *out]`` (cold: mean over seeds).
+
+        Linearized with ``first_order``: the Jacobian–vector product ``J Δθ``.
+        """
+        prob = self.problem
+        xt, _ = prob.prepare(test, "test")
+        f = lambda th: prob.outputs_flat(th, xt)  # noqa: E731
+        first_order = self.first_order if first_order is None else first_order
+        with torch.no_grad():
+            if first_order:
+                return self._map(lambda d: jvp(f, (prob.theta,), (d,))[1], self.delta)
+            if self.reference is None:
+                return self._map(f, self.params_flat) - f(prob.theta)[None]
+            return torch.stack([self._map(f, P) - f(R)[None] for P, R in zip(self.params_flat, self.reference)]).mean(0)
+
+    def output_distance(self, test) -> Tensor:
+        """Mean over test points of ``||f(θ_r, x) − f(θ_ref, x)||``, ``[K]``."""
+        d = self.output_change(test)
+        return d.reshape(d.shape[0], d.shape[1], -1).norm(dim=-1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------- engine
+def _stack(params: Params, K: int) -> Params:
+    return {k: v.unsqueeze(0).expand(K, *v.shape).clone() for k, v in params.items()}
+
+
+def _batch_fn(prob: Problem, f_ref: Tensor | None) -> Callable[[Tensor], dict]:
+    def batch(idx: Tensor) -> dict:
+        out = {"idx": idx, "x": prob.x[idx], "t": prob.t[idx]}
+        if f_ref is not None:
+            out["f_ref"] = f_ref[idx]
+        return out
+
+    return batch
+
+
+def _full_eval(objective, params: Params, aux: dict, prob: Problem, batch_fn) -> tuple[Tensor, Tensor]:
+    """Full-data objective and gradient norm ``[K]`` (weighted sum of chunk means: exact)."""
+    vg = vmap(torch.func.grad_and_value(objective), in_dims=(0, 0, None))
+    val, grads = 0.0, None
+    for s in prob.chunks():
+        idx = torch.arange(s.start, s.stop, device=prob.device)
+        g, v = vg(params, aux, batch_fn(idx))
+        w = (s.stop - s.start) / prob.n_train
+        val = val + w * v.detach()
+        grads = {k: w * t for k, t in g.items()} if grads is None else {k: grads[k] + w * g[k] for k in g}
+    gn = sum(t.pow(2).reshape(t.shape[0], -1).sum(1) for t in grads.values()).sqrt()
+    return val, gn
+
+
+def _run(prob, objective, init: Params, aux: dict, recipe: Recipe, f_ref, progress: bool, desc: str):
+    batch_fn = _batch_fn(prob, f_ref)
+    params, diag = optimize(objective, init, aux, prob.n_train, recipe, batch_fn, progress, desc)
+    final_obj, final_gn = _full_eval(objective, params, aux, prob, batch_fn)
+    rows = [
+        {
+            "steps": int(diag["steps"][k]),
+            "objective": float(final_obj[k]),
+            "grad_norm": float(final_gn[k]),
+            "last_minibatch_grad_norm": float(diag["grad_norm"][k]),
+            "diverged": bool(diag["diverged"][k]) or not math.isfinite(float(final_obj[k])),
+        }
+        for k in range(final_obj.shape[0])
+    ]
+    return prob.flatten(params).detach(), rows
+
+
+def _init_params(prob: Problem, model_init, seed: int) -> Params:
+    if model_init is None:
+        from .models import reinitialize
+
+        out = {n: p.detach() for n, p in reinitialize(prob.model, seed).named_parameters()}
+    else:
+        out = model_init(seed)
+        if isinstance(out, nn.Module):
+            out = {n: p.detach() for n, p in out.named_parameters()}
+    return {n: out[n].to(prob.params[n]) for n in prob.names}
+
+
+def _chunks(K: int, chunk_size: int):
+    for s in range(0, K, chunk_size):
+        yield slice(s, min(s + chunk_size, K))
+
+
+def _optimise_kind(prob, kind, groups, damping, recipe, weight, chunk_size, progress, init=None):
+    """Optimise the ``kind`` objective for every group; returns ``(params [K, p], diagnostics)``."""
+    if kind == "pbrf":
+        objective, make_aux, f_ref = pbrf_objective(prob, damping), _removed_aux, prob.train_outputs()
+    else:
+        prox = damping if kind == "proximal" else 0.0
+        objective, make_aux, f_ref = removal_objective(prob, prox), _mask_aux, None
+    start = prob.params if init is None else init
+    thetas, diags = [], []
+    chunks = list(_chunks(len(groups), chunk_size))
+    for i, s in enumerate(tqdm(chunks, desc=f"{kind} chunks", disable=not progress or len(chunks) == 1, leave=False)):
+        sub = groups[s]
+        th, dg = _run(prob, objective, _stack(start, len(sub)), make_aux(prob, sub, weight), recipe, f_ref,
+                      progress, f"{kind} [{s.start}:{s.stop}]")
+        thetas.append(th)
+        diags.extend(dg)
+    return torch.cat(thetas), diags
+
+
+def _check_args(kind, seeds, chunk_size, damping, removal_weight):
+    if kind not in KINDS:
+        raise ValueError(f"Unknown response kind {kind!r}; choose one of {KINDS}.")
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    if not (isinstance(damping, (int, float)) and damping >= 0 and math.isfinite(damping)):
+        raise ValueError(f"damping must be a finite number >= 0 (e.g. 1e-3), got {damping!r}.")
+    if not isinstance(removal_weight, (int, float)) or not math.isfinite(removal_weight):
+        raise ValueError(f"removal_weight must be a finite number, got {removal_weight!r}.")
+    if kind == "cold" and (not seeds or not all(isinstance(s, int) for s in seeds)):
+        raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}.")
+
+
+def _base_recipe(prob: Problem, recipe: Recipe | None, kind: str) -> Recipe:
+    if recipe is not None:
+        if not isinstance(recipe, Recipe):
+            raise TypeError(f"recipe must be a pbrf.Recipe, got {type(recipe).__name__}.")
+        return recipe
+    if kind in ("pbrf", "proximal"):
+        return Recipe.response_default(prob.n_train)
+    if getattr(prob, "recipe", None) is not None:
+        return prob.recipe
+    raise ValueError(
+        f"respond({kind!r}) reuses the base training recipe: pass recipe=pbrf.Recipe(...) (the one that "
+        "trained θ^s), or build the Problem with recipe=...."
+    )
+
+
+def respond(
+    prob: Problem,
+    kind: str,
+    removals,
+    damping: float = 1e-3,
+    recipe: Recipe | None = None,
+    seeds=(0,),
+    model_init: Callable[[int], nn.Module | Params] | None = None,
+    solver: str = "exact",
+    solver_options: dict | None = None,
+    curvature: str = "ggn",
+    removal_weight: float = 1.0,
+    chunk_size: int = 64,
+    progress: bool = True,
+) -> Response:
+    """Compute a response function for every removal set.
+
+    Args:
+        prob: the :class:`~pbrf.Problem` (θ^s, data, weight decay).
+        kind: ``"cold"``, ``"warm"``, ``"proximal"``, ``"pbrf"`` or ``"linearized"`` (module docstring).
+        removals: 1-D LongTensor / list of ints, or list of index lists (groups).
+        damping: λ (proximal, PBRF and linearized; ignored by cold and warm).
+        recipe: optimisation settings. cold/warm default to ``prob.recipe`` (the base recipe);
+            pbrf/proximal default to :meth:`Recipe.response_default` (Adam until the gradient norm
+            plateaus).
+        seeds: cold start: each seed ``s`` sets both the initialisation and the minibatch order
+            (``recipe.seed = s``) of the removal runs and of their full-data reference run.
+        model_init: cold start: ``seed -> model or params dict``; default
+            :func:`pbrf.models.reinitialize` (every module's ``reset_parameters`` under the seed).
+        solver, solver_options, curvature: linearized only: the accurate solve of ``C``.
+        removal_weight: scales the removal (``1`` removes the points; ``s`` gives ``ε = −s k/N``).
+        chunk_size: removal problems optimised together (bounds memory; results do not depend on it).
+        progress: show progress bars.
+
+    Returns:
+        A :class:`Response`; ``loss_change(test)`` gives ``[n_test, K]``.
+    """
+    _check_args(kind, seeds, chunk_size, damping, removal_weight)
+    groups = normalize_removals(removals, prob.n_train)
+    if kind == "linearized":
+        d, info = delta_theta(prob, groups, damping, solver, curvature, solver_options, removal_weight)
+        diag = [{**info.to_dict(), "extra": None} for _ in groups]
+        return Response(kind, groups, prob, (prob.theta + d).detach(), diagnostics=diag, first_order=True)
+    rec = _base_recipe(prob, recipe, kind)
+    if kind != "cold":
+        th, diags = _optimise_kind(prob, kind, groups, damping, rec, removal_weight, chunk_size, progress)
+        return Response(kind, groups, prob, th, diagnostics=diags)
+    return _cold(prob, groups, rec, seeds, model_init, removal_weight, chunk_size, progress)
+
+
+def _cold(prob, groups, recipe, seeds, model_init, weight, chunk_size, progress) -> Response:
+    """Cold start: per seed, K removal runs plus one full-data run with the same init and batches."""
+    per_seed, refs, diags = [], [], [[] for _ in groups]
+    for seed in seeds:
+        init = _init_params(prob, model_init, seed)
+        rec = recipe.replace(seed=seed)
+        # the full-data reference is one more problem with an empty removal set
+        th, dg = _optimise_kind(prob, "cold", groups + [[]], 0.0, rec, weight, chunk_size, progress, init)
+        per_seed.append(th[:-1])
+        refs.append(th[-1])
+        for k, d in enumerate(dg[:-1]):
+            diags[k].append({**d, "seed": seed})
+    return Response("cold", groups, prob, torch.stack(per_seed), torch.stack(refs), diagnostics=[
+        {"seeds": d, "diverged": any(x["diverged"] for x in d)} for d in diags
+    ])
