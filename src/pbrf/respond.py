@@ -201,15 +201,19 @@ def _full_eval(objective, params: Params, aux: dict, prob: Problem, batch_fn) ->
 
 def _run(prob, objective, init: Params, aux: dict, recipe: Recipe, f_ref, progress: bool, desc: str):
     batch_fn = _batch_fn(prob, f_ref)
+    init_obj, init_gn = _full_eval(objective, init, aux, prob, batch_fn)
     params, diag = optimize(objective, init, aux, prob.n_train, recipe, batch_fn, progress, desc)
     final_obj, final_gn = _full_eval(objective, params, aux, prob, batch_fn)
+    # a finite run counts as diverged when its objective or gradient grew by orders of magnitude
+    blown = (final_obj - init_obj > 1e3 * (init_obj.abs() + 1)) | (final_gn > 1e3 * (init_gn + 1))
     rows = [
         {
             "steps": int(diag["steps"][k]),
             "objective": float(final_obj[k]),
             "grad_norm": float(final_gn[k]),
             "last_minibatch_grad_norm": float(diag["grad_norm"][k]),
-            "diverged": bool(diag["diverged"][k]) or not math.isfinite(float(final_obj[k])),
+            "initial_objective": float(init_obj[k]),
+            "diverged": bool(diag["diverged"][k]) or not math.isfinite(float(final_obj[k])) or bool(blown[k]),
         }
         for k in range(final_obj.shape[0])
     ]
@@ -280,6 +284,20 @@ def _base_recipe(prob: Problem, recipe: Recipe | None, kind: str) -> Recipe:
     )
 
 
+def _apply_changes(recipe: Recipe, changes: dict) -> Recipe:
+    if not changes:
+        return recipe
+    valid = set(recipe.to_dict())
+    bad = sorted(set(changes) - valid)
+    if bad:
+        raise TypeError(f"respond: unknown argument(s) {bad}; recipe fields are {sorted(valid)}.")
+    if "steps" in changes and "epochs" not in changes:
+        changes = {**changes, "epochs": None}
+    if "epochs" in changes and "steps" not in changes:
+        changes = {**changes, "steps": None}
+    return recipe.replace(**changes)
+
+
 def respond(
     prob: Problem,
     kind: str,
@@ -294,6 +312,7 @@ def respond(
     removal_weight: float = 1.0,
     chunk_size: int = 64,
     progress: bool = True,
+    **recipe_changes,
 ) -> Response:
     """Compute a response function for every removal set.
 
@@ -313,6 +332,8 @@ def respond(
         removal_weight: scales the removal (``1`` removes the points; ``s`` gives ``ε = −s k/N``).
         chunk_size: removal problems optimised together (bounds memory; results do not depend on it).
         progress: show progress bars.
+        **recipe_changes: fields of :class:`~pbrf.Recipe` overriding the recipe in use, e.g.
+            ``steps=500, lr=1e-3, batch_size=None`` (``steps`` replaces ``epochs`` and vice versa).
 
     Returns:
         A :class:`Response`; ``loss_change(test)`` gives ``[n_test, K]``.
@@ -323,7 +344,7 @@ def respond(
         d, info = delta_theta(prob, groups, damping, solver, curvature, solver_options, removal_weight)
         diag = [{**info.to_dict(), "extra": None} for _ in groups]
         return Response(kind, groups, prob, (prob.theta + d).detach(), diagnostics=diag, first_order=True)
-    rec = _base_recipe(prob, recipe, kind)
+    rec = _apply_changes(_base_recipe(prob, recipe, kind), recipe_changes)
     if kind != "cold":
         th, diags = _optimise_kind(prob, kind, groups, damping, rec, removal_weight, chunk_size, progress)
         return Response(kind, groups, prob, th, diagnostics=diags)
@@ -332,7 +353,7 @@ def respond(
 
 def _cold(prob, groups, recipe, seeds, model_init, weight, chunk_size, progress) -> Response:
     """Cold start: per seed, K removal runs plus one full-data run with the same init and batches."""
-    per_seed, refs, diags = [], [], [[] for _ in groups]
+    per_seed, refs, diags, ref_diags = [], [], [[] for _ in groups], []
     for seed in seeds:
         init = _init_params(prob, model_init, seed)
         rec = recipe.replace(seed=seed)
@@ -342,6 +363,17 @@ def _cold(prob, groups, recipe, seeds, model_init, weight, chunk_size, progress)
         refs.append(th[-1])
         for k, d in enumerate(dg[:-1]):
             diags[k].append({**d, "seed": seed})
-    return Response("cold", groups, prob, torch.stack(per_seed), torch.stack(refs), diagnostics=[
-        {"seeds": d, "diverged": any(x["diverged"] for x in d)} for d in diags
-    ])
+        ref_diags.append({**dg[-1], "seed": seed})
+    ref_bad = any(r["diverged"] for r in ref_diags)
+    rows = [
+        {
+            "steps": max(x["steps"] for x in d),
+            "objective": sum(x["objective"] for x in d) / len(d),
+            "grad_norm": max(x["grad_norm"] for x in d),
+            "diverged": ref_bad or any(x["diverged"] for x in d),
+            "seeds": d,
+            "reference": ref_diags,
+        }
+        for d in diags
+    ]
+    return Response("cold", groups, prob, torch.stack(per_seed), torch.stack(refs), diagnostics=rows)

@@ -71,24 +71,33 @@ def train(
     return TrainResult(trained, params, recipe, float(weight_decay), diag[0])
 
 
-def _atomic_write(path: Path, write) -> None:
+def _temp_path(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return tmp
 
 
 def save_checkpoint(path, params: Params, meta: dict | None = None) -> Path:
-    """Write ``params`` to ``path`` (safetensors) and ``meta`` to ``path.with_suffix('.json')``, atomically."""
+    """Write ``params`` to ``path`` (safetensors) and ``meta`` to ``path.with_suffix('.json')``.
+
+    Both files are written to temporary files first and then renamed into place (tensors first,
+    then metadata), so a failure leaves the previous checkpoint intact and no temporary files.
+    """
     path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in params.items()}
-    _atomic_write(path.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(meta or {}, indent=2)))
-    _atomic_write(path, lambda t: save_file(tensors, t))
+    text = json.dumps(meta or {}, indent=2)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in params.items()}
+    tmps = []
+    try:
+        tmps.append(_temp_path(path))
+        save_file(tensors, tmps[0])
+        tmps.append(_temp_path(path.with_suffix(".json")))
+        Path(tmps[1]).write_text(text)
+        os.replace(tmps[0], path)
+        os.replace(tmps[1], path.with_suffix(".json"))
+    finally:
+        for t in tmps:
+            Path(t).unlink(missing_ok=True)
     return path
 
 
