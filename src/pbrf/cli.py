@@ -1,0 +1,317 @@
+"""The ``pbrf`` command.
+
+::
+
+    pbrf run [PRESET|CONFIG.toml] [--profile quick|paper|tiny] [--set key=value ...] [--out DIR]
+             [--overwrite] [--executor local|ray] [--ray-address ADDR] [--device cpu|cuda] [--no-progress]
+    pbrf sweep PRESET --factor width|depth|epochs|weight_decay|damping|fraction --values v1,v2,...
+    pbrf table RUN_DIR [RUN_DIR ...] [--markdown]
+    pbrf evaluate --scores FILE --run DIR [--json]
+    pbrf presets
+    pbrf download NAME [--root DIR]
+
+Errors in the input (unknown preset, bad ``--set``, missing data, a run directory holding another
+config) print one line on stderr and exit with status 2, without a traceback and without writing
+anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .experiment.config import ConfigError, list_presets, resolve
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger(__name__)
+
+SWEEP_FACTORS = {
+    "width": "model.width",
+    "depth": "model.depth",
+    "epochs": "train.epochs",
+    "weight_decay": "train.weight_decay",
+    "damping": "influence.damping",
+    "fraction": "removals.group_fraction",
+}
+
+
+class UsageError(Exception):
+    """A command-line usage error (exit 2, one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------------- parser
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="quick", help="preset profile: quick (2 CPU cores, default), paper (GPU), tiny (tests)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted path, e.g. --set influence.damping=1e-2 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run of a different config in the output directory")
+    p.add_argument("--executor", choices=("local", "ray"), default="local", help="where chunks run (default local)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray with 2 CPUs)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override run.device")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pbrf`` argument parser."""
+    parser = _Parser(prog="pbrf", description="Influence functions vs. the proximal Bregman response function (Bae et al. 2022).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    run = sub.add_parser("run", help="run one experiment and write its report",
+                         description="Train θ^s, compute influence and the five response functions, decompose the mismatch, write a report.")
+    run.add_argument("spec", nargs="?", default="digits-mlp", metavar="PRESET|CONFIG.toml",
+                     help="a built-in preset (default digits-mlp; see `pbrf presets`) or a TOML config file")
+    run.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    _add_run_options(run)
+
+    sweep = sub.add_parser("sweep", help="one run per value of a factor, then a gaps-vs-factor plot",
+                           description="Run a preset once per value of a factor and plot the gaps against it.")
+    sweep.add_argument("spec", metavar="PRESET|CONFIG.toml", help="a built-in preset or a TOML config file")
+    sweep.add_argument("--factor", required=True, choices=tuple(SWEEP_FACTORS), help="the factor to vary")
+    sweep.add_argument("--values", required=True, help="comma-separated values, e.g. 16,32,64")
+    sweep.add_argument("--out", default=None, help="sweep directory (default runs/<name>-sweep-<factor>)")
+    _add_run_options(sweep)
+
+    table = sub.add_parser("table", help="correlation table (paper Table 1 layout) of finished runs",
+                           description="Print the paper's Table 1 (Pearson/Spearman of influence vs each response) for runs.")
+    table.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    table.add_argument("--markdown", action="store_true", help="print markdown instead of aligned text")
+
+    ev = sub.add_parser("evaluate", help="correlate another library's scores with a run's responses",
+                        description="Correlate external influence scores (.npy/.csv, [n_test, n_removals] or "
+                                    "[n_test, n_train]) with every response function stored in a run.")
+    ev.add_argument("--scores", required=True, metavar="FILE", help=".npy or .csv scores, rows = the run's test points")
+    ev.add_argument("--run", required=True, metavar="DIR", help="a finished run directory")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    sub.add_parser("presets", help="list the built-in presets", description="List the built-in presets.")
+
+    dl = sub.add_parser("download", help="download a dataset into the data root (verified, atomic)",
+                        description="Download a dataset's files into --root (default $PBRF_DATA or ~/.cache/pbrf).")
+    dl.add_argument("name", help="dataset name, e.g. mnist, fashion-mnist, cifar10, energy, concrete, shakespeare")
+    dl.add_argument("--root", default=None, help="data root (default $PBRF_DATA, else ~/.cache/pbrf)")
+    dl.add_argument("--base-url", default=None, help="fetch from a mirror: {base-url}/{relative path}")
+    return parser
+
+
+# ---------------------------------------------------------------------------- commands
+def _config_from_args(args, extra_sets: list[str] | None = None):
+    sets = list(args.sets) + list(extra_sets or [])
+    if args.device:
+        sets.append(f"run.device={json.dumps(args.device)}")
+    return resolve(args.spec, args.profile, sets)
+
+
+def _executor(args):
+    from .experiment.executors import get_executor
+
+    if args.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UsageError("pbrf: --executor ray needs ray; install it with pip install 'pbrf[ray]'.") from None
+    return get_executor(args.executor, args.ray_address)
+
+
+def _run_one(config, out: Path, args, executor, inputs=None) -> dict:
+    from .experiment.pipeline import run_experiment
+
+    return run_experiment(config, out, executor=executor, overwrite=args.overwrite,
+                          progress=not args.no_progress, inputs=inputs)
+
+
+def cmd_run(args) -> int:
+    """``pbrf run``."""
+    from .experiment import report
+    from .experiment.pipeline import prepare_inputs
+    from .experiment.store import check_run_dir
+
+    config = _config_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / config.name
+    check_run_dir(out, config, args.overwrite)
+    inputs = prepare_inputs(config)
+    executor = _executor(args)
+    try:
+        summary = _run_one(config, out, args, executor, inputs)
+    finally:
+        executor.close()
+    print(report.print_summary(summary))
+    print(f"\nreport: {out / 'report.md'}")
+    return 0
+
+
+def _parse_values(text: str) -> list:
+    from .experiment.config import parse_set
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise ConfigError("--values must list at least one value, e.g. --values 16,32,64.")
+    return [parse_set(f"v={v}")[1] for v in values]
+
+
+def cmd_sweep(args) -> int:
+    """``pbrf sweep``: validate every value first, then run them one after the other."""
+    from .experiment import report
+    from .experiment.pipeline import prepare_inputs
+    from .experiment.store import atomic_write_text, check_run_dir
+
+    key = SWEEP_FACTORS[args.factor]
+    values = _parse_values(args.values)
+    configs = [_config_from_args(args, [f"{key}={json.dumps(v)}"]) for v in values]
+    out = Path(args.out) if args.out else Path("runs") / f"{configs[0].name}-sweep-{args.factor}"
+    dirs = [out / f"{args.factor}={v}" for v in values]
+    for cfg, d in zip(configs, dirs):
+        check_run_dir(d, cfg, args.overwrite)
+    inputs = [prepare_inputs(cfg) for cfg in configs]
+    executor = _executor(args)
+    summaries = []
+    try:
+        for cfg, d, inp, v in zip(configs, dirs, inputs, values):
+            print(f"== {args.factor} = {v} ==", file=sys.stderr)
+            summaries.append(_run_one(cfg, d, args, executor, inp))
+    finally:
+        executor.close()
+    figure = report.plot_sweep(args.factor, values, summaries, out / "sweep.png")
+    rows = [(f"{args.factor}={v}", s) for v, s in zip(values, summaries)]
+    text = _sweep_markdown(args, values, summaries, rows, figure, out)
+    atomic_write_text(out / "sweep.md", text)
+    print(report.format_table_text(rows))
+    print(f"\nsweep report: {out / 'sweep.md'}")
+    return 0
+
+
+def _sweep_markdown(args, values, summaries, rows, figure, out: Path) -> str:
+    from .experiment import analysis, report
+
+    gap_rows = ["| " + " | ".join([f"{args.factor}"] + list(analysis.GAPS)) + " |",
+                "|" + "---|" * (len(analysis.GAPS) + 1)]
+    for v, s in zip(values, summaries):
+        gaps = s.get("decomposition", {}).get("gaps", {})
+        gap_rows.append("| " + " | ".join([str(v)] + [report.fmt_value(gaps.get(g)) for g in analysis.GAPS]) + " |")
+    fig = Path(figure).relative_to(out).as_posix() if figure else None
+    parts = [f"# Sweep of {args.factor} ({args.spec}, profile {args.profile})",
+             "## Correlations", report.format_table(rows), "## Mean gaps |Δm|", "\n".join(gap_rows)]
+    if fig:
+        parts.append(f"![gaps vs {args.factor}]({fig})")
+    parts.append("Runs: " + ", ".join(f"`{args.factor}={v}/`" for v in values))
+    return "\n\n".join(parts) + "\n"
+
+
+def cmd_table(args) -> int:
+    """``pbrf table``."""
+    from .experiment import report
+
+    rows = []
+    for run in args.runs:
+        path = Path(run) / "summary.json"
+        if not path.is_file():
+            raise ConfigError(f"{run!r} has no summary.json; finish it with `pbrf run --out {run}`.")
+        rows.append((Path(run).name, json.loads(path.read_text(encoding="utf-8"))))
+    print(report.format_table(rows) if args.markdown else report.format_table_text(rows))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """``pbrf evaluate``."""
+    from .experiment import evaluate
+
+    result = evaluate.evaluate(args.scores, args.run)
+    if args.json:
+        print(evaluate.to_json(result))
+    else:
+        print(f"{result['scores']} ({result['layout']} layout) vs {result['run']}: "
+              f"{result['n_test']} test points x {result['n_removals']} removal sets")
+        print(evaluate.format_correlations(result))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    """``pbrf presets``."""
+    presets = list_presets()
+    width = max(map(len, presets))
+    for name, desc in presets.items():
+        print(f"{name.ljust(width)}  {desc}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    """``pbrf download``."""
+    from . import data
+
+    if args.name not in data.DATASETS:
+        raise ConfigError(f"unknown dataset {args.name!r}; choose one of {', '.join(data.DATASETS)}.")
+    try:
+        paths = data.download(args.name, root=args.root, base_url=args.base_url)
+    except OSError as err:
+        raise ConfigError(f"download of {args.name} failed ({err}); check the network or pass --base-url.") from None
+    for path in paths:
+        print(path)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "table": cmd_table, "evaluate": cmd_evaluate,
+            "presets": cmd_presets, "download": cmd_download}
+
+
+# ---------------------------------------------------------------------------- entry point
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="pbrf: %(message)s")
+    if not verbose:  # solver tolerances are recorded in the diagnostics and the report
+        logging.getLogger("pbrf.influence").setLevel(logging.ERROR)
+
+
+def _expected_errors() -> tuple:
+    errors: list[type] = [ConfigError, UsageError]
+    try:
+        from .data import DataError
+
+        errors.append(DataError)
+    except ImportError:  # pragma: no cover - the data package is part of pbrf
+        pass
+    return tuple(errors)
+
+
+def _reproducible_math() -> None:
+    """Environment for run-to-run identical numbers (read when torch/MKL first load, so set early).
+
+    MKL otherwise picks its kernels by memory alignment and shrinks its thread count when the
+    machine is busy, both of which change the last bits of large matrix products; a resumed run
+    must reproduce an uninterrupted one exactly. Ray workers inherit this environment.
+    """
+    os.environ.setdefault("MKL_CBWR", "AUTO")
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pbrf`` console script; returns the exit status."""
+    _reproducible_math()
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        _setup_logging(getattr(args, "verbose", False))
+        return COMMANDS[args.command](args)
+    except _expected_errors() as err:
+        msg = str(err).replace("\n", " ")
+        print(msg if msg.startswith("pbrf") else f"pbrf: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pbrf: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

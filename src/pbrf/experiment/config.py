@@ -1,0 +1,605 @@
+"""Experiment configuration: TOML files and presets mapped onto validated frozen dataclasses.
+
+A configuration has one section per stage of an experiment::
+
+    name = "digits-mlp"                  # label of the run (preset name by default)
+    description = "..."
+    task = "classification"              # optional; default: the dataset's task
+    [data]        name, n_train, n_test, seed, options = {...}
+    [model]       name + constructor keyword arguments (width, depth, ...)
+    [train]       the base recipe (pbrf.Recipe fields) + weight_decay
+    [influence]   damping, curvature, solver (practical) + solver_options, accurate_solver + options
+    [responses]   kinds, the PBRF/proximal recipe (optimizer, lr, steps, batch_size), cold_seeds
+    [removals]    n_test_points, n_removals, strategy, group_fraction | group_size, seed
+    [run]         chunk_size, device, dtype
+
+A preset is such a file plus ``[profiles.<name>]`` tables (``quick``, ``paper``, ``tiny``) that are
+deep-merged over the base sections. :func:`apply_overrides` applies ``--set key=value`` pairs
+(dotted paths, values parsed as TOML scalars) and type-checks them against the dataclass fields.
+Every invalid value raises :class:`ConfigError` with a one-line message naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "InfluenceConfig",
+    "ResponsesConfig",
+    "RemovalsConfig",
+    "RunConfig",
+    "ExperimentConfig",
+    "KINDS",
+    "PROFILES",
+    "list_presets",
+    "load_config",
+    "load_preset",
+    "apply_overrides",
+    "parse_set",
+]
+
+KINDS = ("cold", "warm", "proximal", "pbrf", "linearized", "influence")
+PROFILES = ("quick", "paper", "tiny")
+TASKS = ("regression", "classification", "binary", "language_model", "reconstruction")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line naming the field and the fix."""
+
+
+# ---------------------------------------------------------------------------- checks
+def _fail(where: str, msg: str) -> None:
+    raise ConfigError(f"{where}: {msg}")
+
+
+def _check_choice(where: str, value: Any, choices) -> None:
+    if value not in choices:
+        _fail(where, f"must be one of {', '.join(map(str, choices))}; got {value!r}.")
+
+
+def _check_positive(where: str, value: Any, allow_zero: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        _fail(where, f"must be a finite number {bound}; got {value!r}.")
+
+
+def _check_momentum(where: str, value: Any) -> None:
+    if not (isinstance(value, (int, float)) and 0 <= value < 1):
+        _fail(where, f"must lie in [0, 1) (e.g. 0.9); got {value!r}.")
+
+
+# ---------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data: ``pbrf.data.load(name, n_train=, n_test=, seed=, **options)``.
+
+    Attributes:
+        name: dataset name (``digits`` is embedded; others read ``$PBRF_DATA``).
+        n_train: training examples kept (``None`` = all).
+        n_test: test examples kept (``None`` = all).
+        seed: seed of the subsampling.
+        options: extra keyword arguments of the loader (e.g. ``classes = [3, 8]``).
+    """
+
+    name: str = "digits"
+    n_train: int | None = None
+    n_test: int | None = None
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("n_train", "n_test"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                _fail(f"data.{key}", f"must be a positive int or omitted (= all); got {value!r}.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network: ``pbrf.models.build(name, seed=train.seed, dtype=run.dtype, **options)``.
+
+    In TOML every key of ``[model]`` other than ``name`` is a constructor argument.
+    """
+
+    name: str = "mlp"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The base training recipe (``pbrf.Recipe``) and the L2 weight decay of the objective.
+
+    ``J(θ) = (1/N) Σ L_i + (weight_decay/2) ||θ||²``; ``epochs`` or ``steps`` sets the budget;
+    ``batch_size = 0`` means full batch.
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    schedule: str = "constant"
+    epochs: float | None = None
+    steps: int | None = None
+    batch_size: int = 128
+    seed: int = 0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("train.schedule", self.schedule, SCHEDULES)
+        _check_positive("train.lr", self.lr)
+        _check_momentum("train.momentum", self.momentum)
+        _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("train.batch_size", self.batch_size, allow_zero=True)
+        if (self.epochs is None) == (self.steps is None):
+            _fail("train", "set exactly one of epochs or steps (e.g. --set train.epochs=20).")
+        _check_positive("train.epochs", self.epochs, allow_none=True)
+        _check_positive("train.steps", self.steps, allow_none=True)
+
+    def recipe_dict(self) -> dict:
+        """The ``pbrf.Recipe`` keyword arguments (everything but ``weight_decay``)."""
+        d = dataclasses.asdict(self)
+        d.pop("weight_decay")
+        d["batch_size"] = d["batch_size"] or None
+        return d
+
+
+@dataclass(frozen=True)
+class InfluenceConfig:
+    """Damping, curvature and the two linear solvers.
+
+    ``solver`` is the practical solver of the influence estimate (kind ``influence``);
+    ``accurate_solver`` solves the linearised PBRF (kind ``linearized``).
+    """
+
+    damping: float = 1e-3
+    curvature: str = "ggn"
+    solver: str = "lissa"
+    solver_options: dict = field(default_factory=dict)
+    accurate_solver: str = "exact"
+    accurate_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_positive("influence.damping", self.damping, allow_zero=True)
+        _check_choice("influence.curvature", self.curvature, ("ggn", "hessian"))
+        _check_choice("influence.solver", self.solver, ("lissa", "cg", "exact"))
+        _check_choice("influence.accurate_solver", self.accurate_solver, ("exact", "cg"))
+
+
+@dataclass(frozen=True)
+class ResponsesConfig:
+    """Which response functions to compute, and the recipe of the PBRF / proximal optimisation.
+
+    ``batch_size = 0`` means full batch (deterministic). Cold- and warm-start retraining use the
+    base ``[train]`` recipe; ``cold_seeds`` are the
+    initialisation seeds averaged over for cold start.
+    """
+
+    kinds: tuple = KINDS
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    schedule: str = "constant"
+    steps: int = 500
+    batch_size: int = 0
+    until_plateau: bool = False
+    cold_seeds: tuple = (0,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        object.__setattr__(self, "cold_seeds", tuple(self.cold_seeds))
+        for kind in self.kinds:
+            _check_choice("responses.kinds entries", kind, KINDS)
+        if "influence" not in self.kinds:
+            _fail("responses.kinds", 'must include "influence" (the estimate every response is compared with).')
+        if len(set(self.kinds)) != len(self.kinds):
+            _fail("responses.kinds", f"has duplicates: {list(self.kinds)}.")
+        _check_choice("responses.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("responses.schedule", self.schedule, SCHEDULES)
+        _check_positive("responses.lr", self.lr)
+        _check_momentum("responses.momentum", self.momentum)
+        _check_positive("responses.steps", self.steps)
+        _check_positive("responses.batch_size", self.batch_size, allow_zero=True)
+        if not self.cold_seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.cold_seeds):
+            _fail("responses.cold_seeds", f"must be a non-empty list of ints, e.g. [0, 1]; got {list(self.cold_seeds)}.")
+
+    def recipe_dict(self) -> dict:
+        """The ``pbrf.Recipe`` keyword arguments of the PBRF / proximal optimisation."""
+        return {
+            "optimizer": self.optimizer, "lr": self.lr, "momentum": self.momentum,
+            "schedule": self.schedule, "steps": self.steps, "batch_size": self.batch_size or None,
+            "until_plateau": self.until_plateau,
+        }
+
+    def ordered_kinds(self) -> tuple[str, ...]:
+        """The configured kinds in the canonical order of :data:`KINDS` (influence first to compute)."""
+        return ("influence",) + tuple(k for k in KINDS if k in self.kinds and k != "influence")
+
+
+@dataclass(frozen=True)
+class RemovalsConfig:
+    """Which test points and which removal sets.
+
+    Attributes:
+        n_test_points: test examples whose loss is measured.
+        n_removals: number of removal sets.
+        strategy: ``"random"`` training points, or ``"top-influence"`` (largest |influence| under
+            the practical solver over all training points).
+        group_fraction: if > 0, each removal set holds ``round(group_fraction * N)`` points.
+        group_size: otherwise the size of each removal set (1 = leave-one-out).
+        seed: seed of the random choices.
+    """
+
+    n_test_points: int = 30
+    n_removals: int = 64
+    strategy: str = "random"
+    group_fraction: float = 0.0
+    group_size: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive("removals.n_test_points", self.n_test_points)
+        _check_positive("removals.n_removals", self.n_removals)
+        _check_choice("removals.strategy", self.strategy, ("random", "top-influence"))
+        _check_positive("removals.group_size", self.group_size)
+        if not (0.0 <= self.group_fraction < 1.0):
+            _fail("removals.group_fraction", f"must be in [0, 1); got {self.group_fraction!r}.")
+        if self.group_fraction > 0 and self.group_size != 1:
+            _fail("removals", "set group_fraction or group_size, not both.")
+
+    def resolved_group_size(self, n_train: int) -> int:
+        """Points per removal set for a training set of ``n_train`` examples."""
+        if self.group_fraction > 0:
+            return max(1, round(self.group_fraction * n_train))
+        return self.group_size
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Execution: removals per chunk (the unit of work and of resumption), device and dtype."""
+
+    chunk_size: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check_positive("run.chunk_size", self.chunk_size)
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            _fail("run.device", f'must be "cpu" or "cuda" (or "cuda:N"); got {self.device!r}.')
+        _check_choice("run.dtype", self.dtype, ("float32", "float64"))
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "influence": InfluenceConfig,
+    "responses": ResponsesConfig,
+    "removals": RemovalsConfig,
+    "run": RunConfig,
+}
+TOP_LEVEL = ("name", "description", "profile", "task")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment. Build with :func:`load_preset`, :func:`load_config` or :meth:`from_dict`."""
+
+    name: str = "experiment"
+    description: str = ""
+    profile: str = ""
+    task: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10))
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    responses: ResponsesConfig = field(default_factory=ResponsesConfig)
+    removals: RemovalsConfig = field(default_factory=RemovalsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.task is not None:
+            _check_choice("task", self.task, TASKS)
+
+    # -------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict:
+        """A JSON-able nested dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys); two configs are the same experiment iff these are equal."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def fingerprint(self) -> str:
+        """Canonical JSON of everything that determines the numbers (not the description)."""
+        d = self.to_dict()
+        d.pop("description", None)
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExperimentConfig":
+        """Build from a nested dict (TOML layout or :meth:`to_dict` layout); raises ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a table, got {type(d).__name__}.")
+        unknown = set(d) - set(SECTIONS) - set(TOP_LEVEL) - {"profiles"}
+        if unknown:
+            raise ConfigError(
+                f"unknown config section(s) {sorted(unknown)}; the sections are "
+                f"{', '.join(TOP_LEVEL + tuple(SECTIONS))}."
+            )
+        kwargs = {k: _typed(k, d[k], _field_types(cls)[k]) for k in TOP_LEVEL if k in d}
+        for section, sub in SECTIONS.items():
+            kwargs[section] = _build_section(section, sub, d.get(section, {}))
+        try:
+            return cls(**kwargs)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"config: {err}") from None
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build_section(section: str, cls, table: Any):
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}] must be a table, got {table!r}.")
+    table = dict(table)
+    if cls is ModelConfig and "options" not in table:
+        name = table.pop("name", ModelConfig.name)
+        table = {"name": name, "options": table}
+    types_ = _field_types(cls)
+    unknown = set(table) - set(types_)
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(
+            f"unknown config key {section}.{key}; [{section}] takes {', '.join(sorted(types_))}."
+        )
+    values = {k: _typed(f"{section}.{k}", v, types_[k]) for k, v in table.items()}
+    return cls(**values)
+
+
+def _typed(where: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a type hint (int → float allowed; list → tuple); returns the value."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    for opt in options:
+        if opt is type(None) and value is None:
+            return None
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if opt is bool and isinstance(value, bool):
+            return value
+        if opt is str and isinstance(value, str):
+            return value
+        if opt is tuple and isinstance(value, (list, tuple)):
+            return tuple(value)
+        if opt is dict and isinstance(value, dict):
+            return value
+    names = " or ".join("none" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{where} must be {_article(names)}; got {value!r} ({_toml_type(value)}).")
+
+
+def _article(names: str) -> str:
+    names = names.replace("tuple", "list").replace("dict", "table").replace("str", "string")
+    return ("an " if names[0] in "aeiou" else "a ") + names
+
+
+def _toml_type(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table", tuple: "array"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------- files and presets
+_REPLACED = ("solver_options", "accurate_options")
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` updated recursively with ``over`` (new dict; tables merge, other values replace).
+
+    Solver option tables are replaced whole: they belong to the solver named next to them.
+    """
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not key.endswith(_REPLACED):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_toml(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{where} is not valid TOML ({err}); fix the file.") from None
+
+
+def _preset_dir():
+    return resources.files("pbrf.experiment") / "presets"
+
+
+def list_presets() -> dict[str, str]:
+    """Built-in presets: name → one-line description (sorted by name)."""
+    out = {}
+    for entry in sorted(_preset_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            raw = _read_toml(entry.read_text(encoding="utf-8"), entry.name)
+            lines = str(raw.get("description", "")).strip().splitlines()
+            out[entry.name[:-5]] = lines[0] if lines else ""
+    return out
+
+
+def preset_table(name: str) -> dict:
+    """The raw TOML table of a built-in preset (with its ``profiles``)."""
+    entry = _preset_dir() / f"{name}.toml"
+    if not entry.is_file():
+        raise ConfigError(
+            f"unknown preset {name!r}; choose one of {', '.join(list_presets())} "
+            "(`pbrf presets` lists them) or pass a CONFIG.toml path."
+        )
+    return _read_toml(entry.read_text(encoding="utf-8"), f"preset {name}")
+
+
+def resolve_profile(raw: dict, profile: str, where: str) -> dict:
+    """Merge ``[profiles.<profile>]`` over the base tables; a missing profile is an error."""
+    profiles = raw.get("profiles", {})
+    base = {k: v for k, v in raw.items() if k != "profiles"}
+    if profile not in profiles:
+        if profile == "quick":  # the base tables are the quick profile unless it says more
+            return base | {"profile": profile}
+        raise ConfigError(
+            f"{where} has no profile {profile!r}; choose one of {', '.join(profiles) or '(none)'} with --profile."
+        )
+    return deep_merge(base, profiles[profile]) | {"profile": profile}
+
+
+def load_preset(name: str, profile: str = "quick", overrides: list[str] | None = None) -> ExperimentConfig:
+    """A built-in preset, with one profile applied and ``--set`` overrides."""
+    raw = resolve_profile(preset_table(name), profile, f"preset {name!r}")
+    raw.setdefault("name", name)
+    return ExperimentConfig.from_dict(apply_overrides(raw, overrides or []))
+
+
+def load_config(path: str | Path, profile: str = "quick", overrides: list[str] | None = None) -> ExperimentConfig:
+    """A TOML config file (preset layout; ``profiles`` optional) with ``--set`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass a preset name or an existing .toml file.")
+    raw = resolve_profile(_read_toml(path.read_text(encoding="utf-8"), str(path)), profile, str(path))
+    raw.setdefault("name", path.stem)
+    return ExperimentConfig.from_dict(apply_overrides(raw, overrides or []))
+
+
+def resolve(spec: str | None, profile: str = "quick", overrides: list[str] | None = None) -> ExperimentConfig:
+    """A preset name or a ``.toml`` path (default preset ``digits-mlp``) → config."""
+    spec = spec or "digits-mlp"
+    if spec.endswith(".toml") or Path(spec).is_file():
+        return load_config(spec, profile, overrides)
+    return load_preset(spec, profile, overrides)
+
+
+# ---------------------------------------------------------------------------- --set
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` → (``["a", "b"]``, TOML-parsed value; a bare word stays a string)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r} must look like section.key=value, e.g. --set influence.damping=1e-2.")
+    text = text.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, items: list[str]) -> dict:
+    """Apply ``--set`` items to a raw config table, checking each key exists and its type fits."""
+    raw = copy.deepcopy(raw)
+    for item in items:
+        path, value = parse_set(item)
+        _check_set_key(raw, path, value, item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        if len(path) == 2 and (path[0], path[1]) in _RESETS:
+            node.pop(_RESETS[path[0], path[1]], None)
+    return raw
+
+
+#: ``--set`` of the key on the left drops the key on the right (a new budget / a new solver's options).
+_RESETS = {
+    ("train", "epochs"): "steps",
+    ("train", "steps"): "epochs",
+    ("influence", "solver"): "solver_options",
+    ("influence", "accurate_solver"): "accurate_options",
+}
+
+
+def _check_set_key(raw: dict, path: list[str], value: Any, item: str) -> None:
+    dotted = ".".join(path)
+    head = path[0]
+    if len(path) == 1:
+        if head not in TOP_LEVEL:
+            raise ConfigError(f"unknown --set key {dotted!r}; use section.key=value with sections {', '.join(SECTIONS)}.")
+        _typed(dotted, value, _field_types(ExperimentConfig)[head])
+        return
+    if head not in SECTIONS:
+        raise ConfigError(f"unknown --set key {dotted!r}: no section {head!r}; the sections are {', '.join(SECTIONS)}.")
+    cls = SECTIONS[head]
+    if head == "model" and path[1] != "name":
+        _check_model_key(raw.get("model", {}), path[1:], value, dotted)
+        return
+    types_ = _field_types(cls)
+    if path[1] not in types_:
+        raise ConfigError(f"unknown --set key {dotted!r}; [{head}] takes {', '.join(sorted(types_))}.")
+    if len(path) > 2:
+        if types_[path[1]] is not dict:
+            raise ConfigError(f"unknown --set key {dotted!r}: {head}.{path[1]} is not a table.")
+        return
+    _typed(dotted, value, types_[path[1]])
+
+
+def _check_model_key(model: dict, path: list[str], value: Any, dotted: str) -> None:
+    """Model keys must be arguments of the model's constructor (or already in the config)."""
+    key = path[0]
+    if len(path) > 1:
+        raise ConfigError(f"unknown --set key {dotted!r}; model arguments are flat (e.g. model.width=64).")
+    options = {k: v for k, v in model.items() if k != "name"}
+    if key in options:
+        current = options[key]
+        if current is not None and not isinstance(value, type(current)) and not (
+            isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool)
+        ):
+            raise ConfigError(
+                f"{dotted} must be {_article(type(current).__name__)} like the preset's {current!r}; got {value!r}."
+            )
+        return
+    accepted = _model_arguments(model.get("name", ModelConfig.name))
+    if accepted is not None and key not in accepted:
+        raise ConfigError(
+            f"unknown --set key {dotted!r}; model {model.get('name')!r} takes {', '.join(sorted(accepted)) or 'no arguments'}."
+        )
+
+
+def _model_arguments(name: str) -> set[str] | None:
+    """Keyword arguments accepted by ``pbrf.models`` for ``name`` (``None`` if unknown)."""
+    try:
+        from pbrf import models
+    except Exception:  # noqa: BLE001 - the model zoo is optional for config checking
+        return None
+    registry = getattr(models, "MODELS", None)
+    ctor = registry.get(name) if isinstance(registry, Mapping) else None
+    if ctor is None:
+        return None
+    try:
+        params = inspect.signature(ctor).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {n for n in params if n not in ("seed", "dtype")}

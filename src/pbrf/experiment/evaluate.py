@@ -1,0 +1,140 @@
+"""``pbrf evaluate``: score another library's influence estimates against a run's responses.
+
+The scores file is ``.npy`` or ``.csv`` (comma separated, one row per test point) of shape
+
+* ``[n_test, n_removals]`` — one column per removal set of the run, in the run's order; or
+* ``[n_test, n_train]`` — one column per training point; mapped onto the run's removal sets
+  (a group's score is the sum of its points' scores, as group influence is additive).
+
+Rows are the run's test points in the order of ``test_index`` (stored in the run's database).
+The sign convention is pbrf's: positive = removing the set increases the test loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import analysis
+from .config import ConfigError
+from .store import Store
+
+__all__ = ["EvaluateError", "load_scores", "map_scores", "run_arrays", "evaluate", "format_correlations"]
+
+
+class EvaluateError(ConfigError):
+    """Bad scores file or run directory; one-line message naming the fix."""
+
+
+def load_scores(path: str | Path) -> np.ndarray:
+    """Read a ``.npy`` or ``.csv`` file of scores as a float64 2-D array."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluateError(f"scores file {str(path)!r} does not exist; pass --scores FILE.npy or FILE.csv.")
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif path.suffix == ".csv":
+            arr = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+        else:
+            raise EvaluateError(f"scores file {str(path)!r} must end in .npy or .csv.")
+    except EvaluateError:
+        raise
+    except (ValueError, OSError) as err:
+        raise EvaluateError(f"cannot read scores file {str(path)!r} ({err}); write it with numpy.save or as CSV.") from None
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim != 2:
+        raise EvaluateError(f"scores in {str(path)!r} have shape {arr.shape}; expected a 2-D array [n_test, n_removals] or [n_test, n_train].")
+    return arr
+
+
+def map_scores(scores: np.ndarray, groups: list[list[int]], n_train: int) -> tuple[np.ndarray, str]:
+    """Scores ``[n_test, n_removals]`` for the run's removal sets; also says which layout was read.
+
+    Raises:
+        EvaluateError: the shape matches neither layout.
+    """
+    n_test, n_removals = scores.shape[0], len(groups)
+    if scores.shape[1] == n_removals:
+        return scores, "removals"
+    if scores.shape[1] == n_train:
+        mapped = np.stack([scores[:, g].sum(axis=1) for g in groups], axis=1)
+        return mapped, "train"
+    raise EvaluateError(
+        f"scores have shape {scores.shape}; the run needs [{n_test}, {n_removals}] (one column per removal set) "
+        f"or [{n_test}, {n_train}] (one column per training point)."
+    )
+
+
+def run_arrays(run_dir: str | Path) -> dict:
+    """The stored arrays of a finished run: ``dm`` per kind, ``groups``, ``test_index``, ``n_train``."""
+    from .pipeline import _groups_from_array, read_config
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    if not (run_dir / "results.sqlite").is_file():
+        raise EvaluateError(f"{str(run_dir)!r} has no results yet; finish it with `pbrf run --out {run_dir}`.")
+    with Store(run_dir, readonly=True) as store:
+        groups_arr = store.get_array("groups")
+        if groups_arr is None:
+            raise EvaluateError(f"{str(run_dir)!r} is not set up yet; finish it with `pbrf run --out {run_dir}`.")
+        groups = _groups_from_array(groups_arr)
+        n_chunks = math.ceil(len(groups) / config.run.chunk_size)
+        dm = {}
+        for kind in config.responses.ordered_kinds():
+            try:
+                dm[kind] = store.gather(kind, n_chunks)[0]
+            except KeyError:
+                raise EvaluateError(
+                    f"{str(run_dir)!r} is not finished ({kind} missing); resume it with `pbrf run --out {run_dir}`."
+                ) from None
+        n_train = store.get_meta("n_train")
+        index = store.get_array("test_index")
+    return {"config": config, "dm": dm, "groups": groups, "test_index": index, "n_train": n_train}
+
+
+def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
+    """Correlations of external scores with every stored response function of a run.
+
+    Returns:
+        ``{"scores", "run", "layout", "n_test", "n_removals", "correlations": {kind: {...}}}`` with
+        the entries of :func:`pbrf.experiment.analysis.correlations`.
+    """
+    arrays = run_arrays(run_dir)
+    raw = load_scores(scores_path)
+    n_test = arrays["dm"]["influence"].shape[0]
+    if raw.shape[0] != n_test:
+        raise EvaluateError(
+            f"scores have {raw.shape[0]} rows but the run has {n_test} test points; one row per test point (run order)."
+        )
+    n_train = arrays["n_train"] or -1
+    scores, layout = map_scores(raw, arrays["groups"], n_train)
+    corr = analysis.correlations(scores, arrays["dm"])
+    return {
+        "scores": str(scores_path),
+        "run": str(run_dir),
+        "layout": layout,
+        "n_test": int(n_test),
+        "n_removals": len(arrays["groups"]),
+        "correlations": corr,
+    }
+
+
+def format_correlations(result: dict) -> str:
+    """A plain-text table of :func:`evaluate`'s correlations."""
+    header = ["scores vs", "Pearson", "Spearman", "P/test", "S/test"]
+    rows = []
+    for kind, entry in result["correlations"].items():
+        cells = [entry.get(k) for k in ("pearson", "spearman", "pearson_per_test", "spearman_per_test")]
+        rows.append([analysis.KIND_LABELS.get(kind, kind)] + ["n/a" if c is None else f"{c:.3f}" for c in cells])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def to_json(result: dict) -> str:
+    """JSON text of :func:`evaluate`'s result."""
+    return json.dumps(result, indent=2)

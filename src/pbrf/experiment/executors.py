@@ -1,0 +1,109 @@
+"""Executors: who computes the (chunk, kind) tasks of a run.
+
+An executor has one method, ``run(ctx, tasks)``, yielding :class:`~pbrf.experiment.store.ChunkResult`
+objects as they finish (in any order); the driver writes each to the store in its own transaction.
+
+* :class:`LocalExecutor` (default) computes in this process and never imports ray.
+* :class:`RayExecutor` submits each task as a Ray task. The worker rebuilds the problem from the
+  run directory (``config.json`` + θ^s checkpoint + stored removal sets, see
+  :func:`pbrf.experiment.pipeline.load_context`) and returns the arrays; only the driver writes.
+  With ``--ray-address`` the workers must see the run directory at the same path (a shared
+  filesystem) and have pbrf installed; workers inherit ``PBRF_DATA`` on a local Ray instance.
+
+The numbers do not depend on the executor beyond floating-point round-off (Ray workers run
+torch with one thread each): every seed is derived from the config and the chunk index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+from .store import ChunkResult
+
+__all__ = ["LocalExecutor", "RayExecutor", "get_executor"]
+
+log = logging.getLogger(__name__)
+
+
+class LocalExecutor:
+    """Compute every task in this process, in order."""
+
+    name = "local"
+
+    def run(self, ctx, tasks: list[tuple[int, str]]) -> Iterator[ChunkResult]:
+        """Yield the result of each ``(chunk, kind)`` task."""
+        from .pipeline import compute_chunk
+
+        for chunk, kind in tasks:
+            yield compute_chunk(ctx, chunk, kind)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _ray_compute(run_dir: str, chunk: int, kind: str) -> ChunkResult:
+    """Worker side: rebuild the context from ``run_dir`` (cached per worker) and compute one task."""
+    from .pipeline import compute_chunk, load_context
+
+    return compute_chunk(load_context(run_dir), chunk, kind)
+
+
+class RayExecutor:
+    """Run tasks as Ray tasks (one CPU each), at most ``max_in_flight`` at a time.
+
+    Args:
+        address: a Ray cluster address (``ray.init(address=...)``); ``None`` starts a local
+            instance with ``num_cpus`` CPUs and no dashboard.
+        num_cpus: CPUs of the local instance.
+        max_in_flight: tasks submitted ahead of the results (bounds driver memory).
+
+    Raises:
+        ImportError: ray is not installed (``pip install 'pbrf[ray]'``).
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int = 2, max_in_flight: int = 8) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            self.started = True
+        self.remote = ray.remote(num_cpus=1, max_retries=2)(_ray_compute)
+        self.max_in_flight = max_in_flight
+
+    def run(self, ctx, tasks: list[tuple[int, str]]) -> Iterator[ChunkResult]:
+        """Submit the tasks and yield results as they complete."""
+        run_dir = str(ctx.run_dir.resolve())
+        queue = list(tasks)
+        pending = []
+        while queue or pending:
+            while queue and len(pending) < self.max_in_flight:
+                chunk, kind = queue.pop(0)
+                pending.append(self.remote.remote(run_dir, chunk, kind))
+            ready, pending = self.ray.wait(pending, num_returns=1)
+            for ref in ready:
+                yield self.ray.get(ref)
+
+    def close(self) -> None:
+        """Shut Ray down if this executor started it."""
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+
+def get_executor(name: str, address: str | None = None):
+    """``"local"`` or ``"ray"`` executor."""
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address=address)
+    raise ValueError(f"unknown executor {name!r}; choose local or ray.")

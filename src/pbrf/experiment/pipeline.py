@@ -1,0 +1,591 @@
+"""The experiment pipeline behind ``pbrf run``.
+
+Stages (each resumable; see :mod:`pbrf.experiment.store`):
+
+1. :func:`prepare_inputs` — load the data and build the model (config errors surface here, before
+   anything is written);
+2. :func:`open_run` — create or resume the run directory (a different config is refused);
+3. :func:`setup` — train θ^s (cached as ``theta_s.safetensors``), choose the test points and the
+   removal sets (random or top-|influence|, single points or groups), store them;
+4. :func:`compute_chunk` — for one chunk of removal sets and one kind, Δm ``[n_test, k]``,
+   Δf ``[k, n_test, *out]`` and per-removal diagnostics; run by an executor, stored by the driver;
+5. :func:`finish` — gather the arrays, :func:`analysis.summarise`, :func:`report.write_report`.
+
+Determinism: every random choice is seeded from the config (removal seed, train seed) and the
+chunk index through :func:`chunk_seed`, never from global RNG state, so a resumed run and an
+uninterrupted one end with the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import inspect
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import analysis
+from .config import ConfigError, ExperimentConfig
+from .store import CONFIG_NAME, ChunkResult, Store, atomic_write_text, check_run_dir
+
+__all__ = [
+    "Context",
+    "prepare_inputs",
+    "open_run",
+    "setup",
+    "load_context",
+    "compute_chunk",
+    "chunk_seed",
+    "pending_tasks",
+    "finish",
+    "run_experiment",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "theta_s.safetensors"
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+# ---------------------------------------------------------------------------- seeds
+def chunk_seed(base: int, chunk: int, stream: int = 0) -> int:
+    """A 31-bit seed derived from ``(base, chunk, stream)`` only (no global RNG state)."""
+    return int(np.random.SeedSequence([int(base) & 0xFFFFFFFF, int(chunk), int(stream)]).generate_state(1)[0] >> 1)
+
+
+# ---------------------------------------------------------------------------- inputs
+@dataclass
+class Inputs:
+    """The data and the freshly initialised model of a config (nothing written yet)."""
+
+    config: ExperimentConfig
+    dataset: Any
+    task_name: str
+    model_kwargs: dict
+
+
+def load_dataset(config: ExperimentConfig):
+    """``pbrf.data.load`` with the config's data section (``DataError`` propagates)."""
+    from pbrf import data
+
+    d = config.data
+    return data.load(d.name, n_train=d.n_train, n_test=d.n_test, seed=d.seed, **d.options)
+
+
+def _inferred_model_kwargs(dataset, signature: inspect.Signature) -> dict:
+    """Shape arguments of the model builders, read off the dataset."""
+    meta = dataset.meta
+    shape = tuple(meta.get("input_shape") or tuple(dataset.x_train.shape[1:]))
+    n_out = meta.get("n_outputs") or meta.get("n_classes") or 1
+    guess = {
+        "in_shape": shape,
+        "n_outputs": int(n_out),
+        "in_channels": shape[0] if len(shape) == 3 else None,
+        "n_classes": int(n_out),
+        "input_size": shape[-1] if len(shape) == 3 else None,
+        "in_features": int(math.prod(shape)),
+        "vocab_size": meta.get("vocab_size"),
+        "seq_len": meta.get("seq_len") or (shape[0] if len(shape) == 1 else None),
+    }
+    return {k: v for k, v in guess.items() if k in signature.parameters and v is not None}
+
+
+def model_kwargs(config: ExperimentConfig, dataset) -> dict:
+    """The builder's keyword arguments: shapes from the data, the rest from ``[model]``."""
+    from pbrf import models
+
+    if config.model.name not in models.MODELS:
+        raise ConfigError(f"model.name {config.model.name!r} is unknown; choose one of {', '.join(models.MODELS)}.")
+    sig = inspect.signature(models.MODELS[config.model.name])
+    return {**_inferred_model_kwargs(dataset, sig), **config.model.options}
+
+
+def build_model(config: ExperimentConfig, kwargs: dict, seed: int):
+    """``pbrf.models.build`` in the config's dtype (on the CPU; moved later)."""
+    from pbrf import models
+
+    torch = _torch()
+    return models.build(config.model.name, seed=seed, dtype=getattr(torch, config.run.dtype), **kwargs)
+
+
+def prepare_inputs(config: ExperimentConfig) -> Inputs:
+    """Load the data and check that the model builds; raises ConfigError / DataError, writes nothing."""
+    dataset = load_dataset(config)
+    task_name = config.task or dataset.task
+    kwargs = model_kwargs(config, dataset)
+    try:
+        build_model(config, kwargs, seed=config.train.seed)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
+    if config.run.device.startswith("cuda") and not _torch().cuda.is_available():
+        raise ConfigError("run.device is cuda but no CUDA device is available; pass --device cpu.")
+    check_sizes(config, len(dataset.x_train), len(dataset.x_test))
+    check_solver_options(config)
+    return Inputs(config, dataset, task_name, kwargs)
+
+
+def check_solver_options(config: ExperimentConfig) -> None:
+    """Solver options must be arguments of the named solver (``pbrf.solvers``)."""
+    from pbrf import solvers
+
+    inf = config.influence
+    for field_, solver, options in (("solver_options", inf.solver, inf.solver_options),
+                                    ("accurate_options", inf.accurate_solver, inf.accurate_options)):
+        params = inspect.signature(solvers.SOLVERS[solver]).parameters
+        valid = [n for n in list(params)[2:]]
+        bad = sorted(set(options) - set(valid))
+        if bad:
+            raise ConfigError(f"influence.{field_}: {bad[0]!r} is not an option of solver {solver!r}; it takes {', '.join(valid)}.")
+
+
+def check_sizes(config: ExperimentConfig, n_train: int, n_test: int) -> None:
+    """Test points and removal sets must fit the data (checked before anything is written)."""
+    rc = config.removals
+    if rc.n_test_points > n_test:
+        raise ConfigError(f"removals.n_test_points={rc.n_test_points} exceeds the {n_test} test examples; lower it.")
+    k = rc.resolved_group_size(n_train)
+    if k == 1 and rc.n_removals > n_train:
+        raise ConfigError(f"removals.n_removals={rc.n_removals} exceeds the {n_train} training points; lower it.")
+    if k >= n_train:
+        raise ConfigError(f"removal sets of {k} points leave no training data ({n_train} points); lower the group size.")
+
+
+# ---------------------------------------------------------------------------- run directory
+def open_run(config: ExperimentConfig, run_dir: Path, overwrite: bool = False) -> str:
+    """Create, resume or overwrite ``run_dir``; writes ``config.json`` first. Returns the mode."""
+    run_dir = Path(run_dir)
+    mode = check_run_dir(run_dir, config, overwrite)
+    if mode == "overwrite":
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if mode != "resume":
+        atomic_write_text(run_dir / CONFIG_NAME, config.to_json() + "\n")
+    return mode
+
+
+def read_config(run_dir: Path) -> ExperimentConfig:
+    """The config stored in a run directory."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a pbrf run directory (no {CONFIG_NAME}); run `pbrf run` first.")
+    return ExperimentConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+# ---------------------------------------------------------------------------- context
+@dataclass
+class Context:
+    """Everything a chunk computation needs, rebuilt identically from the run directory."""
+
+    config: ExperimentConfig
+    run_dir: Path
+    inputs: Inputs
+    problem: Any
+    test: tuple
+    test_index: np.ndarray
+    groups: list[list[int]]
+    train_scores: np.ndarray | None = None
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of chunks of ``run.chunk_size`` removal sets."""
+        return math.ceil(len(self.groups) / self.config.run.chunk_size)
+
+    def chunk_groups(self, chunk: int) -> list[list[int]]:
+        """The removal sets (index lists) of one chunk."""
+        cs = self.config.run.chunk_size
+        return self.groups[chunk * cs : (chunk + 1) * cs]
+
+    def removals(self, chunk: int):
+        """The chunk's removal sets in the form ``pbrf`` takes (ints for single points)."""
+        groups = self.chunk_groups(chunk)
+        if all(len(g) == 1 for g in groups):
+            return _torch().tensor([g[0] for g in groups], dtype=_torch().long)
+        return groups
+
+
+def _recipe(fields: dict, seed: int):
+    import pbrf
+
+    return pbrf.Recipe(**{**fields, "seed": seed})
+
+
+def train_theta(inputs: Inputs, run_dir: Path, progress: bool = True) -> dict:
+    """θ^s: loaded from the run's checkpoint, else trained with the base recipe and saved."""
+    import pbrf
+
+    config = inputs.config
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        model = build_model(config, inputs.model_kwargs, seed=config.train.seed)
+        task = pbrf.tasks.get_task(inputs.task_name)
+        log.info("training theta_s (%s)", config.train)
+        result = pbrf.train(
+            model.to(config.run.device), task, train=_train_data(inputs), recipe=_recipe(config.train.recipe_dict(), config.train.seed),
+            weight_decay=config.train.weight_decay, progress=progress,
+        )
+        pbrf.save_checkpoint(path, {k: v.detach().cpu() for k, v in result.params.items()},
+                             {"config": config.name, "diagnostics": _plain(result.diagnostics or {})})
+    params, _ = pbrf.load_checkpoint(path)
+    return params
+
+
+def _plain(d: dict) -> dict:
+    """A JSON-safe copy of a flat diagnostics dict."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (bool, int, str)) or v is None:
+            out[k] = v
+        elif hasattr(v, "__float__") and getattr(v, "numel", lambda: 1)() == 1:
+            out[k] = float(v)
+        else:
+            out[k] = str(v)
+    return out
+
+
+def _train_data(inputs: Inputs) -> tuple:
+    ds = inputs.dataset
+    y = None if inputs.task_name == "reconstruction" else ds.y_train
+    return ds.x_train, y
+
+
+def build_problem(inputs: Inputs, params: dict):
+    """The :class:`pbrf.Problem` at θ^s on the run's device."""
+    import pbrf
+
+    config = inputs.config
+    model = build_model(config, inputs.model_kwargs, seed=config.train.seed).to(config.run.device)
+    params = {k: v.to(config.run.device) for k, v in params.items()}
+    task = pbrf.tasks.get_task(inputs.task_name)
+    return pbrf.Problem(model, task, train=_train_data(inputs), weight_decay=config.train.weight_decay, params=params)
+
+
+def choose_test_points(config: ExperimentConfig, n_available: int) -> np.ndarray:
+    """Sorted indices of ``n_test_points`` test examples, seeded by ``removals.seed``."""
+    n = config.removals.n_test_points
+    if n > n_available:
+        raise ConfigError(f"removals.n_test_points={n} exceeds the {n_available} test examples; lower it.")
+    rng = np.random.default_rng([config.removals.seed, 1])
+    return np.sort(rng.choice(n_available, size=n, replace=False))
+
+
+def _test_data(inputs: Inputs, index: np.ndarray) -> tuple:
+    ds = inputs.dataset
+    idx = _torch().as_tensor(index, dtype=_torch().long)
+    y = None if inputs.task_name == "reconstruction" else ds.y_test[idx]
+    return ds.x_test[idx], y
+
+
+def random_groups(config: ExperimentConfig, n_train: int) -> list[list[int]]:
+    """``n_removals`` random removal sets of the configured size, seeded by ``removals.seed``."""
+    rc = config.removals
+    k = rc.resolved_group_size(n_train)
+    rng = np.random.default_rng([rc.seed, 2])
+    if k == 1:
+        if rc.n_removals > n_train:
+            raise ConfigError(f"removals.n_removals={rc.n_removals} exceeds the {n_train} training points; lower it.")
+        return [[int(i)] for i in rng.choice(n_train, size=rc.n_removals, replace=False)]
+    return [sorted(int(i) for i in rng.choice(n_train, size=k, replace=False)) for _ in range(rc.n_removals)]
+
+
+def top_influence_groups(config: ExperimentConfig, scores: np.ndarray) -> list[list[int]]:
+    """Removal sets with the largest influence (``scores`` ``[n_test, N]`` over all training points).
+
+    Single points: the ``n_removals`` points of largest mean |score| over the test points.
+    Groups of ``k``: removal ``r`` takes test point ``j = r mod n_test`` and, alternately, the
+    ``k`` most positive or most negative scores on it (later rounds take the next ``k``).
+    """
+    rc = config.removals
+    n_test, n_train = scores.shape
+    k = rc.resolved_group_size(n_train)
+    if k == 1:
+        if rc.n_removals > n_train:
+            raise ConfigError(f"removals.n_removals={rc.n_removals} exceeds the {n_train} training points; lower it.")
+        order = np.argsort(-np.abs(scores).mean(axis=0), kind="stable")
+        return [[int(i)] for i in order[: rc.n_removals]]
+    groups = []
+    for r in range(rc.n_removals):
+        j, rnd = r % n_test, r // n_test
+        sign = 1.0 if rnd % 2 == 0 else -1.0
+        block = rnd // 2
+        order = np.argsort(-sign * scores[j], kind="stable")
+        start = (block * k) % max(1, n_train - k + 1)
+        groups.append(sorted(int(i) for i in order[start : start + k]))
+    return groups
+
+
+def all_train_scores(problem, config: ExperimentConfig, test: tuple) -> np.ndarray:
+    """Influence of every single training point on every test point ``[n_test, N]`` (practical solver).
+
+    ``scores[t, i] = (1/N) ∇m_tᵀ C⁻¹ ∇L_i``; positive means removing point ``i`` increases test loss ``t``.
+    """
+    import pbrf
+
+    inf = config.influence
+    options = _solver_options(inf.solver, inf.solver_options, config.removals.seed)
+    scores = pbrf.influence(problem, test=test, removals=_torch().arange(problem.n_train), damping=inf.damping,
+                            solver=inf.solver, curvature=inf.curvature, solver_options=options)
+    return scores.detach().cpu().double().numpy()
+
+
+def _solver_options(solver: str, options: dict, seed: int) -> dict:
+    out = dict(options)
+    if solver == "lissa":
+        out.setdefault("seed", int(seed))
+    return out
+
+
+def _groups_array(groups: list[list[int]]) -> np.ndarray:
+    width = max(len(g) for g in groups)
+    arr = np.full((len(groups), width), -1, dtype=np.int64)
+    for i, g in enumerate(groups):
+        arr[i, : len(g)] = g
+    return arr
+
+
+def _groups_from_array(arr: np.ndarray) -> list[list[int]]:
+    return [[int(i) for i in row if i >= 0] for row in arr]
+
+
+def setup(inputs: Inputs, run_dir: Path, store: Store, progress: bool = True) -> Context:
+    """Train (or load) θ^s, choose (or load) test points and removal sets; returns the context."""
+    config = inputs.config
+    params = train_theta(inputs, run_dir, progress)
+    problem = build_problem(inputs, params)
+    test_index = store.get_array("test_index")
+    if test_index is None:
+        test_index = choose_test_points(config, len(inputs.dataset.x_test))
+    test = _test_data(inputs, test_index)
+    groups_arr, scores = store.get_array("groups"), store.get_array("train_scores")
+    if groups_arr is None:
+        if config.removals.strategy == "top-influence":
+            scores = all_train_scores(problem, config, test)
+            groups = top_influence_groups(config, scores)
+        else:
+            groups = random_groups(config, problem.n_train)
+        arrays = {"test_index": test_index, "groups": _groups_array(groups)}
+        if scores is not None:
+            arrays["train_scores"] = scores
+        store.put_arrays(arrays)
+        store.set_meta("n_train", int(problem.n_train))
+        groups_arr = arrays["groups"]
+    return Context(config, Path(run_dir), inputs, problem, test, test_index, _groups_from_array(groups_arr), scores)
+
+
+_CONTEXTS: dict[str, Context] = {}
+
+
+def load_context(run_dir: str | Path) -> Context:
+    """Rebuild the context of a prepared run directory (config + checkpoint + stored choices).
+
+    Used by executors' workers; cached per process and run directory.
+    """
+    key = str(Path(run_dir).resolve())
+    if key not in _CONTEXTS:
+        config = read_config(run_dir)
+        inputs = prepare_inputs(config)
+        with Store(run_dir, readonly=True) as store:
+            index, groups = store.get_array("test_index"), store.get_array("groups")
+        if index is None or groups is None:
+            raise RuntimeError(f"{run_dir}: the run is not set up yet (no test points / removal sets stored).")
+        import pbrf
+
+        params, _ = pbrf.load_checkpoint(Path(run_dir) / CHECKPOINT)
+        problem = build_problem(inputs, params)
+        _CONTEXTS[key] = Context(config, Path(run_dir), inputs, problem, _test_data(inputs, index), index,
+                                 _groups_from_array(groups))
+    return _CONTEXTS[key]
+
+
+# ---------------------------------------------------------------------------- chunks
+def pending_tasks(ctx: Context, done: set[tuple[str, int]]) -> list[tuple[int, str]]:
+    """(chunk, kind) pairs still to compute, chunk-major, influence first within a chunk."""
+    kinds = ctx.config.responses.ordered_kinds()
+    return [(c, k) for c in range(ctx.n_chunks) for k in kinds if (k, c) not in done]
+
+
+def _respond_kwargs(ctx: Context, chunk: int, kind: str) -> dict:
+    """The keyword arguments of ``pbrf.respond`` for one kind and chunk (seeds from the chunk index)."""
+    config, inf, resp = ctx.config, ctx.config.influence, ctx.config.responses
+    seed = chunk_seed(config.train.seed, chunk)
+    kw: dict[str, Any] = {"damping": inf.damping}
+    if kind == "influence":
+        kw.update(solver=inf.solver, solver_options=_solver_options(inf.solver, inf.solver_options, seed))
+    elif kind == "linearized":
+        kw.update(solver=inf.accurate_solver, solver_options=dict(inf.accurate_options))
+    elif kind in ("pbrf", "proximal"):
+        kw.update(recipe=_recipe(resp.recipe_dict(), seed))
+    elif kind in ("warm", "cold"):
+        kw.update(recipe=_recipe(config.train.recipe_dict(), seed))
+    if kind == "cold":
+        inputs = ctx.inputs
+        kw.update(seeds=tuple(resp.cold_seeds),
+                  model_init=lambda s: build_model(config, inputs.model_kwargs, seed=int(s)).to(config.run.device))
+    return kw
+
+
+def _respond(ctx: Context, chunk: int, kind: str):
+    import pbrf
+
+    kw = _respond_kwargs(ctx, chunk, kind)
+    kw["curvature"] = ctx.config.influence.curvature
+    base_kind = "linearized" if kind == "influence" else kind
+    return pbrf.respond(ctx.problem, base_kind, removals=ctx.removals(chunk), progress=False, **kw)
+
+
+def compute_chunk(ctx: Context, chunk: int, kind: str) -> ChunkResult:
+    """Δm ``[n_test, k]``, Δf ``[k, n_test, *out]`` and diagnostics of one kind on one chunk."""
+    start = time.perf_counter()
+    resp = _respond(ctx, chunk, kind)
+    dm = resp.loss_change(test=ctx.test).detach().cpu().double().numpy()
+    df = resp.output_change(test=ctx.test).detach().cpu().float().numpy()
+    extra = None
+    if kind == "linearized":  # also the actual change m(θ^s + Δθ) − m(θ^s), DESIGN §1
+        extra = resp.loss_change(test=ctx.test, first_order=False).detach().cpu().double().numpy()
+    diagnostics = [dict(d) for d in (resp.diagnostics or [])]
+    return ChunkResult(kind, chunk, dm, df, diagnostics, time.perf_counter() - start, extra)
+
+
+# ---------------------------------------------------------------------------- summary and report
+def gather(store: Store, ctx: Context) -> tuple[dict, dict, dict]:
+    """All stored arrays: ``dm``, ``df`` and diagnostics per kind."""
+    dm, df, diags = {}, {}, {}
+    for kind in ctx.config.responses.ordered_kinds():
+        dm[kind], df[kind], diags[kind] = store.gather(kind, ctx.n_chunks)
+    return dm, df, diags
+
+
+_TIMING_KEYS = ("seconds", "time", "wall_seconds")
+
+
+def diagnostics_summary(diags: dict[str, list[dict]]) -> dict:
+    """Per kind: number of removals, diverged count, mean of numeric diagnostics."""
+    out = {}
+    for kind, rows in diags.items():
+        entry: dict[str, Any] = {"n": len(rows)}
+        entry["diverged"] = int(sum(bool(r.get("diverged")) for r in rows))
+        keys = sorted({k for r in rows for k, v in r.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TIMING_KEYS})
+        for k in keys:
+            vals = [float(r[k]) for r in rows if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+            vals = [v for v in vals if math.isfinite(v)]
+            if vals:
+                entry[f"mean_{k}"] = float(np.mean(vals))
+        out[kind] = entry
+    return out
+
+
+def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
+    """Summarise the stored arrays and write the report (report.md, figures, summary.json)."""
+    from . import report
+
+    dm, df, diags = gather(store, ctx)
+    summary = analysis.summarise(dm, df, diagnostics=diagnostics_summary(diags))
+    summary["experiment"] = _experiment_info(ctx, store)
+    actual = store.gather_extra("linearized", ctx.n_chunks) if "linearized" in dm else None
+    if actual is not None:
+        summary["linearized_actual"] = {
+            "description": "m(θ^s + Δθ_IF) − m(θ^s) with the accurate solver, vs the first-order Δm",
+            "pearson_vs_first_order": analysis.pearson(actual, dm["linearized"]),
+            "pearson_vs_influence": analysis.pearson(actual, dm["influence"]),
+            "mean_abs_difference": float(np.mean(np.abs(actual - dm["linearized"]))),
+        }
+    report.write_report(ctx.run_dir, summary, dm, ctx.config.to_dict(), title=title or f"pbrf run: {ctx.config.name}")
+    np.save(ctx.run_dir / "influence_scores.npy", dm["influence"])
+    return summary
+
+
+def _experiment_info(ctx: Context, store: Store) -> dict:
+    """Identifying facts of the run (no timings, so a resumed run's summary equals a fresh one's)."""
+    sizes = sorted({len(g) for g in ctx.groups})
+    return {
+        "name": ctx.config.name,
+        "profile": ctx.config.profile,
+        "dataset": ctx.config.data.name,
+        "model": ctx.config.model.name,
+        "task": ctx.inputs.task_name,
+        "n_train": int(ctx.problem.n_train),
+        "n_params": int(ctx.problem.n_params),
+        "group_size": sizes[0] if len(sizes) == 1 else sizes,
+        "strategy": ctx.config.removals.strategy,
+    }
+
+
+# ---------------------------------------------------------------------------- driver
+def run_experiment(
+    config: ExperimentConfig,
+    run_dir: str | Path,
+    executor=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    inputs: Inputs | None = None,
+) -> dict:
+    """Run (or resume) one experiment end to end; returns the summary.
+
+    Args:
+        config: the experiment.
+        run_dir: its run directory (created; a different config there is refused).
+        executor: a :mod:`pbrf.experiment.executors` executor (default: local).
+        overwrite: replace a run of a different config in ``run_dir``.
+        progress: show progress bars.
+        inputs: already prepared :class:`Inputs` (else prepared here).
+
+    Raises:
+        ConfigError: invalid config or run-directory mismatch (nothing written).
+        pbrf.data.DataError: missing data (nothing written).
+    """
+    from .executors import LocalExecutor
+
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, config, overwrite)
+    inputs = inputs or prepare_inputs(config)
+    mode = open_run(config, run_dir, overwrite)
+    log.info("%s run directory %s", mode, run_dir)
+    executor = executor or LocalExecutor()
+    t0 = time.perf_counter()
+    with _exclusive(run_dir), Store(run_dir) as store:
+        ctx = setup(inputs, run_dir, store, progress)
+        _CONTEXTS[str(run_dir.resolve())] = ctx
+        tasks = pending_tasks(ctx, store.done())
+        _run_tasks(executor, ctx, tasks, store, progress)
+        summary = finish(ctx, store)
+        store.set_meta("wall_seconds_last", time.perf_counter() - t0)
+    return summary
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path):
+    """Hold an exclusive lock on the run directory (released by the OS even after kill -9)."""
+    with open(run_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"another pbrf process is running in {str(run_dir)!r}; wait for it or pass --out DIR.") from None
+        yield
+
+
+def _run_tasks(executor, ctx: Context, tasks: list[tuple[int, str]], store: Store, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    if not tasks:
+        return
+    bar = tqdm(total=len(tasks), desc="responses", unit="task", disable=not progress)
+    try:
+        for result in executor.run(ctx, tasks):
+            store.put_chunk(result)
+            bar.set_postfix_str(f"{result.kind} chunk {result.chunk}")
+            bar.update(1)
+    finally:
+        bar.close()

@@ -1,0 +1,252 @@
+"""The run directory and its SQLite store.
+
+One run directory per experiment::
+
+    RUN_DIR/
+      config.json            the resolved config (written first; a different config is refused)
+      theta_s.safetensors    θ^s (+ theta_s.json sidecar), via pbrf.save_checkpoint
+      results.sqlite         every measurement and diagnostic (arrays as .npy bytes)
+      report.md, summary.json, figures/*.png
+
+Tables of ``results.sqlite``:
+
+* ``meta(key, value)`` — JSON values (fingerprint of the config, timings);
+* ``arrays(name, data)`` — setup arrays (test indices, removal sets, all-train influence scores);
+* ``chunks(kind, chunk, dm, df, diagnostics, seconds)`` — one row per (response kind, chunk of
+  removals): ``dm`` ``[n_test, chunk]`` loss changes, ``df`` ``[chunk, n_test, *out]`` output
+  changes, ``diagnostics`` a JSON list of per-removal dicts, ``extra`` an optional array (for
+  ``linearized``: the actual change ``m(θ^s + Δθ) − m(θ^s)`` ``[n_test, chunk]``).
+
+Each row is written in its own transaction, so a run killed at any moment keeps every finished
+(kind, chunk) and loses nothing else; :meth:`Store.done` tells the resumed run what to skip.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ConfigError, ExperimentConfig
+
+__all__ = ["Store", "ChunkResult", "to_blob", "from_blob", "atomic_write_text", "check_run_dir"]
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "results.sqlite"
+CONFIG_NAME = "config.json"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS arrays (name TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    kind TEXT NOT NULL,
+    chunk INTEGER NOT NULL,
+    dm BLOB NOT NULL,
+    df BLOB,
+    diagnostics TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    extra BLOB,
+    PRIMARY KEY (kind, chunk)
+);
+"""
+
+
+def to_blob(array: np.ndarray) -> bytes:
+    """An array as ``.npy`` bytes (dtype and shape preserved, no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def from_blob(blob: bytes) -> np.ndarray:
+    """Inverse of :func:`to_blob`."""
+    return np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def _jsonable(value: Any) -> Any:
+    """Diagnostics as plain JSON (tensors/arrays → lists, NaN/inf → strings)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ChunkResult:
+    """What one (kind, chunk) computation returns: ``dm [n_test, k]``, ``df [k, n_test, *out]``, diagnostics."""
+
+    def __init__(self, kind: str, chunk: int, dm: np.ndarray, df: np.ndarray | None,
+                 diagnostics: list[dict], seconds: float = 0.0, extra: np.ndarray | None = None) -> None:
+        self.kind, self.chunk = kind, int(chunk)
+        self.dm, self.df = np.asarray(dm), None if df is None else np.asarray(df)
+        self.diagnostics, self.seconds = list(diagnostics), float(seconds)
+        self.extra = None if extra is None else np.asarray(extra)
+
+    def __repr__(self) -> str:
+        return f"ChunkResult({self.kind!r}, chunk={self.chunk}, dm={self.dm.shape})"
+
+
+def check_run_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> str:
+    """Decide what to do with ``run_dir`` for ``config``: ``"new"``, ``"resume"`` or ``"overwrite"``.
+
+    Raises:
+        ConfigError: the directory holds a run of a different config and ``overwrite`` is False,
+            or it is a non-empty directory that is not a run directory (never overwritten).
+    """
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / CONFIG_NAME
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} is a file; pass another --out DIR.")
+    if not cfg_path.is_file():
+        if run_dir.is_dir() and any(run_dir.iterdir()):  # never delete a folder pbrf did not make
+            raise ConfigError(f"{str(run_dir)!r} is not empty and is not a pbrf run directory; pass another --out DIR.")
+        return "new"
+    try:
+        old = ExperimentConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
+        same = old.fingerprint() == config.fingerprint()
+    except (ConfigError, ValueError):
+        same = False
+    if same:
+        return "resume"
+    if not overwrite:
+        raise ConfigError(
+            f"{str(run_dir)!r} holds a run of a different config; pass --overwrite to replace it or --out DIR for a new run."
+        )
+    return "overwrite"
+
+
+class Store:
+    """The SQLite database of one run directory (open with :meth:`open`, close with :meth:`close`).
+
+    Args:
+        run_dir: the run directory (must exist).
+        readonly: open the database read-only (workers).
+    """
+
+    def __init__(self, run_dir: str | Path, readonly: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        path = self.run_dir / DB_NAME
+        if readonly:
+            self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        else:
+            self.conn = sqlite3.connect(path, timeout=60)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.executescript(_SCHEMA)
+            self.conn.commit()
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- meta and arrays
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a JSON value under ``key`` (own transaction)."""
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(_jsonable(value))))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """The JSON value under ``key`` (``default`` if absent)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def put_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Store several named arrays in one transaction."""
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO arrays VALUES (?, ?)", [(k, to_blob(v)) for k, v in arrays.items()]
+            )
+
+    def get_array(self, name: str) -> np.ndarray | None:
+        """A named array (``None`` if absent)."""
+        row = self.conn.execute("SELECT data FROM arrays WHERE name = ?", (name,)).fetchone()
+        return None if row is None else from_blob(row[0])
+
+    # -------------------------------------------------------------- chunks
+    def put_chunk(self, result: ChunkResult) -> None:
+        """Store one (kind, chunk) result atomically (one transaction)."""
+        df = None if result.df is None else to_blob(result.df)
+        extra = None if result.extra is None else to_blob(result.extra)
+        diag = json.dumps(_jsonable(result.diagnostics))
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (result.kind, result.chunk, to_blob(result.dm), df, diag, result.seconds, extra),
+            )
+
+    def done(self) -> set[tuple[str, int]]:
+        """The (kind, chunk) pairs already stored."""
+        return {(k, int(c)) for k, c in self.conn.execute("SELECT kind, chunk FROM chunks")}
+
+    def get_chunk(self, kind: str, chunk: int) -> ChunkResult | None:
+        """One stored result (``None`` if absent)."""
+        row = self.conn.execute(
+            "SELECT dm, df, diagnostics, seconds, extra FROM chunks WHERE kind = ? AND chunk = ?", (kind, chunk)
+        ).fetchone()
+        if row is None:
+            return None
+        df = None if row[1] is None else from_blob(row[1])
+        extra = None if row[4] is None else from_blob(row[4])
+        return ChunkResult(kind, chunk, from_blob(row[0]), df, json.loads(row[2]), row[3], extra)
+
+    def gather(self, kind: str, n_chunks: int) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
+        """Concatenate the chunks of one kind: ``dm [n_test, K]``, ``df [K, n_test, *out]``, diagnostics.
+
+        Raises:
+            KeyError: a chunk is missing (the run is not finished).
+        """
+        parts = [self.get_chunk(kind, c) for c in range(n_chunks)]
+        missing = [c for c, p in enumerate(parts) if p is None]
+        if missing:
+            raise KeyError(f"kind {kind!r}: chunks {missing} are not stored yet")
+        dm = np.concatenate([p.dm for p in parts], axis=1)
+        df = None if any(p.df is None for p in parts) else np.concatenate([p.df for p in parts], axis=0)
+        diags = [d for p in parts for d in p.diagnostics]
+        return dm, df, diags
+
+    def gather_extra(self, kind: str, n_chunks: int) -> np.ndarray | None:
+        """Concatenated ``extra`` arrays of one kind along removals (``None`` if any is missing)."""
+        parts = [self.get_chunk(kind, c) for c in range(n_chunks)]
+        if any(p is None or p.extra is None for p in parts):
+            return None
+        return np.concatenate([p.extra for p in parts], axis=1)
+
+    def kind_seconds(self) -> dict[str, float]:
+        """Total compute seconds per kind."""
+        return {k: float(s) for k, s in self.conn.execute("SELECT kind, SUM(seconds) FROM chunks GROUP BY kind")}
