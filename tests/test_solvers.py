@@ -201,3 +201,19 @@ def test_lissa_bad_scale_is_a_value_error():
     op = CurvatureOperator(prob, "ggn", 0.1)
     with pytest.raises(ValueError, match="scale"):
         pbrf.solve(op, rhs(prob, m=1), "lissa", scale=-1.0)
+
+
+def test_exact_factorisation_is_cached_per_curvature_and_damping():
+    from pbrf import solve
+
+    prob = tiny_problem("classification")
+    B = torch.randn(2, prob.n_params, dtype=torch.float64)
+    x1, i1 = solve(CurvatureOperator(prob, "ggn", 0.1), B, "exact")
+    x2, i2 = solve(CurvatureOperator(prob, "ggn", 0.1), B, "exact")
+    x3, i3 = solve(CurvatureOperator(prob, "ggn", 0.2), B, "exact")
+    assert "cached_factorisation" not in i1.extra and i2.extra.get("cached_factorisation") is True
+    assert "cached_factorisation" not in i3.extra
+    torch.testing.assert_close(x1, x2, rtol=0, atol=0)
+    assert (x1 - x3).abs().max() > 1e-6
+    dense = CurvatureOperator(prob, "ggn", 0.2).dense()
+    torch.testing.assert_close(x3, torch.linalg.solve(dense, B.T).T, rtol=1e-9, atol=1e-12)

@@ -105,6 +105,8 @@ class CurvatureOperator:
             )
         self.prob, self.curvature, self.damping = prob, curvature, float(damping)
         self.theta = prob.theta if theta is None else theta
+        # operators at θ^s share one cached factorisation per (curvature, damping) on the problem
+        self.cache_key = (curvature, self.damping, prob.weight_decay) if theta is None else None
         self.shift = prob.weight_decay + self.damping
         self.n_params = prob.n_params
         self._data_mv: Callable = ggn_matvec if curvature == "ggn" else hessian_matvec

@@ -43,6 +43,9 @@ class Problem:
         chunk_size: examples per chunk in data passes (bounds memory).
         recipe: the :class:`~pbrf.Recipe` that trained θ^s (the default for warm and cold starts).
 
+    A Problem is treated as immutable: the dense factorisation of the damped curvature at θ^s is
+    cached on it (one entry) so that repeated exact solves build ``C`` once.
+
     Attributes:
         params: θ^s as a dict of detached tensors.
         theta: θ^s as one flat vector of length ``n_params``.

@@ -75,15 +75,27 @@ def _finish(op, X: Tensor, B: Tensor, info: SolveInfo, tol: float) -> SolveInfo:
 
 
 def solve_exact(op, B: Tensor, max_params: int = 5000) -> tuple[Tensor, SolveInfo]:
-    """Dense solve ``C⁻¹ Bᵀ`` (Cholesky, LU fallback when C is not positive definite)."""
+    """Dense solve ``C⁻¹ Bᵀ`` (Cholesky, LU fallback when C is not positive definite).
+
+    The factorisation of an operator at θ^s is cached on its problem (one entry), so repeated
+    solves with the same curvature and damping (e.g. chunks of removals) build ``C`` once.
+    """
     info = SolveInfo("exact")
-    C = op.dense(max_params=max_params)
-    L, err = torch.linalg.cholesky_ex(C)
-    if int(err) == 0:
-        X = torch.cholesky_solve(B.T, L).T
+    cache = getattr(op.prob, "_factor_cache", None) if getattr(op, "cache_key", None) else None
+    if cache is not None and cache[0] == op.cache_key:
+        kind, F = cache[1]
+        info.extra["cached_factorisation"] = True
+    else:
+        C = op.dense(max_params=max_params)
+        L, err = torch.linalg.cholesky_ex(C)
+        kind, F = ("cholesky", L) if int(err) == 0 else ("lu", torch.linalg.lu_factor(C))
+        if getattr(op, "cache_key", None):
+            op.prob._factor_cache = (op.cache_key, (kind, F))
+    if kind == "cholesky":
+        X = torch.cholesky_solve(B.T, F).T
     else:
         info.message = "curvature not positive definite; used LU"
-        X = torch.linalg.solve(C, B.T).T
+        X = torch.linalg.lu_solve(*F, B.T).T
     return X, _finish(op, X, B, info, tol=10 * torch.finfo(B.dtype).eps ** 0.5)
 
 
