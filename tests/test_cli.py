@@ -127,11 +127,11 @@ def test_different_config_in_the_same_run_dir_is_refused(default_run):
 def test_overwrite_replaces_a_run(tmp_path):
     out = tmp_path / "r"
     assert pbrf_cmd("run", *TINY, *CHEAP, "--out", str(out), cwd=tmp_path).returncode == 0
-    proc = pbrf_cmd("run", *TINY, *CHEAP, "--set", "influence.damping=0.01", "--out", str(out), cwd=tmp_path)
+    proc = pbrf_cmd("run", *TINY, *CHEAP, "--set", "influence.damping=0.05", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 2
-    proc = pbrf_cmd("run", *TINY, *CHEAP, "--set", "influence.damping=0.01", "--out", str(out), "--overwrite", cwd=tmp_path)
+    proc = pbrf_cmd("run", *TINY, *CHEAP, "--set", "influence.damping=0.05", "--out", str(out), "--overwrite", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((out / "config.json").read_text())["influence"]["damping"] == 0.01
+    assert json.loads((out / "config.json").read_text())["influence"]["damping"] == 0.05
 
 
 # ---------------------------------------------------------------------------- kill -9 and resume
