@@ -196,6 +196,11 @@ def test_run_writes_every_output(tiny_run):
     for entry in on_disk["correlations"].values():
         assert -1 <= entry["pearson"] <= 1
     assert ExperimentConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == cfg
+    removals = json.loads((run_dir / "removals.json").read_text())
+    with Store(run_dir, readonly=True) as store:
+        assert removals["test_index"] == store.get_array("test_index").tolist()
+    assert len(removals["removals"]) == 8 and np.load(run_dir / "test_index.npy").tolist() == removals["test_index"]
+    assert np.load(run_dir / "influence_scores.npy").shape == (5, 8)
 
 
 def test_stored_shapes(tiny_run):

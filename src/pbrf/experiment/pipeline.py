@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -503,8 +504,19 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
             "mean_abs_difference": float(np.mean(np.abs(actual - dm["linearized"]))),
         }
     report.write_report(ctx.run_dir, summary, dm, ctx.config.to_dict(), title=title or f"pbrf run: {ctx.config.name}")
-    np.save(ctx.run_dir / "influence_scores.npy", dm["influence"])
+    _write_inputs_for_evaluate(ctx, dm["influence"])
     return summary
+
+
+def _write_inputs_for_evaluate(ctx: Context, scores: np.ndarray) -> None:
+    """What another library needs to produce comparable scores: test points, removal sets, our scores."""
+    np.save(ctx.run_dir / "influence_scores.npy", scores)
+    np.save(ctx.run_dir / "test_index.npy", np.asarray(ctx.test_index))
+    removals = {"test_index": [int(i) for i in ctx.test_index], "removals": [list(map(int, g)) for g in ctx.groups],
+                "scores_shape": ["n_test", "n_removals"], "sign": "positive = removing the set increases the test loss"}
+    tmp = ctx.run_dir / ".removals.json.tmp"
+    tmp.write_text(json.dumps(removals))
+    os.replace(tmp, ctx.run_dir / "removals.json")
 
 
 def _experiment_info(ctx: Context, store: Store) -> dict:
