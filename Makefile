@@ -23,6 +23,8 @@ test: install
 bench: install
 	$(BIN)/python bench/bench_influence.py
 	$(BIN)/python bench/bench_respond.py
+	$(BIN)/python bench/bench_run.py
+	$(BIN)/python bench/bench_train.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -217,3 +217,28 @@ def test_exact_factorisation_is_cached_per_curvature_and_damping():
     assert (x1 - x3).abs().max() > 1e-6
     dense = CurvatureOperator(prob, "ggn", 0.2).dense()
     torch.testing.assert_close(x3, torch.linalg.solve(dense, B.T).T, rtol=1e-9, atol=1e-12)
+
+
+def test_lissa_default_scale_covers_minibatch_curvature():
+    from pbrf import solve
+
+    prob = tiny_problem("classification")
+    op = CurvatureOperator(prob, "ggn", 0.1)
+    B = torch.randn(1, prob.n_params, dtype=torch.float64)
+    _, full = solve(op, B, "lissa", depth=5)
+    _, mini = solve(op, B, "lissa", depth=5, batch_size=3)
+    assert mini.extra["lambda_max_estimate"] > full.extra["lambda_max_estimate"]
+    lam_full = torch.linalg.eigvalsh(op.dense()).max().item()
+    assert full.extra["lambda_max_estimate"] == pytest.approx(lam_full, rel=1e-2)
+
+
+def test_cg_default_tolerance_follows_dtype():
+    from pbrf import solve
+
+    prob = tiny_problem("regression")
+    prob32 = type(prob)(prob.model.float(), prob.task, (prob.x.float(), prob.t.float()), weight_decay=prob.weight_decay)
+    B = torch.randn(2, prob32.n_params)
+    x, info = solve(CurvatureOperator(prob32, "ggn", 0.1), B, "cg")
+    assert info.converged and info.residual < 1e-5 and x.dtype == torch.float32
+    _, info64 = solve(CurvatureOperator(prob, "ggn", 0.1), B.double(), "cg")
+    assert info64.residual <= 1e-10

@@ -104,11 +104,10 @@ def removal_matrix(groups: list[list[int]], device=None, dtype=torch.float64) ->
     """``(unique [u], R [u, K])`` with ``R[j, k] = 1`` when ``unique[j] ∈ groups[k]``."""
     unique = sorted({i for g in groups for i in g})
     pos = {i: j for j, i in enumerate(unique)}
-    R = torch.zeros(len(unique), len(groups), dtype=dtype, device=device)
+    R = torch.zeros(len(unique), len(groups), dtype=dtype)  # filled on the CPU, moved once
     for k, g in enumerate(groups):
-        for i in g:
-            R[pos[i], k] = 1.0
-    return torch.tensor(unique, dtype=torch.long, device=device), R
+        R[[pos[i] for i in g], k] = 1.0
+    return torch.tensor(unique, dtype=torch.long, device=device), R.to(device)
 
 
 def per_example_grads(

@@ -342,7 +342,8 @@ def respond(
     groups = normalize_removals(removals, prob.n_train)
     if kind == "linearized":
         d, info = delta_theta(prob, groups, damping, solver, curvature, solver_options, removal_weight)
-        diag = [{**info.to_dict(), "extra": None} for _ in groups]
+        extra = {k: v for k, v in info.extra.items() if isinstance(v, (int, float, bool, str))}
+        diag = [{**info.to_dict(), "extra": extra} for _ in groups]
         return Response(kind, groups, prob, (prob.theta + d).detach(), diagnostics=diag, first_order=True)
     rec = _apply_changes(_base_recipe(prob, recipe, kind), recipe_changes)
     if kind != "cold":

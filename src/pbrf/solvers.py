@@ -100,16 +100,18 @@ def solve_exact(op, B: Tensor, max_params: int = 5000) -> tuple[Tensor, SolveInf
 
 
 def solve_cg(
-    op, B: Tensor, tol: float = 1e-10, max_iter: int | None = None, x0: Tensor | None = None
+    op, B: Tensor, tol: float | None = None, max_iter: int | None = None, x0: Tensor | None = None
 ) -> tuple[Tensor, SolveInfo]:
     """Conjugate gradients on every row of ``B`` at once (one matvec with all active rows per step).
 
     Args:
-        tol: relative residual ``‖C x − b‖/‖b‖`` at which a row stops.
+        tol: relative residual ``‖C x − b‖/‖b‖`` at which a row stops (default 1e-10 in float64,
+            ``10·eps`` of the dtype otherwise).
         max_iter: iteration cap (default ``min(10 p, 2000)``).
         x0: warm start ``[m, p]`` (e.g. the previous solution).
     """
     info = SolveInfo("cg")
+    tol = (1e-10 if B.dtype == torch.float64 else 10 * torch.finfo(B.dtype).eps) if tol is None else float(tol)
     max_iter = min(10 * op.n_params, 2000) if max_iter is None else int(max_iter)
     X = torch.zeros_like(B) if x0 is None else x0.reshape(B.shape).clone().to(B)
     R = B - op.matvec(X) if x0 is not None else B.clone()
@@ -151,6 +153,28 @@ def _power_iteration(op, p: int, like: Tensor, iters: int = 30, seed: int = 0) -
     return lam
 
 
+class _Minibatch:
+    """``op`` restricted to a fixed minibatch (for eigenvalue estimates)."""
+
+    def __init__(self, op, index: Tensor) -> None:
+        self.op, self.index = op, index
+
+    def matvec(self, V: Tensor, index: Tensor | None = None) -> Tensor:
+        return self.op.matvec(V, index=self.index)
+
+
+def _lambda_max(op, like: Tensor, batch_size: int | None, seed: int) -> float:
+    """Power-iteration estimate of λ_max(C); with minibatches, the largest over 5 of them (they exceed the full one)."""
+    lam = _power_iteration(op, op.n_params, like, seed=seed)
+    n = op.prob.n_train
+    if batch_size is not None and batch_size < n:
+        gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+        for _ in range(5):
+            idx = torch.randperm(n, generator=gen)[:batch_size].to(op.prob.device)
+            lam = max(lam, _power_iteration(_Minibatch(op, idx), op.n_params, like, iters=20, seed=seed))
+    return lam
+
+
 def solve_lissa(
     op,
     B: Tensor,
@@ -165,7 +189,8 @@ def solve_lissa(
 
     Args:
         scale: must exceed about half the largest eigenvalue of ``C``; ``None`` estimates
-            ``λ_max`` by power iteration on the full curvature and uses ``1.1 λ_max``.
+            ``λ_max`` by power iteration (on the full curvature and, when ``batch_size`` is set,
+            on 5 minibatches, taking the largest) and uses ``1.1 λ_max``.
         depth: recursion steps per repeat.
         repeats: independent repeats averaged.
         batch_size: minibatch of training examples per step (``None`` = full batch, deterministic).
@@ -174,7 +199,12 @@ def solve_lissa(
     """
     info = SolveInfo("lissa")
     if scale is None:
-        lam = _power_iteration(op, op.n_params, B, seed=seed)
+        lam = _lambda_max(op, B, batch_size, seed)
+        if not lam > 0:
+            raise ValueError(
+                f"lissa: the estimated largest eigenvalue of C is {lam:.3g} (not positive: the Hessian may be "
+                "indefinite); use curvature='ggn', more damping, or pass solver_options={'scale': ...}."
+            )
         scale = 1.1 * lam
         info.extra["lambda_max_estimate"] = lam
     if not (scale > 0 and math.isfinite(scale)):
@@ -193,7 +223,7 @@ def solve_lissa(
                 info.diverged = True
                 info.iterations += j + 1
                 info.message = (
-                    f"LiSSA diverged at step {j + 1} with scale={scale:.4g}: the scale must exceed the largest "
+                    f"LiSSA diverged at step {j + 1} with scale={scale:.4g}: the scale must exceed half the largest "
                     "eigenvalue of the damped curvature (leave scale=None to estimate it, or increase it)"
                 )
                 return torch.full_like(B, float("nan")), info
