@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 __all__ = ["SolveInfo", "SolverDivergedError", "solve", "solve_exact", "solve_cg", "solve_lissa", "SOLVERS"]
 
@@ -119,7 +120,9 @@ def solve_cg(
     bn2 = (B * B).sum(1)
     thresh = (tol**2) * bn2
     it = 0
+    bar = tqdm(total=max_iter, desc="cg", disable=None, leave=False, mininterval=1.0)  # shown on terminals only
     for it in range(1, max_iter + 1):
+        bar.update()
         active = rs > thresh
         if not bool(active.any()):
             it -= 1
@@ -137,6 +140,7 @@ def solve_cg(
         beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), torch.zeros_like(rs))
         P = R + beta[:, None] * P
         rs = torch.where(active, rs_new, rs)
+    bar.close()
     info.iterations = it
     return X, _finish(op, X, B, info, tol)
 
@@ -214,9 +218,11 @@ def solve_lissa(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     bound = 1e6 * max(float(B.norm(dim=1).max()), 1e-300) * depth
     total = torch.zeros_like(B)
+    bar = tqdm(total=repeats * depth, desc="lissa", disable=None, leave=False, mininterval=1.0)
     for _ in range(repeats):
         h = B.clone()
         for j in range(depth):
+            bar.update()
             idx = None if batch_size is None or batch_size >= n else torch.randperm(n, generator=gen)[:batch_size]
             h = B + h - op.matvec(h, index=idx.to(op.prob.device) if idx is not None else None) / scale
             if (j % 10 == 9 or j == depth - 1) and not (torch.isfinite(h).all() and float(h.norm(dim=1).max()) < bound):
@@ -226,9 +232,11 @@ def solve_lissa(
                     f"LiSSA diverged at step {j + 1} with scale={scale:.4g}: the scale must exceed half the largest "
                     "eigenvalue of the damped curvature (leave scale=None to estimate it, or increase it)"
                 )
+                bar.close()
                 return torch.full_like(B, float("nan")), info
         info.iterations += depth
         total += h / scale
+    bar.close()
     X = total / repeats
     return X, _finish(op, X, B, info, tol)
 
