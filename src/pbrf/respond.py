@@ -247,7 +247,7 @@ def _optimise_kind(prob, kind, groups, damping, recipe, weight, chunk_size, prog
     start = prob.params if init is None else init
     thetas, diags = [], []
     chunks = list(_chunks(len(groups), chunk_size))
-    for i, s in enumerate(tqdm(chunks, desc=f"{kind} chunks", disable=not progress or len(chunks) == 1, leave=False)):
+    for s in tqdm(chunks, desc=f"{kind} chunks", disable=not progress or len(chunks) == 1, leave=False):
         sub = groups[s]
         th, dg = _run(prob, objective, _stack(start, len(sub)), make_aux(prob, sub, weight), recipe, f_ref,
                       progress, f"{kind} [{s.start}:{s.stop}]")
