@@ -16,10 +16,9 @@ import time
 import torch
 
 import pbrf
+from _digits import trained_digits_mlp
 from pbrf.curvature import CurvatureOperator
-from pbrf.data import load
 from pbrf.influence import per_example_grads
-from pbrf.models import build
 
 
 def _grad(model, params, task, x, t) -> torch.Tensor:
@@ -54,12 +53,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    ds = load("digits")
-    model = build("mlp", seed=0, in_shape=(1, 8, 8), n_outputs=10, width=args.width, depth=2)
-    task = pbrf.tasks.Classification()
-    recipe = pbrf.Recipe(optimizer="sgd", lr=0.05, epochs=20, batch_size=64, schedule="cosine")
-    trained = pbrf.train(model, task, (ds.x_train, ds.y_train), recipe, weight_decay=1e-3, progress=False)
-    prob = trained.problem(task, (ds.x_train, ds.y_train))
+    ds, task, trained, prob = trained_digits_mlp(args.width)
     xt, yt = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
     solver, opts = "exact", {"max_params": 20000}
     everyone = torch.arange(prob.n_train)

@@ -14,8 +14,7 @@ import time
 import torch
 
 import pbrf
-from pbrf.data import load
-from pbrf.models import build
+from _digits import trained_digits_mlp
 
 
 def main() -> None:
@@ -29,12 +28,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    ds = load("digits")
-    model = build("mlp", seed=0, in_shape=(1, 8, 8), n_outputs=10, width=args.width, depth=2)
-    task = pbrf.tasks.Classification()
-    base = pbrf.Recipe(optimizer="sgd", lr=0.05, epochs=20, batch_size=64, schedule="cosine")
-    trained = pbrf.train(model, task, (ds.x_train, ds.y_train), base, weight_decay=1e-3, progress=False)
-    prob = trained.problem(task, (ds.x_train, ds.y_train))
+    ds, task, trained, prob = trained_digits_mlp(args.width)
     recipe = pbrf.Recipe(optimizer="adam", lr=1e-3, steps=args.steps, batch_size=128)
     removals = list(range(args.k))
     kw = dict(damping=1e-3, recipe=recipe, progress=False)

@@ -8,6 +8,7 @@ import time
 import torch
 
 import pbrf
+from _digits import RECIPE
 from pbrf.data import load
 from pbrf.models import build
 
@@ -15,7 +16,7 @@ from pbrf.models import build
 def main() -> None:
     ds = load("digits")
     model = build("mlp", seed=0, in_shape=(1, 8, 8), n_outputs=10, width=64, depth=2)
-    recipe = pbrf.Recipe(optimizer="sgd", lr=0.05, momentum=0.9, epochs=20, batch_size=64, schedule="cosine")
+    recipe = RECIPE
     t0 = time.perf_counter()
     result = pbrf.train(model, pbrf.tasks.Classification(), (ds.x_train, ds.y_train), recipe, weight_decay=1e-3)
     seconds = time.perf_counter() - t0
