@@ -192,14 +192,20 @@ def test_vmap_over_stacked_params_matches_calls(case):
     assert not torch.allclose(out[0], out[1])
 
 
+def _model_and_tangent(case, seed: int):
+    """Model, two examples, its float64 parameters and a random tangent dict (plus the generator)."""
+    model = make_model(case)
+    x, t = make_data(case, n=2)
+    params = params_of(model)
+    gen = torch.Generator().manual_seed(seed)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=F64) for k, p in params.items()}
+    return model, x, t, params, gen, v
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_forward_mode_jvp_matches_reverse_mode(case):
     """<u, J v> from jvp equals <Jᵀ u, v> from vjp (float64, exact up to rounding)."""
-    model = make_model(case)
-    x, _ = make_data(case, n=2)
-    params = params_of(model)
-    gen = torch.Generator().manual_seed(7)
-    v = {k: torch.randn(p.shape, generator=gen, dtype=F64) for k, p in params.items()}
+    model, x, _, params, gen, v = _model_and_tangent(case, seed=7)
 
     def f(p):
         return functional_call(model, p, (x,))
@@ -217,11 +223,7 @@ def test_forward_mode_jvp_matches_reverse_mode(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_forward_over_reverse_hvp_matches_double_backward(case):
-    model = make_model(case)
-    x, t = make_data(case, n=2)
-    params = params_of(model)
-    gen = torch.Generator().manual_seed(8)
-    v = {k: torch.randn(p.shape, generator=gen, dtype=F64) for k, p in params.items()}
+    model, x, t, params, gen, v = _model_and_tangent(case, seed=8)
 
     def loss(p):
         return per_example_loss(functional_call(model, p, (x,)), t).sum()

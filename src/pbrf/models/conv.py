@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layers import NORMS, check_choice, check_int, check_width_mult, conv_bn_act, norm2d, scaled
+from ._layers import NORMS, check_choice, check_int, check_width_mult, conv_bn_act, scaled
 
 __all__ = ["lenet", "alexnet", "vgg13", "resnet20", "VGG13_CFG", "ResNet20", "BasicBlock"]
 
