@@ -162,6 +162,18 @@ class Problem:
         for start in range(0, n, cs):
             yield slice(start, min(start + cs, n))
 
+    def astype(self, dtype: torch.dtype) -> "Problem":
+        """This problem in another floating dtype (model, θ^s and data cast; ``self`` if equal).
+
+        Used to measure responses in float64 when the model was trained in float32.
+        """
+        if dtype == self.dtype:
+            return self
+        model = copy.deepcopy(self.model).to(dtype)
+        params = {k: v.to(dtype) for k, v in self.params.items()}
+        return Problem(model, self.task, (self.x, self.t), weight_decay=self.weight_decay, params=params,
+                       chunk_size=self.chunk_size, recipe=self.recipe)
+
     # ------------------------------------------------------------------ parameters
     def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
         """Concatenate a (possibly batched, leading dims ``*B``) parameter dict into ``[*B, n_params]``."""

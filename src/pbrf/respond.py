@@ -18,6 +18,7 @@ points (an unbiased estimate of the ``1/N``-normalised ``J_{−r}``); in full ba
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -28,15 +29,18 @@ from torch import Tensor, nn
 from torch.func import jvp, vmap
 from tqdm.auto import tqdm
 
-from .influence import Measurement, delta_theta, normalize_removals, per_example_grads
+from .influence import Measurement, delta_theta, normalize_removals, per_example_grads, removal_gradients
+from .newton import NewtonRecipe, newton_optimize
 from .optim import Recipe, optimize
 from .problem import Params, Problem
 
-__all__ = ["respond", "Response", "KINDS"]
+__all__ = ["respond", "Response", "KINDS", "RHO_THRESHOLD", "removal_signal"]
 
 log = logging.getLogger(__name__)
 
 KINDS = ("cold", "warm", "proximal", "pbrf", "linearized")
+#: Default certificate threshold: a response is certified when ρ = ||∇F|| / signal ≤ this.
+RHO_THRESHOLD = 1e-2
 
 
 # ---------------------------------------------------------------------------------------- objectives
@@ -56,6 +60,28 @@ def removal_objective(prob: Problem, prox: float = 0.0) -> Callable:
         return val + 0.5 * prox * _sq(params, anchor) if prox else val
 
     return objective
+
+
+def removal_gn(prob: Problem) -> Callable:
+    """The output-convex data term of :func:`removal_objective` (its Gauss–Newton model)."""
+
+    def gn(out: Tensor, aux: dict, batch: dict) -> Tensor:
+        return (aux["w"][batch["idx"]] * prob.task.loss(out, batch["t"])).sum() / out.shape[0]
+
+    return gn
+
+
+def pbrf_gn(prob: Problem) -> Callable:
+    """The Gauss–Newton model's data term of :func:`pbrf_objective`: the mean Bregman divergence
+    over the kept points. For the tasks' canonical losses the output Hessian of ``D_L(·, f^s)``
+    equals that of ``L``, so at a removed point the Bregman and removal terms' curvatures cancel:
+    weight ``1 − removal_weight`` (clamped at 0), as in the exact Gauss–Newton matrix."""
+
+    def gn(out: Tensor, aux: dict, batch: dict) -> Tensor:
+        w = aux["w"][batch["idx"]].clamp_min(0.0)
+        return (w * prob.task.bregman(out, batch["f_ref"], batch["t"])).mean()
+
+    return gn
 
 
 def pbrf_objective(prob: Problem, damping: float) -> Callable:
@@ -78,13 +104,13 @@ def _mask_aux(prob: Problem, groups: list[list[int]], weight: float) -> dict:
 
 
 def _removed_aux(prob: Problem, groups: list[list[int]], weight: float) -> dict:
-    kmax = max(len(g) for g in groups)
+    kmax = max(1, max(len(g) for g in groups))
     idx = torch.zeros(len(groups), kmax, dtype=torch.long, device=prob.device)
     valid = torch.zeros(len(groups), kmax, dtype=prob.dtype, device=prob.device)
     for k, g in enumerate(groups):
         idx[k, : len(g)] = torch.tensor(g, device=prob.device)
         valid[k, : len(g)] = weight
-    return {"xr": prob.x[idx], "tr": prob.t[idx], "vr": valid}
+    return {"xr": prob.x[idx], "tr": prob.t[idx], "vr": valid, **_mask_aux(prob, groups, weight)}
 
 
 # ---------------------------------------------------------------------------------------- response
@@ -97,8 +123,12 @@ class Response:
         groups: the removal sets (index lists), in order.
         params_flat: resulting parameters ``[K, p]`` (cold: ``[S, K, p]``, one row block per seed).
         reference: cold start only: the full-data runs ``[S, p]``.
-        diagnostics: one dict per removal set (steps, objective, grad_norm, diverged, ...).
+        diagnostics: one dict per removal set (steps, objective, grad_norm, diverged, and the
+            certificate ``signal``, ``rho``, ``certified``; see :func:`respond`).
         first_order: linearized only: measure ``∇mᵀΔθ`` instead of ``m(θ^s + Δθ) − m(θ^s)``.
+        paired_reference: warm / proximal with ``paired=True``: the no-removal continuation
+            ``[p]`` (same objective without removal, same start, recipe and seed); measure against
+            it with ``loss_change(..., paired=True)``.
     """
 
     kind: str
@@ -108,6 +138,7 @@ class Response:
     reference: Tensor | None = field(default=None, repr=False)
     diagnostics: list[dict] = field(default_factory=list, repr=False)
     first_order: bool = False
+    paired_reference: Tensor | None = field(default=None, repr=False)
 
     @property
     def n_removals(self) -> int:
@@ -125,16 +156,36 @@ class Response:
             return (self.params_flat - self.reference[:, None]).mean(0)
         return self.params_flat - self.problem.theta
 
+    def to(self, problem: Problem) -> "Response":
+        """The same response measured on ``problem`` (e.g. a float64 copy of the problem:
+        parameters are cast to its dtype and device, nothing is re-optimised)."""
+        cast = lambda t: None if t is None else t.to(dtype=problem.dtype, device=problem.device)  # noqa: E731
+        return dataclasses.replace(self, problem=problem, params_flat=cast(self.params_flat),
+                                   reference=cast(self.reference), paired_reference=cast(self.paired_reference))
+
+    def _paired(self, paired: bool) -> "Response":
+        if not paired:
+            return self
+        if self.paired_reference is None:
+            raise ValueError(f"{self.kind} response has no paired reference; compute it with respond(..., paired=True).")
+        return dataclasses.replace(self, reference=self.paired_reference[None],
+                                   params_flat=self.params_flat[None], paired_reference=None)
+
     def _map(self, fn: Callable[[Tensor], Tensor], thetas: Tensor, chunk: int = 64) -> Tensor:
         return torch.cat([vmap(fn)(thetas[s : s + chunk]) for s in range(0, thetas.shape[0], chunk)])
 
-    def loss_change(self, test, measurement: Measurement | None = None, first_order: bool | None = None) -> Tensor:
+    def loss_change(self, test, measurement: Measurement | None = None, first_order: bool | None = None,
+                    paired: bool = False) -> Tensor:
         """``Δm = m(θ_r) − m(θ_ref)`` for each test point and removal set, ``[n_test, K]``.
 
         ``m`` is the per-example test loss unless ``measurement`` is given. Positive means removing
         the set increased the test loss. Cold start: averaged over seeds, relative to the full-data
         run of the same seed. Linearized (``first_order``, its default): ``∇m(θ^s)ᵀ Δθ``.
+        ``paired`` (warm / proximal computed with ``paired=True``): relative to the no-removal
+        continuation instead of θ^s, which removes the removal-independent drift.
         """
+        if paired:
+            return self._paired(True).loss_change(test, measurement, first_order)
         prob = self.problem
         xt, tt = prob.prepare(test, "test")
         meas = prob.task.loss if measurement is None else measurement
@@ -148,11 +199,13 @@ class Response:
             per_seed = [self._map(m, P) - m(R)[None] for P, R in zip(self.params_flat, self.reference)]
             return torch.stack(per_seed).mean(0).T
 
-    def output_change(self, test, first_order: bool | None = None) -> Tensor:
+    def output_change(self, test, first_order: bool | None = None, paired: bool = False) -> Tensor:
         """Change of the test outputs ``f(θ_r, x) − f(θ_ref, x)``, ``[K, n_test, *out]`` (cold: mean over seeds).
 
         Linearized with ``first_order``: the Jacobian–vector product ``J Δθ``.
         """
+        if paired:
+            return self._paired(True).output_change(test, first_order)
         prob = self.problem
         xt, _ = prob.prepare(test, "test")
         f = lambda th: prob.outputs_flat(th, xt)  # noqa: E731
@@ -164,10 +217,10 @@ class Response:
                 return self._map(f, self.params_flat) - f(prob.theta)[None]
             return torch.stack([self._map(f, P) - f(R)[None] for P, R in zip(self.params_flat, self.reference)]).mean(0)
 
-    def output_distance(self, test) -> Tensor:
-        """Mean over test points of ``||f(θ_r, x) − f(θ_ref, x)||``, ``[K]``."""
-        d = self.output_change(test)
-        return d.reshape(d.shape[0], d.shape[1], -1).norm(dim=-1).mean(1)
+    @property
+    def certified(self) -> list[bool]:
+        """Per removal set: the certificate (ρ ≤ threshold, objective not above its start, finite)."""
+        return [bool(d.get("certified", False)) for d in self.diagnostics]
 
 
 # ---------------------------------------------------------------------------------------- engine
@@ -237,23 +290,84 @@ def _chunks(K: int, chunk_size: int):
         yield slice(s, min(s + chunk_size, K))
 
 
-def _optimise_kind(prob, kind, groups, damping, recipe, weight, chunk_size, progress, init=None):
-    """Optimise the ``kind`` objective for every group; returns ``(params [K, p], diagnostics)``."""
+def removal_signal(prob: Problem, groups: list[list[int]], weight: float = 1.0) -> Tensor:
+    """The removal's own signal ``(w/N) ||Σ_{m∈r} ∇L_m(θ^s)||`` for every group, ``[K]`` (0 for an empty group).
+
+    This is the gradient norm of every response objective at θ^s that the removal itself
+    contributes; the certificate ρ of a response is its final gradient norm divided by it.
+    """
+    out = torch.zeros(len(groups), dtype=prob.dtype, device=prob.device)
+    nonempty = [k for k, g in enumerate(groups) if g]
+    if nonempty:
+        grads = removal_gradients(prob, [groups[k] for k in nonempty])
+        out[nonempty] = grads.norm(dim=1) * (abs(weight) / prob.n_train)
+    return out
+
+
+def _objective(prob: Problem, kind: str, damping: float):
+    """``(value_fn, gn_fn, shift, make_aux, f_ref)`` of an optimised kind."""
     if kind == "pbrf":
-        objective, make_aux, f_ref = pbrf_objective(prob, damping), _removed_aux, prob.train_outputs()
-    else:
-        prox = damping if kind == "proximal" else 0.0
-        objective, make_aux, f_ref = removal_objective(prob, prox), _mask_aux, None
-    start = prob.params if init is None else init
+        return (pbrf_objective(prob, damping), pbrf_gn(prob), prob.weight_decay + damping, _removed_aux,
+                prob.train_outputs())
+    prox = damping if kind == "proximal" else 0.0
+    return removal_objective(prob, prox), removal_gn(prob), prob.weight_decay + prox, _mask_aux, None
+
+
+def _run_newton(prob, kind, groups, damping, recipe, weight, signal, progress, desc):
+    value_fn, gn_fn, shift, make_aux, f_ref = _objective(prob, kind, damping)
+    K = len(groups)
+    scale = signal.clone()
+    # an empty group (the paired no-removal reference) has no signal of its own: use the batch's
+    fallback = signal[signal > 0].median() if bool((signal > 0).any()) else torch.ones((), dtype=signal.dtype)
+    scale = torch.where(scale > 0, scale, fallback.to(scale))
+    theta0 = prob.theta.unsqueeze(0).expand(K, -1).clone()
+    theta, d = newton_optimize(prob, value_fn, gn_fn, shift, theta0, make_aux(prob, groups, weight), scale, recipe,
+                               _batch_fn(prob, f_ref), progress, desc)
+    rows = [
+        {
+            "optimizer": "newton",
+            "steps": int(d["steps"][k]),
+            "iterations": int(d["iterations"][k]),
+            "cg_iterations": int(d["cg_iterations"][k]),
+            "objective": float(d["objective"][k]),
+            "grad_norm": float(d["grad_norm"][k]),
+            "initial_objective": float(d["initial_objective"][k]),
+            "initial_grad_norm": float(d["initial_grad_norm"][k]),
+            "stalled": bool(d["stalled"][k]),
+            "diverged": bool(d["diverged"][k]),
+        }
+        for k in range(K)
+    ]
+    return theta.detach(), rows
+
+
+def _optimise_kind(prob, kind, groups, damping, recipe, weight, chunk_size, progress, init=None, signal=None):
+    """Optimise the ``kind`` objective for every group; returns ``(params [K, p], diagnostics)``."""
     thetas, diags = [], []
     chunks = list(_chunks(len(groups), chunk_size))
     for s in tqdm(chunks, desc=f"{kind} chunks", disable=not progress or len(chunks) == 1, leave=False):
         sub = groups[s]
-        th, dg = _run(prob, objective, _stack(start, len(sub)), make_aux(prob, sub, weight), recipe, f_ref,
-                      progress, f"{kind} [{s.start}:{s.stop}]")
+        desc = f"{kind} [{s.start}:{s.stop}]"
+        if isinstance(recipe, NewtonRecipe):
+            th, dg = _run_newton(prob, kind, sub, damping, recipe, weight, signal[s], progress, desc)
+        else:
+            objective, _, _, make_aux, f_ref = _objective(prob, kind, damping)
+            start = prob.params if init is None else init
+            th, dg = _run(prob, objective, _stack(start, len(sub)), make_aux(prob, sub, weight), recipe, f_ref,
+                          progress, desc)
         thetas.append(th)
         diags.extend(dg)
     return torch.cat(thetas), diags
+
+
+def _certify(row: dict, signal: float, threshold: float) -> dict:
+    """Add ``signal``, ``rho`` and ``certified`` to one removal's diagnostics (in place)."""
+    gn = row.get("grad_norm", math.nan)
+    rho = gn / signal if signal > 0 else (0.0 if gn == 0 else math.inf)
+    row["signal"], row["rho"] = float(signal), float(rho)
+    not_worse = row.get("objective", math.nan) <= row.get("initial_objective", math.inf)
+    row["certified"] = bool(math.isfinite(rho) and rho <= threshold and not_worse and not row.get("diverged"))
+    return row
 
 
 def _check_args(kind, seeds, chunk_size, damping, removal_weight):
@@ -269,13 +383,16 @@ def _check_args(kind, seeds, chunk_size, damping, removal_weight):
         raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}.")
 
 
-def _base_recipe(prob: Problem, recipe: Recipe | None, kind: str) -> Recipe:
+def _base_recipe(prob: Problem, recipe, kind: str):
     if recipe is not None:
-        if not isinstance(recipe, Recipe):
-            raise TypeError(f"recipe must be a pbrf.Recipe, got {type(recipe).__name__}.")
+        if not isinstance(recipe, (Recipe, NewtonRecipe)):
+            raise TypeError(f"recipe must be a pbrf.Recipe or pbrf.NewtonRecipe, got {type(recipe).__name__}.")
+        if isinstance(recipe, NewtonRecipe) and kind == "cold":
+            raise ValueError("cold start is defined by a training recipe: pass recipe=pbrf.Recipe(...), "
+                             "not a NewtonRecipe.")
         return recipe
     if kind in ("pbrf", "proximal"):
-        return Recipe.response_default(prob.n_train)
+        return NewtonRecipe()
     if getattr(prob, "recipe", None) is not None:
         return prob.recipe
     raise ValueError(
@@ -284,17 +401,18 @@ def _base_recipe(prob: Problem, recipe: Recipe | None, kind: str) -> Recipe:
     )
 
 
-def _apply_changes(recipe: Recipe, changes: dict) -> Recipe:
+def _apply_changes(recipe, changes: dict):
     if not changes:
         return recipe
     valid = set(recipe.to_dict())
     bad = sorted(set(changes) - valid)
     if bad:
-        raise TypeError(f"respond: unknown argument(s) {bad}; recipe fields are {sorted(valid)}.")
-    if "steps" in changes and "epochs" not in changes:
-        changes = {**changes, "epochs": None}
-    if "epochs" in changes and "steps" not in changes:
-        changes = {**changes, "steps": None}
+        raise TypeError(f"respond: unknown argument(s) {bad}; {type(recipe).__name__} fields are {sorted(valid)}.")
+    if isinstance(recipe, Recipe):
+        if "steps" in changes and "epochs" not in changes:
+            changes = {**changes, "epochs": None}
+        if "epochs" in changes and "steps" not in changes:
+            changes = {**changes, "steps": None}
     return recipe.replace(**changes)
 
 
@@ -303,7 +421,7 @@ def respond(
     kind: str,
     removals,
     damping: float = 1e-3,
-    recipe: Recipe | None = None,
+    recipe: Recipe | NewtonRecipe | None = None,
     seeds=(0,),
     model_init: Callable[[int], nn.Module | Params] | None = None,
     solver: str = "exact",
@@ -312,6 +430,8 @@ def respond(
     removal_weight: float = 1.0,
     chunk_size: int = 64,
     progress: bool = True,
+    paired: bool = False,
+    rho_threshold: float = RHO_THRESHOLD,
     **recipe_changes,
 ) -> Response:
     """Compute a response function for every removal set.
@@ -321,9 +441,9 @@ def respond(
         kind: ``"cold"``, ``"warm"``, ``"proximal"``, ``"pbrf"`` or ``"linearized"`` (module docstring).
         removals: 1-D LongTensor / list of ints, or list of index lists (groups).
         damping: λ (proximal, PBRF and linearized; ignored by cold and warm).
-        recipe: optimisation settings. cold/warm default to ``prob.recipe`` (the base recipe);
-            pbrf/proximal default to :meth:`Recipe.response_default` (Adam until the gradient norm
-            plateaus).
+        recipe: optimisation settings: a :class:`~pbrf.NewtonRecipe` (batched Gauss–Newton trust
+            region, full batch) or a first-order :class:`~pbrf.Recipe`. pbrf/proximal default to
+            ``NewtonRecipe()``; cold/warm default to ``prob.recipe`` (the base recipe).
         seeds: cold start: each seed ``s`` sets both the initialisation and the minibatch order
             (``recipe.seed = s``) of the removal runs and of their full-data reference run.
         model_init: cold start: ``seed -> model or params dict``; default
@@ -332,13 +452,28 @@ def respond(
         removal_weight: scales the removal (``1`` removes the points; ``s`` gives ``ε = −s k/N``).
         chunk_size: removal problems optimised together (bounds memory; results do not depend on it).
         progress: show progress bars.
-        **recipe_changes: fields of :class:`~pbrf.Recipe` overriding the recipe in use, e.g.
-            ``steps=500, lr=1e-3, batch_size=None`` (``steps`` replaces ``epochs`` and vice versa).
+        paired: warm / proximal: also optimise the no-removal continuation (same objective without
+            the removal, same start, recipe and seed) so that ``loss_change(..., paired=True)``
+            measures the removal's effect without the drift of continued training.
+        rho_threshold: certificate threshold on ``ρ = ||∇F(θ_r)|| / signal`` (default 1e-2).
+        **recipe_changes: fields of the recipe in use overriding it, e.g. ``steps=500, lr=1e-3,
+            batch_size=None`` (``steps`` replaces ``epochs`` and vice versa) or ``max_iter=20``.
+
+    Every optimised kind gets a certificate per removal set in ``diagnostics``: ``signal`` =
+    ``(w/N)||Σ_{m∈r} ∇L_m(θ^s)||`` (the gradient the removal contributes), ``rho`` = final
+    full-batch gradient norm of the response objective / ``signal``, and ``certified`` = ``rho ≤
+    rho_threshold``, the final objective not above the starting one, and nothing diverged. (Cold
+    start: the largest ρ over seeds.) Paired runs add ``reference_rho`` (the continuation's gradient
+    norm / this removal's signal) and ``paired_certified``.
 
     Returns:
         A :class:`Response`; ``loss_change(test)`` gives ``[n_test, K]``.
     """
     _check_args(kind, seeds, chunk_size, damping, removal_weight)
+    if not (isinstance(rho_threshold, (int, float)) and rho_threshold > 0):
+        raise ValueError(f"rho_threshold must be a positive number (e.g. 1e-2), got {rho_threshold!r}.")
+    if paired and kind not in ("warm", "proximal"):
+        raise ValueError(f"paired=True applies to warm and proximal responses, not {kind!r}.")
     groups = normalize_removals(removals, prob.n_train)
     if kind == "linearized":
         d, info = delta_theta(prob, groups, damping, solver, curvature, solver_options, removal_weight)
@@ -346,10 +481,30 @@ def respond(
         diag = [{**info.to_dict(), "extra": extra} for _ in groups]
         return Response(kind, groups, prob, (prob.theta + d).detach(), diagnostics=diag, first_order=True)
     rec = _apply_changes(_base_recipe(prob, recipe, kind), recipe_changes)
-    if kind != "cold":
-        th, diags = _optimise_kind(prob, kind, groups, damping, rec, removal_weight, chunk_size, progress)
-        return Response(kind, groups, prob, th, diagnostics=diags)
-    return _cold(prob, groups, rec, seeds, model_init, removal_weight, chunk_size, progress)
+    signal = removal_signal(prob, groups, removal_weight)
+    if kind == "cold":
+        resp = _cold(prob, groups, rec, seeds, model_init, removal_weight, chunk_size, progress)
+        for row, sig in zip(resp.diagnostics, signal.tolist()):
+            _certify(row, sig, rho_threshold)
+        return resp
+    run_groups = groups + [[]] if paired else groups
+    run_signal = torch.cat([signal, signal.new_zeros(1)]) if paired else signal
+    # the reference is one more problem with an empty removal set; chunking must not split it
+    # from a chunk's perspective, so it runs in the last chunk (results do not depend on chunking)
+    th, diags = _optimise_kind(prob, kind, run_groups, damping, rec, removal_weight, chunk_size, progress,
+                               signal=run_signal)
+    for row, sig in zip(diags, run_signal.tolist()):
+        _certify(row, sig, rho_threshold)
+    ref = None
+    if paired:
+        ref, ref_row, th, diags = th[-1], diags[-1], th[:-1], diags[:-1]
+        for row, sig in zip(diags, signal.tolist()):
+            ref_rho = ref_row["grad_norm"] / sig if sig > 0 else math.inf
+            row["reference_grad_norm"], row["reference_rho"] = ref_row["grad_norm"], float(ref_rho)
+            ref_ok = (math.isfinite(ref_rho) and ref_rho <= rho_threshold and not ref_row["diverged"]
+                      and ref_row["objective"] <= ref_row["initial_objective"])
+            row["paired_certified"] = bool(row["certified"] and ref_ok)
+    return Response(kind, groups, prob, th, diagnostics=diags, paired_reference=ref)
 
 
 def _cold(prob, groups, recipe, seeds, model_init, weight, chunk_size, progress) -> Response:

@@ -373,3 +373,53 @@ def summarise(
     if diagnostics is not None:
         summary["diagnostics"] = diagnostics
     return summary
+
+
+# --------------------------------------------------------------------------- paired chain
+
+#: Kinds that have a paired variant (measured against a no-removal continuation).
+PAIRED_KINDS = ("warm", "proximal")
+
+
+def paired_chain(dm: Mapping, paired: Mapping) -> dict:
+    """The decomposition with warm start and proximal measured against their no-removal
+    continuations (same recipe and seed), and the drift that separates the two chains.
+
+    Args:
+        dm: ``{kind: Δm}`` of the paper-literal chain (warm and proximal measured from θ^s).
+        paired: ``{"warm": Δm, "proximal": Δm}`` measured from the continuations.
+
+    Returns:
+        ``{"decomposition": decompose(paired chain), "correlations": ... for the paired kinds,
+        "drift": {kind: {"mean_abs", "signed"}}, "literal_residual": float|None}``. The drift of a
+        kind is ``Δm_literal − Δm_paired`` = the continuation's own change of the test loss
+        (removal-independent). The literal signed gaps equal the paired ones plus drift terms
+        (``cold − warm = (cold − warm_p) − drift_w``, ``warm − prox = (warm_p − prox_p) + drift_w −
+        drift_p``, ``prox − pbrf = (prox_p − pbrf) + drift_p``); ``literal_residual`` is the largest
+        deviation from these identities over valid pairs (round-off only).
+    """
+    arrays = _present(dm, "dm")
+    extra = {k: _as_array(f"paired[{k!r}]", paired[k]) for k in PAIRED_KINDS if paired.get(k) is not None}
+    chain = {**arrays, **extra}
+    mask = _valid_mask({**arrays, **{f"{k}_paired": v for k, v in extra.items()}})
+    for k in list(chain):  # the same pairs in both chains
+        chain[k] = np.where(mask, chain[k], np.nan)
+    dec = decompose(chain)
+    drift, ids = {}, []
+    for k, v in extra.items():
+        d = (arrays[k] - v)[mask]
+        drift[k] = {"mean_abs": _num(np.abs(d).mean()) if d.size else None, "signed": _num(d.mean()) if d.size else None}
+    w = arrays.get("warm"), extra.get("warm")
+    p = arrays.get("proximal"), extra.get("proximal")
+    dw = None if any(a is None for a in w) else w[0] - w[1]
+    dp = None if any(a is None for a in p) else p[0] - p[1]
+    if dw is not None and "cold" in arrays:
+        ids.append((arrays["cold"] - w[0]) - ((arrays["cold"] - w[1]) - dw))
+    if dw is not None and dp is not None:
+        ids.append((w[0] - p[0]) - ((w[1] - p[1]) + dw - dp))
+    if dp is not None and "pbrf" in arrays:
+        ids.append((p[0] - arrays["pbrf"]) - ((p[1] - arrays["pbrf"]) + dp))
+    residual = max((float(np.abs(r[mask]).max()) for r in ids if mask.any()), default=None)
+    scores = arrays.get("influence")
+    corr = correlations(scores, {k: np.where(mask, v, np.nan) for k, v in extra.items()}) if scores is not None else {}
+    return {"decomposition": dec, "correlations": corr, "drift": drift, "literal_residual": residual}

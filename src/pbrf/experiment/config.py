@@ -188,22 +188,34 @@ class InfluenceConfig:
 
 @dataclass(frozen=True)
 class ResponsesConfig:
-    """Which response functions to compute, and the recipe of the PBRF / proximal optimisation.
+    """Which response functions to compute, the PBRF / proximal optimiser, and their certificates.
 
-    ``batch_size = 0`` means full batch (deterministic). Cold- and warm-start retraining use the
-    base ``[train]`` recipe; ``cold_seeds`` are the
-    initialisation seeds averaged over for cold start.
+    ``optimizer = "newton"`` (default) is the batched Gauss–Newton / Newton–CG trust-region
+    optimiser (:class:`pbrf.NewtonRecipe`, full batch): ``steps`` caps its outer iterations,
+    ``cg_max_iter`` the CG iterations per step, ``tol`` stops a removal once ``ρ ≤ tol`` (``lr``,
+    ``momentum``, ``schedule``, ``batch_size`` and ``until_plateau`` are then unused).
+    ``optimizer = "sgd" | "adam"`` is a first-order :class:`pbrf.Recipe` (``batch_size = 0`` means
+    full batch). Cold- and warm-start retraining use the base ``[train]`` recipe; ``cold_seeds``
+    are the initialisation seeds averaged over for cold start.
+
+    ``rho_threshold``: a response is certified when ``ρ = ||∇F(θ_r)|| / signal ≤ rho_threshold``
+    (``signal = (1/N)||Σ_{m∈r} ∇L_m(θ^s)||``). ``paired``: also measure warm start and proximal
+    against a no-removal continuation with the same seed and recipe.
     """
 
     kinds: tuple = KINDS
-    optimizer: str = "adam"
+    optimizer: str = "newton"
     lr: float = 1e-3
     momentum: float = 0.9
     schedule: str = "constant"
-    steps: int = 500
+    steps: int = 100
     batch_size: int = 0
     until_plateau: bool = False
     cold_seeds: tuple = (0,)
+    cg_max_iter: int = 500
+    tol: float = 1e-8
+    rho_threshold: float = 1e-2
+    paired: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))
@@ -214,17 +226,24 @@ class ResponsesConfig:
             _fail("responses.kinds", 'must include "influence" (the estimate every response is compared with).')
         if len(set(self.kinds)) != len(self.kinds):
             _fail("responses.kinds", f"has duplicates: {list(self.kinds)}.")
-        _check_choice("responses.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("responses.optimizer", self.optimizer, OPTIMIZERS + ("newton",))
         _check_choice("responses.schedule", self.schedule, SCHEDULES)
         _check_positive("responses.lr", self.lr)
         _check_momentum("responses.momentum", self.momentum)
         _check_positive("responses.steps", self.steps)
         _check_positive("responses.batch_size", self.batch_size, allow_zero=True)
+        _check_positive("responses.cg_max_iter", self.cg_max_iter)
+        _check_positive("responses.rho_threshold", self.rho_threshold)
+        if not 0 < self.tol < 1:
+            _fail("responses.tol", f"must lie in (0, 1), e.g. 1e-8; got {self.tol!r}.")
         if not self.cold_seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.cold_seeds):
             _fail("responses.cold_seeds", f"must be a non-empty list of ints, e.g. [0, 1]; got {list(self.cold_seeds)}.")
 
     def recipe_dict(self) -> dict:
-        """The ``pbrf.Recipe`` keyword arguments of the PBRF / proximal optimisation."""
+        """The recipe keyword arguments of the PBRF / proximal optimisation: ``pbrf.NewtonRecipe``'s
+        (with ``optimizer = "newton"``) or ``pbrf.Recipe``'s."""
+        if self.optimizer == "newton":
+            return {"optimizer": "newton", "max_iter": self.steps, "cg_max_iter": self.cg_max_iter, "tol": self.tol}
         return {
             "optimizer": self.optimizer, "lr": self.lr, "momentum": self.momentum,
             "schedule": self.schedule, "steps": self.steps, "batch_size": self.batch_size or None,

@@ -198,6 +198,16 @@ class Context:
     test_index: np.ndarray
     groups: list[list[int]]
     train_scores: np.ndarray | None = None
+    _measure: Any = None
+
+    @property
+    def measure_problem(self):
+        """The problem in float64: responses are optimised (PBRF, proximal, linearised, influence)
+        and every Δm, Bregman value and certificate is evaluated in float64, whatever the
+        training dtype."""
+        if self._measure is None:
+            self._measure = self.problem.astype(_torch().float64)
+        return self._measure
 
     @property
     def n_chunks(self) -> int:
@@ -218,8 +228,11 @@ class Context:
 
 
 def _recipe(fields: dict, seed: int):
+    """A ``pbrf.Recipe`` (seeded) or, for ``optimizer = "newton"``, a ``pbrf.NewtonRecipe``."""
     import pbrf
 
+    if fields.get("optimizer") == "newton":
+        return pbrf.NewtonRecipe(**{k: v for k, v in fields.items() if k != "optimizer"})
     return pbrf.Recipe(**{**fields, "seed": seed})
 
 
@@ -417,19 +430,29 @@ def pending_tasks(ctx: Context, done: set[tuple[str, int]]) -> list[tuple[int, s
     return [(c, k) for c in range(ctx.n_chunks) for k in kinds if (k, c) not in done]
 
 
-def _respond_kwargs(ctx: Context, chunk: int, kind: str) -> dict:
-    """The keyword arguments of ``pbrf.respond`` for one kind and chunk (seeds from the chunk index)."""
+def response_seed(config: ExperimentConfig) -> int:
+    """The one seed of every response optimisation in a run (minibatch order, LiSSA sampling):
+    identical for every removal whatever the chunk, so results do not depend on ``run.chunk_size``."""
+    return chunk_seed(config.train.seed, 0)
+
+
+#: Kinds optimised (or solved) on the float64 problem; cold and warm train in the run's dtype.
+_FLOAT64_KINDS = ("influence", "linearized", "pbrf", "proximal")
+
+
+def _respond_kwargs(ctx: Context, kind: str) -> dict:
+    """The keyword arguments of ``pbrf.respond`` for one kind (one seed for the whole run)."""
     config, inf, resp = ctx.config, ctx.config.influence, ctx.config.responses
-    seed = chunk_seed(config.train.seed, chunk)
-    kw: dict[str, Any] = {"damping": inf.damping}
-    if kind == "influence":
-        kw.update(solver=inf.solver, solver_options=_solver_options(inf.solver, inf.solver_options, seed))
-    elif kind == "linearized":
+    seed = response_seed(config)
+    kw: dict[str, Any] = {"damping": inf.damping, "rho_threshold": resp.rho_threshold}
+    if kind == "linearized":
         kw.update(solver=inf.accurate_solver, solver_options=dict(inf.accurate_options))
     elif kind in ("pbrf", "proximal"):
         kw.update(recipe=_recipe(resp.recipe_dict(), seed))
     elif kind in ("warm", "cold"):
         kw.update(recipe=_recipe(config.train.recipe_dict(), seed))
+    if kind in ("warm", "proximal"):
+        kw.update(paired=resp.paired)
     if kind == "cold":
         inputs = ctx.inputs
         kw.update(seeds=tuple(resp.cold_seeds),
@@ -440,23 +463,72 @@ def _respond_kwargs(ctx: Context, chunk: int, kind: str) -> dict:
 def _respond(ctx: Context, chunk: int, kind: str):
     import pbrf
 
-    kw = _respond_kwargs(ctx, chunk, kind)
+    kw = _respond_kwargs(ctx, kind)
     kw["curvature"] = ctx.config.influence.curvature
-    base_kind = "linearized" if kind == "influence" else kind
-    return pbrf.respond(ctx.problem, base_kind, removals=ctx.removals(chunk), progress=False, **kw)
+    prob = ctx.measure_problem if kind in _FLOAT64_KINDS else ctx.problem
+    resp = pbrf.respond(prob, kind, removals=ctx.removals(chunk), progress=False, **kw)
+    return resp.to(ctx.measure_problem)
+
+
+def _influence_chunk(ctx: Context, chunk: int) -> tuple[np.ndarray, list[dict]]:
+    """The run's influence estimate: :func:`pbrf.influence` (one solve per test point, practical
+    solver) on the float64 problem; ``pbrf.influence`` with the run's settings reproduces it."""
+    import pbrf
+
+    inf = ctx.config.influence
+    options = _solver_options(inf.solver, inf.solver_options, response_seed(ctx.config))
+    scores, info = pbrf.influence(ctx.measure_problem, test=ctx.test, removals=ctx.removals(chunk),
+                                  damping=inf.damping, solver=inf.solver, curvature=inf.curvature,
+                                  solver_options=options, return_info=True)
+    row = {k: v for k, v in info.solve.to_dict().items() if k != "extra"}
+    row["residual_flag"] = bool(not (row["residual"] < 1.0))
+    n = len(ctx.chunk_groups(chunk))
+    return scores.detach().cpu().double().numpy(), [dict(row) for _ in range(n)]
+
+
+def influence_settings(config: ExperimentConfig) -> dict:
+    """The keyword arguments with which ``pbrf.influence(problem_float64, test, removals, **kw)``
+    reproduces the run's stored influence scores."""
+    inf = config.influence
+    return {"damping": inf.damping, "solver": inf.solver, "curvature": inf.curvature,
+            "solver_options": _solver_options(inf.solver, inf.solver_options, response_seed(config))}
 
 
 def compute_chunk(ctx: Context, chunk: int, kind: str) -> ChunkResult:
-    """Δm ``[n_test, k]``, Δf ``[k, n_test, *out]`` and diagnostics of one kind on one chunk."""
+    """Δm ``[n_test, k]``, Δf ``[k, n_test, *out]`` and diagnostics of one kind on one chunk.
+
+    ``extra``: linearized — the actual change ``m(θ^s + Δθ) − m(θ^s)``; warm and proximal (paired)
+    — Δm against the no-removal continuation of the same recipe and seed.
+    """
     start = time.perf_counter()
+    if kind == "influence":
+        dm, diagnostics = _influence_chunk(ctx, chunk)
+        df = _influence_output_change(ctx, chunk)
+        return ChunkResult(kind, chunk, dm, df, diagnostics, time.perf_counter() - start, None)
     resp = _respond(ctx, chunk, kind)
     dm = resp.loss_change(test=ctx.test).detach().cpu().double().numpy()
     df = resp.output_change(test=ctx.test).detach().cpu().float().numpy()
     extra = None
     if kind == "linearized":  # also the actual change m(θ^s + Δθ) − m(θ^s), DESIGN §1
         extra = resp.loss_change(test=ctx.test, first_order=False).detach().cpu().double().numpy()
+    elif resp.paired_reference is not None:
+        extra = resp.loss_change(test=ctx.test, paired=True).detach().cpu().double().numpy()
     diagnostics = [dict(d) for d in (resp.diagnostics or [])]
+    if kind == "linearized":
+        for d in diagnostics:
+            d["residual_flag"] = bool(not (d.get("residual", math.nan) < 1.0))
     return ChunkResult(kind, chunk, dm, df, diagnostics, time.perf_counter() - start, extra)
+
+
+def _influence_output_change(ctx: Context, chunk: int) -> np.ndarray:
+    """Δf of the influence estimate, ``J Δθ`` with the practical solver (one solve per removal)."""
+    import pbrf
+
+    inf = ctx.config.influence
+    options = _solver_options(inf.solver, inf.solver_options, response_seed(ctx.config))
+    resp = pbrf.respond(ctx.measure_problem, "linearized", removals=ctx.removals(chunk), damping=inf.damping,
+                        solver=inf.solver, solver_options=options, curvature=inf.curvature, progress=False)
+    return resp.output_change(test=ctx.test).detach().cpu().float().numpy()
 
 
 # ---------------------------------------------------------------------------- summary and report
@@ -488,12 +560,87 @@ def diagnostics_summary(diags: dict[str, list[dict]]) -> dict:
     return out
 
 
+def objective_defined(config: ExperimentConfig, kind: str) -> bool:
+    """Whether ``kind``'s response is defined as the solution of an objective (PBRF, proximal,
+    full-batch warm start): its uncertified pairs are left out of every statistic. Responses
+    defined by a training recipe (cold start, minibatch warm start) are kept whatever their ρ."""
+    if kind in ("pbrf", "proximal"):
+        return True
+    return kind == "warm" and not config.train.batch_size
+
+
+def exclusions(config: ExperimentConfig, diags: dict[str, list[dict]], certified_key: str = "certified") -> dict:
+    """Which removals stay in the statistics: ``{"keep": bool [K], "by_kind": {kind: {...}}}``.
+
+    A removal is left out when any kind diverged on it, or when an objective-defined kind is not
+    certified there (``certified_key``: ``"certified"``, or ``"paired_certified"`` for the paired
+    chain). The counts say how many and why.
+    """
+    n = len(next(iter(diags.values())))
+    keep = np.ones(n, dtype=bool)
+    by_kind = {}
+    for kind, rows in diags.items():
+        diverged = np.array([bool(r.get("diverged")) for r in rows], dtype=bool)
+        entry = {"diverged": int(diverged.sum())}
+        keep &= ~diverged
+        if "rho" in (rows[0] if rows else {}):
+            key = certified_key if certified_key in rows[0] else "certified"
+            cert = np.array([bool(r.get(key)) for r in rows], dtype=bool)
+            entry["certified"] = int(cert.sum())
+            rhos = np.array([float(r["rho"]) if r.get("rho") is not None else np.inf for r in rows])
+            entry["max_rho"] = float(rhos.max()) if rhos.size else None
+            entry["median_rho"] = float(np.median(rhos)) if rhos.size else None
+            entry["excludes_uncertified"] = objective_defined(config, kind)
+            if objective_defined(config, kind):
+                entry["uncertified"] = int((~cert & ~diverged).sum())
+                keep &= cert
+        by_kind[kind] = entry
+    return {"keep": keep, "by_kind": by_kind, "n_removals": n, "n_kept": int(keep.sum()),
+            "threshold": config.responses.rho_threshold}
+
+
+def _masked(dm: dict, keep: np.ndarray) -> dict:
+    return {k: np.where(keep[None, :], v, np.nan) for k, v in dm.items()}
+
+
+def _solver_report(diags: dict[str, list[dict]]) -> dict:
+    """Largest relative residual of the practical (influence) and accurate (linearized) solves."""
+    out = {}
+    for kind, label in (("influence", "practical"), ("linearized", "accurate")):
+        rows = diags.get(kind) or []
+        res = [float(r["residual"]) for r in rows if isinstance(r.get("residual"), (int, float))]
+        if rows:
+            worst = max(res) if res else math.nan
+            out[label] = {"kind": kind, "solver": rows[0].get("solver"), "max_residual": worst,
+                          "max_iterations": max(int(r.get("iterations", 0)) for r in rows),
+                          "flagged": bool(not worst < 1.0)}
+    return out
+
+
 def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
-    """Summarise the stored arrays and write the report (report.md, figures, summary.json)."""
+    """Summarise the stored arrays and write the report (report.md, figures, summary.json).
+
+    Statistics use the certified, non-diverged removals only (see :func:`exclusions`); the
+    summary says how many were left out and why. The paired chain (warm start and proximal against
+    their no-removal continuation) is summarised next to the paper-literal one.
+    """
     from . import report
 
     dm, df, diags = gather(store, ctx)
-    summary = analysis.summarise(dm, df, diagnostics=diagnostics_summary(diags))
+    excl = exclusions(ctx.config, diags)
+    keep = excl.pop("keep")
+    summary = analysis.summarise(_masked(dm, keep), {k: v for k, v in df.items() if v is not None},
+                                 diagnostics=diagnostics_summary(diags))
+    excl["excluded_removals"] = [int(i) for i in np.flatnonzero(~keep)]
+    summary["certificates"] = excl
+    summary["solvers"] = _solver_report(diags)
+    paired = {k: store.gather_extra(k, ctx.n_chunks) for k in ("warm", "proximal") if k in dm}
+    paired = {k: v for k, v in paired.items() if v is not None}
+    if paired:
+        pexcl = exclusions(ctx.config, diags, certified_key="paired_certified")
+        pkeep = pexcl.pop("keep")
+        summary["paired"] = analysis.paired_chain(_masked(dm, pkeep), _masked(paired, pkeep))
+        summary["paired"]["certificates"] = pexcl
     summary["experiment"] = _experiment_info(ctx, store)
     actual = store.gather_extra("linearized", ctx.n_chunks) if "linearized" in dm else None
     if actual is not None:
@@ -503,7 +650,8 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
             "pearson_vs_influence": analysis.pearson(actual, dm["influence"]),
             "mean_abs_difference": float(np.mean(np.abs(actual - dm["linearized"]))),
         }
-    report.write_report(ctx.run_dir, summary, dm, ctx.config.to_dict(), title=title or f"pbrf run: {ctx.config.name}")
+    report.write_report(ctx.run_dir, summary, _masked(dm, keep), ctx.config.to_dict(),
+                        title=title or f"pbrf run: {ctx.config.name}")
     _write_inputs_for_evaluate(ctx, dm["influence"])
     return summary
 

@@ -383,9 +383,9 @@ def _config_section(config: Mapping) -> str:
     return "## Configuration\n\n" + _md_table(["setting", "value"], rows, align="ll")
 
 
-def _corr_rows(corr: Mapping) -> list[list[str]]:
+def _corr_rows(corr: Mapping, kinds: Sequence[str] = RESPONSE_KINDS, suffix: str = "") -> list[list[str]]:
     keys = ("pearson", "spearman", "pearson_per_test", "spearman_per_test")
-    return [[KIND_LABELS[k]] + [fmt_corr(_get(corr, k, key)) for key in keys] for k in RESPONSE_KINDS]
+    return [[KIND_LABELS[k] + suffix] + [fmt_corr(_get(corr, k, key)) for key in keys] for k in kinds]
 
 
 def _headline_config(config: Mapping) -> dict:
@@ -524,10 +524,77 @@ def _figures_section(figures: Mapping[str, Path | None], run_dir: Path) -> str:
     return "\n\n".join(lines)
 
 
+def certificate_lines(summary: Mapping) -> list[str]:
+    """One line per optimised kind ("PBRF: certified 48 of 48, max ρ 3e-9"), the exclusions, and
+    the solver residuals (flagged at ≥ 1)."""
+    cert = summary.get("certificates") or {}
+    lines = []
+    for kind, e in (cert.get("by_kind") or {}).items():
+        if "certified" not in e:
+            continue
+        text = (f"{KIND_LABELS.get(kind, kind)}: certified {e['certified']} of {cert.get('n_removals')}"
+                f" (ρ ≤ {fmt_value(cert.get('threshold'))}), max ρ {fmt_value(e.get('max_rho'))},"
+                f" median ρ {fmt_value(e.get('median_rho'))}")
+        if e.get("diverged"):
+            text += f", diverged {e['diverged']}"
+        text += "" if e.get("excludes_uncertified") else " (defined by its recipe: not excluded)"
+        lines.append(text)
+    if cert:
+        left = cert.get("n_removals", 0) - cert.get("n_kept", 0)
+        lines.append(f"Removals used in the statistics: {cert.get('n_kept')} of {cert.get('n_removals')}"
+                     + (f" (left out: {left}, uncertified or diverged; indices {cert.get('excluded_removals')})"
+                        if left else ""))
+    for label, e in (summary.get("solvers") or {}).items():
+        text = (f"{label} solve ({e.get('solver')}, {KIND_LABELS.get(e.get('kind'), e.get('kind'))}): "
+                f"max relative residual {fmt_value(e.get('max_residual'))}")
+        if e.get("flagged"):
+            text = "WARNING: " + text + " ≥ 1 — the solve did not reduce the residual; its numbers are unreliable"
+        lines.append(text)
+    return lines
+
+
+def _certificate_section(summary: Mapping) -> str:
+    lines = certificate_lines(summary)
+    if not lines:
+        return ""
+    intro = ("Every optimised response carries a certificate ρ = ||∇F(θ_r)|| / signal: the final "
+             "full-batch gradient norm of its objective relative to the removal's own signal "
+             "(1/N)||Σ_{m∈r} ∇L_m(θ^s)||. PBRF, proximal and full-batch warm-start pairs that are "
+             "not certified (or diverged) are left out of every statistic above.")
+    return "## Certificates and solver residuals\n\n" + intro + "\n\n" + "\n".join(f"- {ln}" for ln in lines)
+
+
+def _paired_section(summary: Mapping) -> str:
+    paired = summary.get("paired")
+    if not paired:
+        return ""
+    corr = paired.get("correlations") or {}
+    rows = _corr_rows(corr, list(corr), " (paired)")
+    header = ["response function", "Pearson", "Spearman", "Pearson (per-test mean)", "Spearman (per-test mean)"]
+    dec = paired.get("decomposition") or {}
+    drift = paired.get("drift") or {}
+    gap_rows = _decomposition_rows(dec)
+    for k, d in drift.items():
+        gap_rows.insert(-1, [f"drift ({KIND_LABELS.get(k, k)})", "literal − paired", fmt_value(d.get("mean_abs")),
+                             fmt_value(d.get("signed")), ""])
+    gh = ["gap (paired chain)", "between (a → b)", "mean |Δm_a − Δm_b|", "signed mean Δm_a − Δm_b",
+          "output-space mean ||Δf_a − Δf_b||"]  # fmt: skip
+    text = ("## Paired chain (warm start and proximal against a no-removal continuation)\n\n"
+            "The paper measures warm-start and proximal responses from θ^s, so when θ^s is not a "
+            "minimum they include the drift of continued training, the same for every removal. Here "
+            "each is also measured against a no-removal continuation with the same recipe and seed "
+            "(as cold start already is); the drift rows are the difference between the two chains. "
+            "The paired gaps telescope to cold − influence; the literal gaps equal the paired ones "
+            f"plus drift terms (largest deviation {fmt_value(paired.get('literal_residual'))}).")
+    return "\n\n".join([text, _md_table(header, rows) if rows else "", _md_table(gh, gap_rows, align="llrrr"),
+                         _telescoping_text(dec), _validity_text(dec)])
+
+
 def render_markdown(summary: Mapping, config: Mapping, title: str, figures: Mapping, run_dir: Path) -> str:
     """The text of ``report.md`` (see :func:`write_report`)."""
     parts = [f"# {title}", _experiment_section(summary, config), _correlation_section(summary),
-             _decomposition_section(summary), _figures_section(figures, run_dir)]  # fmt: skip
+             _decomposition_section(summary), _certificate_section(summary), _paired_section(summary),
+             _figures_section(figures, run_dir)]  # fmt: skip
     if "diagnostics" in summary:
         parts.append(_diagnostics_section(summary["diagnostics"]))
     parts += [HOW_TO_READ, _config_section(config)]
@@ -634,4 +701,12 @@ def print_summary(summary: Mapping) -> str:
         parts.append(_text_table(["influence vs", "Pearson", "Spearman", "P/test", "S/test"], corr_rows))
     parts.append(_text_table(["gap", "mean |Δm|", "signed"], gap_rows))
     parts.append(_validity_text(dec))
+    paired = summary.get("paired") or {}
+    pcorr = paired.get("correlations") or {}
+    if pcorr:
+        prow = _corr_rows(pcorr, list(pcorr), " (paired)")
+        parts.append(_text_table(["influence vs", "Pearson", "Spearman", "P/test", "S/test"], prow))
+    lines = certificate_lines(summary)
+    if lines:
+        parts.append("\n".join(lines))
     return "\n\n".join(parts)

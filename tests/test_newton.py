@@ -1,0 +1,158 @@
+"""The batched second-order optimiser and the certificates of the response functions.
+
+References are independent: ``torch.linalg.solve`` for CG, and a dense Newton solve with full
+autograd Hessians (``tests/test_respond.py``'s ``newton`` on objectives written there from the
+conventions) for the response objectives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pbrf
+from pbrf import tasks
+from pbrf.newton import NewtonRecipe, batched_cg
+from pbrf.respond import _certify, removal_signal
+
+from .test_respond import make_objective, newton, rel
+
+F64 = torch.float64
+
+
+def _problem(task: str, act=nn.Tanh, n: int = 60, seed: int = 0, steps: int = 30, width: int = 16):
+    """A small float64 MLP (115 parameters at width 16) trained for a few full-batch steps only:
+    θ^s is NOT a minimum of J, so proximal responses include continuation drift."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=F64)
+    if task == "regression":
+        y, T = torch.sin(x @ torch.randn(3, 3, generator=g, dtype=F64)), tasks.Regression()
+    else:
+        y, T = (x @ torch.randn(3, 3, generator=g, dtype=F64)).argmax(1), tasks.Classification()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, width), act(), nn.Linear(width, 3)).double()
+    res = pbrf.train(model, T, (x, y), pbrf.Recipe(lr=0.1, steps=steps, batch_size=None), weight_decay=1e-2,
+                     progress=False)
+    return pbrf.Problem(res.model, T, (x, y), weight_decay=1e-2, chunk_size=25)
+
+
+def test_batched_cg_matches_dense_solve_per_row():
+    g = torch.Generator().manual_seed(0)
+    mats = []
+    for k in range(4):
+        Q = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=F64))[0]
+        mats.append(Q @ torch.diag(torch.logspace(-2, 1 + k, 30, dtype=F64)) @ Q.T)
+    A = torch.stack(mats)
+    B = torch.randn(4, 30, generator=g, dtype=F64)
+    atol = torch.tensor([1e-12, 1e-12, 1e-6, 1e-12], dtype=F64) * B.norm(dim=1)
+    X, R, iters, neg = batched_cg(lambda rows, V: torch.einsum("kij,kj->ki", A[rows], V), B, atol, 500)
+    ref = torch.linalg.solve(A, B)
+    true_res = (B - torch.einsum("kij,kj->ki", A, X)).norm(dim=1)
+    assert not neg.any()
+    assert (true_res <= 10 * atol).all(), true_res
+    for k in (0, 1, 3):
+        assert rel(X[k], ref[k]) < 1e-9
+    assert iters[2] < iters[3]  # the looser row stopped earlier, on its own
+    # a non-positive direction is reported, not silently used
+    _, _, _, neg = batched_cg(lambda rows, V: -V, B[:1], atol[:1], 10)
+    assert neg.all()
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_newton_matches_independent_newton_on_unconverged_tanh_mlp(task):
+    prob = _problem(task)
+    assert float(prob.objective()) > 0.2  # far from converged: proximal responses must cross the drift
+    lam, groups = 0.1, [[0], [7], [1, 2]]
+    for kind in ("pbrf", "proximal"):
+        resp = pbrf.respond(prob, kind, groups, damping=lam, progress=False, recipe=NewtonRecipe(tol=1e-12))
+        for k, g in enumerate(groups):
+            obj = make_objective(kind, prob.model, task, prob.x, prob.t, prob.theta, g, prob.weight_decay, lam)
+            ref, _ = newton(obj, prob.theta)
+            # required: 1e-8 relative in Δθ; observed ~1e-11 .. 1e-15
+            assert rel(resp.params_flat[k] - prob.theta, ref - prob.theta) < 1e-8, (kind, g)
+        assert all(resp.certified), [d["rho"] for d in resp.diagnostics]
+        assert max(d["rho"] for d in resp.diagnostics) < 1e-9
+
+
+def test_newton_certifies_pbrf_on_relu_mlp():
+    prob = _problem("classification", act=nn.ReLU, n=300, steps=200)
+    resp = pbrf.respond(prob, "pbrf", [[0], [7], [11], [1, 2]], damping=0.1, progress=False)
+    rhos = [d["rho"] for d in resp.diagnostics]
+    assert max(rhos) <= 1e-6, rhos
+
+
+def test_signal_is_the_pbrf_gradient_at_theta_s():
+    """At θ^s the Bregman and proximity terms are stationary, so ||∇F_PBRF(θ^s)|| is exactly the
+    removal's signal (1/N)||Σ ∇L_m||: ρ = 1 before any optimisation."""
+    prob = _problem("classification")
+    groups = [[3], [4, 9]]
+    sig = removal_signal(prob, groups)
+    resp = pbrf.respond(prob, "pbrf", groups, damping=0.1, progress=False, max_iter=1)
+    for d, s in zip(resp.diagnostics, sig.tolist()):
+        assert d["initial_grad_norm"] == pytest.approx(s, rel=1e-12)
+        assert d["signal"] == pytest.approx(s, rel=1e-15)
+
+
+def test_certificate_rules():
+    ok = {"grad_norm": 1e-9, "objective": -1.0, "initial_objective": 0.0, "diverged": False}
+    assert _certify(dict(ok), 1e-6, 1e-2)["certified"]
+    assert _certify(dict(ok), 1e-6, 1e-2)["rho"] == pytest.approx(1e-3)
+    assert not _certify(dict(ok), 1e-8, 1e-2)["certified"]  # ρ = 0.1 above the threshold
+    assert not _certify({**ok, "objective": 0.5}, 1e-6, 1e-2)["certified"]  # ended above its start
+    assert not _certify({**ok, "diverged": True}, 1e-6, 1e-2)["certified"]
+    assert not _certify({**ok, "grad_norm": math.nan}, 1e-6, 1e-2)["certified"]
+
+
+def test_first_order_stall_is_not_certified():
+    """A first-order run that stops short says so: its ρ is large and it is not certified."""
+    prob = _problem("classification")
+    resp = pbrf.respond(prob, "proximal", [[0], [5]], damping=0.1, progress=False,
+                        recipe=pbrf.Recipe(optimizer="adam", lr=1e-4, steps=20, batch_size=None))
+    assert not any(resp.certified)
+    assert min(d["rho"] for d in resp.diagnostics) > 1.0
+
+
+def test_default_pbrf_is_certified_on_digits():
+    from pbrf.data import load
+    from pbrf.models import build
+
+    ds = load("digits")
+    model = build("mlp", seed=0, in_shape=(1, 8, 8), n_outputs=10, width=32, depth=2, activation="gelu",
+                  dtype=F64)
+    task = tasks.Classification()
+    recipe = pbrf.Recipe(lr=0.05, momentum=0.9, epochs=10, batch_size=128)
+    trained = pbrf.train(model, task, (ds.x_train, ds.y_train), recipe, weight_decay=1e-3, progress=False)
+    prob = trained.problem(task, (ds.x_train, ds.y_train))
+    # λ = 1e-2 as in the README example (at λ = 1e-3 the removed point's own curvature/N can exceed
+    # wd + λ: the PBRF then has no minimum near θ^s, and that removal is reported uncertified)
+    resp = pbrf.respond(prob, "pbrf", torch.arange(0, 1200, 150), damping=1e-2, progress=False)
+    assert all(resp.certified), [d["rho"] for d in resp.diagnostics]
+
+
+def test_paired_warm_start_is_exact_leave_one_out_for_converged_logistic_regression():
+    g = torch.Generator().manual_seed(1)
+    n, d = 80, 4
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    y = (x @ torch.randn(d, 3, generator=g, dtype=F64) + torch.randn(n, 3, generator=g, dtype=F64)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Linear(d, 3).double()
+    wd = 1e-2
+    obj_full = make_objective("warm", model, "classification", x, y, torch.zeros(15, dtype=F64), [], wd, 0.0)
+    theta_star, _ = newton(obj_full, torch.zeros(15, dtype=F64))
+    prob = pbrf.Problem(model, tasks.Classification(), (x, y), weight_decay=wd,
+                        params={"weight": theta_star[:12].reshape(3, 4), "bias": theta_star[12:]})
+    groups = [[0], [5], [17], [3, 4]]
+    test = (x[40:50] + 0.1, y[40:50])
+    resp = pbrf.respond(prob, "warm", groups, recipe=NewtonRecipe(tol=1e-12), paired=True, progress=False)
+    dm = resp.loss_change(test, paired=True)
+    xt, tt = prob.prepare(test)
+    loss = lambda th: prob.task.loss(prob.outputs_flat(th, xt), tt)  # noqa: E731
+    for k, grp in enumerate(groups):
+        obj = make_objective("warm", model, "classification", x, y, theta_star, grp, wd, 0.0)
+        loo, _ = newton(obj, theta_star)
+        exact = loss(loo) - loss(theta_star)
+        assert (dm[:, k] - exact).abs().max() <= 1e-6 * exact.abs().max() + 1e-12
+    assert all(d["paired_certified"] for d in resp.diagnostics)
