@@ -51,8 +51,9 @@ class NewtonRecipe:
         cg_max_iter: cap on CG iterations per outer iteration.
         tol: stop a problem once ``||∇F|| ≤ tol · scale`` (``scale`` = the removal's own signal).
         forcing: largest relative CG residual ``η`` accepted (it shrinks with the gradient,
-            ``η = min(forcing, ||∇F|| / scale)``, for superlinear convergence).
-        model: ``"auto"`` (the Gauss–Newton model while ``||∇F|| > switch · scale``, then exact
+            ``η = min(forcing, ||∇F|| / ||∇F(θ_0)||)``, for superlinear convergence).
+        model: ``"auto"`` (the Gauss–Newton model while ``||∇F||`` is above ``switch`` times the
+            larger of ``scale`` and the starting gradient norm, then exact
             Hessian–vector products for quadratic convergence, falling back to Gauss–Newton in an
             iteration where CG meets negative curvature), ``"gn"`` (Gauss–Newton only: positive
             semi-definite, about 2.5× cheaper per product, linear convergence when residuals are
@@ -243,6 +244,7 @@ def newton_optimize(
     cg_total = torch.zeros(K, dtype=torch.long, device=dev)
     best = gn0.clone()
     idle = torch.zeros(K, dtype=torch.long, device=dev)
+    at_roundoff = torch.zeros(K, dtype=torch.bool, device=dev)
     eps = torch.finfo(dt).eps
     bar = tqdm(total=recipe.max_iter, desc=desc, disable=not progress, leave=False, mininterval=0.5)
     for _ in range(recipe.max_iter):
@@ -253,8 +255,10 @@ def newton_optimize(
             break
         bar.update()
         th, gr, m = theta[rows], g[rows], mu[rows]
-        eta = (gnorm[rows] / scale[rows].to(dt).clamp_min(torch.finfo(dt).tiny)).clamp(max=recipe.forcing)
-        near = gnorm[rows] <= recipe.switch * scale[rows].to(dt)
+        eta = (gnorm[rows] / gn0[rows].clamp_min(torch.finfo(dt).tiny)).clamp(max=recipe.forcing)
+        # exact Hessian near the optimum: a small gradient, or steps below the objective's round-off
+        # (where only the gradient can judge a step, and only the exact model reduces it reliably)
+        near = (gnorm[rows] <= recipe.switch * torch.maximum(scale[rows].to(dt), gn0[rows])) | at_roundoff[rows]
         d, Ad, ci = _step(B, recipe.model, shift, rows, th, gr, m, eta * gnorm[rows], recipe.cg_max_iter, near)
         cg_total[rows] += ci
         iters[rows] += 1
@@ -266,6 +270,7 @@ def newton_optimize(
         # reductions below the round-off of F cannot be tested by the ratio: accept on the gradient
         untestable = pred.abs() <= 1e3 * eps * (F[rows].abs() + F_new.abs().nan_to_num(0.0) + eps)
         better_g = g_new.norm(dim=1) < gnorm[rows]
+        at_roundoff[rows] |= untestable
         accept = finite & (pred > 0) & ((ratio > 1e-4) | (untestable & better_g))
         dd = _rows_dot(d, d).clamp_min(torch.finfo(dt).tiny)
         curv = (_rows_dot(d, Ad) / dd).clamp_min(shift if shift > 0 else torch.finfo(dt).tiny)

@@ -313,14 +313,15 @@ def _objective(prob: Problem, kind: str, damping: float):
     return removal_objective(prob, prox), removal_gn(prob), prob.weight_decay + prox, _mask_aux, None
 
 
-def _run_newton(prob, kind, groups, damping, recipe, weight, signal, progress, desc):
+def _run_newton(prob, kind, groups, damping, recipe, weight, signal, progress, desc, start=None, fallback=None):
     value_fn, gn_fn, shift, make_aux, f_ref = _objective(prob, kind, damping)
     K = len(groups)
     scale = signal.clone()
     # an empty group (the paired no-removal reference) has no signal of its own: use the batch's
-    fallback = signal[signal > 0].median() if bool((signal > 0).any()) else torch.ones((), dtype=signal.dtype)
-    scale = torch.where(scale > 0, scale, fallback.to(scale))
-    theta0 = prob.theta.unsqueeze(0).expand(K, -1).clone()
+    if fallback is None:
+        fallback = signal[signal > 0].median() if bool((signal > 0).any()) else torch.ones((), dtype=signal.dtype)
+    scale = torch.where(scale > 0, scale, torch.as_tensor(fallback).to(scale))
+    theta0 = (prob.theta if start is None else start).unsqueeze(0).expand(K, -1).clone()
     theta, d = newton_optimize(prob, value_fn, gn_fn, shift, theta0, make_aux(prob, groups, weight), scale, recipe,
                                _batch_fn(prob, f_ref), progress, desc)
     rows = [
@@ -341,15 +342,37 @@ def _run_newton(prob, kind, groups, damping, recipe, weight, signal, progress, d
     return theta.detach(), rows
 
 
+def _continuation(prob, kind, damping, recipe, signal, progress):
+    """Warm start / proximal with a NewtonRecipe: the no-removal continuation (the same objective
+    without removal, from θ^s), solved once; every removal problem then starts from it, so that
+    each only has to resolve its own O(1/N) effect instead of the whole drift again."""
+    fallback = signal[signal > 0].median() if bool((signal > 0).any()) else torch.ones((), dtype=signal.dtype)
+    th, rows = _run_newton(prob, kind, [[]], damping, recipe, 1.0, signal.new_zeros(1), progress,
+                           f"{kind} continuation", fallback=fallback)
+    return th[0], rows[0], fallback
+
+
 def _optimise_kind(prob, kind, groups, damping, recipe, weight, chunk_size, progress, init=None, signal=None):
-    """Optimise the ``kind`` objective for every group; returns ``(params [K, p], diagnostics)``."""
+    """Optimise the ``kind`` objective for every group; returns ``(params [K, p], diagnostics)``.
+
+    With a :class:`NewtonRecipe`, warm and proximal removals start from the no-removal
+    continuation (see :func:`_continuation`); an empty group in ``groups`` is that continuation.
+    """
+    start = fallback = None
+    if isinstance(recipe, NewtonRecipe) and kind in ("warm", "proximal"):
+        start, ref_row, fallback = _continuation(prob, kind, damping, recipe, signal, progress)
     thetas, diags = [], []
     chunks = list(_chunks(len(groups), chunk_size))
     for s in tqdm(chunks, desc=f"{kind} chunks", disable=not progress or len(chunks) == 1, leave=False):
         sub = groups[s]
         desc = f"{kind} [{s.start}:{s.stop}]"
         if isinstance(recipe, NewtonRecipe):
-            th, dg = _run_newton(prob, kind, sub, damping, recipe, weight, signal[s], progress, desc)
+            th, dg = _run_newton(prob, kind, sub, damping, recipe, weight, signal[s], progress, desc, start, fallback)
+            if start is not None:
+                for k, g in enumerate(sub):
+                    dg[k]["start"] = "continuation"
+                    if not g:  # the continuation itself
+                        th[k], dg[k] = start, dict(ref_row)
         else:
             objective, _, _, make_aux, f_ref = _objective(prob, kind, damping)
             start = prob.params if init is None else init
