@@ -94,9 +94,13 @@ def test_check_run_dir_modes(tmp_path):
     (run / "config.json").write_text(cfg.to_json())
     assert check_run_dir(run, cfg, overwrite=False) == "resume"
     other = load_preset("digits-mlp", "tiny", ["influence.damping=0.5"])
+    # nothing computed yet (no θ^s, e.g. base training failed): a corrected config replaces it
+    assert check_run_dir(run, other, overwrite=False) == "overwrite"
+    (run / "theta_s.safetensors").write_bytes(b"results")
     with pytest.raises(ConfigError, match="different config.*--overwrite"):
         check_run_dir(run, other, overwrite=False)
     assert check_run_dir(run, other, overwrite=True) == "overwrite"
+    assert check_run_dir(run, cfg, overwrite=True) == "overwrite"  # --overwrite always starts afresh
     # the description does not define the experiment
     d = json.loads(cfg.to_json())
     d["description"] = "edited"
