@@ -138,8 +138,9 @@ def _pearson_finite(a: np.ndarray, b: np.ndarray) -> float:
     if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
     ac, bc = a - a.mean(), b - b.mean()
+    ac, bc = ac / np.abs(ac).max(), bc / np.abs(bc).max()  # scale-free: no overflow for huge values
     r = float(np.dot(ac, bc) / math.sqrt(float(np.dot(ac, ac)) * float(np.dot(bc, bc))))
-    return max(-1.0, min(1.0, r))
+    return max(-1.0, min(1.0, r)) if math.isfinite(r) else math.nan
 
 
 def pearson(a, b) -> float:

@@ -221,7 +221,7 @@ def plot_decomposition(summary: Mapping, path) -> Path:
     gaps = dec.get("gaps") or {}
     _log_bars(axes[0], GAPS, [gaps.get(g) for g in GAPS], colors, r"mean $|\Delta m_a - \Delta m_b|$")
     axes[0].set_title("Gaps in the measured test-loss change")
-    scale = _finite(_get(dec, "mean_abs", "pbrf"))
+    scale = _plottable(_get(dec, "mean_abs", "pbrf"))
     if scale:
         label = r"mean $|\Delta m|$ (PBRF), for scale"
         axes[0].axhline(scale, color=KIND_COLORS["pbrf"], ls="--", lw=1, label=label)
