@@ -153,11 +153,20 @@ def cmd_run(args) -> int:
     executor = _executor(args)
     try:
         summary = _run_one(config, out, args, executor, inputs)
+    except OSError as err:
+        raise _named(err, out) from None
     finally:
         executor.close()
     print(report.print_summary(summary))
     print(f"\nreport: {out / 'report.md'}")
     return 0
+
+
+def _named(err: OSError, where: Path) -> OSError:
+    """``err``, naming ``where`` (the run directory) when the failed call named no file."""
+    if err.filename is not None or isinstance(err, BrokenPipeError):
+        return err
+    return type(err)(err.errno, err.strerror or str(err), f"{where}{os.sep}")
 
 
 def _parse_values(text: str) -> list:
@@ -188,7 +197,10 @@ def cmd_sweep(args) -> int:
     try:
         for cfg, d, inp, v in zip(configs, dirs, inputs, values):
             print(f"== {args.factor} = {v} ==", file=sys.stderr)
-            summaries.append(_run_one(cfg, d, args, executor, inp))
+            try:
+                summaries.append(_run_one(cfg, d, args, executor, inp))
+            except OSError as err:
+                raise _named(err, d) from None
     finally:
         executor.close()
     figure = report.plot_sweep(args.factor, values, summaries, out / "sweep.png")
@@ -324,10 +336,12 @@ def _os_error_line(err: OSError) -> str:
         fix = "raise the file-size limit (ulimit -f)"
     elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         fix = "make it writable or pass another --out DIR"
+    elif err.errno == errno.EIO:
+        fix = "check the free space, the file-size limit (ulimit -f) and that the disk is writable"
     else:
         fix = "fix the cause"
     head = f"{where}: " if where else ""
-    return (f"pbrf: error: {head}{cause}{f' ({name})' if name else ''}; {fix} and run the same command again "
+    return (f"pbrf: error: {head}{cause}{f' ({name})' if name else ''}; {fix}, then run the same command again "
             "(finished work is kept).")
 
 

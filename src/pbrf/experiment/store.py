@@ -116,8 +116,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: name it
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
 
 
@@ -200,7 +202,8 @@ def _sqlite_errors(path: Path, reading: bool = False):
         if code in (11, 26) or type(err) is sqlite3.DatabaseError:  # SQLITE_CORRUPT, SQLITE_NOTADB
             raise _corrupt(path, err) from None
         if code in _SQLITE_ERRNO:
-            raise OSError(_SQLITE_ERRNO[code], f"{err}", str(path)) from None
+            name = getattr(err, "sqlite_errorname", "")
+            raise OSError(_SQLITE_ERRNO[code], f"{err}{f' ({name})' if name else ''}", str(path)) from None
         raise
     except (ValueError, EOFError) as err:
         if not reading or isinstance(err, ConfigError):
