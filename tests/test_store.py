@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,16 @@ def test_atomic_write_text_replaces_whole_file(tmp_path):
     atomic_write_text(path, "two")
     assert path.read_text() == "two"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_overwrite_refuses_the_directory_it_runs_in(tmp_path, monkeypatch):
+    cfg = load_preset("digits-mlp", "tiny")
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    (run / "config.json").write_text(cfg.to_json())
+    for here in (run, run / "sub"):
+        monkeypatch.chdir(here)
+        with pytest.raises(ConfigError, match="holds the current directory"):
+            check_run_dir(Path("."), cfg, overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    assert check_run_dir(run, cfg, overwrite=True) == "overwrite"

@@ -163,7 +163,7 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> s
             raise ConfigError(f"{str(run_dir)!r} is not empty and is not a pbrf run directory; pass another --out DIR.")
         return "new"
     if overwrite:
-        return "overwrite"
+        return _overwritable(run_dir)
     readable = True
     try:
         old = ExperimentConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
@@ -174,9 +174,18 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> s
         return "resume"
     if not (run_dir / CHECKPOINT_NAME).exists():
         log.info("%s holds a different config but no results yet; replacing it", run_dir)
-        return "overwrite"
+        return _overwritable(run_dir)
     what = "a run of a different config" if readable else f"an unreadable {CONFIG_NAME}"
     raise ConfigError(f"{str(run_dir)!r} holds {what}; pass --overwrite to replace it or --out DIR for a new run.")
+
+
+def _overwritable(run_dir: Path) -> str:
+    """``"overwrite"``, unless the directory holds the current working directory (it is deleted)."""
+    here, target = Path.cwd().resolve(), run_dir.resolve()
+    if here == target or target in here.parents:
+        raise ConfigError(f"cannot replace {str(run_dir)!r}: it holds the current directory; run pbrf from "
+                          "elsewhere or pass another --out DIR.")
+    return "overwrite"
 
 
 _SQLITE_ERRNO = {13: errno.ENOSPC, 8: errno.EROFS, 10: errno.EIO, 14: errno.EACCES, 23: errno.EACCES}
