@@ -133,9 +133,9 @@ def test_overwrite_refuses_the_directory_it_runs_in(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / "sub").mkdir(parents=True)
     (run / "config.json").write_text(cfg.to_json())
-    for here in (run, run / "sub"):
+    for here, target in ((run, Path(".")), (run / "sub", Path(".."))):
         monkeypatch.chdir(here)
         with pytest.raises(ConfigError, match="holds the current directory"):
-            check_run_dir(Path("."), cfg, overwrite=True)
+            check_run_dir(target, cfg, overwrite=True)
     monkeypatch.chdir(tmp_path)
     assert check_run_dir(run, cfg, overwrite=True) == "overwrite"
