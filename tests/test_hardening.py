@@ -112,6 +112,12 @@ def test_diverged_responses_are_excluded_named_and_the_run_finishes(tmp_path):
     # excluded means excluded: the PBRF correlations use only the removal sets that did not diverge
     n_ok = first["n_removals"] - diverged["counts"]["pbrf"]
     assert first["correlations"]["pbrf"]["n_pairs"] == first["n_test"] * n_ok
+    # pbrf evaluate leaves them out the same way
+    proc = pbrf_cmd("evaluate", "--scores", str(run / "influence_scores.npy"), "--run", "d", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["diverged"]["pbrf"] == diverged["counts"]["pbrf"]
+    assert result["correlations"]["pbrf"] == first["correlations"]["pbrf"]
     # the stored chunks finish the same way on every rerun: remove the report and resume
     for name in ("summary.json", "report.md"):
         (run / name).unlink()

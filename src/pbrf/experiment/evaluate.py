@@ -92,17 +92,19 @@ def run_arrays(run_dir: str | Path) -> dict:
             raise EvaluateError(f"{str(run_dir)!r} is not set up yet; finish it with `pbrf run --out {run_dir}`.")
         groups = _groups_from_array(groups_arr)
         n_chunks = math.ceil(len(groups) / config.run.chunk_size)
-        dm = {}
+        dm, diverged = {}, {}
         for kind in config.responses.ordered_kinds():
             try:
-                dm[kind] = store.gather(kind, n_chunks)[0]
+                dm[kind], _, diags = store.gather(kind, n_chunks)
+                diverged[kind] = [i for i, d in enumerate(diags) if d.get("diverged")]
             except KeyError:
                 raise EvaluateError(
                     f"{str(run_dir)!r} is not finished ({kind} missing); resume it with `pbrf run --out {run_dir}`."
                 ) from None
         n_train = store.get_meta("n_train")
         index = store.get_array("test_index")
-    return {"config": config, "dm": dm, "groups": groups, "test_index": index, "n_train": n_train}
+    diverged = {k: v for k, v in diverged.items() if v}
+    return {"config": config, "dm": dm, "groups": groups, "test_index": index, "n_train": n_train, "diverged": diverged}
 
 
 def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
@@ -121,7 +123,9 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
         )
     n_train = arrays["n_train"] or -1
     scores, layout = map_scores(raw, arrays["groups"], n_train)
-    corr = analysis.correlations(scores, arrays["dm"])
+    diverged = arrays.get("diverged") or {}
+    dm = analysis._exclude(arrays["dm"], diverged, axis=1)  # as in the run's report: diverged responses measure nothing
+    corr = analysis.correlations(scores, dm)
     own = analysis.pearson(scores, arrays["dm"]["influence"])
     sign_warning = None
     if math.isfinite(own) and own <= SIGN_FLIP_PEARSON:
@@ -138,6 +142,7 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
         "n_nonfinite_scores": int((~np.isfinite(scores)).sum()),
         "pearson_vs_own_influence": analysis._num(own),
         "sign_warning": sign_warning,
+        "diverged": {k: len(v) for k, v in diverged.items()},
         "correlations": corr,
     }
 
@@ -150,7 +155,10 @@ def pairs_line(result: dict) -> str:
     text = f"pairs used: {used} of {total}"
     if bad:
         text += f"; {bad} dropped for non-finite (NaN/inf) scores"
-    if counts and counts[0] < total - bad:
+    if result.get("diverged"):
+        named = ", ".join(f"{analysis.KIND_LABELS.get(k, k)} {v}" for k, v in result["diverged"].items())
+        text += f"; removal sets whose response diverged are excluded ({named})"
+    elif counts and counts[0] < total - bad:
         text += "; more dropped where a response is non-finite (pairs column)"
     return text
 
