@@ -336,7 +336,7 @@ def test_a_second_process_on_the_same_run_dir_is_refused(tiny_run):
     import fcntl
 
     cfg, run_dir, _, _ = tiny_run
-    with open(run_dir / ".lock", "w") as fh:
+    with open(pipeline.lock_path(run_dir), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         code = (
             "import sys; from pbrf.experiment import config, pipeline\n"

@@ -242,3 +242,95 @@ def test_cg_default_tolerance_follows_dtype():
     assert info.converged and info.residual < 1e-5 and x.dtype == torch.float32
     _, info64 = solve(CurvatureOperator(prob, "ggn", 0.1), B.double(), "cg")
     assert info64.residual <= 1e-10
+
+
+# ---------------------------------------------------------------------------------------- hardening (issue 9)
+class _DenseOp:
+    """A curvature operator over an explicit matrix (for spectra a network does not give on demand)."""
+
+    def __init__(self, C):
+        from types import SimpleNamespace
+
+        self.C, self.n_params = C, C.shape[0]
+        self.prob = SimpleNamespace(n_train=1, device=C.device)
+
+    def matvec(self, V, index=None):
+        return V @ self.C.T
+
+    def dense(self, max_params=5000):
+        return self.C
+
+
+@pytest.mark.parametrize(
+    "solver, options, needle",
+    [
+        ("cg", {"max_iter": -1}, "max_iter=-1"),
+        ("cg", {"max_iter": 0}, "max_iter=0"),
+        ("cg", {"tol": float("nan")}, "tol=nan"),
+        ("cg", {"tol": -1e-3}, "tol=-0.001"),
+        ("lissa", {"depth": 0}, "depth=0"),
+        ("lissa", {"depth": -5}, "depth=-5"),
+        ("lissa", {"repeats": 0}, "repeats=0"),
+        ("lissa", {"batch_size": 0}, "batch_size=0"),
+        ("lissa", {"scale": float("inf")}, "scale=inf"),
+        ("lissa", {"tol": float("nan")}, "tol=nan"),
+        ("exact", {"max_params": 0}, "max_params=0"),
+    ],
+)
+def test_meaningless_option_values_are_refused(solver, options, needle):
+    prob = tiny_problem("regression")
+    op = CurvatureOperator(prob, "ggn", 0.1)
+    with pytest.raises(ValueError, match=rf"{solver}: option {needle}.*must be"):
+        pbrf.solve(op, rhs(prob, m=1), solver, **options)
+    with pytest.raises(ValueError, match=needle):  # the public functions check too
+        pbrf.solvers.SOLVERS[solver](op, rhs(prob, m=1), **options)
+    with pytest.raises(ValueError, match=needle):  # and so does influence()
+        pbrf.influence(prob, (prob.x[:2], prob.t[:2]), [0], damping=0.1, solver=solver, solver_options=options)
+
+
+def test_exact_refuses_an_indefinite_hessian_unless_asked_for_lu():
+    prob = tiny_problem("reconstruction", weight_decay=0.0)
+    C = reference_damped(prob, "hessian", 0.0)
+    assert torch.linalg.eigvalsh(C)[0] < -1e-3  # precondition: really indefinite
+    B = rhs(prob, m=2)
+    X, info = pbrf.solve(CurvatureOperator(prob, "hessian", 0.0), B, "exact")
+    assert info.diverged and not info.converged
+    assert "not positive definite" in info.message and "damping" in info.message and "ggn" in info.message
+    assert not torch.isfinite(X).any()  # flagged NaN, never a finite-looking answer
+    with pytest.raises(pbrf.SolverDivergedError, match="(?s)increase damping.*ggn"):
+        pbrf.influence(prob, (prob.x[:2], None), [0, 1], damping=0.0, solver="exact", curvature="hessian")
+    # the explicit opt-in solves it by LU
+    X, info = pbrf.solve(CurvatureOperator(prob, "hessian", 0.0), B, "exact", allow_indefinite=True)
+    assert not info.diverged and "LU" in info.message
+    torch.testing.assert_close(X, torch.linalg.solve(C, B.T).T, rtol=1e-6, atol=1e-9)
+
+
+def test_exact_reports_a_singular_curvature_instead_of_raising_from_lu():
+    C = torch.diag(torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64))
+    B = torch.ones(1, 3, dtype=torch.float64)
+    for allow in (False, True):
+        X, info = pbrf.solve(_DenseOp(C), B, "exact", allow_indefinite=allow)
+        assert info.diverged and not info.converged and not torch.isfinite(X).any()
+        assert "singular" in info.message and "damping" in info.message
+
+
+def test_lissa_is_judged_by_its_residual_not_only_by_growth():
+    # one slightly negative eigenvalue: the recursion grows by (1 + 0.05/1.1)^depth, far below the
+    # growth bound, yet the result is worse than returning zero
+    C = torch.diag(torch.tensor([1.0, 0.5, -0.05], dtype=torch.float64))
+    B = torch.ones(1, 3, dtype=torch.float64)
+    X, info = pbrf.solve(_DenseOp(C), B, "lissa", scale=1.1, depth=100)
+    assert info.diverged and not info.converged
+    assert info.residual >= 1 and "residual" in info.message and "damping" in info.message
+    assert not torch.isfinite(X).any()
+    # the same recursion on a positive definite matrix converges and is not flagged
+    X, info = pbrf.solve(_DenseOp(C.abs()), B, "lissa", scale=1.1, depth=300)
+    assert not info.diverged and info.residual < 1e-2
+    torch.testing.assert_close(X, torch.linalg.solve(C.abs(), B.T).T, rtol=1e-4, atol=1e-6)
+
+
+def test_lissa_on_an_undamped_hessian_raises_instead_of_returning_garbage():
+    prob = tiny_problem("reconstruction", weight_decay=0.0)
+    with pytest.raises(pbrf.SolverDivergedError):
+        pbrf.influence(prob, (prob.x[:2], None), [0, 1], damping=0.0, solver="lissa", curvature="hessian",
+                       solver_options={"depth": 50})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,9 +95,13 @@ def test_check_run_dir_modes(tmp_path):
     (run / "config.json").write_text(cfg.to_json())
     assert check_run_dir(run, cfg, overwrite=False) == "resume"
     other = load_preset("digits-mlp", "tiny", ["influence.damping=0.5"])
+    # nothing computed yet (no θ^s, e.g. base training failed): a corrected config replaces it
+    assert check_run_dir(run, other, overwrite=False) == "overwrite"
+    (run / "theta_s.safetensors").write_bytes(b"results")
     with pytest.raises(ConfigError, match="different config.*--overwrite"):
         check_run_dir(run, other, overwrite=False)
     assert check_run_dir(run, other, overwrite=True) == "overwrite"
+    assert check_run_dir(run, cfg, overwrite=True) == "overwrite"  # --overwrite always starts afresh
     # the description does not define the experiment
     d = json.loads(cfg.to_json())
     d["description"] = "edited"
@@ -121,3 +126,16 @@ def test_atomic_write_text_replaces_whole_file(tmp_path):
     atomic_write_text(path, "two")
     assert path.read_text() == "two"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_overwrite_refuses_the_directory_it_runs_in(tmp_path, monkeypatch):
+    cfg = load_preset("digits-mlp", "tiny")
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    (run / "config.json").write_text(cfg.to_json())
+    for here, target in ((run, Path(".")), (run / "sub", Path(".."))):
+        monkeypatch.chdir(here)
+        with pytest.raises(ConfigError, match="holds the current directory"):
+            check_run_dir(target, cfg, overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    assert check_run_dir(run, cfg, overwrite=True) == "overwrite"

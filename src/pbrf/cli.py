@@ -12,12 +12,14 @@
 
 Errors in the input (unknown preset, bad ``--set``, missing data, a run directory holding another
 config) print one line on stderr and exit with status 2, without a traceback and without writing
-anything.
+anything. A failure of the machine (disk full, ``ulimit -f``, read-only file system) prints one line
+naming the file and the cause and exits with status 1; the same command resumes once it is fixed.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -56,7 +58,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="quick", help="preset profile: quick (2 CPU cores, default), paper (GPU), tiny (tests)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted path, e.g. --set influence.damping=1e-2 (repeatable)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run of a different config in the output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the output directory afresh, discarding the run it holds (of any config; "
+                        "without it a run of the same config resumes)")
     p.add_argument("--executor", choices=("local", "ray"), default="local", help="where chunks run (default local)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray with 2 CPUs)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override run.device")
@@ -121,7 +125,12 @@ def _executor(args):
             import ray  # noqa: F401
         except ImportError:
             raise UsageError("pbrf: --executor ray needs ray; install it with pip install 'pbrf[ray]'.") from None
-    return get_executor(args.executor, args.ray_address)
+    elif args.ray_address:
+        raise UsageError("pbrf: --ray-address needs --executor ray.")
+    try:
+        return get_executor(args.executor, args.ray_address)
+    except (ConnectionError, TimeoutError) as err:
+        raise UsageError(f"pbrf: {err}") from None
 
 
 def _run_one(config, out: Path, args, executor, inputs=None) -> dict:
@@ -144,11 +153,20 @@ def cmd_run(args) -> int:
     executor = _executor(args)
     try:
         summary = _run_one(config, out, args, executor, inputs)
+    except OSError as err:
+        raise _named(err, out) from None
     finally:
         executor.close()
     print(report.print_summary(summary))
     print(f"\nreport: {out / 'report.md'}")
     return 0
+
+
+def _named(err: OSError, where: Path) -> OSError:
+    """``err``, naming ``where`` (the run directory) when the failed call named no file."""
+    if err.filename is not None or isinstance(err, BrokenPipeError):
+        return err
+    return type(err)(err.errno, err.strerror or str(err), f"{where}{os.sep}")
 
 
 def _parse_values(text: str) -> list:
@@ -179,7 +197,10 @@ def cmd_sweep(args) -> int:
     try:
         for cfg, d, inp, v in zip(configs, dirs, inputs, values):
             print(f"== {args.factor} = {v} ==", file=sys.stderr)
-            summaries.append(_run_one(cfg, d, args, executor, inp))
+            try:
+                summaries.append(_run_one(cfg, d, args, executor, inp))
+            except OSError as err:
+                raise _named(err, d) from None
     finally:
         executor.close()
     figure = report.plot_sweep(args.factor, values, summaries, out / "sweep.png")
@@ -217,7 +238,14 @@ def cmd_table(args) -> int:
         path = Path(run) / "summary.json"
         if not path.is_file():
             raise ConfigError(f"{run!r} has no summary.json; finish it with `pbrf run --out {run}`.")
-        rows.append((Path(run).name, json.loads(path.read_text(encoding="utf-8"))))
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            summary = err
+        if not isinstance(summary, dict):
+            raise ConfigError(f"{str(path)!r} is not a pbrf summary ({summary}); rerun the command that made the run "
+                              f"(same config, --out {run}) to rewrite it from the stored results.")
+        rows.append((Path(run).name, summary))
     print(report.format_table(rows) if args.markdown else report.format_table_text(rows))
     return 0
 
@@ -227,11 +255,14 @@ def cmd_evaluate(args) -> int:
     from .experiment import evaluate
 
     result = evaluate.evaluate(args.scores, args.run)
+    if result.get("sign_warning"):
+        print(f"pbrf: warning: {result['sign_warning']}", file=sys.stderr)
     if args.json:
         print(evaluate.to_json(result))
     else:
         print(f"{result['scores']} ({result['layout']} layout) vs {result['run']}: "
               f"{result['n_test']} test points x {result['n_removals']} removal sets")
+        print(evaluate.pairs_line(result))
         print(evaluate.format_correlations(result))
     return 0
 
@@ -294,6 +325,35 @@ def _reproducible_math() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def _os_error_line(err: OSError) -> str:
+    """One line for a failure of the machine: the file, the cause, and what to do."""
+    where = err.filename if err.filename is not None else None
+    cause = err.strerror or str(err)
+    name = errno.errorcode.get(err.errno or 0)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space"
+    elif err.errno == errno.EFBIG:
+        fix = "raise the file-size limit (ulimit -f)"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make it writable or pass another --out DIR"
+    elif err.errno == errno.EIO:
+        fix = "check the free space, the file-size limit (ulimit -f) and that the disk is writable"
+    else:
+        fix = "fix the cause"
+    head = f"{where}: " if where else ""
+    return (f"pbrf: error: {head}{cause}{f' ({name})' if name else ''}; {fix}, then run the same command again "
+            "(finished work is kept).")
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (``pbrf ... | head``): send what is left to /dev/null, so exit is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pbrf`` console script; returns the exit status."""
     _reproducible_math()
@@ -303,11 +363,19 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return 2
         _setup_logging(getattr(args, "verbose", False))
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # as if killed by SIGPIPE, silently (the reader stopped reading)
     except _expected_errors() as err:
         msg = str(err).replace("\n", " ")
         print(msg if msg.startswith("pbrf") else f"pbrf: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(_os_error_line(err).replace("\n", " "), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pbrf: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130

@@ -4,25 +4,33 @@
 ``[m, p]`` (one independent system per row). ``op`` is a :class:`~pbrf.curvature.CurvatureOperator`
 (anything with ``matvec(V, index=None)``, ``n_params`` and, for ``exact``, ``dense()``).
 
-* ``exact`` — dense Cholesky / LU solve; refuses above ``max_params``.
+* ``exact`` — dense Cholesky solve; refuses above ``max_params``, and reports a curvature that is
+  not positive definite as diverged (``allow_indefinite=True`` opts in to an LU solve instead).
 * ``cg`` — conjugate gradients, batched over rows, stopping each row at ``‖CX − B‖/‖B‖ ≤ tol``.
 * ``lissa`` — the stochastic Neumann recursion ``h ← b + h − C_batch h / scale`` (Agarwal et al. 2017),
   ``X = h / scale``; it diverges unless ``scale`` exceeds about half the largest eigenvalue of
-  ``C``, which is detected and reported (``diverged=True``), never returned silently.
+  ``C``, which is detected and reported (``diverged=True``), never returned silently; so is a
+  result whose relative residual is 1 or more (no better than the zero vector).
+
+Option values are checked (:func:`check_options`): a meaningless value (``max_iter=-1``,
+``depth=0``, ``tol=nan``, ...) raises ``ValueError`` naming the option and a valid value.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["SolveInfo", "SolverDivergedError", "solve", "solve_exact", "solve_cg", "solve_lissa", "SOLVERS"]
+__all__ = ["SolveInfo", "SolverDivergedError", "solve", "solve_exact", "solve_cg", "solve_lissa", "SOLVERS",
+           "check_options"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,53 @@ class SolveInfo:
         return asdict(self)
 
 
+# ---------------------------------------------------------------------------------------- option values
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+#: ``{solver: {option: (check, requirement, example)}}`` for every option with a meaningful range.
+_OPTION_RULES = {
+    "exact": {
+        "max_params": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", "max_params=5000"),
+        "allow_indefinite": (lambda v: isinstance(v, bool), "true or false", "allow_indefinite=False"),
+    },
+    "cg": {
+        "tol": (lambda v: v is None or (_is_real(v) and v >= 0), "a finite number >= 0 or None", "tol=1e-8"),
+        "max_iter": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None", "max_iter=100"),
+        "x0": (lambda v: v is None or isinstance(v, Tensor), "a tensor [m, p] or None", "x0=None"),
+    },
+    "lissa": {
+        "scale": (lambda v: v is None or (_is_real(v) and v > 0), "a finite number > 0 or None (estimated)",
+                  "scale=None"),
+        "depth": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", "depth=1000"),
+        "repeats": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", "repeats=1"),
+        "batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None (full batch)",
+                       "batch_size=128"),
+        "seed": (lambda v: _is_int(v), "an integer", "seed=0"),
+        "tol": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0", "tol=1e-2"),
+    },
+}
+
+
+def check_options(solver: str, options: dict) -> None:
+    """Check the *values* of a solver's options (the names are checked by :func:`solve`).
+
+    Raises:
+        ValueError: one line naming the first meaningless value, what it must be and an example.
+    """
+    rules = _OPTION_RULES.get(solver, {})
+    for name, value in options.items():
+        if name in rules:
+            ok, requirement, example = rules[name]
+            if not ok(value):
+                raise ValueError(f"{solver}: option {name}={value!r} is invalid; it must be {requirement} (e.g. {example}).")
+
+
 def _rel_residual(op, X: Tensor, B: Tensor) -> Tensor:
     R = op.matvec(X) - B
     bn = B.norm(dim=1)
@@ -75,29 +130,59 @@ def _finish(op, X: Tensor, B: Tensor, info: SolveInfo, tol: float) -> SolveInfo:
     return info
 
 
-def solve_exact(op, B: Tensor, max_params: int = 5000) -> tuple[Tensor, SolveInfo]:
-    """Dense solve ``C⁻¹ Bᵀ`` (Cholesky, LU fallback when C is not positive definite).
+def solve_exact(op, B: Tensor, max_params: int = 5000, allow_indefinite: bool = False) -> tuple[Tensor, SolveInfo]:
+    """Dense solve ``C⁻¹ Bᵀ`` by Cholesky.
+
+    A damped curvature that is not positive definite (an indefinite Hessian, or a singular one
+    without damping) is reported as ``diverged`` with the fix in the message, and the solution is
+    NaN — never a silent LU solve. ``allow_indefinite=True`` opts in to an LU solve of an
+    indefinite (but non-singular) ``C``; a singular ``C`` is reported as diverged either way.
 
     The factorisation of an operator at θ^s is cached on its problem (one entry), so repeated
     solves with the same curvature and damping (e.g. chunks of removals) build ``C`` once.
     """
+    check_options("exact", {"max_params": max_params, "allow_indefinite": allow_indefinite})
     info = SolveInfo("exact")
-    cache = getattr(op.prob, "_factor_cache", None) if getattr(op, "cache_key", None) else None
-    if cache is not None and cache[0] == op.cache_key:
+    key = getattr(op, "cache_key", None)
+    cache = getattr(op.prob, "_factor_cache", None) if key else None
+    if cache is not None and cache[0] == (key, allow_indefinite):
         kind, F = cache[1]
         info.extra["cached_factorisation"] = True
     else:
         C = op.dense(max_params=max_params)
-        L, err = torch.linalg.cholesky_ex(C)
-        kind, F = ("cholesky", L) if int(err) == 0 else ("lu", torch.linalg.lu_factor(C))
-        if getattr(op, "cache_key", None):
-            op.prob._factor_cache = (op.cache_key, (kind, F))
+        kind, F = _factorise(C, allow_indefinite)
+        if kind == "failed":
+            info.diverged, info.message = True, F
+            return torch.full_like(B, float("nan")), info
+        if key:
+            op.prob._factor_cache = ((key, allow_indefinite), (kind, F))
     if kind == "cholesky":
         X = torch.cholesky_solve(B.T, F).T
     else:
-        info.message = "curvature not positive definite; used LU"
+        info.message = "curvature not positive definite; used LU (allow_indefinite=True)"
         X = torch.linalg.lu_solve(*F, B.T).T
     return X, _finish(op, X, B, info, tol=10 * torch.finfo(B.dtype).eps ** 0.5)
+
+
+_EXACT_FIX = "increase damping (e.g. damping=1e-2) or use curvature='ggn' (the Gauss-Newton matrix is positive semi-definite)"
+
+
+def _factorise(C: Tensor, allow_indefinite: bool) -> tuple[str, Any]:
+    """``("cholesky", L)``, ``("lu", (LU, pivots))`` or ``("failed", message)``."""
+    if not torch.isfinite(C).all():
+        return "failed", f"the damped curvature has non-finite entries (is θ^s finite?); {_EXACT_FIX}"
+    L, err = torch.linalg.cholesky_ex(C)
+    if int(err) == 0:
+        return "cholesky", L
+    if not allow_indefinite:
+        return "failed", (
+            f"the damped curvature is not positive definite (Cholesky failed at order {int(err)}): it is "
+            f"singular or indefinite; {_EXACT_FIX}; or pass solver_options={{'allow_indefinite': True}} to solve it by LU"
+        )
+    LU, pivots, err = torch.linalg.lu_factor_ex(C)
+    if int(err) != 0:
+        return "failed", f"the damped curvature is singular (LU pivot {int(err)} is zero); {_EXACT_FIX}"
+    return "lu", (LU, pivots)
 
 
 def solve_cg(
@@ -111,6 +196,7 @@ def solve_cg(
         max_iter: iteration cap (default ``min(10 p, 2000)``).
         x0: warm start ``[m, p]`` (e.g. the previous solution).
     """
+    check_options("cg", {"tol": tol, "max_iter": max_iter, "x0": x0})
     info = SolveInfo("cg")
     tol = (1e-10 if B.dtype == torch.float64 else 10 * torch.finfo(B.dtype).eps) if tol is None else float(tol)
     max_iter = min(10 * op.n_params, 2000) if max_iter is None else int(max_iter)
@@ -201,17 +287,21 @@ def solve_lissa(
         seed: minibatch sampling seed.
         tol: residual threshold reported as ``converged`` (LiSSA is an approximation).
     """
+    check_options("lissa", {"scale": scale, "depth": depth, "repeats": repeats, "batch_size": batch_size,
+                            "seed": seed, "tol": tol})
     info = SolveInfo("lissa")
     if scale is None:
         lam = _lambda_max(op, B, batch_size, seed)
-        if not lam > 0:
-            raise ValueError(
-                f"lissa: the estimated largest eigenvalue of C is {lam:.3g} (not positive: the Hessian may be "
-                "indefinite); use curvature='ggn', more damping, or pass solver_options={'scale': ...}."
+        if not lam > 0:  # reported like any other divergence (influence() raises SolverDivergedError)
+            info.diverged = True
+            info.message = (
+                f"the estimated largest eigenvalue of C is {lam:.3g} (not positive: the Hessian may be "
+                "indefinite); use curvature='ggn', more damping, or pass solver_options={'scale': ...}"
             )
+            return torch.full_like(B, float("nan")), info
         scale = 1.1 * lam
         info.extra["lambda_max_estimate"] = lam
-    if not (scale > 0 and math.isfinite(scale)):
+    if not (scale > 0 and math.isfinite(scale)):  # an estimate that overflowed
         raise ValueError(f"lissa: scale must be a positive number, got {scale!r}.")
     info.extra["scale"] = float(scale)
     n = op.prob.n_train
@@ -238,7 +328,16 @@ def solve_lissa(
         total += h / scale
     bar.close()
     X = total / repeats
-    return X, _finish(op, X, B, info, tol)
+    info = _finish(op, X, B, info, tol)
+    if not info.diverged and not info.residual < 1.0:  # no better than X = 0: not an approximation at all
+        info.diverged, info.converged = True, False
+        info.message = (
+            f"LiSSA did not converge: relative residual {info.residual:.3g} >= 1 (no better than the zero vector) "
+            f"after depth={depth}; the damped curvature is likely indefinite or too ill-conditioned: "
+            "increase damping, use curvature='ggn', or a larger depth"
+        )
+        return torch.full_like(B, float("nan")), info
+    return X, info
 
 
 SOLVERS = {"exact": solve_exact, "cg": solve_cg, "lissa": solve_lissa}

@@ -74,6 +74,9 @@ def train(
 def _temp_path(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)  # mkstemp creates 0600; a checkpoint gets the usual permissions
     os.close(fd)
     return tmp
 

@@ -125,13 +125,55 @@ def cache_dir() -> Path:
     return Path(env).expanduser().absolute() if env else _user_cache()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _part_file(dest: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``dest`` named ``.NAME.PID.XXXX.part``, with the usual permissions.
+
+    ``mkstemp`` creates files 0600; the mode is set to ``0666`` minus the umask, as ``open`` would.
+    Parts left by processes that no longer exist (a killed download) are deleted first.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(dest)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".part")
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_parts(dest: Path) -> list[Path]:
+    """Delete ``.NAME.PID.*.part`` files beside ``dest`` whose process is gone; returns them."""
+    removed = []
+    for part in dest.parent.glob(f".{dest.name}.*.part"):
+        pid = part.name[len(dest.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                part.unlink()
+                removed.append(part)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Create ``path`` atomically: ``write(fileobj)`` into a temp file beside it, then rename.
 
     On any error the temp file is removed and ``path`` is left untouched.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = _part_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -272,8 +314,7 @@ def require(name: str, relpaths, root=None, *, verify_checksums: bool = True) ->
 
 def _fetch(url: str, dest: Path, progress: bool) -> Path:
     """Stream ``url`` into a temp file beside ``dest``; returns the temp path."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = _part_file(dest)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
@@ -282,9 +323,9 @@ def _fetch(url: str, dest: Path, progress: bool) -> Path:
                     out.write(chunk)
                     bar.update(len(chunk))
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return Path(tmp)
+    return tmp
 
 
 def _url_for(rel: str, base_url: str | None) -> str:
@@ -335,8 +376,9 @@ def download(
 
     Each file is streamed to a temporary file in its destination folder, its md5 is checked
     (of the uncompressed content for ``.gz`` files), and only then is it renamed into place; on
-    any failure the temporary file is deleted, so nothing half-written is left behind. Files
-    already present with the right checksum are skipped.
+    any failure the temporary file is deleted, so nothing half-written is left behind, and the
+    temporary files of a killed download are deleted by the next one. Files get the usual
+    permissions (0666 minus the umask). Files already present with the right checksum are skipped.
 
     Args:
         name: a dataset name from :data:`pbrf.data.DATASETS` (``digits`` and the synthetic sets

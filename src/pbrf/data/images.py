@@ -193,9 +193,16 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _unpickle(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> dict:
     try:
-        return _ArrayUnpickler(tar.extractfile(member), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
-        raise DataError(f"{path}: member {member.name} is not a CIFAR pickle batch ({err}).") from None
+        batch = _ArrayUnpickler(tar.extractfile(member), encoding="bytes").load()
+    except (tarfile.TarError, OSError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a corrupt pickle fails in many ways (LookupError, struct errors, ...)
+        raise DataError(f"{path}: member {member.name} is not a CIFAR pickle batch ({type(err).__name__}: {err}). "
+                        "Fix: delete it and download it again.") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: member {member.name} is not a CIFAR pickle batch (a {type(batch).__name__}, "
+                        "not a dict). Fix: delete it and download it again.")
+    return batch
 
 
 def _batch_arrays(batch: dict, member: str, path: Path) -> tuple[np.ndarray, np.ndarray]:

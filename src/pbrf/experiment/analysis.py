@@ -138,8 +138,9 @@ def _pearson_finite(a: np.ndarray, b: np.ndarray) -> float:
     if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
     ac, bc = a - a.mean(), b - b.mean()
+    ac, bc = ac / np.abs(ac).max(), bc / np.abs(bc).max()  # scale-free: no overflow for huge values
     r = float(np.dot(ac, bc) / math.sqrt(float(np.dot(ac, ac)) * float(np.dot(bc, bc))))
-    return max(-1.0, min(1.0, r))
+    return max(-1.0, min(1.0, r)) if math.isfinite(r) else math.nan
 
 
 def pearson(a, b) -> float:
@@ -338,11 +339,48 @@ def decompose(dm: Mapping, df: Mapping | None = None) -> dict:
 # --------------------------------------------------------------------------- summary
 
 
+def _diverged_removals(diverged: Mapping | None, diagnostics: Mapping | None, n_removals: int) -> dict[str, list[int]]:
+    """``{kind: sorted removal indices}`` flagged as diverged (from ``diverged`` or the diagnostics)."""
+    if diverged is None and isinstance(diagnostics, Mapping):
+        diverged = {k: v.get("diverged_removals") for k, v in diagnostics.items()
+                    if isinstance(v, Mapping) and v.get("diverged_removals")}
+    out = {}
+    for kind, flags in (diverged or {}).items():
+        if flags is None:
+            continue
+        arr = np.asarray(flags)
+        if arr.dtype == bool:
+            if arr.shape != (n_removals,):
+                raise ValueError(f"diverged[{kind!r}] has {arr.shape} flags; expected one per removal ({n_removals}).")
+            idx = np.flatnonzero(arr)
+        else:
+            idx = np.unique(arr.astype(np.int64).ravel())
+            if idx.size and not (0 <= idx[0] and idx[-1] < n_removals):
+                raise ValueError(f"diverged[{kind!r}] names removals outside 0..{n_removals - 1}.")
+        if idx.size:
+            out[kind] = [int(i) for i in idx]
+    return out
+
+
+def _exclude(arrays: Mapping | None, removals: dict[str, list[int]], axis: int) -> Mapping | None:
+    """Copies of the arrays with the named removals of each kind set to NaN along ``axis``."""
+    if not arrays or not removals:
+        return arrays
+    out = dict(arrays)
+    for kind, idx in removals.items():
+        if out.get(kind) is not None:
+            a = np.array(out[kind], dtype=np.float64)  # a copy: the caller's arrays are not changed
+            a[(slice(None),) * axis + (idx,)] = np.nan
+            out[kind] = a
+    return out
+
+
 def summarise(
     dm: Mapping,
     df: Mapping | None = None,
     scores=None,
     diagnostics: Mapping | None = None,
+    diverged: Mapping | None = None,
 ) -> dict:
     """Decomposition and correlations of one experiment, as one JSON-safe dict.
 
@@ -350,28 +388,43 @@ def summarise(
         dm: ``{kind: Δm}``, each [n_test, n_removals].
         df: optional ``{kind: Δf}``, each [n_removals, n_test, *out].
         scores: influence estimates [n_test, n_removals]; defaults to ``dm["influence"]``.
-        diagnostics: optional JSON-safe dict (solver / optimiser diagnostics), stored as is.
+        diagnostics: optional JSON-safe dict (solver / optimiser diagnostics), stored as is except
+            for per-kind ``"diverged_removals"`` lists, which are read as ``diverged``.
+        diverged: optional ``{kind: flags [n_removals] | removal indices}`` of responses that
+            diverged. Their Δm / Δf are set to NaN before any statistic (a diverged optimisation
+            measures nothing), so they are left out of every gap, correlation and plot; the
+            summary counts and names them under ``"diverged"``.
 
     Returns:
         ``{"n_test", "n_removals", "kinds", "decomposition": decompose(dm, df),
-        "correlations": correlations(scores, dm) | {}}`` plus ``"diagnostics"`` when given.
+        "correlations": correlations(scores, dm) | {}}`` plus ``"diagnostics"`` when given and
+        ``"diverged": {"counts": {kind: n}, "removals": {kind: [indices]}}`` when any diverged.
         Correlations are empty when there are no scores and no ``dm["influence"]``.
     """
+    present = _present(dm, "dm")
+    if not present:
+        raise ValueError(f"dm has no arrays; pass at least two of {KINDS}.")
+    shape = next(iter(present.values())).shape
+    n_removals = int(shape[1]) if len(shape) > 1 else 1
+    excluded = _diverged_removals(diverged, diagnostics, n_removals)
+    dm, df = _exclude(present, excluded, axis=1), _exclude(df, excluded, axis=0)
     decomposition = decompose(dm, df)
     present = _present(dm, "dm")
     if scores is None:
         scores = present.get("influence")
     corr = correlations(scores, dm) if scores is not None else {}
-    shape = next(iter(present.values())).shape
     summary = {
         "n_test": int(shape[0]),
-        "n_removals": int(shape[1]) if len(shape) > 1 else 1,
+        "n_removals": n_removals,
         "kinds": decomposition["kinds"],
         "decomposition": decomposition,
         "correlations": corr,
     }
     if diagnostics is not None:
-        summary["diagnostics"] = diagnostics
+        summary["diagnostics"] = {k: ({kk: vv for kk, vv in v.items() if kk != "diverged_removals"}
+                                      if isinstance(v, Mapping) else v) for k, v in diagnostics.items()}
+    if excluded:
+        summary["diverged"] = {"counts": {k: len(v) for k, v in excluded.items()}, "removals": excluded}
     return summary
 
 

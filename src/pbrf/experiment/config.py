@@ -84,6 +84,11 @@ def _check_positive(where: str, value: Any, allow_zero: bool = False, allow_none
         _fail(where, f"must be a finite number {bound}; got {value!r}.")
 
 
+def _check_seed(where: str, value: Any) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63):
+        _fail(where, f"must be an integer >= 0 (e.g. 0); got {value!r}.")
+
+
 def _check_momentum(where: str, value: Any) -> None:
     if not (isinstance(value, (int, float)) and 0 <= value < 1):
         _fail(where, f"must lie in [0, 1) (e.g. 0.9); got {value!r}.")
@@ -109,6 +114,7 @@ class DataConfig:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_seed("data.seed", self.seed)
         for key in ("n_train", "n_test"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -155,6 +161,7 @@ class TrainConfig:
             _fail("train", "set exactly one of epochs or steps (e.g. --set train.epochs=20).")
         _check_positive("train.epochs", self.epochs, allow_none=True)
         _check_positive("train.steps", self.steps, allow_none=True)
+        _check_seed("train.seed", self.seed)
 
     def recipe_dict(self) -> dict:
         """The ``pbrf.Recipe`` keyword arguments (everything but ``weight_decay``)."""
@@ -238,6 +245,8 @@ class ResponsesConfig:
             _fail("responses.tol", f"must lie in (0, 1), e.g. 1e-8; got {self.tol!r}.")
         if not self.cold_seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.cold_seeds):
             _fail("responses.cold_seeds", f"must be a non-empty list of ints, e.g. [0, 1]; got {list(self.cold_seeds)}.")
+        for s in self.cold_seeds:
+            _check_seed("responses.cold_seeds entries", s)
 
     def recipe_dict(self) -> dict:
         """The recipe keyword arguments of the PBRF / proximal optimisation: ``pbrf.NewtonRecipe``'s
@@ -285,6 +294,7 @@ class RemovalsConfig:
             _fail("removals.group_fraction", f"must be in [0, 1); got {self.group_fraction!r}.")
         if self.group_fraction > 0 and self.group_size != 1:
             _fail("removals", "set group_fraction or group_size, not both.")
+        _check_seed("removals.seed", self.seed)
 
     def resolved_group_size(self, n_train: int) -> int:
         """Points per removal set for a training set of ``n_train`` examples."""

@@ -7,7 +7,9 @@ The scores file is ``.npy`` or ``.csv`` (comma separated, one row per test point
   (a group's score is the sum of its points' scores, as group influence is additive).
 
 Rows are the run's test points in the order of ``test_index`` (stored in the run's database).
-The sign convention is pbrf's: positive = removing the set increases the test loss.
+The sign convention is pbrf's: positive = removing the set increases the test loss; scores that
+anti-correlate with the run's own influence estimate get a warning (likely the opposite sign).
+Non-finite scores are left out of every correlation, and the count left out is reported.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from . import analysis
 from .config import ConfigError
 from .store import Store
 
-__all__ = ["EvaluateError", "load_scores", "map_scores", "run_arrays", "evaluate", "format_correlations"]
+__all__ = ["EvaluateError", "load_scores", "map_scores", "run_arrays", "evaluate", "format_correlations", "pairs_line"]
+
+#: Pearson correlation with the run's own influence estimate at or below which the sign is suspect.
+SIGN_FLIP_PEARSON = -0.5
 
 
 class EvaluateError(ConfigError):
@@ -43,8 +48,12 @@ def load_scores(path: str | Path) -> np.ndarray:
             raise EvaluateError(f"scores file {str(path)!r} must end in .npy or .csv.")
     except EvaluateError:
         raise
-    except (ValueError, OSError) as err:
-        raise EvaluateError(f"cannot read scores file {str(path)!r} ({err}); write it with numpy.save or as CSV.") from None
+    except (ValueError, OSError, EOFError) as err:
+        reason = str(err) or type(err).__name__
+        raise EvaluateError(f"cannot read scores file {str(path)!r} ({reason}); write it with numpy.save or as CSV.") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iuf":
+        what = f"{arr.dtype} values" if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise EvaluateError(f"scores file {str(path)!r} holds {what}, not real numbers; save a float array [n_test, n_removals].")
     arr = np.asarray(arr, dtype=np.float64)
     if arr.ndim != 2:
         raise EvaluateError(f"scores in {str(path)!r} have shape {arr.shape}; expected a 2-D array [n_test, n_removals] or [n_test, n_train].")
@@ -83,17 +92,19 @@ def run_arrays(run_dir: str | Path) -> dict:
             raise EvaluateError(f"{str(run_dir)!r} is not set up yet; finish it with `pbrf run --out {run_dir}`.")
         groups = _groups_from_array(groups_arr)
         n_chunks = math.ceil(len(groups) / config.run.chunk_size)
-        dm = {}
+        dm, diverged = {}, {}
         for kind in config.responses.ordered_kinds():
             try:
-                dm[kind] = store.gather(kind, n_chunks)[0]
+                dm[kind], _, diags = store.gather(kind, n_chunks)
+                diverged[kind] = [i for i, d in enumerate(diags) if d.get("diverged")]
             except KeyError:
                 raise EvaluateError(
                     f"{str(run_dir)!r} is not finished ({kind} missing); resume it with `pbrf run --out {run_dir}`."
                 ) from None
         n_train = store.get_meta("n_train")
         index = store.get_array("test_index")
-    return {"config": config, "dm": dm, "groups": groups, "test_index": index, "n_train": n_train}
+    diverged = {k: v for k, v in diverged.items() if v}
+    return {"config": config, "dm": dm, "groups": groups, "test_index": index, "n_train": n_train, "diverged": diverged}
 
 
 def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
@@ -112,24 +123,54 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
         )
     n_train = arrays["n_train"] or -1
     scores, layout = map_scores(raw, arrays["groups"], n_train)
-    corr = analysis.correlations(scores, arrays["dm"])
+    diverged = arrays.get("diverged") or {}
+    dm = analysis._exclude(arrays["dm"], diverged, axis=1)  # as in the run's report: diverged responses measure nothing
+    corr = analysis.correlations(scores, dm)
+    own = analysis.pearson(scores, arrays["dm"]["influence"])
+    sign_warning = None
+    if math.isfinite(own) and own <= SIGN_FLIP_PEARSON:
+        sign_warning = (f"the scores anti-correlate with the run's own influence estimate (Pearson {own:.3f}); "
+                        "pbrf's sign is positive = removing the set increases the test loss, so negate scores "
+                        "that use the opposite convention.")
     return {
         "scores": str(scores_path),
         "run": str(run_dir),
         "layout": layout,
         "n_test": int(n_test),
         "n_removals": len(arrays["groups"]),
+        "n_pairs_total": int(scores.size),
+        "n_nonfinite_scores": int((~np.isfinite(scores)).sum()),
+        "pearson_vs_own_influence": analysis._num(own),
+        "sign_warning": sign_warning,
+        "diverged": {k: len(v) for k, v in diverged.items()},
         "correlations": corr,
     }
 
 
+def pairs_line(result: dict) -> str:
+    """How many (test, removal) pairs the correlations use, and how many were left out and why."""
+    total, bad = result["n_pairs_total"], result["n_nonfinite_scores"]
+    counts = sorted({int(e["n_pairs"]) for e in result["correlations"].values()})
+    used = "n/a" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    text = f"pairs used: {used} of {total}"
+    if bad:
+        text += f"; {bad} dropped for non-finite (NaN/inf) scores"
+    if result.get("diverged"):
+        named = ", ".join(f"{analysis.KIND_LABELS.get(k, k)} {v}" for k, v in result["diverged"].items())
+        text += f"; removal sets whose response diverged are excluded ({named})"
+    elif counts and counts[0] < total - bad:
+        text += "; more dropped where a response is non-finite (pairs column)"
+    return text
+
+
 def format_correlations(result: dict) -> str:
     """A plain-text table of :func:`evaluate`'s correlations."""
-    header = ["scores vs", "Pearson", "Spearman", "P/test", "S/test"]
+    header = ["scores vs", "Pearson", "Spearman", "P/test", "S/test", "pairs"]
     rows = []
     for kind, entry in result["correlations"].items():
         cells = [entry.get(k) for k in ("pearson", "spearman", "pearson_per_test", "spearman_per_test")]
-        rows.append([analysis.KIND_LABELS.get(kind, kind)] + ["n/a" if c is None else f"{c:.3f}" for c in cells])
+        rows.append([analysis.KIND_LABELS.get(kind, kind)] + ["n/a" if c is None else f"{c:.3f}" for c in cells]
+                    + [str(entry.get("n_pairs", "n/a"))])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])

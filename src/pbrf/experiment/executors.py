@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 
 from .store import ChunkResult
 
-__all__ = ["LocalExecutor", "RayExecutor", "get_executor"]
+__all__ = ["LocalExecutor", "RayExecutor", "get_executor", "check_reachable"]
+
+#: Seconds to wait for a TCP connection to ``--ray-address`` before giving up.
+CONNECT_TIMEOUT = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ class RayExecutor:
         self.started = False
         if not ray.is_initialized():
             if address:
+                check_reachable(address)
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -98,6 +103,30 @@ class RayExecutor:
         if self.started:
             self.ray.shutdown()
             self.started = False
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Fail fast when nothing listens at a ``HOST:PORT`` / ``ray://HOST:PORT`` Ray address.
+
+    ``ray.init`` retries a dead address for minutes without a word; a TCP connection attempt
+    answers in at most ``timeout`` seconds. Other forms (``auto``, ``local``) are left to Ray.
+
+    Raises:
+        ConnectionError: one line naming the address, the cause and the fix.
+    """
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise ConnectionError(
+            f"cannot reach a Ray cluster at {address!r} ({reason}); start one there (`ray start --head`) "
+            "or drop --ray-address to start a local Ray."
+        ) from None
 
 
 def get_executor(name: str, address: str | None = None):

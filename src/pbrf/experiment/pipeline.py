@@ -19,6 +19,7 @@ uninterrupted one end with the same numbers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import inspect
 import json
@@ -48,6 +49,7 @@ __all__ = [
     "pending_tasks",
     "finish",
     "run_experiment",
+    "lock_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,33 +125,132 @@ def build_model(config: ExperimentConfig, kwargs: dict, seed: int):
 
 
 def prepare_inputs(config: ExperimentConfig) -> Inputs:
-    """Load the data and check that the model builds; raises ConfigError / DataError, writes nothing."""
+    """Load the data and check everything that can be checked before a file is written.
+
+    Checked here: the data, the model (its size against the memory, built on the meta device
+    first), the task against the data and the model, the device, the sizes of test points and
+    removal sets, the seeded choices, the solver options (names and values) and the curvature.
+    Raises ConfigError / DataError; writes nothing.
+    """
     dataset = load_dataset(config)
     task_name = config.task or dataset.task
     kwargs = model_kwargs(config, dataset)
+    n_params = check_model_size(config, kwargs)
     try:
-        build_model(config, kwargs, seed=config.train.seed)
+        model = build_model(config, kwargs, seed=config.train.seed)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {err}") from None
+    except (RuntimeError, MemoryError) as err:
+        raise ConfigError(f"model: cannot build {config.model.name!r} {config.model.options} ({_first_line(err)}); "
+                          "make it smaller (e.g. a lower model.width).") from None
     if config.run.device.startswith("cuda") and not _torch().cuda.is_available():
         raise ConfigError("run.device is cuda but no CUDA device is available; pass --device cpu.")
+    check_task(config, dataset, task_name, model)
     check_sizes(config, len(dataset.x_train), len(dataset.x_test))
-    check_solver_options(config)
+    choose_test_points(config, len(dataset.x_test))  # the seeded choices work (they are redone in setup)
+    if config.removals.strategy == "random":
+        random_groups(config, len(dataset.x_train))
+    check_solver_options(config, n_params)
+    check_curvature(config)
     return Inputs(config, dataset, task_name, kwargs)
 
 
-def check_solver_options(config: ExperimentConfig) -> None:
-    """Solver options must be arguments of the named solver (``pbrf.solvers``)."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_model_size(config: ExperimentConfig, kwargs: dict) -> int:
+    """Build the model on the meta device (no memory) and check its parameters fit; returns their count."""
+    torch = _torch()
+    try:
+        with torch.device("meta"):
+            meta = build_model(config, kwargs, seed=config.train.seed)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
+    except (RuntimeError, MemoryError, OverflowError) as err:
+        raise ConfigError(f"model: cannot build {config.model.name!r} {config.model.options} ({_first_line(err)}); "
+                          "make it smaller (e.g. a lower model.width).") from None
+    n_params = sum(p.numel() for p in meta.parameters())
+    need = n_params * getattr(torch, config.run.dtype).itemsize
+    available = _available_memory()
+    if available is not None and need > available:
+        raise ConfigError(
+            f"model: {config.model.name!r} {config.model.options} has {n_params:,} parameters ({need / 2**30:.3g} GiB "
+            f"in {config.run.dtype}), more than the {available / 2**30:.3g} GiB of memory available; make it smaller "
+            "(e.g. a lower model.width)."
+        )
+    return n_params
+
+
+def check_task(config: ExperimentConfig, dataset, task_name: str, model) -> None:
+    """The task must fit the data and the model: a Problem on two training and two test examples."""
+    import pbrf
+
+    try:
+        task = pbrf.tasks.get_task(task_name)
+    except ValueError as err:
+        raise ConfigError(f"task: {err}") from None
+    y_train = None if task_name == "reconstruction" else dataset.y_train[:2]
+    y_test = None if task_name == "reconstruction" else dataset.y_test[:2]
+    try:
+        prob = pbrf.Problem(model, task, train=(dataset.x_train[:2], y_train))
+        prob.prepare((dataset.x_test[:2], y_test), "test")
+    except (TypeError, ValueError, RuntimeError) as err:
+        fix = f"omit task to use the data's own ({dataset.task!r})" if config.task else "set task to match the data"
+        raise ConfigError(f"task {task_name!r} does not fit data {config.data.name!r} with model "
+                          f"{config.model.name!r}: {_first_line(err)}; {fix}.") from None
+
+
+def check_solver_options(config: ExperimentConfig, n_params: int | None = None) -> None:
+    """Solver options must be arguments of the named solver with meaningful values (``pbrf.solvers``);
+    the dense ``exact`` solver must fit ``max_params``."""
     from pbrf import solvers
 
     inf = config.influence
-    for field_, solver, options in (("solver_options", inf.solver, inf.solver_options),
-                                    ("accurate_options", inf.accurate_solver, inf.accurate_options)):
+    for field_, key, solver, options in (("solver_options", "solver", inf.solver, inf.solver_options),
+                                         ("accurate_options", "accurate_solver", inf.accurate_solver, inf.accurate_options)):
         params = inspect.signature(solvers.SOLVERS[solver]).parameters
         valid = [n for n in list(params)[2:]]
         bad = sorted(set(options) - set(valid))
         if bad:
             raise ConfigError(f"influence.{field_}: {bad[0]!r} is not an option of solver {solver!r}; it takes {', '.join(valid)}.")
+        try:
+            solvers.check_options(solver, options)
+        except ValueError as err:
+            raise ConfigError(f"influence.{field_}: {err}") from None
+        if solver == "exact" and n_params is not None:
+            limit = options.get("max_params", params["max_params"].default)
+            if n_params > limit:
+                raise ConfigError(
+                    f"influence.{key}='exact' forms the dense {n_params}x{n_params} curvature, above max_params={limit}; "
+                    f"use influence.{key}=\"cg\", or raise influence.{field_}.max_params if it fits in memory."
+                )
+
+
+def check_curvature(config: ExperimentConfig) -> None:
+    """An undamped Hessian (damping 0, weight decay 0) is singular or indefinite for a network: refused."""
+    inf = config.influence
+    if inf.curvature == "hessian" and inf.damping == 0 and config.train.weight_decay == 0:
+        raise ConfigError(
+            "influence.curvature=\"hessian\" with influence.damping=0 and train.weight_decay=0 is singular or "
+            "indefinite; set influence.damping > 0 (e.g. --set influence.damping=1e-3) or use influence.curvature=\"ggn\"."
+        )
 
 
 def check_sizes(config: ExperimentConfig, n_train: int, n_test: int) -> None:
@@ -166,15 +267,31 @@ def check_sizes(config: ExperimentConfig, n_train: int, n_test: int) -> None:
 
 # ---------------------------------------------------------------------------- run directory
 def open_run(config: ExperimentConfig, run_dir: Path, overwrite: bool = False) -> str:
-    """Create, resume or overwrite ``run_dir``; writes ``config.json`` first. Returns the mode."""
+    """Create, resume or overwrite ``run_dir``; writes ``config.json`` first. Returns the mode.
+
+    Call it holding the run's lock (:func:`_exclusive`, as :func:`run_experiment` does): the
+    decision is made here, under the lock, so that no other process can be using the directory.
+    An overwritten directory is first renamed aside and then deleted, so a kill in between leaves
+    either the old run or the new one, never a half-deleted directory.
+    """
     run_dir = Path(run_dir)
     mode = check_run_dir(run_dir, config, overwrite)
+    _remove_trash(run_dir)
     if mode == "overwrite":
-        shutil.rmtree(run_dir)
+        trash = run_dir.parent / f".{run_dir.name}.deleting-{os.getpid()}-{time.monotonic_ns()}"
+        os.rename(run_dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     if mode != "resume":
         atomic_write_text(run_dir / CONFIG_NAME, config.to_json() + "\n")
     return mode
+
+
+def _remove_trash(run_dir: Path) -> None:
+    """Delete what an overwrite killed mid-way left aside (``.NAME.deleting-*`` beside the run)."""
+    if run_dir.parent.is_dir():
+        for trash in run_dir.parent.glob(f".{run_dir.name}.deleting-*"):
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_config(run_dir: Path) -> ExperimentConfig:
@@ -237,8 +354,15 @@ def _recipe(fields: dict, seed: int):
 
 
 def train_theta(inputs: Inputs, run_dir: Path, progress: bool = True) -> dict:
-    """θ^s: loaded from the run's checkpoint, else trained with the base recipe and saved."""
+    """θ^s: loaded from the run's checkpoint, else trained with the base recipe and saved.
+
+    Raises:
+        ConfigError: base training diverged (nothing is saved, so the corrected command replaces
+            the run directory without ``--overwrite``), or the stored checkpoint is unreadable or
+            not finite (the fix is ``--overwrite``).
+    """
     import pbrf
+    from safetensors import SafetensorError
 
     config = inputs.config
     path = Path(run_dir) / CHECKPOINT
@@ -250,10 +374,33 @@ def train_theta(inputs: Inputs, run_dir: Path, progress: bool = True) -> dict:
             model.to(config.run.device), task, train=_train_data(inputs), recipe=_recipe(config.train.recipe_dict(), config.train.seed),
             weight_decay=config.train.weight_decay, progress=progress,
         )
-        pbrf.save_checkpoint(path, {k: v.detach().cpu() for k, v in result.params.items()},
-                             {"config": config.name, "diagnostics": _plain(result.diagnostics or {})})
-    params, _ = pbrf.load_checkpoint(path)
+        _check_trained(config, result)
+        try:
+            pbrf.save_checkpoint(path, {k: v.detach().cpu() for k, v in result.params.items()},
+                                 {"config": config.name, "diagnostics": _plain(result.diagnostics or {})})
+        except SafetensorError as err:  # the disk refused the write (full, ulimit -f, read-only)
+            raise OSError(errno.EIO, _first_line(err), str(path)) from None
+    try:
+        params, _ = pbrf.load_checkpoint(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConfigError(f"{str(path)!r} is unreadable ({_first_line(err)}); pass --overwrite to start this run again.") from None
+    if not all(bool(_torch().isfinite(v).all()) for v in params.values()):
+        raise ConfigError(f"{str(path)!r} holds non-finite parameters; pass --overwrite to start this run again.")
     return params
+
+
+def _check_trained(config: ExperimentConfig, result) -> None:
+    """Refuse a diverged base training before anything of it is saved."""
+    diag = result.diagnostics or {}
+    finite = all(bool(_torch().isfinite(v).all()) for v in result.params.values())
+    if finite and not diag.get("diverged"):
+        return
+    tr = config.train
+    raise ConfigError(
+        f"base training diverged (objective {diag.get('objective', float('nan')):.3g} after {diag.get('steps', '?')} steps "
+        f"with train.lr={tr.lr:g}); lower train.lr (e.g. --set train.lr={tr.lr / 10:g}) and run again "
+        "(nothing was computed, so the corrected command replaces this run directory)."
+    )
 
 
 def _plain(d: dict) -> dict:
@@ -549,6 +696,7 @@ def diagnostics_summary(diags: dict[str, list[dict]]) -> dict:
     for kind, rows in diags.items():
         entry: dict[str, Any] = {"n": len(rows)}
         entry["diverged"] = int(sum(bool(r.get("diverged")) for r in rows))
+        entry["diverged_removals"] = [i for i, r in enumerate(rows) if r.get("diverged")]  # excluded by summarise
         keys = sorted({k for r in rows for k, v in r.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TIMING_KEYS})
         for k in keys:
@@ -698,37 +846,60 @@ def run_experiment(
         config: the experiment.
         run_dir: its run directory (created; a different config there is refused).
         executor: a :mod:`pbrf.experiment.executors` executor (default: local).
-        overwrite: replace a run of a different config in ``run_dir``.
+        overwrite: start ``run_dir`` afresh, discarding whatever run it holds (also one of the
+            same config); without it a run of the same config resumes.
         progress: show progress bars.
         inputs: already prepared :class:`Inputs` (else prepared here).
 
     Raises:
-        ConfigError: invalid config or run-directory mismatch (nothing written).
+        ConfigError: invalid config or run-directory mismatch (nothing written); another process
+            holds the run; base training or a solver diverged (the message names the fix).
         pbrf.data.DataError: missing data (nothing written).
+        OSError: the disk refused a write (the same command resumes once the cause is fixed).
     """
+    from pbrf.solvers import SolverDivergedError
+
     from .executors import LocalExecutor
 
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, config, overwrite)
+    check_run_dir(run_dir, config, overwrite)  # read-only: refuse before anything is written
     inputs = inputs or prepare_inputs(config)
-    mode = open_run(config, run_dir, overwrite)
-    log.info("%s run directory %s", mode, run_dir)
     executor = executor or LocalExecutor()
     t0 = time.perf_counter()
-    with _exclusive(run_dir), Store(run_dir) as store:
-        ctx = setup(inputs, run_dir, store, progress)
-        _CONTEXTS[str(run_dir.resolve())] = ctx
-        tasks = pending_tasks(ctx, store.done())
-        _run_tasks(executor, ctx, tasks, store, progress)
-        summary = finish(ctx, store)
-        store.set_meta("wall_seconds_last", time.perf_counter() - t0)
+    with _exclusive(run_dir):  # taken before the resume/overwrite decision, on a file beside run_dir
+        mode = open_run(config, run_dir, overwrite)
+        log.info("%s run directory %s", mode, run_dir)
+        with Store(run_dir) as store:
+            try:
+                ctx = setup(inputs, run_dir, store, progress)
+                _CONTEXTS[str(run_dir.resolve())] = ctx
+                tasks = pending_tasks(ctx, store.done())
+                _run_tasks(executor, ctx, tasks, store, progress)
+            except SolverDivergedError as err:
+                msg = str(err).split(" Diagnostics:")[0].rstrip(".")
+                raise ConfigError(f"{msg}. Change the [influence] settings and rerun with --overwrite "
+                                  "(the same command stops here again).") from None
+            summary = finish(ctx, store)
+            store.set_meta("wall_seconds_last", time.perf_counter() - t0)
     return summary
+
+
+def lock_path(run_dir: str | Path) -> Path:
+    """The lock file of a run directory: ``.NAME.lock`` beside it, so it survives an overwrite."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.parent / f".{run_dir.name}.lock"
 
 
 @contextlib.contextmanager
 def _exclusive(run_dir: Path):
-    """Hold an exclusive lock on the run directory (released by the OS even after kill -9)."""
-    with open(run_dir / ".lock", "w") as fh:
+    """Hold an exclusive lock on the run directory (released by the OS even after kill -9).
+
+    The lock file lives beside the run directory, not inside it, so ``--overwrite`` cannot delete
+    it from under a running process; it is taken before the resume/overwrite decision.
+    """
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

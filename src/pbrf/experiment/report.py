@@ -83,6 +83,16 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+#: Magnitudes beyond this are not drawn (matplotlib's axis limits overflow near 1e308); they are counted.
+PLOT_LIMIT = 1e100
+
+
+def _plottable(x) -> float | None:
+    """``_finite(x)`` when its magnitude can be drawn, else None."""
+    x = _finite(x)
+    return x if x is not None and abs(x) <= PLOT_LIMIT else None
+
+
 def fmt_corr(x) -> str:
     """A correlation with 3 decimals (``0.934``), or ``n/a`` for None/NaN."""
     x = _finite(x)
@@ -180,17 +190,18 @@ def _save_figure(fig: Figure, path: Path) -> Path:
 
 def _log_bars(ax, labels: Sequence[str], values: Sequence, colors: Sequence, ylabel: str) -> None:
     """Bars on a log axis; zeros drawn at a floor and labelled "0", missing values "n/a"."""
-    vals = [_finite(v) for v in values]
+    raw = [_finite(v) for v in values]
+    vals = [_plottable(v) for v in raw]  # off-scale values: drawn like missing ones, labelled with their value
     positive = [v for v in vals if v is not None and v > 0]
     floor = min(positive) / 10 if positive else 1e-12
     heights = [max(v, floor) if v is not None else floor for v in vals]
     x = np.arange(len(labels))
     bars = ax.bar(x, heights, color=colors, edgecolor="black", linewidth=0.6)
-    for bar, v in zip(bars, vals):
+    for bar, v, r in zip(bars, vals, raw):
         if v is None or v <= 0:
             bar.set_alpha(0.25)
             bar.set_hatch("//")
-        text = NA if v is None else ("0" if v <= 0 else f"{v:.2e}")
+        text = (NA if r is None else f"{r:.2e} (off scale)") if v is None else ("0" if v <= 0 else f"{v:.2e}")
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")  # fmt: skip
     ax.set_yscale("log")
@@ -210,7 +221,7 @@ def plot_decomposition(summary: Mapping, path) -> Path:
     gaps = dec.get("gaps") or {}
     _log_bars(axes[0], GAPS, [gaps.get(g) for g in GAPS], colors, r"mean $|\Delta m_a - \Delta m_b|$")
     axes[0].set_title("Gaps in the measured test-loss change")
-    scale = _finite(_get(dec, "mean_abs", "pbrf"))
+    scale = _plottable(_get(dec, "mean_abs", "pbrf"))
     if scale:
         label = r"mean $|\Delta m|$ (PBRF), for scale"
         axes[0].axhline(scale, color=KIND_COLORS["pbrf"], ls="--", lw=1, label=label)
@@ -222,7 +233,9 @@ def plot_decomposition(summary: Mapping, path) -> Path:
 
 
 def _scatter_panel(ax, x: np.ndarray, y: np.ndarray, kind: str, corr: Mapping) -> None:
-    keep = np.isfinite(x) & np.isfinite(y)
+    finite = np.isfinite(x) & np.isfinite(y)
+    keep = finite & (np.abs(x) <= PLOT_LIMIT) & (np.abs(y) <= PLOT_LIMIT)
+    off_scale = int(finite.sum() - keep.sum())
     x, y = x[keep], y[keep]
     alpha = float(np.clip(30 / math.sqrt(max(x.size, 1)), 0.15, 0.8))
     ax.scatter(x, y, s=8, alpha=alpha, color=KIND_COLORS[kind], edgecolors="none", rasterized=True)
@@ -230,7 +243,8 @@ def _scatter_panel(ax, x: np.ndarray, y: np.ndarray, kind: str, corr: Mapping) -
         lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
         ax.plot([lo, hi], [lo, hi], color="0.3", ls="--", lw=0.8)  # y = x
     p, s = fmt_corr(_get(corr, kind, "pearson")), fmt_corr(_get(corr, kind, "spearman"))
-    ax.set_title(f"{KIND_LABELS[kind]}\nP = {p}, S = {s}", fontsize=10)
+    note = f" ({off_scale} off scale)" if off_scale else ""
+    ax.set_title(f"{KIND_LABELS[kind]}\nP = {p}, S = {s}{note}", fontsize=10)
     ax.set_xlabel(r"influence estimate $\Delta m_{\mathrm{IF}}$", fontsize=9)
     ax.set_ylabel(rf"$\Delta m$ ({KIND_LABELS[kind]})", fontsize=9)
     ax.axhline(0, color="0.8", lw=0.5, zorder=0)
@@ -295,7 +309,7 @@ def _sweep_x(values: Sequence) -> tuple[np.ndarray, list[str] | None, bool]:
 
 def _sweep_gap_panel(ax, x: np.ndarray, summaries: Sequence[Mapping], factor: str) -> None:
     for gap in GAPS:
-        y = [_finite(_get(s, "decomposition", "gaps", gap)) for s in summaries]
+        y = [_plottable(_get(s, "decomposition", "gaps", gap)) for s in summaries]
         ax.plot(x, [v if v is not None and v > 0 else np.nan for v in y], "o-", color=GAP_COLORS[gap], label=gap)
     ax.set_yscale("log")
     ax.set_ylabel(r"mean $|\Delta m_a - \Delta m_b|$")
@@ -454,9 +468,14 @@ def _telescoping_text(dec: Mapping) -> str:
     )
 
 
-def _validity_text(dec: Mapping) -> str:
+def _validity_text(dec: Mapping, diverged: Mapping | None = None) -> str:
     n_pairs, n_valid = dec.get("n_pairs"), dec.get("n_valid")
     text = f"Pairs used: {n_valid} of {n_pairs} (test point, removal) pairs."
+    removals = (diverged or {}).get("removals") or {}
+    if removals:
+        named = "; ".join(f"{KIND_LABELS.get(k, k)} {len(v)} ({_removal_list(v)})" for k, v in removals.items())
+        text += (f" Diverged responses, excluded from every statistic and plot (removal sets, as numbered in "
+                 f"removals.json): {named}.")
     bad = {k: v for k, v in (dec.get("nonfinite") or {}).items() if v}
     if bad:
         counts = ", ".join(f"{KIND_LABELS.get(k, k)} {v}" for k, v in bad.items())
@@ -464,12 +483,18 @@ def _validity_text(dec: Mapping) -> str:
     return text
 
 
+def _removal_list(idx: Sequence[int], limit: int = 20) -> str:
+    shown = ", ".join(f"#{i}" for i in idx[:limit])
+    return shown + (f", … {len(idx) - limit} more" if len(idx) > limit else "")
+
+
 def _decomposition_section(summary: Mapping) -> str:
     dec = _decomp(summary)
     header = ["gap", "between (a → b)", "mean |Δm_a − Δm_b|", "signed mean Δm_a − Δm_b",
               "output-space mean ||Δf_a − Δf_b||"]  # fmt: skip
     table = _md_table(header, _decomposition_rows(dec), align="llrrr")
-    return "\n\n".join(["## Decomposition of the mismatch", table, _telescoping_text(dec), _validity_text(dec)])
+    return "\n\n".join(["## Decomposition of the mismatch", table, _telescoping_text(dec),
+                        _validity_text(dec, summary.get("diverged"))])
 
 
 def _diagnostics_section(diagnostics) -> str:
@@ -700,7 +725,7 @@ def print_summary(summary: Mapping) -> str:
     if corr_rows:
         parts.append(_text_table(["influence vs", "Pearson", "Spearman", "P/test", "S/test"], corr_rows))
     parts.append(_text_table(["gap", "mean |Δm|", "signed"], gap_rows))
-    parts.append(_validity_text(dec))
+    parts.append(_validity_text(dec, summary.get("diverged")))
     paired = summary.get("paired") or {}
     pcorr = paired.get("correlations") or {}
     if pcorr:

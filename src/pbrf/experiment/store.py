@@ -19,10 +19,16 @@ Tables of ``results.sqlite``:
 
 Each row is written in its own transaction, so a run killed at any moment keeps every finished
 (kind, chunk) and loses nothing else; :meth:`Store.done` tells the resumed run what to skip.
+
+A database that SQLite finds corrupt raises :class:`StoreError` (a :class:`ConfigError`: one line
+naming the file and the fix, ``--overwrite``); a write the disk refuses (full, ``ulimit -f``,
+read-only) raises ``OSError`` naming the file, and the run resumes once the cause is fixed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import logging
@@ -37,12 +43,18 @@ import numpy as np
 
 from .config import ConfigError, ExperimentConfig
 
-__all__ = ["Store", "ChunkResult", "to_blob", "from_blob", "atomic_write_text", "check_run_dir"]
+__all__ = ["Store", "StoreError", "ChunkResult", "to_blob", "from_blob", "atomic_write_text", "check_run_dir"]
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "results.sqlite"
 CONFIG_NAME = "config.json"
+#: θ^s of a run (written by the pipeline once base training succeeded); without it nothing is computed yet.
+CHECKPOINT_NAME = "theta_s.safetensors"
+
+
+class StoreError(ConfigError):
+    """The run's database is corrupt or unreadable; the message names the file and the fix."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -87,8 +99,14 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (mode 0666 minus the umask)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -96,9 +114,12 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: name it
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
 
 
@@ -119,8 +140,18 @@ class ChunkResult:
 def check_run_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> str:
     """Decide what to do with ``run_dir`` for ``config``: ``"new"``, ``"resume"`` or ``"overwrite"``.
 
+    * no directory, or an empty one: ``"new"``;
+    * ``overwrite``: ``"overwrite"`` — the run directory is started afresh, whatever it holds
+      (also a run of the same config, e.g. with a corrupt store);
+    * the same config: ``"resume"``;
+    * a different config, but nothing computed yet (no θ^s: e.g. base training failed): ``"overwrite"``
+      — nothing of value is lost, so the corrected command needs no ``--overwrite``;
+    * a different config with results: refused.
+
+    Only reads; the caller decides again under the run's lock before writing.
+
     Raises:
-        ConfigError: the directory holds a run of a different config and ``overwrite`` is False,
+        ConfigError: the directory holds results of a different config and ``overwrite`` is False,
             or it is a non-empty directory that is not a run directory (never overwritten).
     """
     run_dir = Path(run_dir)
@@ -131,18 +162,62 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> s
         if run_dir.is_dir() and any(run_dir.iterdir()):  # never delete a folder pbrf did not make
             raise ConfigError(f"{str(run_dir)!r} is not empty and is not a pbrf run directory; pass another --out DIR.")
         return "new"
+    if overwrite:
+        return _overwritable(run_dir)
+    readable = True
     try:
         old = ExperimentConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
         same = old.fingerprint() == config.fingerprint()
-    except (ConfigError, ValueError):
-        same = False
+    except (ConfigError, ValueError, OSError):
+        same = readable = False
     if same:
         return "resume"
-    if not overwrite:
-        raise ConfigError(
-            f"{str(run_dir)!r} holds a run of a different config; pass --overwrite to replace it or --out DIR for a new run."
-        )
+    if not (run_dir / CHECKPOINT_NAME).exists():
+        log.info("%s holds a different config but no results yet; replacing it", run_dir)
+        return _overwritable(run_dir)
+    what = "a run of a different config" if readable else f"an unreadable {CONFIG_NAME}"
+    raise ConfigError(f"{str(run_dir)!r} holds {what}; pass --overwrite to replace it or --out DIR for a new run.")
+
+
+def _overwritable(run_dir: Path) -> str:
+    """``"overwrite"``, unless the directory holds the current working directory (it is deleted)."""
+    here, target = Path.cwd().resolve(), run_dir.resolve()
+    if here == target or target in here.parents:
+        raise ConfigError(f"cannot replace {str(run_dir)!r}: it holds the current directory; run pbrf from "
+                          "elsewhere or pass another --out DIR.")
     return "overwrite"
+
+
+_SQLITE_ERRNO = {13: errno.ENOSPC, 8: errno.EROFS, 10: errno.EIO, 14: errno.EACCES, 23: errno.EACCES}
+
+
+def _corrupt(path: Path, err: Exception) -> StoreError:
+    return StoreError(
+        f"{str(path)!r} is corrupt ({err}); pass --overwrite to start this run again "
+        "(it discards the stored results), or --out DIR for a new run."
+    )
+
+
+@contextlib.contextmanager
+def _sqlite_errors(path: Path, reading: bool = False):
+    """Turn SQLite failures into one-line errors naming the file: StoreError (corrupt) or OSError (disk).
+
+    With ``reading``, undecodable stored values (``.npy`` blobs, JSON) count as corruption too.
+    """
+    try:
+        yield
+    except sqlite3.DatabaseError as err:
+        code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+        if code in (11, 26) or type(err) is sqlite3.DatabaseError:  # SQLITE_CORRUPT, SQLITE_NOTADB
+            raise _corrupt(path, err) from None
+        if code in _SQLITE_ERRNO:
+            name = getattr(err, "sqlite_errorname", "")
+            raise OSError(_SQLITE_ERRNO[code], f"{err}{f' ({name})' if name else ''}", str(path)) from None
+        raise
+    except (ValueError, EOFError) as err:
+        if not reading or isinstance(err, ConfigError):
+            raise
+        raise _corrupt(path, err) from None
 
 
 class Store:
@@ -155,19 +230,33 @@ class Store:
 
     def __init__(self, run_dir: str | Path, readonly: bool = False) -> None:
         self.run_dir = Path(run_dir)
-        path = self.run_dir / DB_NAME
-        if readonly:
-            self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
-        else:
-            self.conn = sqlite3.connect(path, timeout=60)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.executescript(_SCHEMA)
-            self.conn.commit()
+        self.path = path = self.run_dir / DB_NAME
+        self.conn = None
+        with self._errors():
+            if readonly:
+                self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+                self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # a garbage file fails here
+            else:
+                self.conn = sqlite3.connect(path, timeout=60)
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=FULL")
+                self.conn.executescript(_SCHEMA)
+                self.conn.commit()
+                self._check_integrity()
+
+    def _errors(self, reading: bool = False):
+        return _sqlite_errors(self.path, reading)
+
+    def _check_integrity(self) -> None:
+        """A cheap structural check (``PRAGMA quick_check``) so that a truncated file fails at open, not mid-run."""
+        row = self.conn.execute("PRAGMA quick_check(1)").fetchone()
+        if row is None or row[0] != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {row[0] if row else 'no answer'}")
 
     def close(self) -> None:
         """Close the connection."""
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -178,25 +267,26 @@ class Store:
     # -------------------------------------------------------------- meta and arrays
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON value under ``key`` (own transaction)."""
-        with self.conn:
+        with self._errors(), self.conn:
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(_jsonable(value))))
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         """The JSON value under ``key`` (``default`` if absent)."""
-        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else json.loads(row[0])
+        with self._errors(reading=True):
+            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return default if row is None else json.loads(row[0])
 
     def put_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Store several named arrays in one transaction."""
-        with self.conn:
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO arrays VALUES (?, ?)", [(k, to_blob(v)) for k, v in arrays.items()]
-            )
+        blobs = [(k, to_blob(v)) for k, v in arrays.items()]
+        with self._errors(), self.conn:
+            self.conn.executemany("INSERT OR REPLACE INTO arrays VALUES (?, ?)", blobs)
 
     def get_array(self, name: str) -> np.ndarray | None:
         """A named array (``None`` if absent)."""
-        row = self.conn.execute("SELECT data FROM arrays WHERE name = ?", (name,)).fetchone()
-        return None if row is None else from_blob(row[0])
+        with self._errors(reading=True):
+            row = self.conn.execute("SELECT data FROM arrays WHERE name = ?", (name,)).fetchone()
+            return None if row is None else from_blob(row[0])
 
     # -------------------------------------------------------------- chunks
     def put_chunk(self, result: ChunkResult) -> None:
@@ -204,7 +294,7 @@ class Store:
         df = None if result.df is None else to_blob(result.df)
         extra = None if result.extra is None else to_blob(result.extra)
         diag = json.dumps(_jsonable(result.diagnostics))
-        with self.conn:
+        with self._errors(), self.conn:
             self.conn.execute(
                 "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (result.kind, result.chunk, to_blob(result.dm), df, diag, result.seconds, extra),
@@ -212,18 +302,20 @@ class Store:
 
     def done(self) -> set[tuple[str, int]]:
         """The (kind, chunk) pairs already stored."""
-        return {(k, int(c)) for k, c in self.conn.execute("SELECT kind, chunk FROM chunks")}
+        with self._errors(reading=True):
+            return {(k, int(c)) for k, c in self.conn.execute("SELECT kind, chunk FROM chunks")}
 
     def get_chunk(self, kind: str, chunk: int) -> ChunkResult | None:
         """One stored result (``None`` if absent)."""
-        row = self.conn.execute(
-            "SELECT dm, df, diagnostics, seconds, extra FROM chunks WHERE kind = ? AND chunk = ?", (kind, chunk)
-        ).fetchone()
-        if row is None:
-            return None
-        df = None if row[1] is None else from_blob(row[1])
-        extra = None if row[4] is None else from_blob(row[4])
-        return ChunkResult(kind, chunk, from_blob(row[0]), df, json.loads(row[2]), row[3], extra)
+        with self._errors(reading=True):
+            row = self.conn.execute(
+                "SELECT dm, df, diagnostics, seconds, extra FROM chunks WHERE kind = ? AND chunk = ?", (kind, chunk)
+            ).fetchone()
+            if row is None:
+                return None
+            df = None if row[1] is None else from_blob(row[1])
+            extra = None if row[4] is None else from_blob(row[4])
+            return ChunkResult(kind, chunk, from_blob(row[0]), df, json.loads(row[2]), row[3], extra)
 
     def gather(self, kind: str, n_chunks: int) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
         """Concatenate the chunks of one kind: ``dm [n_test, K]``, ``df [K, n_test, *out]``, diagnostics.
@@ -249,4 +341,5 @@ class Store:
 
     def kind_seconds(self) -> dict[str, float]:
         """Total compute seconds per kind."""
-        return {k: float(s) for k, s in self.conn.execute("SELECT kind, SUM(seconds) FROM chunks GROUP BY kind")}
+        with self._errors(reading=True):
+            return {k: float(s) for k, s in self.conn.execute("SELECT kind, SUM(seconds) FROM chunks GROUP BY kind")}
