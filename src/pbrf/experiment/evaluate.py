@@ -80,7 +80,7 @@ def map_scores(scores: np.ndarray, groups: list[list[int]], n_train: int) -> tup
 
 def run_arrays(run_dir: str | Path) -> dict:
     """The stored arrays of a finished run: ``dm`` per kind, ``groups``, ``test_index``, ``n_train``."""
-    from .pipeline import _groups_from_array, read_config
+    from .pipeline import _groups_from_array, objective_defined, read_config
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
@@ -92,11 +92,14 @@ def run_arrays(run_dir: str | Path) -> dict:
             raise EvaluateError(f"{str(run_dir)!r} is not set up yet; finish it with `pbrf run --out {run_dir}`.")
         groups = _groups_from_array(groups_arr)
         n_chunks = math.ceil(len(groups) / config.run.chunk_size)
-        dm, diverged = {}, {}
+        dm, diverged, uncertified = {}, {}, {}
         for kind in config.responses.ordered_kinds():
             try:
                 dm[kind], _, diags = store.gather(kind, n_chunks)
                 diverged[kind] = [i for i, d in enumerate(diags) if d.get("diverged")]
+                if objective_defined(config, kind):
+                    uncertified[kind] = [i for i, d in enumerate(diags)
+                                         if "certified" in d and not d["certified"] and not d.get("diverged")]
             except KeyError:
                 raise EvaluateError(
                     f"{str(run_dir)!r} is not finished ({kind} missing); resume it with `pbrf run --out {run_dir}`."
@@ -104,7 +107,9 @@ def run_arrays(run_dir: str | Path) -> dict:
         n_train = store.get_meta("n_train")
         index = store.get_array("test_index")
     diverged = {k: v for k, v in diverged.items() if v}
-    return {"config": config, "dm": dm, "groups": groups, "test_index": index, "n_train": n_train, "diverged": diverged}
+    uncertified = {k: v for k, v in uncertified.items() if v}
+    return {"config": config, "dm": dm, "groups": groups, "test_index": index, "n_train": n_train, "diverged": diverged,
+            "uncertified": uncertified}
 
 
 def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
@@ -125,6 +130,8 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
     scores, layout = map_scores(raw, arrays["groups"], n_train)
     diverged = arrays.get("diverged") or {}
     dm = analysis._exclude(arrays["dm"], diverged, axis=1)  # as in the run's report: diverged responses measure nothing
+    uncertified = arrays.get("uncertified") or {}
+    dm = analysis._exclude(dm, uncertified, axis=1)  # and an uncertified PBRF/proximal response is no ground truth
     corr = analysis.correlations(scores, dm)
     own = analysis.pearson(scores, arrays["dm"]["influence"])
     sign_warning = None
@@ -143,6 +150,7 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
         "pearson_vs_own_influence": analysis._num(own),
         "sign_warning": sign_warning,
         "diverged": {k: len(v) for k, v in diverged.items()},
+        "uncertified": {k: len(v) for k, v in uncertified.items()},
         "correlations": corr,
     }
 
@@ -158,6 +166,9 @@ def pairs_line(result: dict) -> str:
     if result.get("diverged"):
         named = ", ".join(f"{analysis.KIND_LABELS.get(k, k)} {v}" for k, v in result["diverged"].items())
         text += f"; removal sets whose response diverged are excluded ({named})"
+    if result.get("uncertified"):
+        named = ", ".join(f"{analysis.KIND_LABELS.get(k, k)} {v}" for k, v in result["uncertified"].items())
+        text += f"; uncertified responses are excluded ({named})"
     elif counts and counts[0] < total - bad:
         text += "; more dropped where a response is non-finite (pairs column)"
     return text
