@@ -25,6 +25,7 @@ bench: install
 	$(BIN)/python bench/bench_respond.py
 	$(BIN)/python bench/bench_run.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_certify.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -19,3 +19,4 @@ def test_readme_library_example_runs_and_influence_tracks_the_pbrf():
     assert np.corrcoef(scores.ravel(), dm.ravel())[0, 1] > 0.95
     d = scope["resp"].diagnostics[0]
     assert d["grad_norm"] < 1e-8 and not d["diverged"]
+    assert all(scope["resp"].certified)

@@ -66,7 +66,7 @@ class NewtonRecipe:
     tol: float = 1e-8
     forcing: float = 0.1
     model: str = "auto"
-    switch: float = 1e-2
+    switch: float = 1e-1
 
     def __post_init__(self) -> None:
         for name in ("max_iter", "cg_max_iter"):
@@ -204,6 +204,7 @@ def newton_optimize(
     batch_fn: Callable,
     progress: bool = True,
     desc: str = "newton",
+    exact_from_start: bool = False,
 ) -> tuple[Tensor, dict]:
     """Minimise K objectives ``value_fn(params_k, aux_k, batch)`` from ``theta0 [K, p]``.
 
@@ -221,11 +222,15 @@ def newton_optimize(
             tolerance is ``recipe.tol · scale``.
         recipe: :class:`NewtonRecipe`.
         batch_fn: chunk indices → batch dict.
+        exact_from_start: with ``model="auto"``, use the exact Hessian from the first iteration
+            (for starts already near the optimum, e.g. the no-removal continuation).
 
     Returns:
         ``(theta [K, p], diagnostics)`` with ``[K]`` tensors ``steps`` (accepted steps),
         ``iterations``, ``cg_iterations`` (total), ``objective``, ``grad_norm``,
-        ``initial_objective``, ``initial_grad_norm``, ``stalled`` and ``diverged``.
+        ``initial_objective``, ``initial_grad_norm``, ``stalled``, ``runaway`` (the gradient grew
+        100-fold along accepted descent steps: no minimum near the start) and ``diverged``
+        (non-finite, or runaway).
     """
     K = theta0.shape[0]
     dev, dt = theta0.device, theta0.dtype
@@ -244,7 +249,8 @@ def newton_optimize(
     cg_total = torch.zeros(K, dtype=torch.long, device=dev)
     best = gn0.clone()
     idle = torch.zeros(K, dtype=torch.long, device=dev)
-    at_roundoff = torch.zeros(K, dtype=torch.bool, device=dev)
+    at_roundoff = torch.full((K,), bool(exact_from_start), dtype=torch.bool, device=dev)
+    runaway = torch.zeros(K, dtype=torch.bool, device=dev)
     eps = torch.finfo(dt).eps
     bar = tqdm(total=recipe.max_iter, desc=desc, disable=not progress, leave=False, mininterval=0.5)
     for _ in range(recipe.max_iter):
@@ -292,13 +298,19 @@ def newton_optimize(
         idle[rows] = torch.where(halved, torch.zeros_like(idle[rows]), idle[rows] + 1)
         stuck = (~accept & (m_new > 1e10 * curv)) | ((idle[rows] >= 3) & untestable)
         stalled[rows] |= stuck
-        active[rows] &= ~stuck
+        # runaway: accepted descent steps while the gradient grows by orders of magnitude — the
+        # objective has no minimum near the start (e.g. a PBRF whose removed point's curvature
+        # exceeds wd + λ); the response is treated as diverged
+        away = g[rows].norm(dim=1) > 1e2 * torch.maximum(gn0[rows], scale[rows].to(dt))
+        runaway[rows] |= away
+        active[rows] &= ~(stuck | away)
     bar.close()
     gnorm = g.norm(dim=1)
-    diverged |= ~torch.isfinite(F) | ~torch.isfinite(gnorm)
+    diverged |= ~torch.isfinite(F) | ~torch.isfinite(gnorm) | runaway
     diag = {
         "steps": steps, "iterations": iters, "cg_iterations": cg_total, "objective": F, "grad_norm": gnorm,
-        "initial_objective": F0, "initial_grad_norm": gn0, "stalled": stalled, "diverged": diverged,
+        "initial_objective": F0, "initial_grad_norm": gn0, "stalled": stalled, "runaway": runaway,
+        "diverged": diverged,
     }
     return theta, diag
 

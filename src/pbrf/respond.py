@@ -323,7 +323,7 @@ def _run_newton(prob, kind, groups, damping, recipe, weight, signal, progress, d
     scale = torch.where(scale > 0, scale, torch.as_tensor(fallback).to(scale))
     theta0 = (prob.theta if start is None else start).unsqueeze(0).expand(K, -1).clone()
     theta, d = newton_optimize(prob, value_fn, gn_fn, shift, theta0, make_aux(prob, groups, weight), scale, recipe,
-                               _batch_fn(prob, f_ref), progress, desc)
+                               _batch_fn(prob, f_ref), progress, desc, exact_from_start=start is not None)
     rows = [
         {
             "optimizer": "newton",
@@ -335,6 +335,7 @@ def _run_newton(prob, kind, groups, damping, recipe, weight, signal, progress, d
             "initial_objective": float(d["initial_objective"][k]),
             "initial_grad_norm": float(d["initial_grad_norm"][k]),
             "stalled": bool(d["stalled"][k]),
+            "runaway": bool(d["runaway"][k]),
             "diverged": bool(d["diverged"][k]),
         }
         for k in range(K)
