@@ -94,7 +94,7 @@ def test_overwrite_while_another_process_runs_is_refused_and_the_run_finishes_in
 # ---------------------------------------------------------------------------- 2. diverged responses
 def test_diverged_responses_are_excluded_named_and_the_run_finishes(tmp_path):
     args = ["run", *TINY, "--set", 'responses.kinds=["proximal", "pbrf", "linearized", "influence"]',
-            "--set", "responses.lr=1e6", "--out", "d"]
+            "--set", "responses.optimizer=sgd", "--set", "responses.lr=1e6", "--out", "d"]
     proc = pbrf_cmd(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "RuntimeWarning" not in proc.stderr
