@@ -10,10 +10,17 @@ For a removal set ``r`` (``|r| = k``) and the trained parameters θ^s:
    + ((wd + λ)/2) ||θ − θ^s||²`` from θ^s.
 5. ``linearized``: ``θ^s + Δθ_IF`` with ``C = G + (wd + λ) I`` solved accurately.
 
-Every kind is computed for K removal sets at once: the K problems are stacked and optimised as one
-batched problem (:func:`pbrf.optim.optimize`) on shared minibatches, in chunks of ``chunk_size``.
-In minibatch objectives the data term is ``(1/B) Σ_{i ∈ batch} w_i L_i`` with ``w_i = 0`` for removed
-points (an unbiased estimate of the ``1/N``-normalised ``J_{−r}``); in full batch it is exact.
+Every kind is computed for K removal sets at once, in chunks of ``chunk_size`` (results do not
+depend on it). PBRF and proximal default to :class:`pbrf.NewtonRecipe`: a batched Gauss–Newton /
+Newton–CG trust region (:mod:`pbrf.newton`, full batch) that stops each removal on its certificate;
+proximal (and Newton warm-start) removals start from the no-removal continuation. First-order
+:class:`pbrf.Recipe` runs stack the K problems and optimise them as one batched problem
+(:func:`pbrf.optim.optimize`) on shared minibatches; their data term is ``(1/B) Σ_{i ∈ batch} w_i
+L_i`` with ``w_i = 0`` for removed points (an unbiased estimate of the ``1/N``-normalised
+``J_{−r}``); in full batch it is exact.
+
+Certificates: every optimised removal gets ``signal = (w/N)||Σ_{m∈r} ∇L_m(θ^s)||``, ``rho`` = final
+full-batch gradient norm of its objective / signal, and ``certified`` (see :func:`respond`).
 """
 
 from __future__ import annotations

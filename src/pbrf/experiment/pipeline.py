@@ -726,11 +726,12 @@ def exclusions(config: ExperimentConfig, diags: dict[str, list[dict]], certified
     """
     n = len(next(iter(diags.values())))
     keep = np.ones(n, dtype=bool)
-    by_kind = {}
+    by_kind, own = {}, {}
     for kind, rows in diags.items():
         diverged = np.array([bool(r.get("diverged")) for r in rows], dtype=bool)
         entry = {"diverged": int(diverged.sum())}
         keep &= ~diverged
+        own[kind] = ~diverged
         if "rho" in (rows[0] if rows else {}):
             key = certified_key if certified_key in rows[0] else "certified"
             cert = np.array([bool(r.get(key)) for r in rows], dtype=bool)
@@ -742,9 +743,19 @@ def exclusions(config: ExperimentConfig, diags: dict[str, list[dict]], certified
             if objective_defined(config, kind):
                 entry["uncertified"] = int((~cert & ~diverged).sum())
                 keep &= cert
+                own[kind] &= cert
         by_kind[kind] = entry
-    return {"keep": keep, "by_kind": by_kind, "n_removals": n, "n_kept": int(keep.sum()),
+    return {"keep": keep, "own": own, "by_kind": by_kind, "n_removals": n, "n_kept": int(keep.sum()),
             "threshold": config.responses.rho_threshold}
+
+
+def _own_correlations(dm: dict, own: dict) -> dict:
+    """Each kind's correlation with the influence estimate over the removals where that kind (and
+    the influence estimate) is certified and finite — a kind that cannot be certified elsewhere
+    does not take the others' correlations with it. (The gaps use the joint set.)"""
+    base = own.get("influence", np.ones(dm["influence"].shape[1], dtype=bool))
+    scores = np.where(base[None, :], dm["influence"], np.nan)
+    return analysis.correlations(scores, {k: np.where(own[k][None, :], v, np.nan) for k, v in dm.items()})
 
 
 def _masked(dm: dict, keep: np.ndarray) -> dict:
@@ -768,7 +779,8 @@ def _solver_report(diags: dict[str, list[dict]]) -> dict:
 def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
     """Summarise the stored arrays and write the report (report.md, figures, summary.json).
 
-    Statistics use the certified, non-diverged removals only (see :func:`exclusions`); the
+    Statistics use the certified, non-diverged removals only (see :func:`exclusions`): the gaps
+    over the removals where every kind is, each correlation over those where its kind is; the
     summary says how many were left out and why. The paired chain (warm start and proximal against
     their no-removal continuation) is summarised next to the paper-literal one.
     """
@@ -776,9 +788,10 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
 
     dm, df, diags = gather(store, ctx)
     excl = exclusions(ctx.config, diags)
-    keep = excl.pop("keep")
+    keep, own = excl.pop("keep"), excl.pop("own")
     summary = analysis.summarise(_masked(dm, keep), {k: v for k, v in df.items() if v is not None},
                                  diagnostics=diagnostics_summary(diags))
+    summary["correlations"] = _own_correlations(dm, own)
     excl["excluded_removals"] = [int(i) for i in np.flatnonzero(~keep)]
     summary["certificates"] = excl
     summary["solvers"] = _solver_report(diags)
@@ -787,6 +800,7 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
     if paired:
         pexcl = exclusions(ctx.config, diags, certified_key="paired_certified")
         pkeep = pexcl.pop("keep")
+        pexcl.pop("own")
         summary["paired"] = analysis.paired_chain(_masked(dm, pkeep), _masked(paired, pkeep))
         summary["paired"]["certificates"] = pexcl
     summary["experiment"] = _experiment_info(ctx, store)
