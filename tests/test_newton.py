@@ -126,9 +126,9 @@ def test_default_pbrf_is_certified_on_digits():
     recipe = pbrf.Recipe(lr=0.05, momentum=0.9, epochs=10, batch_size=128)
     trained = pbrf.train(model, task, (ds.x_train, ds.y_train), recipe, weight_decay=1e-3, progress=False)
     prob = trained.problem(task, (ds.x_train, ds.y_train))
-    # λ = 1e-2 as in the README example (at λ = 1e-3 the removed point's own curvature/N can exceed
-    # wd + λ: the PBRF then has no minimum near θ^s, and that removal is reported uncertified)
-    resp = pbrf.respond(prob, "pbrf", torch.arange(0, 1200, 150), damping=1e-2, progress=False)
+    # all defaults (λ = 1e-2; at λ = 1e-3 the removed point's own curvature/N can exceed wd + λ: the
+    # PBRF then has no minimum near θ^s, and that removal is reported as a runaway, not certified)
+    resp = pbrf.respond(prob, "pbrf", torch.arange(0, 1200, 150), progress=False)
     assert all(resp.certified), [d["rho"] for d in resp.diagnostics]
 
 

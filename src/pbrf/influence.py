@@ -151,7 +151,7 @@ def influence(
     prob: Problem,
     test: tuple[Tensor, Tensor | None],
     removals,
-    damping: float = 1e-3,
+    damping: float = 1e-2,
     solver: str = "exact",
     curvature: str = "ggn",
     solver_options: dict | None = None,
@@ -208,7 +208,7 @@ def removal_gradients(prob: Problem, groups: list[list[int]], theta: Tensor | No
 def delta_theta(
     prob: Problem,
     removals,
-    damping: float = 1e-3,
+    damping: float = 1e-2,
     solver: str = "exact",
     curvature: str = "ggn",
     solver_options: dict | None = None,

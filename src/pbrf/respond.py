@@ -451,7 +451,7 @@ def respond(
     prob: Problem,
     kind: str,
     removals,
-    damping: float = 1e-3,
+    damping: float = 1e-2,
     recipe: Recipe | NewtonRecipe | None = None,
     seeds=(0,),
     model_init: Callable[[int], nn.Module | Params] | None = None,
