@@ -355,8 +355,11 @@ def _continuation(prob, kind, damping, recipe, signal, progress):
     without removal, from θ^s), solved once; every removal problem then starts from it, so that
     each only has to resolve its own O(1/N) effect instead of the whole drift again."""
     fallback = signal[signal > 0].median() if bool((signal > 0).any()) else torch.ones((), dtype=signal.dtype)
+    # solved to its round-off floor (a vanishing tolerance; it stops when steps no longer reduce the
+    # gradient), so that it does not depend on which removals share its chunk
+    floor = torch.tensor(torch.finfo(signal.dtype).tiny, dtype=signal.dtype)
     th, rows = _run_newton(prob, kind, [[]], damping, recipe, 1.0, signal.new_zeros(1), progress,
-                           f"{kind} continuation", fallback=fallback)
+                           f"{kind} continuation", fallback=floor)
     return th[0], rows[0], fallback
 
 
