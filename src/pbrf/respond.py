@@ -320,13 +320,19 @@ def _objective(prob: Problem, kind: str, damping: float):
     return removal_objective(prob, prox), removal_gn(prob), prob.weight_decay + prox, _mask_aux, None
 
 
+def _median_signal(signal: Tensor) -> Tensor:
+    """The median of the non-zero signals (1 if none): the scale of a group without its own."""
+    positive = signal[signal > 0]
+    return positive.median() if positive.numel() else torch.ones((), dtype=signal.dtype)
+
+
 def _run_newton(prob, kind, groups, damping, recipe, weight, signal, progress, desc, start=None, fallback=None):
     value_fn, gn_fn, shift, make_aux, f_ref = _objective(prob, kind, damping)
     K = len(groups)
     scale = signal.clone()
     # an empty group (the paired no-removal reference) has no signal of its own: use the batch's
     if fallback is None:
-        fallback = signal[signal > 0].median() if bool((signal > 0).any()) else torch.ones((), dtype=signal.dtype)
+        fallback = _median_signal(signal)
     scale = torch.where(scale > 0, scale, torch.as_tensor(fallback).to(scale))
     theta0 = (prob.theta if start is None else start).unsqueeze(0).expand(K, -1).clone()
     theta, d = newton_optimize(prob, value_fn, gn_fn, shift, theta0, make_aux(prob, groups, weight), scale, recipe,
@@ -354,7 +360,7 @@ def _continuation(prob, kind, damping, recipe, signal, progress):
     """Warm start / proximal with a NewtonRecipe: the no-removal continuation (the same objective
     without removal, from θ^s), solved once; every removal problem then starts from it, so that
     each only has to resolve its own O(1/N) effect instead of the whole drift again."""
-    fallback = signal[signal > 0].median() if bool((signal > 0).any()) else torch.ones((), dtype=signal.dtype)
+    fallback = _median_signal(signal)
     # solved to its round-off floor (a vanishing tolerance; it stops when steps no longer reduce the
     # gradient), so that it does not depend on which removals share its chunk
     floor = torch.tensor(torch.finfo(signal.dtype).tiny, dtype=signal.dtype)

@@ -622,11 +622,8 @@ def _influence_chunk(ctx: Context, chunk: int) -> tuple[np.ndarray, list[dict]]:
     solver) on the float64 problem; ``pbrf.influence`` with the run's settings reproduces it."""
     import pbrf
 
-    inf = ctx.config.influence
-    options = _solver_options(inf.solver, inf.solver_options, response_seed(ctx.config))
     scores, info = pbrf.influence(ctx.measure_problem, test=ctx.test, removals=ctx.removals(chunk),
-                                  damping=inf.damping, solver=inf.solver, curvature=inf.curvature,
-                                  solver_options=options, return_info=True)
+                                  return_info=True, **influence_settings(ctx.config))
     row = {k: v for k, v in info.solve.to_dict().items() if k != "extra"}
     row["residual_flag"] = bool(not (row["residual"] < 1.0))
     n = len(ctx.chunk_groups(chunk))
@@ -671,10 +668,8 @@ def _influence_output_change(ctx: Context, chunk: int) -> np.ndarray:
     """Δf of the influence estimate, ``J Δθ`` with the practical solver (one solve per removal)."""
     import pbrf
 
-    inf = ctx.config.influence
-    options = _solver_options(inf.solver, inf.solver_options, response_seed(ctx.config))
-    resp = pbrf.respond(ctx.measure_problem, "linearized", removals=ctx.removals(chunk), damping=inf.damping,
-                        solver=inf.solver, solver_options=options, curvature=inf.curvature, progress=False)
+    resp = pbrf.respond(ctx.measure_problem, "linearized", removals=ctx.removals(chunk), progress=False,
+                        **influence_settings(ctx.config))
     return resp.output_change(test=ctx.test).detach().cpu().float().numpy()
 
 
