@@ -28,5 +28,7 @@ from .newton import NewtonRecipe  # noqa: E402
 from .optim import Recipe  # noqa: E402
 from .respond import KINDS, Response, respond  # noqa: E402
 from .training import TrainResult, load_checkpoint, save_checkpoint, train  # noqa: E402
+from .runs import Run, load_run  # noqa: E402
 
-__all__ += ["Recipe", "NewtonRecipe", "respond", "Response", "KINDS", "train", "TrainResult", "save_checkpoint", "load_checkpoint"]
+__all__ += ["Recipe", "NewtonRecipe", "respond", "Response", "KINDS", "train", "TrainResult", "save_checkpoint", "load_checkpoint",
+            "Run", "load_run"]

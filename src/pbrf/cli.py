@@ -99,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True, metavar="DIR", help="a finished run directory")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    est = sub.add_parser("estimators", help="run attribution estimators on a finished run and rank them",
+                         description="Score every training point with each estimator, compare with the run's PBRF, "
+                                     "paired warm start, cold-start LOO and LDS, and write a leaderboard "
+                                     "(RUN_DIR/estimators/leaderboard.md, .json, .png). Resumable per estimator.")
+    est.add_argument("run", metavar="RUN_DIR", help="a finished run directory")
+    est.add_argument("--methods", default=None,
+                     help="comma-separated estimators (default: all built-in ones but kronfluence; "
+                          "`pbrf estimators --list` shows them)")
+    est.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                     help="an estimator hyperparameter, e.g. --hp trak.dim=1024 --hp arnoldi.rank=20")
+    est.add_argument("--scores", action="append", default=[], metavar="LABEL=FILE",
+                     help="also rank scores computed elsewhere (.npy/.csv, [n_test, N] or [n_test, n_removals])")
+    est.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    est.add_argument("--json", action="store_true", help="print the leaderboard as JSON")
+    est.add_argument("--list", action="store_true", help="list the estimators and exit")
+
     sub.add_parser("presets", help="list the built-in presets", description="List the built-in presets.")
 
     dl = sub.add_parser("download", help="download a dataset into the data root (verified, atomic)",
@@ -267,6 +283,45 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_estimators(args) -> int:
+    """``pbrf estimators``."""
+    from . import estimators
+    from .experiment import evaluate, leaderboard
+
+    if args.list:
+        for name, cls in estimators.ESTIMATORS.items():
+            print(f"{name.ljust(18)}  {(cls.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    methods = leaderboard.DEFAULT_METHODS if args.methods is None else tuple(
+        m.strip() for m in args.methods.split(",") if m.strip())
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("pbrf: --threads must be a positive integer.")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    external = {}
+    for item in args.scores:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise UsageError(f"pbrf: --scores {item!r}: write LABEL=FILE, e.g. --scores kronfluence=scores.npy.")
+        external[label] = evaluate.load_scores(path)
+    hp = leaderboard.parse_hyperparameters(args.hp)
+    log = (lambda msg: None) if args.json else (lambda msg: print(f"pbrf: {msg}", file=sys.stderr))
+    board = leaderboard.run_estimators(args.run, methods, hp, external, log=log)
+    command = " ".join(["pbrf estimators", args.run] + (["--methods", ",".join(methods)] if args.methods else [])
+                       + [f"--hp {h}" for h in args.hp] + ([f"--threads {args.threads}"] if args.threads else []))
+    paths = leaderboard.write_leaderboard(board, args.run, command=command)
+    if args.json:
+        print(json.dumps(leaderboard._jsonable(board), indent=2))
+    else:
+        print(leaderboard.format_leaderboard(board, markdown=False))
+        if board["skipped"]:
+            print("skipped: " + "; ".join(f"{k} ({v})" for k, v in board["skipped"].items()))
+        print(f"leaderboard: {paths['markdown']}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     """``pbrf presets``."""
     presets = list_presets()
@@ -292,7 +347,7 @@ def cmd_download(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "table": cmd_table, "evaluate": cmd_evaluate,
-            "presets": cmd_presets, "download": cmd_download}
+            "estimators": cmd_estimators, "presets": cmd_presets, "download": cmd_download}
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -203,6 +203,7 @@ def optimize(
     batch_fn: Callable[[Tensor], dict],
     progress: bool = True,
     desc: str = "optimise",
+    callback: Callable[[int, dict[str, Tensor], float], None] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Minimise ``objective(params_k, aux_k, batch)`` for K stacked problems at once.
 
@@ -214,6 +215,9 @@ def optimize(
         n_train: training-set size (minibatches are drawn from ``range(n_train)``).
         recipe: the :class:`Recipe`.
         batch_fn: maps minibatch indices to the shared batch dict.
+        callback: called as ``callback(step, params, lr)`` after every optimiser step (``step``
+            counts from 1; ``params`` are the stacked parameters after it, not to be modified;
+            ``lr`` the learning rate of that step). Used to save training checkpoints (TracIn).
 
     Returns:
         ``(params [K, ...], diagnostics)`` with diagnostics tensors ``[K]``: ``steps`` (steps taken
@@ -239,8 +243,11 @@ def optimize(
         bad = ~torch.isfinite(gnorm) | ~torch.isfinite(obj)
         diverged |= bad & active
         active &= ~bad
-        stepper.step(params, grads, recipe.lr_at(step, total), active)
+        lr = recipe.lr_at(step, total)
+        stepper.step(params, grads, lr, active)
         steps += active.long()
+        if callback is not None:
+            callback(step + 1, params, lr)
         if plateau is not None:
             active = plateau.update(step, gnorm, active)
         if not bool(active.any()):

@@ -259,10 +259,10 @@ def _full_eval(objective, params: Params, aux: dict, prob: Problem, batch_fn) ->
     return val, gn
 
 
-def _run(prob, objective, init: Params, aux: dict, recipe: Recipe, f_ref, progress: bool, desc: str):
+def _run(prob, objective, init: Params, aux: dict, recipe: Recipe, f_ref, progress: bool, desc: str, callback=None):
     batch_fn = _batch_fn(prob, f_ref)
     init_obj, init_gn = _full_eval(objective, init, aux, prob, batch_fn)
-    params, diag = optimize(objective, init, aux, prob.n_train, recipe, batch_fn, progress, desc)
+    params, diag = optimize(objective, init, aux, prob.n_train, recipe, batch_fn, progress, desc, callback)
     final_obj, final_gn = _full_eval(objective, params, aux, prob, batch_fn)
     # a finite run counts as diverged when its objective or gradient grew by orders of magnitude
     blown = (final_obj - init_obj > 1e3 * (init_obj.abs() + 1)) | (final_gn > 1e3 * (init_gn + 1))

@@ -35,6 +35,9 @@ class TrainResult:
     recipe: Recipe
     weight_decay: float
     diagnostics: dict = field(default_factory=dict)
+    checkpoints: list[dict] = field(default_factory=list)
+    """Intermediate parameters when ``train(..., checkpoints=n)``: dicts ``{"step", "lr", "params"}``
+    at ``n`` evenly spaced steps, the last at the final step (θ^s) — what TracIn sums over."""
 
     def problem(self, task: Task, train, **kwargs) -> Problem:
         """A :class:`Problem` at the trained parameters that remembers the recipe (for warm/cold starts)."""
@@ -48,11 +51,15 @@ def train(
     recipe: Recipe,
     weight_decay: float = 0.0,
     progress: bool = True,
+    checkpoints: int = 0,
 ) -> TrainResult:
     """Train ``model`` (from its current parameters) on ``train`` with ``recipe``.
 
     Deterministic: the same model, data and recipe give bit-identical parameters. The input model
     is not modified; the result holds a trained deep copy.
+
+    ``checkpoints = n > 0`` also keeps the parameters at ``n`` evenly spaced steps (the last one
+    is the final step) with the learning rate of that step, in ``TrainResult.checkpoints``.
 
     Returns:
         :class:`TrainResult` with ``model``, ``params`` and diagnostics (steps, final full-data
@@ -60,15 +67,29 @@ def train(
     """
     if not isinstance(recipe, Recipe):
         raise TypeError(f"train: recipe must be a pbrf.Recipe, got {type(recipe).__name__}.")
+    if not (isinstance(checkpoints, int) and checkpoints >= 0):
+        raise ValueError(f"train: checkpoints must be an int >= 0, got {checkpoints!r}.")
     prob = Problem(model, task, train, weight_decay=weight_decay)
     aux = {"w": torch.ones(1, prob.n_train, dtype=prob.dtype, device=prob.device)}
-    theta, diag = _run(prob, removal_objective(prob), _stack(prob.params, 1), aux, recipe, None, progress, "train")
+    total = recipe.total_steps(prob.n_train)
+    marks = {max(1, round(total * (c + 1) / checkpoints)) for c in range(checkpoints)} if checkpoints else set()
+    saved: list[dict] = []
+
+    def keep(step: int, stacked: Params, lr: float) -> None:
+        if step in marks:
+            saved.append({"step": step, "lr": float(lr), "params": {k: v[0].detach().clone() for k, v in stacked.items()}})
+
+    theta, diag = _run(prob, removal_objective(prob), _stack(prob.params, 1), aux, recipe, None, progress, "train",
+                       callback=keep if checkpoints else None)
     params = {k: v[0].clone() for k, v in prob.unflatten(theta).items()}
+    if checkpoints and (not saved or saved[-1]["step"] != diag[0]["steps"]):  # stopped early: the end is θ^s
+        saved.append({"step": int(diag[0]["steps"]), "lr": saved[-1]["lr"] if saved else recipe.lr_at(0, total),
+                      "params": {k: v.clone() for k, v in params.items()}})
     trained = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in trained.named_parameters():
             p.copy_(params[name])
-    return TrainResult(trained, params, recipe, float(weight_decay), diag[0])
+    return TrainResult(trained, params, recipe, float(weight_decay), diag[0], saved)
 
 
 def _temp_path(path: Path) -> str:

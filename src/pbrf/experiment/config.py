@@ -7,11 +7,12 @@ A configuration has one section per stage of an experiment::
     task = "classification"              # optional; default: the dataset's task
     [data]        name, n_train, n_test, seed, options = {...}
     [model]       name + constructor keyword arguments (width, depth, ...)
-    [train]       the base recipe (pbrf.Recipe fields) + weight_decay
+    [train]       the base recipe (pbrf.Recipe fields) + weight_decay + checkpoints (for TracIn)
     [influence]   damping, curvature, solver (practical) + solver_options, accurate_solver + options
     [responses]   kinds, the PBRF/proximal recipe (optimizer, lr, steps, batch_size), cold_seeds
     [removals]    n_test_points, n_removals, strategy, group_fraction | group_size, seed
     [run]         chunk_size, device, dtype
+    [lds]         subsets (0 = off), alpha, seeds, seed: the LDS ground truth for `pbrf estimators`
 
 A preset is such a file plus ``[profiles.<name>]`` tables (``quick``, ``paper``, ``tiny``) that are
 deep-merged over the base sections. :func:`apply_overrides` applies ``--set key=value`` pairs
@@ -137,7 +138,8 @@ class TrainConfig:
     """The base training recipe (``pbrf.Recipe``) and the L2 weight decay of the objective.
 
     ``J(θ) = (1/N) Σ L_i + (weight_decay/2) ||θ||²``; ``epochs`` or ``steps`` sets the budget;
-    ``batch_size = 0`` means full batch.
+    ``batch_size = 0`` means full batch. ``checkpoints = n`` also saves the parameters at ``n``
+    evenly spaced steps under ``RUN_DIR/checkpoints/`` (for TracIn; the last one is θ^s).
     """
 
     optimizer: str = "sgd"
@@ -149,9 +151,11 @@ class TrainConfig:
     batch_size: int = 128
     seed: int = 0
     weight_decay: float = 0.0
+    checkpoints: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _check_positive("train.checkpoints", self.checkpoints, allow_zero=True)
         _check_choice("train.schedule", self.schedule, SCHEDULES)
         _check_positive("train.lr", self.lr)
         _check_momentum("train.momentum", self.momentum)
@@ -167,6 +171,7 @@ class TrainConfig:
         """The ``pbrf.Recipe`` keyword arguments (everything but ``weight_decay``)."""
         d = dataclasses.asdict(self)
         d.pop("weight_decay")
+        d.pop("checkpoints")
         d["batch_size"] = d["batch_size"] or None
         return d
 
@@ -318,6 +323,33 @@ class RunConfig:
         _check_choice("run.dtype", self.dtype, ("float32", "float64"))
 
 
+@dataclass(frozen=True)
+class LdsConfig:
+    """The linear datamodeling score's ground truth (:mod:`pbrf.lds`), computed by ``pbrf run``.
+
+    ``subsets = K > 0`` retrains the model from scratch on ``K`` random subsets keeping a fraction
+    ``alpha`` of the training set (cold start, batched over the subsets, the same ``seeds`` for
+    every subset; default ``responses.cold_seeds``); ``pbrf estimators`` scores every estimator's
+    summed group scores against the retrained test-loss changes. ``0`` (default) skips it.
+    """
+
+    subsets: int = 0
+    alpha: float = 0.5
+    seeds: tuple = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        _check_positive("lds.subsets", self.subsets, allow_zero=True)
+        if self.subsets == 1:
+            _fail("lds.subsets", "must be 0 (off) or at least 2 (a rank correlation needs two subsets); got 1.")
+        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1):
+            _fail("lds.alpha", f"is the fraction of training points kept; it must lie in (0, 1), got {self.alpha!r}.")
+        for s in self.seeds:
+            _check_seed("lds.seeds", s)
+        _check_seed("lds.seed", self.seed)
+
+
 SECTIONS = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -326,6 +358,7 @@ SECTIONS = {
     "responses": ResponsesConfig,
     "removals": RemovalsConfig,
     "run": RunConfig,
+    "lds": LdsConfig,
 }
 TOP_LEVEL = ("name", "description", "profile", "task")
 
@@ -345,6 +378,7 @@ class ExperimentConfig:
     responses: ResponsesConfig = field(default_factory=ResponsesConfig)
     removals: RemovalsConfig = field(default_factory=RemovalsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    lds: LdsConfig = field(default_factory=LdsConfig)
 
     def __post_init__(self) -> None:
         if self.task is not None:

@@ -55,6 +55,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "theta_s.safetensors"
+#: Folder of the base training's intermediate checkpoints (``train.checkpoints``; for TracIn).
+TRAINING_CHECKPOINTS = "checkpoints"
 
 
 def _torch():
@@ -372,10 +374,14 @@ def train_theta(inputs: Inputs, run_dir: Path, progress: bool = True) -> dict:
         log.info("training theta_s (%s)", config.train)
         result = pbrf.train(
             model.to(config.run.device), task, train=_train_data(inputs), recipe=_recipe(config.train.recipe_dict(), config.train.seed),
-            weight_decay=config.train.weight_decay, progress=progress,
+            weight_decay=config.train.weight_decay, progress=progress, checkpoints=config.train.checkpoints,
         )
         _check_trained(config, result)
         try:
+            for ck in result.checkpoints:  # before θ^s: a run killed in between retrains and rewrites them
+                pbrf.save_checkpoint(Path(run_dir) / TRAINING_CHECKPOINTS / f"step_{ck['step']:07d}.safetensors",
+                                     {k: v.detach().cpu() for k, v in ck["params"].items()},
+                                     {"step": ck["step"], "lr": ck["lr"]})
             pbrf.save_checkpoint(path, {k: v.detach().cpu() for k, v in result.params.items()},
                                  {"config": config.name, "diagnostics": _plain(result.diagnostics or {})})
         except SafetensorError as err:  # the disk refused the write (full, ulimit -f, read-only)
@@ -799,6 +805,9 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
         summary["paired"] = analysis.paired_chain(_masked(dm, pkeep), _masked(paired, pkeep))
         summary["paired"]["certificates"] = pexcl
     summary["experiment"] = _experiment_info(ctx, store)
+    lds_info = lds_summary(ctx, store)
+    if lds_info is not None:
+        summary["lds"] = lds_info
     actual = store.gather_extra("linearized", ctx.n_chunks) if "linearized" in dm else None
     if actual is not None:
         summary["linearized_actual"] = {
@@ -813,15 +822,113 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
     return summary
 
 
+# ---------------------------------------------------------------------------- LDS ground truth
+LDS_KIND = "lds"
+
+
+def lds_groups(ctx: Context, store: Store) -> list[list[int]]:
+    """The LDS removal sets (complements of the random subsets), chosen once and stored."""
+    from pbrf import lds
+
+    arr = store.get_array("lds_groups")
+    if arr is None:
+        c = ctx.config.lds
+        groups = lds.subsets(ctx.problem.n_train, c.subsets, c.alpha, seed=c.seed)
+        store.put_arrays({"lds_groups": _groups_array(groups)})
+        return groups
+    return _groups_from_array(arr)
+
+
+def run_lds(ctx: Context, store: Store, progress: bool = True) -> None:
+    """Retrain on ``lds.subsets`` random subsets (cold start, chunks of ``run.chunk_size``,
+    resumable per chunk) and store their test-loss changes as kind ``"lds"``."""
+    from tqdm.auto import tqdm
+
+    from pbrf import lds
+
+    c, config = ctx.config.lds, ctx.config
+    if not c.subsets:
+        return
+    groups = lds_groups(ctx, store) if not store.get_meta("lds_done") else None
+    if groups is None:
+        return
+    cs = config.run.chunk_size
+    n_chunks = math.ceil(len(groups) / cs)
+    done = store.done()
+    todo = [i for i in range(n_chunks) if (LDS_KIND, i) not in done]
+    seeds = c.seeds or tuple(config.responses.cold_seeds)
+    inputs = ctx.inputs
+    model_init = lambda s: build_model(config, inputs.model_kwargs, seed=int(s)).to(config.run.device)  # noqa: E731
+    recipe = _recipe(config.train.recipe_dict(), response_seed(config))
+    for i in tqdm(todo, desc="LDS retraining", unit="chunk", disable=not progress):
+        start = time.perf_counter()
+        dm, diags = lds.retrain(ctx.problem, ctx.test, groups[i * cs : (i + 1) * cs], recipe, seeds, model_init,
+                                chunk_size=cs, measure=ctx.measure_problem)
+        store.put_chunk(ChunkResult(LDS_KIND, i, dm, None, diags, time.perf_counter() - start, None))
+    store.set_meta("lds_done", True)
+
+
+def lds_actual(store: Store, config: ExperimentConfig) -> tuple[np.ndarray, list[list[int]]] | None:
+    """The stored LDS ground truth ``(Δm [n_test, K], removal sets)``, or ``None`` if not computed."""
+    arr = store.get_array("lds_groups")
+    if not config.lds.subsets or arr is None:
+        return None
+    groups = _groups_from_array(arr)
+    try:
+        dm, _, _ = store.gather(LDS_KIND, math.ceil(len(groups) / config.run.chunk_size))
+    except KeyError:
+        return None
+    return dm, groups
+
+
+def lds_summary(ctx: Context, store: Store) -> dict | None:
+    """LDS settings and the LDS of the run's own influence estimate (all training points scored
+    with the practical solver, stored once as ``lds_influence_scores``)."""
+    from pbrf import lds
+
+    got = lds_actual(store, ctx.config)
+    if got is None:
+        return None
+    actual, groups = got
+    scores = store.get_array("lds_influence_scores")
+    if scores is None:
+        scores = all_train_scores(ctx.measure_problem, ctx.config, ctx.test)
+        store.put_arrays({"lds_influence_scores": scores})
+    own = lds.lds(lds.group_scores(scores, groups), actual)
+    c = ctx.config.lds
+    return {"subsets": len(groups), "alpha": c.alpha, "seeds": list(c.seeds or ctx.config.responses.cold_seeds),
+            "removed_per_subset": len(groups[0]), "influence": {k: own[k] for k in ("lds", "stderr", "n_test")}}
+
+
 def _write_inputs_for_evaluate(ctx: Context, scores: np.ndarray) -> None:
     """What another library needs to produce comparable scores: test points, removal sets, our scores."""
-    np.save(ctx.run_dir / "influence_scores.npy", scores)
-    np.save(ctx.run_dir / "test_index.npy", np.asarray(ctx.test_index))
-    removals = {"test_index": [int(i) for i in ctx.test_index], "removals": [list(map(int, g)) for g in ctx.groups],
-                "scores_shape": ["n_test", "n_removals"], "sign": "positive = removing the set increases the test loss"}
+    _save_npy(ctx.run_dir / "influence_scores.npy", scores)
+    _save_npy(ctx.run_dir / "test_index.npy", np.asarray(ctx.test_index))
+    config = ctx.config
+    removals = {
+        "test_index": [int(i) for i in ctx.test_index], "removals": [list(map(int, g)) for g in ctx.groups],
+        "scores_shape": ["n_test", "n_removals"], "sign": "positive = removing the set increases the test loss",
+        "scale": "1/N: scores[t, k] = (1/N) grad m_t^T C^-1 sum_{i in r_k} grad L_i",
+        "n_train": int(ctx.problem.n_train), "n_params": int(ctx.problem.n_params),
+        "damping": config.influence.damping, "weight_decay": config.train.weight_decay,
+        "curvature": config.influence.curvature,
+        "curvature_matrix": "C = G + (weight_decay + damping) I (ggn) or Hessian of J + damping I (hessian)",
+        "task": ctx.inputs.task_name, "dtype": config.run.dtype,
+        "model": {"name": config.model.name, **{k: list(v) if isinstance(v, tuple) else v
+                                               for k, v in ctx.inputs.model_kwargs.items()}},
+        "theta_s": CHECKPOINT, "load": "pbrf.load_run(RUN_DIR)",
+    }
     tmp = ctx.run_dir / ".removals.json.tmp"
     tmp.write_text(json.dumps(removals))
     os.replace(tmp, ctx.run_dir / "removals.json")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to a temporary file renamed into place (never a half-written .npy)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+    os.replace(tmp, path)
 
 
 def _experiment_info(ctx: Context, store: Store) -> dict:
@@ -884,6 +991,7 @@ def run_experiment(
                 _CONTEXTS[str(run_dir.resolve())] = ctx
                 tasks = pending_tasks(ctx, store.done())
                 _run_tasks(executor, ctx, tasks, store, progress)
+                run_lds(ctx, store, progress)
             except SolverDivergedError as err:
                 msg = str(err).split(" Diagnostics:")[0].rstrip(".")
                 raise ConfigError(f"{msg}. Change the [influence] settings and rerun with --overwrite "

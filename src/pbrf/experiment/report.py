@@ -615,11 +615,23 @@ def _paired_section(summary: Mapping) -> str:
                          _telescoping_text(dec), _validity_text(dec)])
 
 
+def _lds_section(summary: Mapping) -> str:
+    lds = summary.get("lds")
+    if not lds:
+        return ""
+    own = lds.get("influence") or {}
+    return (f"## Linear datamodeling score (LDS)\n\n{lds['subsets']} subsets, each keeping "
+            f"{100 * lds['alpha']:.0f}% of the training set ({lds['removed_per_subset']} points removed), retrained "
+            f"from scratch with seeds {lds['seeds']}. LDS of the run's influence estimate: "
+            f"**{fmt_corr(own.get('lds'))}** ± {fmt_value(own.get('stderr'))} (standard error over "
+            f"{own.get('n_test')} test points). Score other estimators with `pbrf estimators RUN_DIR`.")
+
+
 def render_markdown(summary: Mapping, config: Mapping, title: str, figures: Mapping, run_dir: Path) -> str:
     """The text of ``report.md`` (see :func:`write_report`)."""
     parts = [f"# {title}", _experiment_section(summary, config), _correlation_section(summary),
              _decomposition_section(summary), _certificate_section(summary), _paired_section(summary),
-             _figures_section(figures, run_dir)]  # fmt: skip
+             _lds_section(summary), _figures_section(figures, run_dir)]  # fmt: skip
     if "diagnostics" in summary:
         parts.append(_diagnostics_section(summary["diagnostics"]))
     parts += [HOW_TO_READ, _config_section(config)]

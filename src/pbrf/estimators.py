@@ -1,0 +1,472 @@
+"""Training-data attribution estimators behind one interface, with their cost.
+
+Every estimator answers the same question as :func:`pbrf.influence`, in the same conventions:
+``scores[t, k]`` estimates how much removing the set ``r_k`` *increases* the loss of test point
+``t`` (positive = the set helped that test point), summed over the set's points, and scaled like
+``(1/N) ∇m_tᵀ C⁻¹ Σ_{i∈r_k} ∇L_i`` where the method has a natural scale. ::
+
+    from pbrf import estimators, load_run
+    run = load_run("runs/digits-mlp")
+    result = estimators.get("arnoldi", rank=50).scores(run)      # [n_test, n_removals] + cost
+    print(result.seconds, result.peak_memory_bytes)
+
+Built in (``estimators.ESTIMATORS``):
+
+* ``influence-exact``, ``influence-cg``, ``influence-lissa`` — :func:`pbrf.influence` with that
+  solver: ``C = G + (wd + λ) I`` (or the damped Hessian).
+* ``arnoldi`` — the top ``rank`` eigenpairs ``(μ_j, u_j)`` of ``C`` by Lanczos with full
+  reorthogonalisation (Schioppa et al. 2022): ``(1/N) Σ_j (∇m_t·u_j)(u_j·∇L_i)/μ_j``; the
+  complement of the top eigenspace is dropped. With ``rank = p`` it equals exact influence.
+* ``grad-dot`` — ``(1/N) ∇m_t·∇L_i`` (``C = I``); ``grad-cos`` — the cosine of the two gradients.
+* ``tracin`` — TracIn-CP (Pruthi et al. 2020): ``(1/N) Σ_c η_c ∇m_t(θ_c)·∇L_i(θ_c)`` over the
+  base training's checkpoints (``train.checkpoints = n`` in a run's config).
+* ``trak`` — TRAK-style (Park et al. 2023): gradients projected by a seeded Gaussian matrix ``P``
+  ``[p, dim]`` (``PᵀP ≈ I``), Gauss–Newton in the projected space:
+  ``(1/N) (Pᵀ∇m_t)ᵀ (PᵀCP)⁺ (Pᵀ∇L_i)``, averaged over ``ensemble`` independent projections. With
+  ``dim ≥ p`` it equals exact Gauss–Newton influence.
+* ``kronfluence-ekfac``, ``kronfluence-kfac`` — through the optional kronfluence package
+  (:mod:`pbrf.kron`), converted to these conventions.
+
+Cost: :meth:`Estimator.scores` returns the wall time and the peak memory of the call: on the CPU
+the resident set sampled every 2 ms above its level at the start (freed heap pages are returned to
+the OS first, so the growth shows), on a GPU CUDA's peak allocation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .curvature import CurvatureOperator
+from .influence import influence, normalize_removals, per_example_grads, removal_matrix
+from .problem import Problem
+
+__all__ = ["Estimator", "EstimatorResult", "EstimatorUnavailable", "ESTIMATORS", "register", "get",
+           "MemoryMeter", "lanczos"]
+
+
+class EstimatorUnavailable(RuntimeError):
+    """The estimator cannot run here (missing optional package or training checkpoints)."""
+
+
+@dataclass
+class EstimatorResult:
+    """Scores ``[n_test, n_removals]`` in pbrf's conventions, with what they cost."""
+
+    name: str
+    scores: Tensor
+    seconds: float
+    peak_memory_bytes: int | None
+    hyperparameters: dict = field(default_factory=dict)
+
+
+class MemoryMeter:
+    """Peak memory of a block: CUDA's peak allocation, else the resident set size sampled by a
+    thread every ``interval`` seconds, above its level at the start (``None`` if unreadable)."""
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002) -> None:
+        self.device, self.interval = torch.device(device), interval
+        self.peak: int | None = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int | None:
+        """This process's resident set size in bytes (Linux ``/proc``), else ``None``."""
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _sample(self, base: int) -> None:
+        while not self._stop.is_set():
+            now = self.rss()
+            if now is not None:
+                self.peak = max(self.peak or 0, now - base)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "MemoryMeter":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        _release_freed_memory()
+        base = self.rss()
+        if base is not None:
+            self.peak = 0
+            self._thread = threading.Thread(target=self._sample, args=(base,), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device) - self._base)
+            return
+        if hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``), so the next block's growth shows."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Estimator:
+    """One attribution method. Subclasses implement :meth:`point_scores`.
+
+    Hyperparameters are keyword arguments of the constructor (validated there) and are reported
+    with every result. ``damping`` and ``curvature`` default to the run's when scoring a run.
+    """
+
+    name = "estimator"
+    #: whether the default damping / curvature of a run apply (False for methods without C)
+    uses_curvature = True
+
+    def __init__(self, **hyperparameters) -> None:
+        self.hyperparameters = dict(hyperparameters)
+
+    def point_scores(self, problem: Problem, test: tuple[Tensor, Tensor], points: Tensor, context: dict) -> Tensor:
+        """Scores of the single training points ``points`` (``[u]`` indices) on the prepared test
+        points ``(x, targets)``: ``[n_test, u]``."""
+        raise NotImplementedError
+
+    def resolved(self, context: dict) -> dict:
+        """The hyperparameters used, with the run's defaults filled in."""
+        hp = dict(self.hyperparameters)
+        if self.uses_curvature:
+            hp.setdefault("damping", context.get("damping", 1e-2))
+            hp.setdefault("curvature", context.get("curvature", "ggn"))
+        return hp
+
+    def scores(self, run_or_problem, test=None, removals=None) -> EstimatorResult:
+        """Scores of ``removals`` on ``test`` and their cost.
+
+        Args:
+            run_or_problem: a :class:`~pbrf.runs.Run` (its float64 problem, test points, removal
+                sets and damping are the defaults) or a :class:`~pbrf.Problem`.
+            test: ``(x, y)``; default the run's test points.
+            removals: single points or groups as in :func:`pbrf.influence`; default the run's.
+        """
+        problem, test, removals, context = _unpack(run_or_problem, test, removals)
+        groups = normalize_removals(removals, problem.n_train)
+        xt, tt = problem.prepare(test, "test")
+        hp = self.resolved(context)
+        with MemoryMeter(problem.device) as meter:
+            start = time.perf_counter()
+            unique, R = removal_matrix(groups, problem.device, problem.dtype)
+            point = self.point_scores(problem, (xt, tt), unique, {**context, **hp})
+            out = point @ R
+            if problem.device.type == "cuda":
+                torch.cuda.synchronize(problem.device)
+            seconds = time.perf_counter() - start
+        return EstimatorResult(self.name, out.detach(), seconds, meter.peak, _plain(hp))
+
+
+def _plain(hp: dict) -> dict:
+    return {k: v for k, v in hp.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _unpack(run_or_problem, test, removals) -> tuple[Problem, tuple, object, dict]:
+    if isinstance(run_or_problem, Problem):
+        if test is None or removals is None:
+            raise ValueError("estimators: with a Problem, pass test=(x, y) and removals=...")
+        return run_or_problem, test, removals, {}
+    run = run_or_problem
+    if not hasattr(run, "measure_problem"):
+        raise TypeError(f"estimators: pass a pbrf.Run (pbrf.load_run) or a pbrf.Problem, got {type(run).__name__}.")
+    context = {"damping": run.damping, "curvature": run.curvature, "run": run}
+    return run.measure_problem, run.test if test is None else test, run.removals if removals is None else removals, context
+
+
+def _train_grads(problem: Problem, points: Tensor, theta: Tensor | None = None) -> Tensor:
+    return per_example_grads(problem, problem.x[points], problem.t[points], theta=theta)
+
+
+def _chunked_dot(problem: Problem, left: Tensor, points: Tensor, theta: Tensor | None = None,
+                 transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``left @ g_iᵀ`` over training points in chunks (gradients never all in memory)."""
+    cols = []
+    for s in problem.chunks(len(points)):
+        g = _train_grads(problem, points[s], theta)
+        cols.append(left @ (g if transform is None else transform(g)).T)
+    return torch.cat(cols, dim=1) if cols else left.new_zeros(left.shape[0], 0)
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {}
+
+
+def register(name: str) -> Callable[[type[Estimator]], type[Estimator]]:
+    """Class decorator adding an :class:`Estimator` to :data:`ESTIMATORS` under ``name``."""
+
+    def deco(cls: type[Estimator]) -> type[Estimator]:
+        cls.name = name
+        ESTIMATORS[name] = cls
+        return cls
+
+    return deco
+
+
+def get(name: str, **hyperparameters) -> Estimator:
+    """The estimator ``name`` with hyperparameters (``ValueError`` naming the choices)."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}.")
+    return ESTIMATORS[name](**hyperparameters)
+
+
+# ---------------------------------------------------------------------------- influence
+class _Influence(Estimator):
+    solver = "exact"
+
+    def resolved(self, context: dict) -> dict:
+        hp = super().resolved(context)
+        run = context.get("run")
+        if "solver_options" not in hp and run is not None and run.influence_settings.get("solver") == self.solver:
+            hp["solver_options"] = dict(run.influence_settings.get("solver_options") or {})
+        return hp
+
+    def point_scores(self, problem, test, points, context):
+        return influence(problem, test, points, damping=context["damping"], solver=self.solver,
+                         curvature=context["curvature"], solver_options=context.get("solver_options"))
+
+
+@register("influence-exact")
+class ExactInfluence(_Influence):
+    """:func:`pbrf.influence` with the dense Cholesky solver (``p`` up to ``max_params``)."""
+
+    solver = "exact"
+
+
+@register("influence-cg")
+class CGInfluence(_Influence):
+    """:func:`pbrf.influence` with conjugate gradients (``solver_options``: ``max_iter``, ``tol``)."""
+
+    solver = "cg"
+
+
+@register("influence-lissa")
+class LissaInfluence(_Influence):
+    """:func:`pbrf.influence` with LiSSA (``solver_options``: ``depth``, ``batch_size``, ``scale``, ...)."""
+
+    solver = "lissa"
+
+
+# ---------------------------------------------------------------------------- Arnoldi
+def lanczos(matvec: Callable[[Tensor], Tensor], p: int, steps: int, like: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of a symmetric operator from ``steps`` Lanczos iterations with full
+    reorthogonalisation (restarted with a fresh random direction on an invariant subspace).
+
+    Returns ``(values [steps], vectors [steps, p])``, values in decreasing order.
+    """
+    steps = min(steps, p)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    Q = like.new_zeros(steps, p)
+    alpha, beta = like.new_zeros(steps), like.new_zeros(steps)
+
+    def fresh(j: int) -> Tensor:
+        for _ in range(5):
+            q = torch.randn(p, generator=gen, dtype=like.dtype).to(like.device)
+            for _ in range(2):
+                q = q - Q[:j].T @ (Q[:j] @ q)
+            n = q.norm()
+            if n > 1e-8:
+                return q / n
+        raise RuntimeError("lanczos: cannot find a new direction")
+
+    q, prev = fresh(0), None
+    for j in range(steps):
+        Q[j] = q
+        w = matvec(q)
+        alpha[j] = q @ w
+        w = w - alpha[j] * q - (beta[j - 1] * prev if prev is not None and j > 0 else 0)
+        for _ in range(2):  # full reorthogonalisation, twice
+            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+        if j + 1 == steps:
+            break
+        b = w.norm()
+        scale = alpha[: j + 1].abs().max()
+        if b <= 1e-10 * max(float(scale), 1e-300):  # invariant subspace: restart, no coupling
+            beta[j], prev, q = 0.0, None, fresh(j + 1)
+        else:
+            beta[j], prev, q = b, q, w / b
+    T = torch.diag(alpha) + torch.diag(beta[: steps - 1], 1) + torch.diag(beta[: steps - 1], -1)
+    vals, S = torch.linalg.eigh(T)
+    order = torch.argsort(vals, descending=True)
+    return vals[order], (Q.T @ S[:, order]).T
+
+
+@register("arnoldi")
+class Arnoldi(Estimator):
+    """Influence in the top-``rank`` eigenspace of ``C`` (``iterations`` Lanczos steps, default
+    ``2·rank``; ``seed``)."""
+
+    def __init__(self, rank: int = 50, iterations: int | None = None, seed: int = 0, **hp) -> None:
+        if not (isinstance(rank, int) and rank > 0):
+            raise ValueError(f"arnoldi: rank must be a positive int, got {rank!r}.")
+        if iterations is not None and not (isinstance(iterations, int) and iterations >= rank):
+            raise ValueError(f"arnoldi: iterations must be an int >= rank ({rank}), got {iterations!r}.")
+        super().__init__(rank=rank, iterations=iterations or 2 * rank, seed=seed, **hp)
+
+    def point_scores(self, problem, test, points, context):
+        op = CurvatureOperator(problem, context["curvature"], context["damping"])
+        vals, U = lanczos(op.matvec, problem.n_params, context["iterations"], problem.theta, context["seed"])
+        rank = min(context["rank"], len(vals))
+        vals, U = vals[:rank], U[:rank]
+        if bool((vals <= 0).any()):
+            raise ValueError("arnoldi: the damped curvature has non-positive eigenvalues; raise the damping.")
+        g_test = per_example_grads(problem, *test)
+        left = (g_test @ U.T) / vals  # [n_test, rank]
+        return _chunked_dot(problem, left, points, transform=lambda g: g @ U.T) / problem.n_train
+
+
+# ---------------------------------------------------------------------------- gradient similarity
+@register("grad-dot")
+class GradDot(Estimator):
+    """``(1/N) ∇m_t·∇L_i`` at θ^s: influence with ``C = I``."""
+
+    uses_curvature = False
+
+    def point_scores(self, problem, test, points, context):
+        return _chunked_dot(problem, per_example_grads(problem, *test), points) / problem.n_train
+
+
+@register("grad-cos")
+class GradCos(Estimator):
+    """Cosine similarity of ``∇m_t`` and ``∇L_i`` at θ^s (summed over a group's points)."""
+
+    uses_curvature = False
+
+    def point_scores(self, problem, test, points, context):
+        g = per_example_grads(problem, *test)
+        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        return _chunked_dot(problem, g, points, transform=lambda h: h / h.norm(dim=1, keepdim=True).clamp_min(1e-300))
+
+
+# ---------------------------------------------------------------------------- TracIn
+@register("tracin")
+class TracIn(Estimator):
+    """TracIn-CP over training checkpoints: ``(1/N) Σ_c η_c ∇m_t(θ_c)·∇L_i(θ_c)``.
+
+    Checkpoints come from the run (``train.checkpoints``) or ``checkpoints=[{"params", "lr"}]``;
+    ``lr_weighted=False`` drops ``η_c``.
+    """
+
+    uses_curvature = False
+
+    def __init__(self, checkpoints: list[dict] | None = None, lr_weighted: bool = True, **hp) -> None:
+        super().__init__(lr_weighted=bool(lr_weighted), **hp)
+        self._checkpoints = checkpoints
+
+    def point_scores(self, problem, test, points, context):
+        cks = self._checkpoints
+        if cks is None and context.get("run") is not None:
+            cks = context["run"].training_checkpoints()
+        if not cks:
+            raise EstimatorUnavailable(
+                "tracin needs training checkpoints: set train.checkpoints (e.g. --set train.checkpoints=5) "
+                "in the run's config and run it again, or pass checkpoints=[{'params': ..., 'lr': ...}].")
+        out = None
+        for ck in cks:
+            theta = problem.flatten({k: v.to(problem.theta) for k, v in ck["params"].items()})
+            g_test = per_example_grads(problem, *test, theta=theta)
+            eta = float(ck.get("lr", 1.0)) if context["lr_weighted"] else 1.0
+            term = eta * _chunked_dot(problem, g_test, points, theta=theta)
+            out = term if out is None else out + term
+        return out / problem.n_train
+
+    def resolved(self, context: dict) -> dict:
+        hp = super().resolved(context)
+        cks = self._checkpoints
+        if cks is None and context.get("run") is not None:
+            cks = context["run"].training_checkpoints()
+        hp["n_checkpoints"] = len(cks or [])
+        return hp
+
+
+# ---------------------------------------------------------------------------- TRAK
+@register("trak")
+class Trak(Estimator):
+    """Projected-gradient Gauss–Newton influence (``dim``: projection size, ``ensemble``:
+    independent projections averaged, ``seed``)."""
+
+    def __init__(self, dim: int = 512, ensemble: int = 1, seed: int = 0, **hp) -> None:
+        if not (isinstance(dim, int) and dim > 0) or not (isinstance(ensemble, int) and ensemble > 0):
+            raise ValueError(f"trak: dim and ensemble must be positive ints, got {dim!r}, {ensemble!r}.")
+        super().__init__(dim=dim, ensemble=ensemble, seed=seed, **hp)
+
+    @staticmethod
+    def projection(p: int, dim: int, seed: int, like: Tensor) -> Tensor:
+        """The seeded Gaussian projection ``[p, dim]`` with ``E[PᵀP] = I``."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        return (torch.randn(p, dim, generator=gen, dtype=like.dtype) / math.sqrt(dim)).to(like.device)
+
+    def point_scores(self, problem, test, points, context):
+        op = CurvatureOperator(problem, context["curvature"], context["damping"])
+        g_test = per_example_grads(problem, *test)
+        out = None
+        for e in range(context["ensemble"]):
+            P = self.projection(problem.n_params, context["dim"], context["seed"] + e, problem.theta)
+            CP = torch.cat([op.matvec(P[:, s].T.contiguous()) for s in _blocks(P.shape[1], 64)])  # rows (C P_j)ᵀ
+            M = P.T @ CP.T
+            M = 0.5 * (M + M.T)
+            vals, V = torch.linalg.eigh(M)
+            keep = vals > vals.abs().max() * 1e-12  # pseudo-inverse: dim > p leaves a null space
+            Minv = (V[:, keep] / vals[keep]) @ V[:, keep].T
+            left = (g_test @ P) @ Minv
+            term = _chunked_dot(problem, left, points, transform=lambda g: g @ P) / problem.n_train
+            out = term if out is None else out + term
+        return out / context["ensemble"]
+
+
+def _blocks(n: int, size: int):
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+# ---------------------------------------------------------------------------- kronfluence
+class _Kronfluence(Estimator):
+    strategy = "ekfac"
+
+    def __init__(self, seed: int = 0, **hp) -> None:
+        super().__init__(seed=seed, **hp)
+
+    def point_scores(self, problem, test, points, context):
+        try:
+            from .kron import kronfluence_scores
+        except ImportError as err:  # pragma: no cover - depends on the optional package
+            raise EstimatorUnavailable(str(err)) from None
+        try:
+            return kronfluence_scores(problem, test, points, strategy=self.strategy,
+                                      damping=context["damping"], dtype=problem.dtype, seed=context["seed"])
+        except ImportError as err:
+            raise EstimatorUnavailable(str(err)) from None
+
+
+@register("kronfluence-ekfac")
+class KronfluenceEKFAC(_Kronfluence):
+    """EK-FAC through kronfluence (optional extra), in pbrf's conventions."""
+
+    strategy = "ekfac"
+
+
+@register("kronfluence-kfac")
+class KronfluenceKFAC(_Kronfluence):
+    """K-FAC through kronfluence (optional extra), in pbrf's conventions."""
+
+    strategy = "kfac"

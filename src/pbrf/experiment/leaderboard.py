@@ -1,0 +1,269 @@
+"""``pbrf estimators``: run attribution estimators on a finished run and rank them.
+
+Every estimator scores all N training points on the run's test points once (``[n_test, N]``,
+stored in the run's ``results.sqlite`` as kind ``estimator:NAME`` with its wall time, peak memory
+and hyperparameters, so a rerun skips it unless its hyperparameters changed). Group scores are
+sums of point scores, so the same scores are compared with
+
+* the run's ground truths on its removal sets: the PBRF, the paired warm start (warm start
+  against its no-removal continuation), the literal warm start and cold-start LOO, each over the
+  removals where that response is certified and did not diverge, as in the run's report;
+* the LDS (``[lds] subsets > 0`` in the run's config): the mean over test points of the
+  Spearman correlation between the summed scores of each subset's removed points and the
+  retrained change of the test loss.
+
+Outputs in ``RUN_DIR/estimators/``: ``leaderboard.md``, ``leaderboard.json`` and
+``leaderboard.png`` (fidelity against wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import analysis
+from .config import ConfigError
+
+__all__ = ["TRUTHS", "DEFAULT_METHODS", "run_estimators", "external_row", "format_leaderboard", "write_leaderboard",
+           "parse_hyperparameters"]
+
+#: Ground truths of the leaderboard: (key in Run.responses(), column label).
+TRUTHS = (("pbrf", "PBRF"), ("warm_paired", "warm (paired)"), ("warm", "warm LOO"), ("cold", "cold LOO"))
+DEFAULT_METHODS = ("influence-exact", "influence-cg", "influence-lissa", "arnoldi", "trak", "tracin", "grad-dot",
+                   "grad-cos")
+PREFIX = "estimator:"
+FOLDER = "estimators"
+
+
+def parse_hyperparameters(items: list[str]) -> dict[str, dict]:
+    """``["trak.dim=1024", "arnoldi.rank=20"]`` → ``{"trak": {"dim": 1024}, ...}`` (TOML scalars)."""
+    import tomllib
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, field = key.strip().partition(".")
+        if not (sep and dot and name and field):
+            raise ConfigError(f"--hp {item!r}: write METHOD.NAME=VALUE, e.g. --hp trak.dim=1024.")
+        try:
+            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value.strip()
+        out.setdefault(name, {})[field] = parsed
+    return out
+
+
+def _stored(store, name: str) -> tuple[np.ndarray, dict] | None:
+    got = store.get_chunk(PREFIX + name, 0)
+    if got is None:
+        return None
+    return got.dm, (got.diagnostics or [{}])[0]
+
+
+def _row(name: str, point_scores: np.ndarray, info: dict, run, truths: dict, lds_truth) -> dict:
+    from pbrf import lds
+
+    scores = lds.group_scores(point_scores, run.removals)
+    row = {"method": name, "seconds": info.get("seconds"), "peak_memory_mb": info.get("peak_memory_mb"),
+           "hyperparameters": info.get("hyperparameters", {}), "correlations": {}}
+    for key, _ in TRUTHS:
+        if key in truths:
+            row["correlations"][key] = analysis._correlation_entry(scores, truths[key])
+    if lds_truth is not None:
+        actual, groups = lds_truth
+        out = lds.lds(lds.group_scores(point_scores, groups), actual)
+        row["lds"] = {k: out[k] for k in ("lds", "stderr", "n_test")}
+    return row
+
+
+def external_row(label: str, scores: np.ndarray, run, truths: dict, lds_truth) -> dict:
+    """A leaderboard row for scores computed elsewhere (``[n_test, N]`` or ``[n_test, n_removals]``)."""
+    from .evaluate import map_scores
+
+    if scores.shape[0] != run.n_test:
+        raise ConfigError(f"--scores {label}: {scores.shape[0]} rows, but the run has {run.n_test} test points.")
+    if scores.shape[1] == run.n_train:
+        return _row(label, scores, {"hyperparameters": {"source": "external"}}, run, truths, lds_truth)
+    mapped, _ = map_scores(scores, run.removals, run.n_train)
+    row = _row(label, np.zeros((run.n_test, run.n_train)), {"hyperparameters": {"source": "external"}}, run, {}, None)
+    row["correlations"] = {key: analysis._correlation_entry(mapped, truths[key]) for key, _ in TRUTHS if key in truths}
+    return row
+
+
+def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters: dict | None = None,
+                   external: dict[str, np.ndarray] | None = None, progress: bool = True, log=print) -> dict:
+    """Run (or resume) ``methods`` on a finished run; returns the leaderboard dict.
+
+    A method that cannot run here (no checkpoints for TracIn, kronfluence not installed, exact
+    influence above its size limit) is listed under ``"skipped"`` with the reason.
+    """
+    import torch
+
+    from pbrf import estimators, load_run
+
+    from .pipeline import _exclusive, lds_actual
+    from .store import ChunkResult, Store
+
+    hyperparameters = hyperparameters or {}
+    unknown = [m for m in methods if m not in estimators.ESTIMATORS]
+    if unknown:
+        raise ConfigError(f"unknown estimator(s) {unknown}; choose from {', '.join(estimators.ESTIMATORS)}.")
+    for m in hyperparameters:
+        if m not in methods:
+            raise ConfigError(f"--hp {m}.*: {m!r} is not among the methods run ({', '.join(methods)}).")
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    truths = {k: v for k, v in run.responses(certified_only=True).items() if k in dict(TRUTHS)}
+    rows, skipped = [], {}
+    with _exclusive(run_dir), Store(run_dir) as store:
+        lds_truth = lds_actual(store, run.config)
+        points = torch.arange(run.n_train)
+        for name in methods:
+            try:
+                est = estimators.get(name, **hyperparameters.get(name, {}))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"{name}: {err}") from None
+            want = est.resolved({"damping": run.damping, "curvature": run.curvature, "run": run})
+            stored = _stored(store, name)
+            if stored is not None and stored[1].get("requested") == _jsonable(est.hyperparameters):
+                scores, info = stored
+                log(f"{name}: stored ({info.get('seconds', math.nan):.2f} s)")
+            else:
+                log(f"{name}: running ({_hp_text(want)})")
+                try:
+                    res = est.scores(run, removals=points)
+                except (estimators.EstimatorUnavailable, ValueError) as err:
+                    skipped[name] = str(err).splitlines()[0]
+                    log(f"{name}: skipped — {skipped[name]}")
+                    continue
+                scores = res.scores.detach().cpu().double().numpy()
+                peak = None if res.peak_memory_bytes is None else res.peak_memory_bytes / 2**20
+                info = {"seconds": res.seconds, "peak_memory_mb": peak, "hyperparameters": res.hyperparameters,
+                        "requested": _jsonable(est.hyperparameters), "threads": torch.get_num_threads(),
+                        "device": str(run.measure_problem.device), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+                store.put_chunk(ChunkResult(PREFIX + name, 0, scores, None, [info], res.seconds, None))
+                log(f"{name}: {res.seconds:.2f} s")
+            rows.append(_row(name, scores, info, run, truths, lds_truth))
+    for label, arr in (external or {}).items():
+        rows.append(external_row(label, arr, run, truths, lds_truth))
+    excluded = {k: int(np.isnan(v).all(axis=0).sum()) for k, v in truths.items()}
+    return {
+        "run": str(run_dir), "name": run.config.name, "profile": run.config.profile,
+        "n_train": run.n_train, "n_params": run.problem.n_params, "n_test": run.n_test,
+        "n_removals": len(run.removals), "damping": run.damping, "weight_decay": run.weight_decay,
+        "truths": {k: lbl for k, lbl in TRUTHS if k in truths}, "excluded_removals": excluded,
+        "lds": None if lds_truth is None else {"subsets": len(lds_truth[1]), "alpha": run.config.lds.alpha,
+                                               "seeds": list(run.config.lds.seeds or run.config.responses.cold_seeds)},
+        "threads": torch.get_num_threads(), "rows": rows, "skipped": skipped,
+    }
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+def _hp_text(hp: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in hp.items() if not isinstance(v, (dict, list))) or "defaults"
+
+
+def _f(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def format_leaderboard(board: dict, markdown: bool = True) -> str:
+    """The leaderboard as a table, best Spearman against the PBRF first."""
+    truths = list(board["truths"])
+    header = ["estimator", "time (s)", "peak MB"]
+    for key in truths:
+        header += [f"{board['truths'][key]} P", f"{board['truths'][key]} S"]
+    if board.get("lds"):
+        header.append("LDS")
+    header.append("hyperparameters")
+
+    def key(row):
+        s = (row["correlations"].get("pbrf") or {}).get("spearman")
+        return -(s if s is not None else -math.inf)
+
+    lines = []
+    for row in sorted(board["rows"], key=key):
+        cells = [row["method"], _f(row.get("seconds"), 2), _f(row.get("peak_memory_mb"), 0)]
+        for k in truths:
+            c = row["correlations"].get(k) or {}
+            cells += [_f(c.get("pearson")), _f(c.get("spearman"))]
+        if board.get("lds"):
+            lds = row.get("lds")
+            cells.append("n/a" if not lds else f"{_f(lds['lds'])} ± {_f(lds['stderr'])}")
+        cells.append(_hp_text(row.get("hyperparameters") or {}))
+        lines.append(cells)
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header) - 1)) + "|---|"]
+        out += ["| " + " | ".join(c) + " |" for c in lines]
+        return "\n".join(out)
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header) - 1)]
+    fmt = lambda cs: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cs, widths)))  # noqa: E731
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines])
+
+
+def _figure(board: dict, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in board["rows"] if r.get("seconds")]
+    if not rows:
+        return None
+    panels = [("pbrf", "Spearman vs PBRF")] + ([("lds", "LDS")] if board.get("lds") else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for r in rows:
+            y = (r.get("lds") or {}).get("lds") if key == "lds" else (r["correlations"].get("pbrf") or {}).get("spearman")
+            if y is None or not math.isfinite(y):
+                continue
+            ax.scatter(r["seconds"], y, s=30)
+            ax.annotate(r["method"], (r["seconds"], y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"wall time (s, {board['threads']} threads)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{board['name']} ({board['profile']}): fidelity against cost")
+    fig.tight_layout()
+    from .report import _save_figure
+
+    return _save_figure(fig, path)
+
+
+def write_leaderboard(board: dict, run_dir: str | Path, command: str | None = None) -> dict[str, Path]:
+    """Write ``leaderboard.md``, ``leaderboard.json`` and ``leaderboard.png`` under ``RUN_DIR/estimators``."""
+    from .store import atomic_write_text
+
+    folder = Path(run_dir) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    fig = _figure(board, folder / "leaderboard.png")
+    parts = [f"# Estimator leaderboard: {board['name']} ({board['profile']})", "",
+             f"N = {board['n_train']} training points, p = {board['n_params']} parameters, "
+             f"{board['n_test']} test points × {board['n_removals']} removal sets; damping λ = {board['damping']:g}, "
+             f"weight decay {board['weight_decay']:g}; {board['threads']} torch threads.", ""]
+    if command:
+        parts += ["Regenerate with:", "", "```sh", command, "```", ""]
+    parts += [format_leaderboard(board), "",
+              "P / S: Pearson / Spearman correlation over all (test point, removal) pairs with each ground truth, "
+              "over the removals where it is certified and did not diverge "
+              f"(removals left out: {board['excluded_removals']}). Time and peak memory (resident set above the "
+              "start, sampled) cover scoring all N training points, fitting included."]
+    if board.get("lds"):
+        l = board["lds"]  # noqa: E741
+        parts.append(f"LDS: mean over test points of the Spearman correlation across {l['subsets']} random subsets "
+                     f"(each keeping {100 * l['alpha']:.0f}% of the data, retrained from scratch with seeds "
+                     f"{l['seeds']}), ± its standard error.")
+    if board.get("skipped"):
+        parts += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in board["skipped"].items())]
+    if fig is not None:
+        parts += ["", f"![fidelity against cost]({fig.name})"]
+    atomic_write_text(folder / "leaderboard.md", "\n".join(parts) + "\n")
+    atomic_write_text(folder / "leaderboard.json", json.dumps(_jsonable(board), indent=2))
+    return {"markdown": folder / "leaderboard.md", "json": folder / "leaderboard.json", "figure": fig}

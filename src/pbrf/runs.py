@@ -1,0 +1,180 @@
+"""``pbrf.load_run``: everything a finished (or set-up) run directory holds, rebuilt in memory.
+
+For scoring another library's estimates against a run, or for running :mod:`pbrf.estimators` on
+it. The model, data and removal sets are exactly those of the run: the same preprocessing, the
+run's dtype and device, θ^s loaded from ``theta_s.safetensors``.
+
+Conventions of every score compared with a run (see the README, "Scoring another library"):
+
+* sign: positive = removing the set increases the test loss;
+* scale: ``1/N`` — ``scores[t, k] = (1/N) ∇m_tᵀ C⁻¹ Σ_{i∈r_k} ∇L_i(θ^s)``;
+* curvature: ``C = G + (wd + λ) I``; a library without a weight-decay term needs
+  ``damping = wd + λ`` to use the same matrix;
+* training gradients are those of the plain per-example loss ``L_i`` (no regulariser gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .problem import Params, Problem
+from .tasks import Task
+
+__all__ = ["Run", "load_run"]
+
+
+@dataclass
+class Run:
+    """A run directory in memory (see :func:`load_run`).
+
+    Attributes:
+        run_dir: the directory.
+        config: its :class:`~pbrf.experiment.config.ExperimentConfig`.
+        model: the network with θ^s loaded (run dtype and device, eval mode).
+        task: the :mod:`pbrf.tasks` task.
+        train: ``(x, y)`` training data as the run used it (``y`` is ``None`` for reconstruction).
+        test: ``(x, y)`` of the run's test points, in the order of ``test_index``.
+        test_index: indices of the test points in the dataset's test split.
+        removals: the removal sets (lists of training indices), in the run's order.
+        damping, weight_decay, curvature, n_train: the influence settings of the run.
+        problem: the :class:`~pbrf.Problem` at θ^s in the run's dtype.
+        influence_settings: keyword arguments with which ``pbrf.influence(run.measure_problem,
+            run.test, run.removals, **run.influence_settings)`` reproduces the stored scores.
+    """
+
+    run_dir: Path
+    config: object
+    model: nn.Module
+    task: Task
+    train: tuple
+    test: tuple
+    test_index: np.ndarray
+    removals: list[list[int]]
+    damping: float
+    weight_decay: float
+    curvature: str
+    n_train: int
+    problem: Problem
+    influence_settings: dict
+    _measure: Problem | None = field(default=None, repr=False)
+
+    @property
+    def measure_problem(self) -> Problem:
+        """The problem in float64, on which the run measured every response and its influence."""
+        if self._measure is None:
+            self._measure = self.problem.astype(torch.float64)
+        return self._measure
+
+    @property
+    def n_test(self) -> int:
+        """Number of test points."""
+        return len(self.test_index)
+
+    def responses(self, certified_only: bool = True) -> dict[str, np.ndarray]:
+        """Stored Δm ``[n_test, n_removals]`` per response kind (``"warm_paired"`` and
+        ``"proximal_paired"`` for the paired chain when stored).
+
+        With ``certified_only`` the removals whose response diverged or (for an optimised kind)
+        is not certified are NaN, as every statistic of the run leaves them out.
+        """
+        from .experiment.evaluate import run_arrays
+        from .experiment.store import Store
+
+        arrays = run_arrays(self.run_dir)
+        out = {k: v.copy() for k, v in arrays["dm"].items()}
+        n_chunks = math.ceil(len(self.removals) / self.config.run.chunk_size)
+        with Store(self.run_dir, readonly=True) as store:
+            for kind in ("warm", "proximal"):
+                if kind in out:
+                    extra = store.gather_extra(kind, n_chunks)
+                    if extra is not None:
+                        out[f"{kind}_paired"] = extra
+        if certified_only:
+            for kind, bad in {**arrays["diverged"], **arrays["uncertified"]}.items():
+                for name in (kind, f"{kind}_paired"):
+                    if name in out:
+                        out[name][:, bad] = np.nan
+        return out
+
+    def training_checkpoints(self) -> list[dict]:
+        """The base training's saved checkpoints (``train.checkpoints``): dicts ``{"step", "lr",
+        "params"}`` in step order, parameters in the run's dtype on its device; ``[]`` if none."""
+        from .experiment.pipeline import TRAINING_CHECKPOINTS
+        from .training import load_checkpoint
+
+        folder = self.run_dir / TRAINING_CHECKPOINTS
+        out = []
+        for path in sorted(folder.glob("step_*.safetensors")) if folder.is_dir() else []:
+            params, meta = load_checkpoint(path)
+            out.append({"step": int(meta["step"]), "lr": float(meta["lr"]),
+                        "params": {k: v.to(self.problem.dtype).to(self.problem.device) for k, v in params.items()}})
+        return sorted(out, key=lambda c: c["step"])
+
+
+def _model_with(model: nn.Module, params: Params) -> nn.Module:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    return model.eval()
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> Run:
+    """Rebuild a run directory: model at θ^s, task, data, test points, removal sets, settings.
+
+    Args:
+        run_dir: a directory written by ``pbrf run`` (set up at least: θ^s trained, test points
+            and removal sets chosen).
+        device: override the run's device (e.g. ``"cpu"`` for a run made on a GPU).
+
+    Raises:
+        ConfigError: not a run directory, or not set up yet (the message names the command).
+        pbrf.data.DataError: the run's dataset is not available (``PBRF_DATA``).
+    """
+    from .experiment.config import ConfigError
+    from .experiment.pipeline import (
+        CHECKPOINT,
+        _groups_from_array,
+        _test_data,
+        _train_data,
+        build_model,
+        build_problem,
+        influence_settings,
+        prepare_inputs,
+        read_config,
+    )
+    from .experiment.store import Store
+    from .training import load_checkpoint
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    if device is not None:
+        config = type(config).from_dict({**config.to_dict(), "run": {**config.to_dict()["run"], "device": device}})
+    if not (run_dir / CHECKPOINT).is_file() or not (run_dir / "results.sqlite").is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not set up yet (no θ^s); run `pbrf run --out {run_dir}` first.")
+    with Store(run_dir, readonly=True) as store:
+        index, groups = store.get_array("test_index"), store.get_array("groups")
+    if index is None or groups is None:
+        raise ConfigError(f"{str(run_dir)!r} is not set up yet (no removal sets); run `pbrf run --out {run_dir}` first.")
+    inputs = prepare_inputs(config)
+    params, _ = load_checkpoint(run_dir / CHECKPOINT)
+    problem = build_problem(inputs, params)
+    model = _model_with(build_model(config, inputs.model_kwargs, seed=config.train.seed).to(config.run.device),
+                        problem.params)
+    x_train, y_train = _train_data(inputs)
+    dtype = problem.dtype
+    as_run = (lambda t: None if t is None else (t.to(dtype) if t.is_floating_point() else t).to(problem.device))
+    x_test, y_test = _test_data(inputs, index)
+    return Run(
+        run_dir=run_dir, config=config, model=model, task=problem.task,
+        train=(as_run(x_train), as_run(y_train)), test=(as_run(x_test), as_run(y_test)),
+        test_index=np.asarray(index), removals=_groups_from_array(groups),
+        damping=config.influence.damping, weight_decay=config.train.weight_decay,
+        curvature=config.influence.curvature, n_train=problem.n_train, problem=problem,
+        influence_settings=influence_settings(config),
+    )

@@ -1,0 +1,114 @@
+"""``pbrf.load_run`` round trip and the ``pbrf estimators`` leaderboard on a tiny run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pbrf
+from pbrf import cli
+from pbrf.experiment import config as cfg
+from pbrf.experiment import pipeline
+from pbrf.experiment.store import Store
+
+TINY_SETS = ["lds.subsets=6", "train.checkpoints=3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The digits tiny profile with TracIn checkpoints and a 6-subset LDS ground truth."""
+    out = tmp_path_factory.mktemp("lb") / "run"
+    config = cfg.load_preset("digits-mlp", "tiny", TINY_SETS)
+    pipeline.run_experiment(config, out, progress=False)
+    return out
+
+
+def test_load_run_reproduces_the_stored_influence_scores(tiny_run):
+    run = pbrf.load_run(tiny_run)
+    stored = np.load(tiny_run / "influence_scores.npy")
+    again = pbrf.influence(run.measure_problem, run.test, run.removals, **run.influence_settings)
+    np.testing.assert_allclose(again.numpy(), stored, rtol=1e-10, atol=1e-14)
+    # the model is θ^s in the run's dtype; the data are the run's, as the run used them
+    theta, _ = pbrf.load_checkpoint(tiny_run / "theta_s.safetensors")
+    for name, p in run.model.named_parameters():
+        assert p.dtype == torch.float64 and torch.equal(p.detach(), theta[name].to(p))
+    assert run.train[0].dtype == run.problem.dtype == torch.float64
+    assert run.n_train == 200 and len(run.removals) == 8 and run.test[0].shape[0] == run.n_test == 5
+    meta = json.loads((tiny_run / "removals.json").read_text())
+    assert meta["n_train"] == run.n_train and meta["damping"] == run.damping == 0.1
+    assert meta["weight_decay"] == run.weight_decay and meta["curvature"] == "ggn"
+    assert meta["model"]["in_shape"] == [1, 8, 8] and meta["model"]["n_outputs"] == 10
+    # a model rebuilt from removals.json alone gives the run's outputs
+    model = pbrf.models.build(meta["model"]["name"], seed=0, dtype=torch.float64,
+                              **{k: v for k, v in meta["model"].items() if k != "name"})
+    model.load_state_dict(dict(theta))
+    torch.testing.assert_close(model(run.test[0]), run.model(run.test[0]))
+
+
+def test_load_run_responses_and_checkpoints(tiny_run):
+    run = pbrf.load_run(tiny_run)
+    resp = run.responses()
+    assert {"pbrf", "warm", "cold", "influence", "warm_paired", "proximal_paired"} <= set(resp)
+    assert resp["pbrf"].shape == (5, 8)
+    np.testing.assert_allclose(resp["influence"], np.load(tiny_run / "influence_scores.npy"), rtol=0, atol=0)
+    cks = run.training_checkpoints()
+    assert len(cks) == 3 and cks[-1]["step"] > cks[0]["step"]
+    for name, v in cks[-1]["params"].items():  # the last checkpoint is θ^s
+        assert torch.equal(v, run.problem.params[name])
+
+
+def test_load_run_errors_name_the_fix(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="pbrf run"):
+        pbrf.load_run(tmp_path)
+
+
+def test_estimators_command_writes_a_resumable_leaderboard(tiny_run, capsys):
+    methods = "influence-exact,influence-cg,arnoldi,trak,tracin,grad-dot"
+    assert cli.main(["estimators", str(tiny_run), "--methods", methods, "--hp", "arnoldi.rank=20", "--json"]) == 0
+    board = json.loads(capsys.readouterr().out)
+    rows = {r["method"]: r for r in board["rows"]}
+    assert set(rows) == set(methods.split(","))
+    # exact influence is the run's own influence estimate up to the practical solver's error
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert rows["influence-cg"]["correlations"]["pbrf"]["pearson"] == pytest.approx(
+        summary["correlations"]["pbrf"]["pearson"], abs=1e-9)
+    assert rows["influence-cg"]["lds"]["lds"] == pytest.approx(summary["lds"]["influence"]["lds"], abs=1e-9)
+    assert rows["arnoldi"]["hyperparameters"]["rank"] == 20
+    assert all(r["seconds"] > 0 for r in rows.values())
+    for name in ("leaderboard.md", "leaderboard.json", "leaderboard.png"):
+        assert (tiny_run / "estimators" / name).is_file()
+    md = (tiny_run / "estimators" / "leaderboard.md").read_text()
+    assert "| influence-exact |" in md and "LDS" in md
+    with Store(tiny_run, readonly=True) as store:
+        first = store.get_chunk("estimator:trak", 0).diagnostics[0]["when"]
+    # resumed: stored estimators are not recomputed; a changed hyperparameter is
+    assert cli.main(["estimators", str(tiny_run), "--methods", "trak,grad-dot", "--hp", "trak.dim=64"]) == 0
+    err = capsys.readouterr().err
+    assert "grad-dot: stored" in err and "trak: running" in err
+    with Store(tiny_run, readonly=True) as store:
+        diag = store.get_chunk("estimator:trak", 0).diagnostics[0]
+    assert diag["hyperparameters"]["dim"] == 64 and diag["when"] >= first
+
+
+def test_estimators_command_errors(tiny_run, tmp_path, capsys):
+    assert cli.main(["estimators", str(tiny_run), "--methods", "nope"]) == 2
+    assert "unknown estimator" in capsys.readouterr().err
+    assert cli.main(["estimators", str(tiny_run), "--methods", "trak", "--hp", "arnoldi.rank=3"]) == 2
+    assert "not among the methods" in capsys.readouterr().err
+    assert cli.main(["estimators", str(tiny_run), "--methods", "trak", "--hp", "trak.dim=-1"]) == 2
+    assert "dim" in capsys.readouterr().err
+    assert cli.main(["estimators", str(tmp_path)]) == 2
+    assert "pbrf run" in capsys.readouterr().err
+
+
+def test_estimators_command_ranks_external_scores(tiny_run, tmp_path, capsys):
+    own = np.load(tiny_run / "influence_scores.npy")
+    np.save(tmp_path / "own.npy", own)
+    assert cli.main(["estimators", str(tiny_run), "--methods", "grad-dot", "--scores", f"mine={tmp_path / 'own.npy'}",
+                     "--json"]) == 0
+    board = json.loads(capsys.readouterr().out)
+    mine = next(r for r in board["rows"] if r["method"] == "mine")
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert mine["correlations"]["pbrf"]["spearman"] == pytest.approx(summary["correlations"]["pbrf"]["spearman"], abs=1e-12)
+    assert mine["seconds"] is None
