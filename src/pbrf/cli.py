@@ -270,16 +270,22 @@ def cmd_evaluate(args) -> int:
     """``pbrf evaluate``."""
     from .experiment import evaluate
 
+    from .experiment import leaderboard
+
     result = evaluate.evaluate(args.scores, args.run)
     if result.get("sign_warning"):
         print(f"pbrf: warning: {result['sign_warning']}", file=sys.stderr)
+    board = leaderboard.evaluate_board(args.scores, args.run)
     if args.json:
+        result["leaderboard"] = leaderboard._jsonable(board)
         print(evaluate.to_json(result))
     else:
         print(f"{result['scores']} ({result['layout']} layout) vs {result['run']}: "
               f"{result['n_test']} test points x {result['n_removals']} removal sets")
         print(evaluate.pairs_line(result))
         print(evaluate.format_correlations(result))
+        print("\nas a row of `pbrf estimators`' leaderboard:")
+        print(leaderboard.format_leaderboard(board, markdown=False))
     return 0
 
 

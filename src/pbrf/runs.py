@@ -26,7 +26,7 @@ from torch import nn
 from .problem import Params, Problem
 from .tasks import Task
 
-__all__ = ["Run", "load_run"]
+__all__ = ["Run", "load_run", "stored_responses"]
 
 
 @dataclass
@@ -77,30 +77,8 @@ class Run:
         return len(self.test_index)
 
     def responses(self, certified_only: bool = True) -> dict[str, np.ndarray]:
-        """Stored Δm ``[n_test, n_removals]`` per response kind (``"warm_paired"`` and
-        ``"proximal_paired"`` for the paired chain when stored).
-
-        With ``certified_only`` the removals whose response diverged or (for an optimised kind)
-        is not certified are NaN, as every statistic of the run leaves them out.
-        """
-        from .experiment.evaluate import run_arrays
-        from .experiment.store import Store
-
-        arrays = run_arrays(self.run_dir)
-        out = {k: v.copy() for k, v in arrays["dm"].items()}
-        n_chunks = math.ceil(len(self.removals) / self.config.run.chunk_size)
-        with Store(self.run_dir, readonly=True) as store:
-            for kind in ("warm", "proximal"):
-                if kind in out:
-                    extra = store.gather_extra(kind, n_chunks)
-                    if extra is not None:
-                        out[f"{kind}_paired"] = extra
-        if certified_only:
-            for kind, bad in {**arrays["diverged"], **arrays["uncertified"]}.items():
-                for name in (kind, f"{kind}_paired"):
-                    if name in out:
-                        out[name][:, bad] = np.nan
-        return out
+        """Stored Δm ``[n_test, n_removals]`` per response kind (see :func:`stored_responses`)."""
+        return stored_responses(self.run_dir, certified_only)
 
     def training_checkpoints(self) -> list[dict]:
         """The base training's saved checkpoints (``train.checkpoints``): dicts ``{"step", "lr",
@@ -115,6 +93,33 @@ class Run:
             out.append({"step": int(meta["step"]), "lr": float(meta["lr"]),
                         "params": {k: v.to(self.problem.dtype).to(self.problem.device) for k, v in params.items()}})
         return sorted(out, key=lambda c: c["step"])
+
+
+def stored_responses(run_dir: str | Path, certified_only: bool = True) -> dict[str, np.ndarray]:
+    """Stored Δm ``[n_test, n_removals]`` per response kind of a finished run, plus
+    ``"warm_paired"`` and ``"proximal_paired"`` (the paired chain) when stored.
+
+    With ``certified_only`` the removals whose response diverged or (for an optimised kind) is
+    not certified are NaN, as every statistic of the run leaves them out.
+    """
+    from .experiment.evaluate import run_arrays
+    from .experiment.store import Store
+
+    arrays = run_arrays(run_dir)
+    out = {k: v.copy() for k, v in arrays["dm"].items()}
+    n_chunks = math.ceil(len(arrays["groups"]) / arrays["config"].run.chunk_size)
+    with Store(run_dir, readonly=True) as store:
+        for kind in ("warm", "proximal"):
+            if kind in out:
+                extra = store.gather_extra(kind, n_chunks)
+                if extra is not None:
+                    out[f"{kind}_paired"] = extra
+    if certified_only:
+        for kind, bad in {**arrays["diverged"], **arrays["uncertified"]}.items():
+            for name in (kind, f"{kind}_paired"):
+                if name in out:
+                    out[name][:, bad] = np.nan
+    return out
 
 
 def _model_with(model: nn.Module, params: Params) -> nn.Module:

@@ -28,8 +28,8 @@ import numpy as np
 from . import analysis
 from .config import ConfigError
 
-__all__ = ["TRUTHS", "DEFAULT_METHODS", "run_estimators", "external_row", "format_leaderboard", "write_leaderboard",
-           "parse_hyperparameters"]
+__all__ = ["TRUTHS", "DEFAULT_METHODS", "run_estimators", "external_row", "score_row", "truths_of", "board_header",
+           "format_leaderboard", "write_leaderboard", "parse_hyperparameters"]
 
 #: Ground truths of the leaderboard: (key in Run.responses(), column label).
 TRUTHS = (("pbrf", "PBRF"), ("warm_paired", "warm (paired)"), ("warm", "warm LOO"), ("cold", "cold LOO"))
@@ -64,34 +64,66 @@ def _stored(store, name: str) -> tuple[np.ndarray, dict] | None:
     return got.dm, (got.diagnostics or [{}])[0]
 
 
-def _row(name: str, point_scores: np.ndarray, info: dict, run, truths: dict, lds_truth) -> dict:
+def score_row(label: str, removal_scores: np.ndarray, truths: dict, info: dict | None = None,
+              lds_scores: np.ndarray | None = None, lds_truth=None) -> dict:
+    """One leaderboard row: correlations of ``removal_scores`` ``[n_test, n_removals]`` with each
+    ground truth, and the LDS of ``lds_scores`` (group scores of the LDS subsets) when given."""
     from pbrf import lds
 
-    scores = lds.group_scores(point_scores, run.removals)
-    row = {"method": name, "seconds": info.get("seconds"), "peak_memory_mb": info.get("peak_memory_mb"),
+    info = info or {}
+    row = {"method": label, "seconds": info.get("seconds"), "peak_memory_mb": info.get("peak_memory_mb"),
            "hyperparameters": info.get("hyperparameters", {}), "correlations": {}}
     for key, _ in TRUTHS:
         if key in truths:
-            row["correlations"][key] = analysis._correlation_entry(scores, truths[key])
-    if lds_truth is not None:
-        actual, groups = lds_truth
-        out = lds.lds(lds.group_scores(point_scores, groups), actual)
+            row["correlations"][key] = analysis._correlation_entry(removal_scores, truths[key])
+    if lds_scores is not None and lds_truth is not None:
+        out = lds.lds(lds_scores, lds_truth[0])
         row["lds"] = {k: out[k] for k in ("lds", "stderr", "n_test")}
     return row
 
 
-def external_row(label: str, scores: np.ndarray, run, truths: dict, lds_truth) -> dict:
-    """A leaderboard row for scores computed elsewhere (``[n_test, N]`` or ``[n_test, n_removals]``)."""
+def _row(name: str, point_scores: np.ndarray, info: dict, removals, truths: dict, lds_truth) -> dict:
+    from pbrf import lds
+
+    lds_scores = None if lds_truth is None else lds.group_scores(point_scores, lds_truth[1])
+    return score_row(name, lds.group_scores(point_scores, removals), truths, info, lds_scores, lds_truth)
+
+
+def external_row(label: str, scores: np.ndarray, removals: list[list[int]], n_train: int, truths: dict,
+                 lds_truth=None) -> dict:
+    """A row for scores computed elsewhere, ``[n_test, N]`` (also scored on the LDS) or
+    ``[n_test, n_removals]``."""
     from .evaluate import map_scores
 
-    if scores.shape[0] != run.n_test:
-        raise ConfigError(f"--scores {label}: {scores.shape[0]} rows, but the run has {run.n_test} test points.")
-    if scores.shape[1] == run.n_train:
-        return _row(label, scores, {"hyperparameters": {"source": "external"}}, run, truths, lds_truth)
-    mapped, _ = map_scores(scores, run.removals, run.n_train)
-    row = _row(label, np.zeros((run.n_test, run.n_train)), {"hyperparameters": {"source": "external"}}, run, {}, None)
-    row["correlations"] = {key: analysis._correlation_entry(mapped, truths[key]) for key, _ in TRUTHS if key in truths}
-    return row
+    info = {"hyperparameters": {"source": "external"}}
+    if scores.shape[1] == n_train:
+        return _row(label, scores, info, removals, truths, lds_truth)
+    mapped, _ = map_scores(scores, removals, n_train)
+    return score_row(label, mapped, truths, info)
+
+
+def truths_of(run_dir) -> dict:
+    """The leaderboard's ground truths of a finished run (uncertified / diverged removals NaN)."""
+    from pbrf.runs import stored_responses
+
+    return {k: v for k, v in stored_responses(run_dir, certified_only=True).items() if k in dict(TRUTHS)}
+
+
+def board_header(config, n_train: int, n_params: int | None, n_test: int, n_removals: int, truths: dict,
+                 lds_truth, run_dir) -> dict:
+    """The facts of a leaderboard (everything but its rows)."""
+    import torch
+
+    return {
+        "run": str(run_dir), "name": config.name, "profile": config.profile,
+        "n_train": n_train, "n_params": n_params, "n_test": n_test, "n_removals": n_removals,
+        "damping": config.influence.damping, "weight_decay": config.train.weight_decay,
+        "truths": {k: lbl for k, lbl in TRUTHS if k in truths},
+        "excluded_removals": {k: int(np.isnan(v).all(axis=0).sum()) for k, v in truths.items()},
+        "lds": None if lds_truth is None else {"subsets": len(lds_truth[1]), "alpha": config.lds.alpha,
+                                               "seeds": list(config.lds.seeds or config.responses.cold_seeds)},
+        "threads": torch.get_num_threads(), "rows": [], "skipped": {},
+    }
 
 
 def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters: dict | None = None,
@@ -117,7 +149,7 @@ def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters
             raise ConfigError(f"--hp {m}.*: {m!r} is not among the methods run ({', '.join(methods)}).")
     run_dir = Path(run_dir)
     run = load_run(run_dir)
-    truths = {k: v for k, v in run.responses(certified_only=True).items() if k in dict(TRUTHS)}
+    truths = truths_of(run_dir)
     rows, skipped = [], {}
     with _exclusive(run_dir), Store(run_dir) as store:
         lds_truth = lds_actual(store, run.config)
@@ -127,12 +159,12 @@ def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters
                 est = estimators.get(name, **hyperparameters.get(name, {}))
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"{name}: {err}") from None
-            want = est.resolved({"damping": run.damping, "curvature": run.curvature, "run": run})
             stored = _stored(store, name)
             if stored is not None and stored[1].get("requested") == _jsonable(est.hyperparameters):
                 scores, info = stored
                 log(f"{name}: stored ({info.get('seconds', math.nan):.2f} s)")
             else:
+                want = est.resolved({"damping": run.damping, "curvature": run.curvature, "run": run})
                 log(f"{name}: running ({_hp_text(want)})")
                 try:
                     res = est.scores(run, removals=points)
@@ -147,19 +179,34 @@ def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters
                         "device": str(run.measure_problem.device), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
                 store.put_chunk(ChunkResult(PREFIX + name, 0, scores, None, [info], res.seconds, None))
                 log(f"{name}: {res.seconds:.2f} s")
-            rows.append(_row(name, scores, info, run, truths, lds_truth))
+            rows.append(_row(name, scores, info, run.removals, truths, lds_truth))
     for label, arr in (external or {}).items():
-        rows.append(external_row(label, arr, run, truths, lds_truth))
-    excluded = {k: int(np.isnan(v).all(axis=0).sum()) for k, v in truths.items()}
-    return {
-        "run": str(run_dir), "name": run.config.name, "profile": run.config.profile,
-        "n_train": run.n_train, "n_params": run.problem.n_params, "n_test": run.n_test,
-        "n_removals": len(run.removals), "damping": run.damping, "weight_decay": run.weight_decay,
-        "truths": {k: lbl for k, lbl in TRUTHS if k in truths}, "excluded_removals": excluded,
-        "lds": None if lds_truth is None else {"subsets": len(lds_truth[1]), "alpha": run.config.lds.alpha,
-                                               "seeds": list(run.config.lds.seeds or run.config.responses.cold_seeds)},
-        "threads": torch.get_num_threads(), "rows": rows, "skipped": skipped,
-    }
+        if arr.shape[0] != run.n_test:
+            raise ConfigError(f"--scores {label}: {arr.shape[0]} rows, but the run has {run.n_test} test points.")
+        rows.append(external_row(label, arr, run.removals, run.n_train, truths, lds_truth))
+    board = board_header(run.config, run.n_train, run.problem.n_params, run.n_test, len(run.removals), truths,
+                         lds_truth, run_dir)
+    board.update(rows=rows, skipped=skipped)
+    return board
+
+
+def evaluate_board(scores_path, run_dir) -> dict:
+    """``pbrf evaluate``'s scores as a one-row leaderboard (the same format as ``pbrf estimators``)."""
+    from .evaluate import load_scores, run_arrays
+    from .pipeline import lds_actual
+    from .store import Store
+
+    arrays = run_arrays(run_dir)
+    scores = load_scores(scores_path)
+    truths = truths_of(run_dir)
+    with Store(run_dir, readonly=True) as store:
+        lds_truth = lds_actual(store, arrays["config"])
+    n_test = arrays["dm"]["influence"].shape[0]
+    board = board_header(arrays["config"], arrays["n_train"], None, n_test, len(arrays["groups"]), truths,
+                         lds_truth, run_dir)
+    board["rows"] = [external_row(Path(scores_path).stem, scores, arrays["groups"], arrays["n_train"], truths,
+                                  lds_truth)]
+    return board
 
 
 def _jsonable(d: dict) -> dict:
