@@ -13,6 +13,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,ray]"
+	$(BIN)/pip install -q -c constraints.txt --no-deps kronfluence==1.0.1 && $(BIN)/pip install -q -c constraints.txt accelerate einops einconv opt-einsum
 
 demo: install
 	$(BIN)/pbrf run
