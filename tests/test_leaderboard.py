@@ -112,3 +112,25 @@ def test_estimators_command_ranks_external_scores(tiny_run, tmp_path, capsys):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert mine["correlations"]["pbrf"]["spearman"] == pytest.approx(summary["correlations"]["pbrf"]["spearman"], abs=1e-12)
     assert mine["seconds"] is None
+
+
+def test_readme_scoring_another_library_example_runs(tiny_run, tmp_path, monkeypatch):
+    """The README's example, on the tiny run: EK-FAC scores through load_run, ranked by evaluate."""
+    pytest.importorskip("kronfluence")
+    import re
+    from pathlib import Path
+
+    from pbrf.experiment import leaderboard
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Scoring another library.*?```python\n(.*?)```", text, re.S)
+    assert block, "README lost its 'Scoring another library' example"
+    monkeypatch.chdir(tmp_path)
+    code = block.group(1).replace('"runs/digits-mlp"', repr(str(tiny_run)))
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
+    scores = np.load(tmp_path / "ekfac.npy")
+    assert scores.shape == (5, 200)
+    board = leaderboard.evaluate_board(tmp_path / "ekfac.npy", tiny_run)
+    row = board["rows"][0]
+    # EK-FAC approximates the same damped Gauss–Newton influence that the PBRF tracks
+    assert row["correlations"]["pbrf"]["pearson"] > 0.8, row

@@ -2,7 +2,8 @@
 
 Every estimator scores all N training points on the run's test points once (``[n_test, N]``,
 stored in the run's ``results.sqlite`` as kind ``estimator:NAME`` with its wall time, peak memory
-and hyperparameters, so a rerun skips it unless its hyperparameters changed). Group scores are
+and hyperparameters, so a rerun skips it unless its hyperparameters changed). The leaderboard
+lists every estimator stored in the run, also those of earlier invocations. Group scores are
 sums of point scores, so the same scores are compared with
 
 * the run's ground truths on its removal sets: the PBRF, the paired warm start (warm start
@@ -180,6 +181,11 @@ def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters
                 store.put_chunk(ChunkResult(PREFIX + name, 0, scores, None, [info], res.seconds, None))
                 log(f"{name}: {res.seconds:.2f} s")
             rows.append(_row(name, scores, info, run.removals, truths, lds_truth))
+        for kind, _ in sorted(store.done()):  # estimators run before, with other --methods, stay on the board
+            name = kind[len(PREFIX):]
+            if kind.startswith(PREFIX) and name not in methods:
+                scores, info = _stored(store, name)
+                rows.append(_row(name, scores, info, run.removals, truths, lds_truth))
     for label, arr in (external or {}).items():
         if arr.shape[0] != run.n_test:
             raise ConfigError(f"--scores {label}: {arr.shape[0]} rows, but the run has {run.n_test} test points.")
