@@ -179,3 +179,14 @@ def test_lds_subsets_and_spearman():
     assert math.isnan(out["per_test"][2]) and out["n_undefined"] == 1 and out["lds"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="alpha"):
         lds.subsets(10, 4, alpha=1.5)
+
+
+def test_cg_and_lissa_influence_estimators_against_a_dense_solve():
+    prob = tiny_problem("regression")
+    test = held_out("regression")
+    ref = brute(prob, test, REMOVALS, CurvatureOperator(prob, "ggn", DAMPING).dense())
+    cg = estimators.get("influence-cg", damping=DAMPING, solver_options={"tol": 1e-12, "max_iter": 500})
+    torch.testing.assert_close(cg.scores(prob, test, REMOVALS).scores, ref, rtol=1e-8, atol=1e-12)
+    lissa = estimators.get("influence-lissa", damping=DAMPING, solver_options={"depth": 200, "batch_size": None})
+    got = lissa.scores(prob, test, REMOVALS).scores  # full-batch LiSSA is a convergent Neumann series
+    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-12)

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Score every training point with each estimator, compare with the run's PBRF, "
                                      "paired warm start, cold-start LOO and LDS, and write a leaderboard "
                                      "(RUN_DIR/estimators/leaderboard.md, .json, .png). Resumable per estimator.")
-    est.add_argument("run", metavar="RUN_DIR", help="a finished run directory")
+    est.add_argument("run", nargs="?", metavar="RUN_DIR", help="a finished run directory")
     est.add_argument("--methods", default=None,
                      help="comma-separated estimators (default: all built-in ones but kronfluence; "
                           "`pbrf estimators --list` shows them)")
@@ -296,8 +296,10 @@ def cmd_estimators(args) -> int:
 
     if args.list:
         for name, cls in estimators.ESTIMATORS.items():
-            print(f"{name.ljust(18)}  {(cls.__doc__ or '').strip().splitlines()[0]}")
+            print(f"{name.ljust(18)}  {cls.summary}")
         return 0
+    if args.run is None:
+        raise UsageError("pbrf estimators: pass a finished RUN_DIR (or --list to see the estimators).")
     methods = leaderboard.DEFAULT_METHODS if args.methods is None else tuple(
         m.strip() for m in args.methods.split(",") if m.strip())
     if args.threads is not None:

@@ -136,6 +136,8 @@ class Estimator:
     """
 
     name = "estimator"
+    #: one plain line for ``pbrf estimators --list``
+    summary = ""
     #: whether the default damping / curvature of a run apply (False for methods without C)
     uses_curvature = True
 
@@ -250,6 +252,8 @@ class _Influence(Estimator):
 class ExactInfluence(_Influence):
     """:func:`pbrf.influence` with the dense Cholesky solver (``p`` up to ``max_params``)."""
 
+    summary = "exact influence: dense Cholesky solve of C (p up to max_params)"
+
     solver = "exact"
 
 
@@ -257,12 +261,16 @@ class ExactInfluence(_Influence):
 class CGInfluence(_Influence):
     """:func:`pbrf.influence` with conjugate gradients (``solver_options``: ``max_iter``, ``tol``)."""
 
+    summary = "influence with conjugate gradients (solver_options: max_iter, tol)"
+
     solver = "cg"
 
 
 @register("influence-lissa")
 class LissaInfluence(_Influence):
     """:func:`pbrf.influence` with LiSSA (``solver_options``: ``depth``, ``batch_size``, ``scale``, ...)."""
+
+    summary = "influence with LiSSA (solver_options: depth, batch_size, scale)"
 
     solver = "lissa"
 
@@ -316,6 +324,8 @@ class Arnoldi(Estimator):
     """Influence in the top-``rank`` eigenspace of ``C`` (``iterations`` Lanczos steps, default
     ``2·rank``; ``seed``)."""
 
+    summary = "influence in the top-rank eigenspace of C, by Lanczos (rank, iterations, seed)"
+
     def __init__(self, rank: int = 50, iterations: int | None = None, seed: int = 0, **hp) -> None:
         if not (isinstance(rank, int) and rank > 0):
             raise ValueError(f"arnoldi: rank must be a positive int, got {rank!r}.")
@@ -340,6 +350,8 @@ class Arnoldi(Estimator):
 class GradDot(Estimator):
     """``(1/N) ∇m_t·∇L_i`` at θ^s: influence with ``C = I``."""
 
+    summary = "(1/N) gradient dot product: influence with C = I"
+
     uses_curvature = False
 
     def point_scores(self, problem, test, points, context):
@@ -349,6 +361,8 @@ class GradDot(Estimator):
 @register("grad-cos")
 class GradCos(Estimator):
     """Cosine similarity of ``∇m_t`` and ``∇L_i`` at θ^s (summed over a group's points)."""
+
+    summary = "cosine similarity of test and training gradients"
 
     uses_curvature = False
 
@@ -366,6 +380,8 @@ class TracIn(Estimator):
     Checkpoints come from the run (``train.checkpoints``) or ``checkpoints=[{"params", "lr"}]``;
     ``lr_weighted=False`` drops ``η_c``.
     """
+
+    summary = "TracIn-CP over the base training checkpoints (train.checkpoints; lr_weighted)"
 
     uses_curvature = False
 
@@ -404,6 +420,8 @@ class TracIn(Estimator):
 class Trak(Estimator):
     """Projected-gradient Gauss–Newton influence (``dim``: projection size, ``ensemble``:
     independent projections averaged, ``seed``)."""
+
+    summary = "TRAK-style: random projection, Gauss-Newton in the projected space (dim, ensemble, seed)"
 
     def __init__(self, dim: int = 512, ensemble: int = 1, seed: int = 0, **hp) -> None:
         if not (isinstance(dim, int) and dim > 0) or not (isinstance(ensemble, int) and ensemble > 0):
@@ -462,11 +480,15 @@ class _Kronfluence(Estimator):
 class KronfluenceEKFAC(_Kronfluence):
     """EK-FAC through kronfluence (optional extra), in pbrf's conventions."""
 
+    summary = "EK-FAC influence through kronfluence (optional package)"
+
     strategy = "ekfac"
 
 
 @register("kronfluence-kfac")
 class KronfluenceKFAC(_Kronfluence):
     """K-FAC through kronfluence (optional extra), in pbrf's conventions."""
+
+    summary = "K-FAC influence through kronfluence (optional package)"
 
     strategy = "kfac"
