@@ -746,4 +746,10 @@ def print_summary(summary: Mapping) -> str:
     lines = certificate_lines(summary)
     if lines:
         parts.append("\n".join(lines))
+    lds = summary.get("lds")
+    if lds:
+        own = lds.get("influence") or {}
+        parts.append(f"LDS of the influence estimate: {fmt_corr(own.get('lds'))} ± {fmt_value(own.get('stderr'))} "
+                     f"({lds['subsets']} subsets keeping {100 * lds['alpha']:.0f}% of the data); "
+                     "rank other estimators with `pbrf estimators RUN_DIR`")
     return "\n\n".join(parts)
