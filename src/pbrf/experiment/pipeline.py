@@ -805,6 +805,7 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
         summary["paired"] = analysis.paired_chain(_masked(dm, pkeep), _masked(paired, pkeep))
         summary["paired"]["certificates"] = pexcl
     summary["experiment"] = _experiment_info(ctx, store)
+    summary["theta_s"] = theta_s_quality(ctx)
     lds_info = lds_summary(ctx, store)
     if lds_info is not None:
         summary["lds"] = lds_info
@@ -921,6 +922,15 @@ def _write_inputs_for_evaluate(ctx: Context, scores: np.ndarray) -> None:
     tmp = ctx.run_dir / ".removals.json.tmp"
     tmp.write_text(json.dumps(removals))
     os.replace(tmp, ctx.run_dir / "removals.json")
+
+
+def theta_s_quality(ctx: Context) -> dict:
+    """Train/test loss and metric of θ^s (the whole test split), ‖∇J(θ^s)‖, near-chance warning."""
+    from .quality import base_quality
+
+    ds = ctx.inputs.dataset
+    y = None if ctx.inputs.task_name == "reconstruction" else ds.y_test
+    return base_quality(ctx.measure_problem, ctx.inputs.task_name, (ds.x_test, y))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

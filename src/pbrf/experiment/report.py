@@ -627,9 +627,26 @@ def _lds_section(summary: Mapping) -> str:
             f"{own.get('n_test')} test points). Score other estimators with `pbrf estimators RUN_DIR`.")
 
 
+def _theta_s_section(summary: Mapping) -> str:
+    from .quality import quality_lines
+
+    q = summary.get("theta_s")
+    if not q:
+        return ""
+    m = q["metric"]
+    rows = [["loss", fmt_value(q["train_loss"]), fmt_value(q["test_loss"])],
+            [m, f"{q['train_metric']:.3f}", f"{q['test_metric']:.3f}"]]
+    text = (f"## The base model θ^s\n\n{_md_table(['', 'train', 'test'], rows, align='lrr')}\n\n"
+            f"Chance level ({m} of always predicting the most frequent training label, or R² = 0): "
+            f"{q['chance']:.3f}; full-batch gradient norm ‖∇J(θ^s)‖ = {q['grad_norm']:.3e}; "
+            f"{q['n_test']} test examples.")
+    warning = quality_lines(q)[1:]
+    return text + ("\n\n**" + warning[0] + "**" if warning else "")
+
+
 def render_markdown(summary: Mapping, config: Mapping, title: str, figures: Mapping, run_dir: Path) -> str:
     """The text of ``report.md`` (see :func:`write_report`)."""
-    parts = [f"# {title}", _experiment_section(summary, config), _correlation_section(summary),
+    parts = [f"# {title}", _experiment_section(summary, config), _theta_s_section(summary), _correlation_section(summary),
              _decomposition_section(summary), _certificate_section(summary), _paired_section(summary),
              _lds_section(summary), _figures_section(figures, run_dir)]  # fmt: skip
     if "diagnostics" in summary:
@@ -746,6 +763,10 @@ def print_summary(summary: Mapping) -> str:
     lines = certificate_lines(summary)
     if lines:
         parts.append("\n".join(lines))
+    from .quality import quality_lines
+
+    if summary.get("theta_s"):
+        parts.insert(0, "\n".join(quality_lines(summary["theta_s"])))
     lds = summary.get("lds")
     if lds:
         own = lds.get("influence") or {}
