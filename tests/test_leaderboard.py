@@ -134,3 +134,15 @@ def test_readme_scoring_another_library_example_runs(tiny_run, tmp_path, monkeyp
     row = board["rows"][0]
     # EK-FAC approximates the same damped Gauss–Newton influence that the PBRF tracks
     assert row["correlations"]["pbrf"]["pearson"] > 0.8, row
+
+
+def test_threads_option_sets_torch_threads(capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["estimators", "--list", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert cli.main(["estimators", "--list", "--threads", "0"]) == 2
+    assert "--threads must be a positive integer" in capsys.readouterr().err
