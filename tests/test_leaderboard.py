@@ -137,7 +137,8 @@ def test_readme_scoring_another_library_example_runs(tiny_run, tmp_path, monkeyp
 
 
 def test_threads_option_sets_torch_threads(capsys, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # restored afterwards: --threads writes both for Ray workers
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
     before = torch.get_num_threads()
     try:
         assert cli.main(["estimators", "--list", "--threads", "2"]) == 0
