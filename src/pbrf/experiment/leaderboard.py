@@ -138,7 +138,8 @@ def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters
 
     from pbrf import estimators, load_run
 
-    from .pipeline import _exclusive, lds_actual
+    from .lds_stage import lds_actual
+    from .pipeline import _exclusive
     from .store import ChunkResult, Store
 
     hyperparameters = hyperparameters or {}
@@ -199,7 +200,7 @@ def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters
 def evaluate_board(scores_path, run_dir) -> dict:
     """``pbrf evaluate``'s scores as a one-row leaderboard (the same format as ``pbrf estimators``)."""
     from .evaluate import load_scores, run_arrays
-    from .pipeline import lds_actual
+    from .lds_stage import lds_actual
     from .store import Store
 
     arrays = run_arrays(run_dir)

@@ -806,6 +806,8 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
         summary["paired"]["certificates"] = pexcl
     summary["experiment"] = _experiment_info(ctx, store)
     summary["theta_s"] = theta_s_quality(ctx)
+    from .lds_stage import lds_summary
+
     lds_info = lds_summary(ctx, store)
     if lds_info is not None:
         summary["lds"] = lds_info
@@ -821,84 +823,6 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
                         title=title or f"pbrf run: {ctx.config.name}")
     _write_inputs_for_evaluate(ctx, dm["influence"])
     return summary
-
-
-# ---------------------------------------------------------------------------- LDS ground truth
-LDS_KIND = "lds"
-
-
-def lds_groups(ctx: Context, store: Store) -> list[list[int]]:
-    """The LDS removal sets (complements of the random subsets), chosen once and stored."""
-    from pbrf import lds
-
-    arr = store.get_array("lds_groups")
-    if arr is None:
-        c = ctx.config.lds
-        groups = lds.subsets(ctx.problem.n_train, c.subsets, c.alpha, seed=c.seed)
-        store.put_arrays({"lds_groups": _groups_array(groups)})
-        return groups
-    return _groups_from_array(arr)
-
-
-def run_lds(ctx: Context, store: Store, progress: bool = True) -> None:
-    """Retrain on ``lds.subsets`` random subsets (cold start, chunks of ``run.chunk_size``,
-    resumable per chunk) and store their test-loss changes as kind ``"lds"``."""
-    from tqdm.auto import tqdm
-
-    from pbrf import lds
-
-    c, config = ctx.config.lds, ctx.config
-    if not c.subsets:
-        return
-    groups = lds_groups(ctx, store) if not store.get_meta("lds_done") else None
-    if groups is None:
-        return
-    cs = config.run.chunk_size
-    n_chunks = math.ceil(len(groups) / cs)
-    done = store.done()
-    todo = [i for i in range(n_chunks) if (LDS_KIND, i) not in done]
-    seeds = c.seeds or tuple(config.responses.cold_seeds)
-    inputs = ctx.inputs
-    model_init = lambda s: build_model(config, inputs.model_kwargs, seed=int(s)).to(config.run.device)  # noqa: E731
-    recipe = _recipe(config.train.recipe_dict(), response_seed(config))
-    for i in tqdm(todo, desc="LDS retraining", unit="chunk", disable=not progress):
-        start = time.perf_counter()
-        dm, diags = lds.retrain(ctx.problem, ctx.test, groups[i * cs : (i + 1) * cs], recipe, seeds, model_init,
-                                chunk_size=cs, measure=ctx.measure_problem)
-        store.put_chunk(ChunkResult(LDS_KIND, i, dm, None, diags, time.perf_counter() - start, None))
-    store.set_meta("lds_done", True)
-
-
-def lds_actual(store: Store, config: ExperimentConfig) -> tuple[np.ndarray, list[list[int]]] | None:
-    """The stored LDS ground truth ``(Δm [n_test, K], removal sets)``, or ``None`` if not computed."""
-    arr = store.get_array("lds_groups")
-    if not config.lds.subsets or arr is None:
-        return None
-    groups = _groups_from_array(arr)
-    try:
-        dm, _, _ = store.gather(LDS_KIND, math.ceil(len(groups) / config.run.chunk_size))
-    except KeyError:
-        return None
-    return dm, groups
-
-
-def lds_summary(ctx: Context, store: Store) -> dict | None:
-    """LDS settings and the LDS of the run's own influence estimate (all training points scored
-    with the practical solver, stored once as ``lds_influence_scores``)."""
-    from pbrf import lds
-
-    got = lds_actual(store, ctx.config)
-    if got is None:
-        return None
-    actual, groups = got
-    scores = store.get_array("lds_influence_scores")
-    if scores is None:
-        scores = all_train_scores(ctx.measure_problem, ctx.config, ctx.test)
-        store.put_arrays({"lds_influence_scores": scores})
-    own = lds.lds(lds.group_scores(scores, groups), actual)
-    c = ctx.config.lds
-    return {"subsets": len(groups), "alpha": c.alpha, "seeds": list(c.seeds or ctx.config.responses.cold_seeds),
-            "removed_per_subset": len(groups[0]), "influence": {k: own[k] for k in ("lds", "stderr", "n_test")}}
 
 
 def _write_inputs_for_evaluate(ctx: Context, scores: np.ndarray) -> None:
@@ -1001,6 +925,8 @@ def run_experiment(
                 _CONTEXTS[str(run_dir.resolve())] = ctx
                 tasks = pending_tasks(ctx, store.done())
                 _run_tasks(executor, ctx, tasks, store, progress)
+                from .lds_stage import run_lds
+
                 run_lds(ctx, store, progress)
             except SolverDivergedError as err:
                 msg = str(err).split(" Diagnostics:")[0].rstrip(".")
