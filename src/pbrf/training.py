@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .optim import Recipe
 from .problem import Params, Problem
-from .respond import _run, _stack, removal_objective
+from .engine import run_batched, stack
+from .objectives import removal_objective
 from .tasks import Task
 
 __all__ = ["train", "TrainResult", "save_checkpoint", "load_checkpoint"]
@@ -62,7 +63,8 @@ def train(
         raise TypeError(f"train: recipe must be a pbrf.Recipe, got {type(recipe).__name__}.")
     prob = Problem(model, task, train, weight_decay=weight_decay)
     aux = {"w": torch.ones(1, prob.n_train, dtype=prob.dtype, device=prob.device)}
-    theta, diag = _run(prob, removal_objective(prob), _stack(prob.params, 1), aux, recipe, None, progress, "train")
+    theta, diag = run_batched(prob, removal_objective(prob), stack(prob.params, 1), aux, recipe, None, progress,
+                              "train")
     params = {k: v[0].clone() for k, v in prob.unflatten(theta).items()}
     trained = copy.deepcopy(model)
     with torch.no_grad():
