@@ -35,6 +35,8 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
+from pbrf import kinds as _kinds
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -54,7 +56,8 @@ __all__ = [
     "parse_set",
 ]
 
-KINDS = ("cold", "warm", "proximal", "pbrf", "linearized", "influence")
+#: The built-in kinds (:mod:`pbrf.kinds`; ``responses.kinds`` also takes kinds registered later).
+KINDS = _kinds.names()
 PROFILES = ("quick", "paper", "tiny")
 TASKS = ("regression", "classification", "binary", "language_model", "reconstruction")
 OPTIMIZERS = ("sgd", "adam")
@@ -228,7 +231,7 @@ class ResponsesConfig:
         object.__setattr__(self, "kinds", tuple(self.kinds))
         object.__setattr__(self, "cold_seeds", tuple(self.cold_seeds))
         for kind in self.kinds:
-            _check_choice("responses.kinds entries", kind, KINDS)
+            _check_choice("responses.kinds entries", kind, _kinds.names())
         if "influence" not in self.kinds:
             _fail("responses.kinds", 'must include "influence" (the estimate every response is compared with).')
         if len(set(self.kinds)) != len(self.kinds):
@@ -260,8 +263,9 @@ class ResponsesConfig:
         }
 
     def ordered_kinds(self) -> tuple[str, ...]:
-        """The configured kinds in the canonical order of :data:`KINDS` (influence first to compute)."""
-        return ("influence",) + tuple(k for k in KINDS if k in self.kinds and k != "influence")
+        """The configured kinds in registry order, the estimate (influence) first: it is computed first."""
+        ordered = [k for k in _kinds.names() if k in self.kinds]
+        return tuple(sorted(ordered, key=lambda k: _kinds.get(k).is_response))
 
 
 @dataclass(frozen=True)
