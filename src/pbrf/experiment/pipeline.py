@@ -625,8 +625,8 @@ def _influence_chunk(ctx: Context, chunk: int) -> tuple[np.ndarray, list[dict]]:
     solver) on the float64 problem; ``pbrf.influence`` with the run's settings reproduces it."""
     import pbrf
 
-    scores, info = pbrf.influence(ctx.measure_problem, test=ctx.test, removals=ctx.removals(chunk),
-                                  return_info=True, **influence_settings(ctx.config))
+    scores, info = pbrf.influence_with_info(ctx.measure_problem, test=ctx.test, removals=ctx.removals(chunk),
+                                            **influence_settings(ctx.config))
     row = {k: v for k, v in info.solve.to_dict().items() if k != "extra"}
     row["residual_flag"] = bool(not (row["residual"] < 1.0))
     n = len(ctx.chunk_groups(chunk))
