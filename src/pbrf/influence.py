@@ -11,6 +11,7 @@ the points of a group.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import numbers
@@ -193,7 +194,7 @@ def influence(
     Raises:
         SolverDivergedError: the solver diverged (e.g. LiSSA with too small a scale).
     """
-    result = influence_with_info(prob, test, removals, damping, solver, curvature, solver_options, measurement)
+    result = _influence(prob, test, removals, damping, solver, curvature, solver_options, measurement)
     if return_info:
         warnings.warn("influence(..., return_info=True) is deprecated; use pbrf.influence_with_info(...), "
                       "which returns (scores, info).", DeprecationWarning, stacklevel=2)
@@ -201,17 +202,18 @@ def influence(
     return result.scores
 
 
-def influence_with_info(
-    prob: Problem,
-    test: tuple[Tensor, Tensor | None],
-    removals,
-    damping: float = 1e-2,
-    solver: str = "exact",
-    curvature: str | Curvature = "ggn",
-    solver_options: dict | None = None,
-    measurement: Measurement | None = None,
-) -> InfluenceResult:
-    """:func:`influence` with its diagnostics: ``(scores, info)``, an :class:`InfluenceResult`."""
+def influence_with_info(prob: Problem, test: tuple[Tensor, Tensor | None], removals, **settings) -> InfluenceResult:
+    """:func:`influence` (the same arguments but ``return_info``) with its diagnostics: an
+    :class:`InfluenceResult` ``(scores, info)``."""
+    bound = inspect.signature(influence).bind(prob, test, removals, **settings)
+    bound.apply_defaults()
+    args = bound.arguments
+    if args.pop("return_info"):
+        raise TypeError("influence_with_info always returns the info; drop return_info.")
+    return _influence(*args.values())
+
+
+def _influence(prob, test, removals, damping, solver, curvature, solver_options, measurement) -> InfluenceResult:
     damping = _check_damping(damping)
     groups = normalize_removals(removals, prob.n_train)
     xt, tt = prob.prepare(test, "test")
