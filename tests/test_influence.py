@@ -90,8 +90,8 @@ def test_cg_and_lissa_scores_agree_with_exact():
     ref = pbrf.influence(prob, test, REMOVALS, damping=0.3, solver="exact")
     cg = pbrf.influence(prob, test, REMOVALS, damping=0.3, solver="cg", solver_options={"tol": 1e-12})
     torch.testing.assert_close(cg, ref, rtol=1e-8, atol=1e-12)
-    lissa, info = pbrf.influence(prob, test, REMOVALS, damping=0.3, solver="lissa",
-                                 solver_options={"depth": 100}, return_info=True)
+    lissa, info = pbrf.influence_with_info(prob, test, REMOVALS, damping=0.3, solver="lissa",
+                                           solver_options={"depth": 100})
     assert info.solve.solver == "lissa" and not info.solve.diverged
     assert ((lissa - ref).norm() / ref.norm()).item() < 1e-2
 

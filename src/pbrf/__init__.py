@@ -5,8 +5,8 @@ Question?" (NeurIPS 2022). See the README for the sign and scaling conventions.
 """
 
 from . import tasks
-from .curvature import CurvatureOperator
-from .influence import delta_theta, influence, per_example_grads
+from .curvature import Curvature, CurvatureOperator
+from .influence import InfluenceResult, delta_theta, influence, influence_with_info, per_example_grads
 from .problem import Problem
 from .solvers import SolveInfo, SolverDivergedError, solve
 
@@ -15,8 +15,11 @@ __version__ = "0.1.0"
 __all__ = [
     "tasks",
     "Problem",
+    "Curvature",
     "CurvatureOperator",
     "influence",
+    "influence_with_info",
+    "InfluenceResult",
     "delta_theta",
     "per_example_grads",
     "solve",

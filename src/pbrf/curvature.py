@@ -8,12 +8,22 @@ All vectors are flat parameter vectors; a batch of vectors is a matrix of ROWS `
 
 Products are matrix-free (``torch.func.jvp`` / ``vjp``), vectorised over the rows with ``vmap`` and
 accumulated over chunks of the training data so that memory stays bounded.
+
+Outside operators: wherever pbrf takes ``curvature=`` (:func:`pbrf.influence`,
+:func:`pbrf.delta_theta`, ``pbrf.respond(..., "linearized")``) it also takes any object that
+follows the :class:`Curvature` protocol — ``op @ v`` for a flat vector ``v`` ``[p]`` and
+``op @ V`` for a matrix of columns ``[p, m]``, plus an optional ``dense()`` for small ``p`` — e.g. a
+K-FAC / EK-FAC approximation from another library, a curvlinops operator or a plain ``[p, p]``
+tensor. It stands for the undamped data curvature (``G`` or ``∇²`` of the mean loss), and pbrf adds
+``(wd + λ) I`` exactly as for the built-in ones.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -21,9 +31,27 @@ from torch.func import jvp, vjp, vmap
 
 from .problem import Problem
 
-__all__ = ["CurvatureOperator", "ggn_matvec", "hessian_matvec", "dense_ggn", "dense_hessian", "CURVATURES"]
+__all__ = ["Curvature", "CurvatureOperator", "ggn_matvec", "hessian_matvec", "dense_ggn", "dense_hessian",
+           "CURVATURES"]
 
 CURVATURES = ("ggn", "hessian")
+
+
+@runtime_checkable
+class Curvature(Protocol):
+    """An undamped curvature as a linear operator on flat parameter vectors (module docstring).
+
+    ``op @ v`` for ``v`` ``[p]`` returns ``[p]``; ``op @ V`` for columns ``[p, m]`` returns
+    ``[p, m]``. A ``dense()`` method returning ``[p, p]`` is optional (the exact solver otherwise
+    applies the operator to the identity).
+    """
+
+    def __matmul__(self, v: Tensor) -> Tensor: ...
+
+
+#: Factorisation stores of the operators at θ^s, one per problem (weakly keyed: a problem that is
+#: gone takes its store with it). Operators own their store; those of one problem share it.
+_STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _rows(v: Tensor) -> tuple[Tensor, bool]:
@@ -91,31 +119,52 @@ class CurvatureOperator:
 
     Args:
         prob: the problem (data, θ^s, weight decay).
-        curvature: ``"ggn"`` or ``"hessian"``.
+        curvature: ``"ggn"``, ``"hessian"``, or an outside :class:`Curvature` operator (the
+            undamped data curvature; ``C = op + (wd + λ) I``).
         damping: λ ≥ 0.
         theta: linearisation point (default θ^s).
+
+    ``C @ v`` (columns) and ``matvec`` (rows) apply it; ``dense()`` forms it for small ``p``.
+    ``factor_cache`` holds the exact solver's factorisation of ``C`` (one entry); the operators
+    at θ^s of one problem share it, so repeated solves with the same curvature and damping (e.g.
+    chunks of removals) factorise ``C`` once.
     """
 
-    def __init__(self, prob: Problem, curvature: str = "ggn", damping: float = 0.0, theta: Tensor | None = None):
-        if curvature not in CURVATURES:
+    def __init__(self, prob: Problem, curvature="ggn", damping: float = 0.0, theta: Tensor | None = None):
+        outside = not isinstance(curvature, str)
+        if outside and not isinstance(curvature, Curvature):
+            raise TypeError(f"curvature must be one of {CURVATURES} or an operator supporting op @ v, "
+                            f"got {type(curvature).__name__}.")
+        if not outside and curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
         if not (isinstance(damping, (int, float)) and damping >= 0 and math.isfinite(damping)):
             raise ValueError(
                 f"damping must be a finite number >= 0, got {damping!r}; use e.g. damping=1e-3."
             )
-        self.prob, self.curvature, self.damping = prob, curvature, float(damping)
+        self.prob, self.damping = prob, float(damping)
+        self.curvature = "custom" if outside else curvature
+        self.outside = curvature if outside else None
         self.theta = prob.theta if theta is None else theta
-        # operators at θ^s share one cached factorisation per (curvature, damping) on the problem
-        self.cache_key = (curvature, self.damping, prob.weight_decay) if theta is None else None
+        self.cache_key = (id(curvature) if outside else curvature, self.damping, prob.weight_decay)
+        self.factor_cache: dict = _STORES.setdefault(prob, {}) if theta is None and not outside else {}
         self.shift = prob.weight_decay + self.damping
         self.n_params = prob.n_params
-        self._data_mv: Callable = ggn_matvec if curvature == "ggn" else hessian_matvec
+        self._data_mv: Callable = {"ggn": ggn_matvec, "hessian": hessian_matvec}.get(self.curvature, _outside_matvec)
 
     def matvec(self, V: Tensor, index: Tensor | None = None) -> Tensor:
-        """``C V`` for a vector or rows; with ``index`` the data term is the minibatch mean."""
+        """``C V`` for a vector or rows ``[m, p]``; with ``index`` the data term is the minibatch mean."""
+        if self.outside is not None:
+            if index is not None:
+                raise ValueError("an outside curvature operator has no minibatch products; use a full-batch "
+                                 "solver (solver='exact' or 'cg', or lissa without batch_size).")
+            return _outside_matvec(self.outside, V) + self.shift * V
         return self._data_mv(self.prob, V, self.theta, index) + self.shift * V
 
     __call__ = matvec
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        """``C v`` for a vector ``[p]``, ``C V`` for columns ``[p, m]`` (the :class:`Curvature` protocol)."""
+        return self.matvec(V) if V.dim() == 1 else self.matvec(V.T).T
 
     def dense(self, max_params: int = 5000) -> Tensor:
         """The dense damped matrix ``[p, p]`` built from explicit Jacobians / ``torch.func.hessian``."""
@@ -124,12 +173,20 @@ class CurvatureOperator:
                 f"dense curvature: the model has {self.n_params} parameters, above max_params={max_params}; "
                 "use solver='cg' or 'lissa', or raise max_params if the p×p matrix fits in memory."
             )
-        build = dense_ggn if self.curvature == "ggn" else dense_hessian
         eye = torch.eye(self.n_params, dtype=self.theta.dtype, device=self.theta.device)
+        if self.outside is not None:
+            data = self.outside.dense() if hasattr(self.outside, "dense") else _outside_matvec(self.outside, eye)
+            return data.to(eye) + self.shift * eye
+        build = dense_ggn if self.curvature == "ggn" else dense_hessian
         return build(self.prob, self.theta) + self.shift * eye
 
     def __repr__(self) -> str:
         return f"CurvatureOperator({self.curvature}, damping={self.damping}, shift={self.shift}, p={self.n_params})"
+
+
+def _outside_matvec(op, V: Tensor) -> Tensor:
+    """An outside operator on a vector ``[p]`` or on rows ``[m, p]`` (it takes columns)."""
+    return op @ V if V.dim() == 1 else (op @ V.T).T
 
 
 def dense_ggn(prob: Problem, theta: Tensor | None = None) -> Tensor:

@@ -11,22 +11,27 @@ the points of a group.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from .curvature import CurvatureOperator
+from .curvature import Curvature, CurvatureOperator
 from .problem import Problem
 from .solvers import SolveInfo, SolverDivergedError, solve
 
 __all__ = [
     "influence",
+    "influence_with_info",
+    "InfluenceResult",
     "delta_theta",
     "per_example_grads",
     "normalize_removals",
@@ -50,6 +55,13 @@ class InfluenceInfo:
     n_points: int
     damping: float
     curvature: str
+
+
+class InfluenceResult(NamedTuple):
+    """Output of :func:`influence_with_info`: the scores ``[n_test, n_removals]`` and their diagnostics."""
+
+    scores: Tensor
+    info: InfluenceInfo
 
 
 def _as_index(i, k: int) -> int:
@@ -153,7 +165,7 @@ def influence(
     removals,
     damping: float = 1e-2,
     solver: str = "exact",
-    curvature: str = "ggn",
+    curvature: str | Curvature = "ggn",
     solver_options: dict | None = None,
     measurement: Measurement | None = None,
     return_info: bool = False,
@@ -171,16 +183,37 @@ def influence(
         removals: 1-D LongTensor / list of ints (single points) or list of index lists (groups).
         damping: λ ≥ 0 in ``C = G + (wd + λ) I``.
         solver: ``"exact"``, ``"cg"`` or ``"lissa"`` (options in ``solver_options``).
-        curvature: ``"ggn"`` (Gauss–Newton) or ``"hessian"``.
+        curvature: ``"ggn"`` (Gauss–Newton), ``"hessian"``, or an outside operator following the
+            :class:`pbrf.curvature.Curvature` protocol (``op @ v``; ``C = op + (wd + λ) I``).
         measurement: ``f(outputs, targets) -> [B]`` to measure instead of the test loss.
-        return_info: also return an :class:`InfluenceInfo`.
+        return_info: deprecated; use :func:`influence_with_info`.
 
     Returns:
-        Tensor ``[n_test, n_removals]`` (and the info when ``return_info``).
+        Tensor ``[n_test, n_removals]``.
 
     Raises:
         SolverDivergedError: the solver diverged (e.g. LiSSA with too small a scale).
     """
+    result = _influence(prob, test, removals, damping, solver, curvature, solver_options, measurement)
+    if return_info:
+        warnings.warn("influence(..., return_info=True) is deprecated; use pbrf.influence_with_info(...), "
+                      "which returns (scores, info).", DeprecationWarning, stacklevel=2)
+        return result
+    return result.scores
+
+
+def influence_with_info(prob: Problem, test: tuple[Tensor, Tensor | None], removals, **settings) -> InfluenceResult:
+    """:func:`influence` (the same arguments but ``return_info``) with its diagnostics: an
+    :class:`InfluenceResult` ``(scores, info)``."""
+    bound = inspect.signature(influence).bind(prob, test, removals, **settings)
+    bound.apply_defaults()
+    args = bound.arguments
+    if args.pop("return_info"):
+        raise TypeError("influence_with_info always returns the info; drop return_info.")
+    return _influence(*args.values())
+
+
+def _influence(prob, test, removals, damping, solver, curvature, solver_options, measurement) -> InfluenceResult:
     damping = _check_damping(damping)
     groups = normalize_removals(removals, prob.n_train)
     xt, tt = prob.prepare(test, "test")
@@ -193,9 +226,7 @@ def influence(
         dim=1,
     )
     scores = dots @ R / prob.n_train
-    if return_info:
-        return scores, InfluenceInfo(sinfo, xt.shape[0], len(groups), len(unique), damping, curvature)
-    return scores
+    return InfluenceResult(scores, InfluenceInfo(sinfo, xt.shape[0], len(groups), len(unique), damping, op.curvature))
 
 
 def removal_gradients(prob: Problem, groups: list[list[int]], theta: Tensor | None = None) -> Tensor:
@@ -210,14 +241,14 @@ def delta_theta(
     removals,
     damping: float = 1e-2,
     solver: str = "exact",
-    curvature: str = "ggn",
+    curvature: str | Curvature = "ggn",
     solver_options: dict | None = None,
     removal_weight: float = 1.0,
 ) -> tuple[Tensor, SolveInfo]:
     """Influence parameter change ``Δθ_IF(r_k) = (w/N) C⁻¹ Σ_{m∈r_k} ∇θ L(z_m, θ^s)`` for every set.
 
     ``w = removal_weight`` (1 = removing the points). Returns rows ``[n_removals, p]`` and the
-    solve diagnostics (one solve per removal set).
+    solve diagnostics (one solve per removal set). ``curvature`` as in :func:`influence`.
     """
     damping = _check_damping(damping)
     groups = normalize_removals(removals, prob.n_train)

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 from tqdm.auto import tqdm
 
-__all__ = ["Recipe", "optimize", "minibatches"]
+__all__ = ["Recipe", "RecipeFields", "check_recipe", "optimize", "minibatches", "OPTIMIZERS", "SCHEDULES"]
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,57 @@ SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass(frozen=True)
-class Recipe:
+class RecipeFields:
+    """The fields of a first-order recipe, declared once: :class:`Recipe` and the experiment
+    config's ``[train]`` section (:class:`pbrf.experiment.config.TrainConfig`) both extend it."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    schedule: str = "constant"
+    epochs: float | None = None
+    steps: int | None = None
+    batch_size: int | None = 128
+    seed: int = 0
+    until_plateau: bool = False
+    window: int = 20
+    patience: int = 5
+    beta2: float = 0.999
+
+
+def check_recipe(r: RecipeFields, where: str = "Recipe") -> None:
+    """The one validation of a recipe's fields; ``ValueError("<where>.<field>: ...")`` naming the fix.
+
+    A ``batch_size`` of ``None`` (or ``"full"``, the config files' spelling) is full batch.
+    """
+
+    def fail(name: str, msg: str):
+        raise ValueError(f"{where}.{name}: {msg}" if name else f"{where}: {msg}")
+
+    batch_size = None if r.batch_size == "full" else r.batch_size
+    if r.optimizer not in OPTIMIZERS:
+        fail("optimizer", f"must be one of {', '.join(OPTIMIZERS)}; got {r.optimizer!r}.")
+    if r.schedule not in SCHEDULES:
+        fail("schedule", f"must be one of {', '.join(SCHEDULES)}; got {r.schedule!r}.")
+    if not (isinstance(r.lr, (int, float)) and r.lr > 0 and math.isfinite(r.lr)):
+        fail("lr", f"must be a finite number > 0; got {r.lr!r}.")
+    for name in ("momentum", "beta2"):
+        if not (isinstance(getattr(r, name), (int, float)) and 0 <= getattr(r, name) < 1):
+            fail(name, f"must lie in [0, 1) (e.g. 0.9); got {getattr(r, name)!r}.")
+    if (r.epochs is None) == (r.steps is None):
+        fail("", f"give exactly one of epochs or steps (e.g. {where}.epochs=20).")
+    if r.epochs is not None and not (isinstance(r.epochs, (int, float)) and r.epochs > 0):
+        fail("epochs", f"must be a finite number > 0; got {r.epochs!r}.")
+    if r.steps is not None and not (isinstance(r.steps, int) and r.steps > 0):
+        fail("steps", f"must be a positive int; got {r.steps!r}.")
+    if batch_size is not None and not (isinstance(batch_size, int) and batch_size > 0):
+        fail("batch_size", f"must be a positive int or None (full batch); got {batch_size!r}.")
+    if r.window < 1 or r.patience < 1:
+        fail("window", f"window and patience must be >= 1; got {r.window!r}, {r.patience!r}.")
+
+
+@dataclass(frozen=True)
+class Recipe(RecipeFields):
     """How to optimise: optimiser, learning rate and schedule, budget, batch size, seed.
 
     Args:
@@ -50,38 +100,8 @@ class Recipe:
     (``Problem.weight_decay``, DESIGN §1).
     """
 
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    schedule: str = "constant"
-    epochs: float | None = None
-    steps: int | None = None
-    batch_size: int | None = 128
-    seed: int = 0
-    until_plateau: bool = False
-    window: int = 20
-    patience: int = 5
-    beta2: float = 0.999
-
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"Recipe.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"Recipe.schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"Recipe.lr must be a positive number, got {self.lr!r}.")
-        if not 0 <= self.momentum < 1 or not 0 <= self.beta2 < 1:
-            raise ValueError("Recipe.momentum and Recipe.beta2 must lie in [0, 1).")
-        if (self.epochs is None) == (self.steps is None):
-            raise ValueError("Recipe: give exactly one of epochs=... or steps=....")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"Recipe.epochs must be > 0, got {self.epochs!r}.")
-        if self.steps is not None and not (isinstance(self.steps, int) and self.steps > 0):
-            raise ValueError(f"Recipe.steps must be a positive int, got {self.steps!r}.")
-        if self.batch_size is not None and not (isinstance(self.batch_size, int) and self.batch_size > 0):
-            raise ValueError(f"Recipe.batch_size must be a positive int or None (full batch), got {self.batch_size!r}.")
-        if self.window < 1 or self.patience < 1:
-            raise ValueError("Recipe.window and Recipe.patience must be >= 1.")
+        check_recipe(self)
 
     def total_steps(self, n_train: int) -> int:
         """Number of optimiser steps for a training set of ``n_train`` points."""

@@ -43,8 +43,8 @@ class Problem:
         chunk_size: examples per chunk in data passes (bounds memory).
         recipe: the :class:`~pbrf.Recipe` that trained θ^s (the default for warm and cold starts).
 
-    A Problem is treated as immutable: the dense factorisation of the damped curvature at θ^s is
-    cached on it (one entry) so that repeated exact solves build ``C`` once.
+    A Problem is treated as immutable (nothing pbrf does writes to it; the curvature operators
+    own their factorisation caches, see :class:`~pbrf.CurvatureOperator`).
 
     Attributes:
         params: θ^s as a dict of detached tensors.

@@ -36,88 +36,24 @@ from torch import Tensor, nn
 from torch.func import jvp, vmap
 from tqdm.auto import tqdm
 
+from . import kinds
+from .engine import batch_fn, chunks, run_batched, stack
 from .influence import Measurement, delta_theta, normalize_removals, per_example_grads, removal_gradients
+from .kinds import ResponseKind
 from .newton import NewtonRecipe, newton_optimize
-from .optim import Recipe, optimize
+from .objectives import pbrf_gn, pbrf_objective, removal_gn, removal_objective  # noqa: F401 (re-exported)
+from .optim import Recipe
 from .problem import Params, Problem
 
 __all__ = ["respond", "Response", "KINDS", "RHO_THRESHOLD", "removal_signal"]
 
 log = logging.getLogger(__name__)
 
-KINDS = ("cold", "warm", "proximal", "pbrf", "linearized")
+#: The built-in response kinds (:mod:`pbrf.kinds` holds their records; ``kinds.response_names()``
+#: includes kinds registered later).
+KINDS = kinds.response_names()
 #: Default certificate threshold: a response is certified when ρ = ||∇F|| / signal ≤ this.
 RHO_THRESHOLD = 1e-2
-
-
-# ---------------------------------------------------------------------------------------- objectives
-def _sq(params: Params, anchor: Params | None = None) -> Tensor:
-    if anchor is None:
-        return sum(p.pow(2).sum() for p in params.values())
-    return sum((params[k] - anchor[k]).pow(2).sum() for k in params)
-
-
-def removal_objective(prob: Problem, prox: float = 0.0) -> Callable:
-    """``(1/B) Σ_batch w_i L_i + (wd/2)||θ||² [+ (prox/2)||θ − θ^s||²]`` with per-problem weights ``aux["w"]``."""
-    wd, anchor = prob.weight_decay, prob.params
-
-    def objective(params: Params, aux: dict, batch: dict) -> Tensor:
-        losses = prob.losses(params, batch["x"], batch["t"])
-        val = (aux["w"][batch["idx"]] * losses).sum() / losses.shape[0] + 0.5 * wd * _sq(params)
-        return val + 0.5 * prox * _sq(params, anchor) if prox else val
-
-    return objective
-
-
-def removal_gn(prob: Problem) -> Callable:
-    """The output-convex data term of :func:`removal_objective` (its Gauss–Newton model)."""
-
-    def gn(out: Tensor, aux: dict, batch: dict) -> Tensor:
-        return (aux["w"][batch["idx"]] * prob.task.loss(out, batch["t"])).sum() / out.shape[0]
-
-    return gn
-
-
-def pbrf_gn(prob: Problem) -> Callable:
-    """The Gauss–Newton model's data term of :func:`pbrf_objective`: the mean Bregman divergence
-    over the kept points. For the tasks' canonical losses the output Hessian of ``D_L(·, f^s)``
-    equals that of ``L``, so at a removed point the Bregman and removal terms' curvatures cancel:
-    weight ``1 − removal_weight`` (clamped at 0), as in the exact Gauss–Newton matrix."""
-
-    def gn(out: Tensor, aux: dict, batch: dict) -> Tensor:
-        w = aux["w"][batch["idx"]].clamp_min(0.0)
-        return (w * prob.task.bregman(out, batch["f_ref"], batch["t"])).mean()
-
-    return gn
-
-
-def pbrf_objective(prob: Problem, damping: float) -> Callable:
-    """The PBRF objective (DESIGN §1, item 4) for one problem; removed points in ``aux``."""
-    n, shift, anchor = prob.n_train, prob.weight_decay + damping, prob.params
-
-    def objective(params: Params, aux: dict, batch: dict) -> Tensor:
-        div = prob.task.bregman(prob.outputs(params, batch["x"]), batch["f_ref"], batch["t"]).mean()
-        removed = (aux["vr"] * prob.losses(params, aux["xr"], aux["tr"])).sum() / n
-        return div - removed + 0.5 * shift * _sq(params, anchor)
-
-    return objective
-
-
-def _mask_aux(prob: Problem, groups: list[list[int]], weight: float) -> dict:
-    w = torch.ones(len(groups), prob.n_train, dtype=prob.dtype, device=prob.device)
-    for k, g in enumerate(groups):
-        w[k, g] = 1.0 - weight
-    return {"w": w}
-
-
-def _removed_aux(prob: Problem, groups: list[list[int]], weight: float) -> dict:
-    kmax = max(1, max(len(g) for g in groups))
-    idx = torch.zeros(len(groups), kmax, dtype=torch.long, device=prob.device)
-    valid = torch.zeros(len(groups), kmax, dtype=prob.dtype, device=prob.device)
-    for k, g in enumerate(groups):
-        idx[k, : len(g)] = torch.tensor(g, device=prob.device)
-        valid[k, : len(g)] = weight
-    return {"xr": prob.x[idx], "tr": prob.t[idx], "vr": valid, **_mask_aux(prob, groups, weight)}
 
 
 # ---------------------------------------------------------------------------------------- response
@@ -231,55 +167,6 @@ class Response:
 
 
 # ---------------------------------------------------------------------------------------- engine
-def _stack(params: Params, K: int) -> Params:
-    return {k: v.unsqueeze(0).expand(K, *v.shape).clone() for k, v in params.items()}
-
-
-def _batch_fn(prob: Problem, f_ref: Tensor | None) -> Callable[[Tensor], dict]:
-    def batch(idx: Tensor) -> dict:
-        out = {"idx": idx, "x": prob.x[idx], "t": prob.t[idx]}
-        if f_ref is not None:
-            out["f_ref"] = f_ref[idx]
-        return out
-
-    return batch
-
-
-def _full_eval(objective, params: Params, aux: dict, prob: Problem, batch_fn) -> tuple[Tensor, Tensor]:
-    """Full-data objective and gradient norm ``[K]`` (weighted sum of chunk means: exact)."""
-    vg = vmap(torch.func.grad_and_value(objective), in_dims=(0, 0, None))
-    val, grads = 0.0, None
-    for s in prob.chunks():
-        idx = torch.arange(s.start, s.stop, device=prob.device)
-        g, v = vg(params, aux, batch_fn(idx))
-        w = (s.stop - s.start) / prob.n_train
-        val = val + w * v.detach()
-        grads = {k: w * t for k, t in g.items()} if grads is None else {k: grads[k] + w * g[k] for k in g}
-    gn = sum(t.pow(2).reshape(t.shape[0], -1).sum(1) for t in grads.values()).sqrt()
-    return val, gn
-
-
-def _run(prob, objective, init: Params, aux: dict, recipe: Recipe, f_ref, progress: bool, desc: str, callback=None):
-    batch_fn = _batch_fn(prob, f_ref)
-    init_obj, init_gn = _full_eval(objective, init, aux, prob, batch_fn)
-    params, diag = optimize(objective, init, aux, prob.n_train, recipe, batch_fn, progress, desc, callback)
-    final_obj, final_gn = _full_eval(objective, params, aux, prob, batch_fn)
-    # a finite run counts as diverged when its objective or gradient grew by orders of magnitude
-    blown = (final_obj - init_obj > 1e3 * (init_obj.abs() + 1)) | (final_gn > 1e3 * (init_gn + 1))
-    rows = [
-        {
-            "steps": int(diag["steps"][k]),
-            "objective": float(final_obj[k]),
-            "grad_norm": float(final_gn[k]),
-            "last_minibatch_grad_norm": float(diag["grad_norm"][k]),
-            "initial_objective": float(init_obj[k]),
-            "diverged": bool(diag["diverged"][k]) or not math.isfinite(float(final_obj[k])) or bool(blown[k]),
-        }
-        for k in range(final_obj.shape[0])
-    ]
-    return prob.flatten(params).detach(), rows
-
-
 def _init_params(prob: Problem, model_init, seed: int) -> Params:
     if model_init is None:
         from .models import reinitialize
@@ -290,11 +177,6 @@ def _init_params(prob: Problem, model_init, seed: int) -> Params:
         if isinstance(out, nn.Module):
             out = {n: p.detach() for n, p in out.named_parameters()}
     return {n: out[n].to(prob.params[n]) for n in prob.names}
-
-
-def _chunks(K: int, chunk_size: int):
-    for s in range(0, K, chunk_size):
-        yield slice(s, min(s + chunk_size, K))
 
 
 def removal_signal(prob: Problem, groups: list[list[int]], weight: float = 1.0) -> Tensor:
@@ -311,23 +193,15 @@ def removal_signal(prob: Problem, groups: list[list[int]], weight: float = 1.0) 
     return out
 
 
-def _objective(prob: Problem, kind: str, damping: float):
-    """``(value_fn, gn_fn, shift, make_aux, f_ref)`` of an optimised kind."""
-    if kind == "pbrf":
-        return (pbrf_objective(prob, damping), pbrf_gn(prob), prob.weight_decay + damping, _removed_aux,
-                prob.train_outputs())
-    prox = damping if kind == "proximal" else 0.0
-    return removal_objective(prob, prox), removal_gn(prob), prob.weight_decay + prox, _mask_aux, None
-
-
 def _median_signal(signal: Tensor) -> Tensor:
     """The median of the non-zero signals (1 if none): the scale of a group without its own."""
     positive = signal[signal > 0]
     return positive.median() if positive.numel() else torch.ones((), dtype=signal.dtype)
 
 
-def _run_newton(prob, kind, groups, damping, recipe, weight, signal, progress, desc, start=None, fallback=None):
-    value_fn, gn_fn, shift, make_aux, f_ref = _objective(prob, kind, damping)
+def _run_newton(prob, kind: ResponseKind, groups, damping, recipe, weight, signal, progress, desc, start=None,
+                fallback=None):
+    value_fn, gn_fn, shift, make_aux, f_ref = kind.objective(prob, damping)
     K = len(groups)
     scale = signal.clone()
     # an empty group (the paired no-removal reference) has no signal of its own: use the batch's
@@ -336,7 +210,7 @@ def _run_newton(prob, kind, groups, damping, recipe, weight, signal, progress, d
     scale = torch.where(scale > 0, scale, torch.as_tensor(fallback).to(scale))
     theta0 = (prob.theta if start is None else start).unsqueeze(0).expand(K, -1).clone()
     theta, d = newton_optimize(prob, value_fn, gn_fn, shift, theta0, make_aux(prob, groups, weight), scale, recipe,
-                               _batch_fn(prob, f_ref), progress, desc, exact_from_start=start is not None)
+                               batch_fn(prob, f_ref), progress, desc, exact_from_start=start is not None)
     rows = [
         {
             "optimizer": "newton",
@@ -365,24 +239,25 @@ def _continuation(prob, kind, damping, recipe, signal, progress):
     # gradient), so that it does not depend on which removals share its chunk
     floor = torch.tensor(torch.finfo(signal.dtype).tiny, dtype=signal.dtype)
     th, rows = _run_newton(prob, kind, [[]], damping, recipe, 1.0, signal.new_zeros(1), progress,
-                           f"{kind} continuation", fallback=floor)
+                           f"{kind.name} continuation", fallback=floor)
     return th[0], rows[0], fallback
 
 
-def _optimise_kind(prob, kind, groups, damping, recipe, weight, chunk_size, progress, init=None, signal=None):
+def _optimise_kind(prob, kind: ResponseKind, groups, damping, recipe, weight, chunk_size, progress, init=None,
+                   signal=None):
     """Optimise the ``kind`` objective for every group; returns ``(params [K, p], diagnostics)``.
 
     With a :class:`NewtonRecipe`, warm and proximal removals start from the no-removal
     continuation (see :func:`_continuation`); an empty group in ``groups`` is that continuation.
     """
     start = fallback = None
-    if isinstance(recipe, NewtonRecipe) and kind in ("warm", "proximal"):
+    if isinstance(recipe, NewtonRecipe) and kind.continuation:
         start, ref_row, fallback = _continuation(prob, kind, damping, recipe, signal, progress)
     thetas, diags = [], []
-    chunks = list(_chunks(len(groups), chunk_size))
-    for s in tqdm(chunks, desc=f"{kind} chunks", disable=not progress or len(chunks) == 1, leave=False):
+    parts = list(chunks(len(groups), chunk_size))
+    for s in tqdm(parts, desc=f"{kind.name} chunks", disable=not progress or len(parts) == 1, leave=False):
         sub = groups[s]
-        desc = f"{kind} [{s.start}:{s.stop}]"
+        desc = f"{kind.name} [{s.start}:{s.stop}]"
         if isinstance(recipe, NewtonRecipe):
             th, dg = _run_newton(prob, kind, sub, damping, recipe, weight, signal[s], progress, desc, start, fallback)
             if start is not None:
@@ -391,10 +266,10 @@ def _optimise_kind(prob, kind, groups, damping, recipe, weight, chunk_size, prog
                     if not g:  # the continuation itself
                         th[k], dg[k] = start, dict(ref_row)
         else:
-            objective, _, _, make_aux, f_ref = _objective(prob, kind, damping)
+            objective, _, _, make_aux, f_ref = kind.objective(prob, damping)
             start = prob.params if init is None else init
-            th, dg = _run(prob, objective, _stack(start, len(sub)), make_aux(prob, sub, weight), recipe, f_ref,
-                          progress, desc)
+            th, dg = run_batched(prob, objective, stack(start, len(sub)), make_aux(prob, sub, weight), recipe,
+                                 f_ref, progress, desc)
         thetas.append(th)
         diags.extend(dg)
     return torch.cat(thetas), diags
@@ -410,33 +285,31 @@ def _certify(row: dict, signal: float, threshold: float) -> dict:
     return row
 
 
-def _check_args(kind, seeds, chunk_size, damping, removal_weight):
-    if kind not in KINDS:
-        raise ValueError(f"Unknown response kind {kind!r}; choose one of {KINDS}.")
+def _check_args(kind: ResponseKind, seeds, chunk_size, damping, removal_weight):
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     if not (isinstance(damping, (int, float)) and damping >= 0 and math.isfinite(damping)):
         raise ValueError(f"damping must be a finite number >= 0 (e.g. 1e-3), got {damping!r}.")
     if not isinstance(removal_weight, (int, float)) or not math.isfinite(removal_weight):
         raise ValueError(f"removal_weight must be a finite number, got {removal_weight!r}.")
-    if kind == "cold" and (not seeds or not all(isinstance(s, int) for s in seeds)):
+    if "seeds" in kind.arguments and (not seeds or not all(isinstance(s, int) for s in seeds)):
         raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}.")
 
 
-def _base_recipe(prob: Problem, recipe, kind: str):
+def _base_recipe(prob: Problem, recipe, kind: ResponseKind):
     if recipe is not None:
         if not isinstance(recipe, (Recipe, NewtonRecipe)):
             raise TypeError(f"recipe must be a pbrf.Recipe or pbrf.NewtonRecipe, got {type(recipe).__name__}.")
-        if isinstance(recipe, NewtonRecipe) and kind == "cold":
+        if isinstance(recipe, NewtonRecipe) and kind.method == "retrain":
             raise ValueError("cold start is defined by a training recipe: pass recipe=pbrf.Recipe(...), "
                              "not a NewtonRecipe.")
         return recipe
-    if kind in ("pbrf", "proximal"):
+    if kind.default_recipe == "newton":
         return NewtonRecipe()
     if getattr(prob, "recipe", None) is not None:
         return prob.recipe
     raise ValueError(
-        f"respond({kind!r}) reuses the base training recipe: pass recipe=pbrf.Recipe(...) (the one that "
+        f"respond({kind.name!r}) reuses the base training recipe: pass recipe=pbrf.Recipe(...) (the one that "
         "trained θ^s), or build the Problem with recipe=...."
     )
 
@@ -478,7 +351,8 @@ def respond(
 
     Args:
         prob: the :class:`~pbrf.Problem` (θ^s, data, weight decay).
-        kind: ``"cold"``, ``"warm"``, ``"proximal"``, ``"pbrf"`` or ``"linearized"`` (module docstring).
+        kind: ``"cold"``, ``"warm"``, ``"proximal"``, ``"pbrf"``, ``"linearized"`` (module docstring)
+            or any kind registered in :mod:`pbrf.kinds`.
         removals: 1-D LongTensor / list of ints, or list of index lists (groups).
         damping: λ (proximal, PBRF and linearized; ignored by cold and warm).
         recipe: optimisation settings: a :class:`~pbrf.NewtonRecipe` (batched Gauss–Newton trust
@@ -509,21 +383,20 @@ def respond(
     Returns:
         A :class:`Response`; ``loss_change(test)`` gives ``[n_test, K]``.
     """
-    _check_args(kind, seeds, chunk_size, damping, removal_weight)
+    spec = kinds.get(kind, responses_only=True)
+    _check_args(spec, seeds, chunk_size, damping, removal_weight)
     if not (isinstance(rho_threshold, (int, float)) and rho_threshold > 0):
         raise ValueError(f"rho_threshold must be a positive number (e.g. 1e-2), got {rho_threshold!r}.")
-    if paired and kind not in ("warm", "proximal"):
-        raise ValueError(f"paired=True applies to warm and proximal responses, not {kind!r}.")
+    if paired and "paired" not in spec.arguments:
+        takes = [k for k in kinds.response_names() if "paired" in kinds.get(k).arguments]
+        raise ValueError(f"paired=True applies to {' and '.join(takes)} responses, not {kind!r}.")
     groups = normalize_removals(removals, prob.n_train)
-    if kind == "linearized":
-        d, info = delta_theta(prob, groups, damping, solver, curvature, solver_options, removal_weight)
-        extra = {k: v for k, v in info.extra.items() if isinstance(v, (int, float, bool, str))}
-        diag = [{**info.to_dict(), "extra": extra} for _ in groups]
-        return Response(kind, groups, prob, (prob.theta + d).detach(), diagnostics=diag, first_order=True)
-    rec = _apply_changes(_base_recipe(prob, recipe, kind), recipe_changes)
+    if spec.method == "linear":
+        return _linearized(prob, spec, groups, damping, solver, curvature, solver_options, removal_weight)
+    rec = _apply_changes(_base_recipe(prob, recipe, spec), recipe_changes)
     signal = removal_signal(prob, groups, removal_weight)
-    if kind == "cold":
-        resp = _cold(prob, groups, rec, seeds, model_init, removal_weight, chunk_size, progress)
+    if spec.method == "retrain":
+        resp = _cold(prob, spec, groups, rec, seeds, model_init, removal_weight, chunk_size, progress)
         for row, sig in zip(resp.diagnostics, signal.tolist()):
             _certify(row, sig, rho_threshold)
         return resp
@@ -531,30 +404,43 @@ def respond(
     run_signal = torch.cat([signal, signal.new_zeros(1)]) if paired else signal
     # the reference is one more problem with an empty removal set; chunking must not split it
     # from a chunk's perspective, so it runs in the last chunk (results do not depend on chunking)
-    th, diags = _optimise_kind(prob, kind, run_groups, damping, rec, removal_weight, chunk_size, progress,
+    th, diags = _optimise_kind(prob, spec, run_groups, damping, rec, removal_weight, chunk_size, progress,
                                signal=run_signal)
     for row, sig in zip(diags, run_signal.tolist()):
         _certify(row, sig, rho_threshold)
     ref = None
     if paired:
         ref, ref_row, th, diags = th[-1], diags[-1], th[:-1], diags[:-1]
-        for row, sig in zip(diags, signal.tolist()):
-            ref_rho = ref_row["grad_norm"] / sig if sig > 0 else math.inf
-            row["reference_grad_norm"], row["reference_rho"] = ref_row["grad_norm"], float(ref_rho)
-            ref_ok = (math.isfinite(ref_rho) and ref_rho <= rho_threshold and not ref_row["diverged"]
-                      and ref_row["objective"] <= ref_row["initial_objective"])
-            row["paired_certified"] = bool(row["certified"] and ref_ok)
+        _certify_paired(diags, ref_row, signal.tolist(), rho_threshold)
     return Response(kind, groups, prob, th, diagnostics=diags, paired_reference=ref)
 
 
-def _cold(prob, groups, recipe, seeds, model_init, weight, chunk_size, progress) -> Response:
+def _certify_paired(rows: list[dict], ref_row: dict, signals: list[float], threshold: float) -> None:
+    """Add ``reference_grad_norm``, ``reference_rho`` and ``paired_certified`` (in place)."""
+    for row, sig in zip(rows, signals):
+        ref_rho = ref_row["grad_norm"] / sig if sig > 0 else math.inf
+        row["reference_grad_norm"], row["reference_rho"] = ref_row["grad_norm"], float(ref_rho)
+        ref_ok = (math.isfinite(ref_rho) and ref_rho <= threshold and not ref_row["diverged"]
+                  and ref_row["objective"] <= ref_row["initial_objective"])
+        row["paired_certified"] = bool(row["certified"] and ref_ok)
+
+
+def _linearized(prob, spec: ResponseKind, groups, damping, solver, curvature, solver_options, weight) -> Response:
+    """``θ^s + Δθ_IF`` with the accurate solve of ``C`` (one solve per removal set)."""
+    d, info = delta_theta(prob, groups, damping, solver, curvature, solver_options, weight)
+    extra = {k: v for k, v in info.extra.items() if isinstance(v, (int, float, bool, str))}
+    diag = [{**info.to_dict(), "extra": extra} for _ in groups]
+    return Response(spec.name, groups, prob, (prob.theta + d).detach(), diagnostics=diag, first_order=True)
+
+
+def _cold(prob, spec: ResponseKind, groups, recipe, seeds, model_init, weight, chunk_size, progress) -> Response:
     """Cold start: per seed, K removal runs plus one full-data run with the same init and batches."""
     per_seed, refs, diags, ref_diags = [], [], [[] for _ in groups], []
     for seed in seeds:
         init = _init_params(prob, model_init, seed)
         rec = recipe.replace(seed=seed)
         # the full-data reference is one more problem with an empty removal set
-        th, dg = _optimise_kind(prob, "cold", groups + [[]], 0.0, rec, weight, chunk_size, progress, init)
+        th, dg = _optimise_kind(prob, spec, groups + [[]], 0.0, rec, weight, chunk_size, progress, init)
         per_seed.append(th[:-1])
         refs.append(th[-1])
         for k, d in enumerate(dg[:-1]):
@@ -572,4 +458,4 @@ def _cold(prob, groups, recipe, seeds, model_init, weight, chunk_size, progress)
         }
         for d in diags
     ]
-    return Response("cold", groups, prob, torch.stack(per_seed), torch.stack(refs), diagnostics=rows)
+    return Response(spec.name, groups, prob, torch.stack(per_seed), torch.stack(refs), diagnostics=rows)

@@ -138,15 +138,16 @@ def solve_exact(op, B: Tensor, max_params: int = 5000, allow_indefinite: bool = 
     NaN — never a silent LU solve. ``allow_indefinite=True`` opts in to an LU solve of an
     indefinite (but non-singular) ``C``; a singular ``C`` is reported as diverged either way.
 
-    The factorisation of an operator at θ^s is cached on its problem (one entry), so repeated
-    solves with the same curvature and damping (e.g. chunks of removals) build ``C`` once.
+    The factorisation is kept in the operator's own ``factor_cache`` (a dict with one entry, see
+    :class:`~pbrf.CurvatureOperator`), so repeated solves with the same curvature and damping
+    (e.g. chunks of removals) build ``C`` once. An operator without one is factorised every time.
     """
     check_options("exact", {"max_params": max_params, "allow_indefinite": allow_indefinite})
     info = SolveInfo("exact")
-    key = getattr(op, "cache_key", None)
-    cache = getattr(op.prob, "_factor_cache", None) if key else None
-    if cache is not None and cache[0] == (key, allow_indefinite):
-        kind, F = cache[1]
+    key = (getattr(op, "cache_key", None), allow_indefinite)
+    cache = getattr(op, "factor_cache", None)
+    if cache is not None and cache.get("key") == key:
+        kind, F = cache["value"]
         info.extra["cached_factorisation"] = True
     else:
         C = op.dense(max_params=max_params)
@@ -154,8 +155,9 @@ def solve_exact(op, B: Tensor, max_params: int = 5000, allow_indefinite: bool = 
         if kind == "failed":
             info.diverged, info.message = True, F
             return torch.full_like(B, float("nan")), info
-        if key:
-            op.prob._factor_cache = ((key, allow_indefinite), (kind, F))
+        if cache is not None:
+            cache.clear()
+            cache.update(key=key, value=(kind, F))
     if kind == "cholesky":
         X = torch.cholesky_solve(B.T, F).T
     else:

@@ -25,6 +25,7 @@ __all__ = [
     "LanguageModel",
     "Reconstruction",
     "get_task",
+    "TASKS",
 ]
 
 
@@ -174,6 +175,8 @@ _TASKS = {
     cls.name: cls
     for cls in (Regression, Classification, BinaryClassification, LanguageModel, Reconstruction)
 }
+#: The task names (``get_task``'s choices).
+TASKS = tuple(_TASKS)
 
 
 def get_task(name: str) -> Task:

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .optim import Recipe
 from .problem import Params, Problem
-from .respond import _run, _stack, removal_objective
+from .engine import run_batched, stack
+from .objectives import removal_objective
 from .tasks import Task
 
 __all__ = ["train", "TrainResult", "save_checkpoint", "load_checkpoint"]
@@ -79,8 +80,8 @@ def train(
         if step in marks:
             saved.append({"step": step, "lr": float(lr), "params": {k: v[0].detach().clone() for k, v in stacked.items()}})
 
-    theta, diag = _run(prob, removal_objective(prob), _stack(prob.params, 1), aux, recipe, None, progress, "train",
-                       callback=keep if checkpoints else None)
+    theta, diag = run_batched(prob, removal_objective(prob), stack(prob.params, 1), aux, recipe, None, progress,
+                              "train", callback=keep if checkpoints else None)
     params = {k: v[0].clone() for k, v in prob.unflatten(theta).items()}
     if checkpoints and (not saved or saved[-1]["step"] != diag[0]["steps"]):  # stopped early: the end is θ^s
         saved.append({"step": int(diag[0]["steps"]), "lr": saved[-1]["lr"] if saved else recipe.lr_at(0, total),

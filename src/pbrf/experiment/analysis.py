@@ -27,6 +27,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from pbrf import kinds as _kinds
+
 __all__ = [
     "KINDS",
     "GAPS",
@@ -41,8 +43,8 @@ __all__ = [
     "summarise",
 ]
 
-#: Response functions 1..6 of DESIGN §1, in the order of the decomposition.
-KINDS = ("cold", "warm", "proximal", "pbrf", "linearized", "influence")
+#: The kinds of the decomposition chain, in order (the built-in records of :mod:`pbrf.kinds`).
+KINDS = _kinds.chain()
 #: Gap j lies between ``KINDS[j]`` and ``KINDS[j + 1]``.
 GAPS = (
     "warm-start gap",
@@ -55,15 +57,8 @@ GAPS = (
 GAP_PAIRS = {name: (KINDS[j], KINDS[j + 1]) for j, name in enumerate(GAPS)}
 #: The response functions the influence estimate is compared with (the paper's table rows).
 RESPONSE_KINDS = KINDS[:-1]
-#: Human-readable names, as in the paper.
-KIND_LABELS = {
-    "cold": "cold-start LOO",
-    "warm": "warm-start LOO",
-    "proximal": "proximal",
-    "pbrf": "PBRF",
-    "linearized": "linearised PBRF",
-    "influence": "influence",
-}
+#: Human-readable names, as in the paper (a live view of the registry: registered kinds included).
+KIND_LABELS = _kinds.view("label")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -88,10 +83,11 @@ def _present(arrays: Mapping | None, what: str) -> dict[str, np.ndarray]:
     """The arrays of the known kinds that are present (not None), as float64, with one shape."""
     if arrays is None:
         return {}
-    unknown = sorted(set(arrays) - set(KINDS))
+    known = _kinds.names()
+    unknown = sorted(set(arrays) - set(known))
     if unknown:
-        raise ValueError(f"{what} has unknown kinds {unknown}; use keys from {KINDS}.")
-    out = {k: _as_array(f"{what}[{k!r}]", arrays[k]) for k in KINDS if arrays.get(k) is not None}
+        raise ValueError(f"{what} has unknown kinds {unknown}; use keys from {known}.")
+    out = {k: _as_array(f"{what}[{k!r}]", arrays[k]) for k in known if arrays.get(k) is not None}
     shapes = {k: a.shape for k, a in out.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"all {what} arrays must have one shape; got {shapes}.")
@@ -265,8 +261,9 @@ def _output_gaps(df: dict[str, np.ndarray]) -> dict | None:
 
 
 def _chain(kinds) -> tuple[str, str] | None:
-    """First and last present kinds when they form one contiguous block of :data:`KINDS`."""
-    idx = [KINDS.index(k) for k in kinds]
+    """First and last present kinds when they form one contiguous block of :data:`KINDS`
+    (kinds outside the chain are ignored)."""
+    idx = [KINDS.index(k) for k in kinds if k in KINDS]
     if len(idx) < 2 or idx != list(range(idx[0], idx[-1] + 1)):
         return None
     return KINDS[idx[0]], KINDS[idx[-1]]

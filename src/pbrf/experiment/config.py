@@ -7,9 +7,10 @@ A configuration has one section per stage of an experiment::
     task = "classification"              # optional; default: the dataset's task
     [data]        name, n_train, n_test, seed, options = {...}
     [model]       name + constructor keyword arguments (width, depth, ...)
-    [train]       the base recipe (pbrf.Recipe fields) + weight_decay + checkpoints (for TracIn)
+    [train]       the base recipe (every pbrf.Recipe field; batch_size = "full" | N) + weight_decay
+                  + checkpoints (for TracIn)
     [influence]   damping, curvature, solver (practical) + solver_options, accurate_solver + options
-    [responses]   kinds, the PBRF/proximal recipe (optimizer, lr, steps, batch_size), cold_seeds
+    [responses]   kinds, the PBRF/proximal recipe (newton | sgd | adam, steps, ...), cold_seeds
     [removals]    n_test_points, n_removals, strategy, group_fraction | group_size, seed
     [run]         chunk_size, device, dtype
     [lds]         subsets (0 = off), alpha, seeds, seed: the LDS ground truth for `pbrf estimators`
@@ -30,11 +31,19 @@ import math
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
+
+from pbrf import kinds as _kinds
+from pbrf.curvature import CURVATURES
+from pbrf.newton import NewtonRecipe
+from pbrf.optim import OPTIMIZERS, SCHEDULES, Recipe, RecipeFields, check_recipe
+from pbrf.solvers import SOLVERS
+from pbrf.tasks import TASKS
 
 __all__ = [
     "ConfigError",
@@ -55,11 +64,11 @@ __all__ = [
     "parse_set",
 ]
 
-KINDS = ("cold", "warm", "proximal", "pbrf", "linearized", "influence")
+#: The built-in kinds (:mod:`pbrf.kinds`; ``responses.kinds`` also takes kinds registered later).
+KINDS = _kinds.names()
 PROFILES = ("quick", "paper", "tiny")
-TASKS = ("regression", "classification", "binary", "language_model", "reconstruction")
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "cosine", "linear")
+#: Solvers that can solve the linearised PBRF accurately (LiSSA is a stochastic approximation).
+ACCURATE_SOLVERS = ("exact", "cg")
 
 
 class ConfigError(ValueError):
@@ -90,9 +99,28 @@ def _check_seed(where: str, value: Any) -> None:
         _fail(where, f"must be an integer >= 0 (e.g. 0); got {value!r}.")
 
 
-def _check_momentum(where: str, value: Any) -> None:
-    if not (isinstance(value, (int, float)) and 0 <= value < 1):
-        _fail(where, f"must lie in [0, 1) (e.g. 0.9); got {value!r}.")
+def _check_recipe(section: str, build) -> None:
+    """Validate a section's recipe by building it (the recipe's own checks: one validation path)."""
+    try:
+        build()
+    except ValueError as err:
+        msg = str(err).replace("NewtonRecipe.max_iter", f"{section}.steps")
+        raise ConfigError(msg.replace("NewtonRecipe.", f"{section}.").replace("Recipe.", f"{section}.")) from None
+
+
+def _full_batch(section: str, config) -> None:
+    """``batch_size = "full"`` is full batch; ``0``, its old spelling, is read as ``"full"``."""
+    value = config.batch_size
+    if value == 0 and not isinstance(value, bool):
+        warnings.warn(f'{section}.batch_size = 0 is deprecated; write batch_size = "full".', DeprecationWarning,
+                      stacklevel=5)
+        object.__setattr__(config, "batch_size", "full")
+    elif isinstance(value, str) and value != "full":
+        _fail(f"{section}.batch_size", f'must be a positive int or "full"; got {value!r}.')
+
+
+def _batch(value) -> int | None:
+    return None if value == "full" else value
 
 
 # ---------------------------------------------------------------------------- sections
@@ -134,45 +162,31 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """The base training recipe (``pbrf.Recipe``) and the L2 weight decay of the objective.
+class TrainConfig(RecipeFields):
+    """The base training recipe and the L2 weight decay of the objective.
 
-    ``J(θ) = (1/N) Σ L_i + (weight_decay/2) ||θ||²``; ``epochs`` or ``steps`` sets the budget;
-    ``batch_size = 0`` means full batch. ``checkpoints = n`` also saves the parameters at ``n``
-    evenly spaced steps under ``RUN_DIR/checkpoints/`` (for TracIn; the last one is θ^s).
+    Every field of :class:`pbrf.Recipe` (declared once, in :class:`pbrf.optim.RecipeFields`),
+    flat in ``[train]``, plus ``weight_decay``: ``J(θ) = (1/N) Σ L_i + (weight_decay/2) ||θ||²``.
+    ``epochs`` or ``steps`` sets the budget; ``batch_size = "full"`` means full batch.
+    ``checkpoints = n`` also saves the parameters at ``n`` evenly spaced steps under
+    ``RUN_DIR/checkpoints/`` (for TracIn; the last one is θ^s).
     """
 
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    schedule: str = "constant"
-    epochs: float | None = None
-    steps: int | None = None
-    batch_size: int = 128
-    seed: int = 0
+    batch_size: int | str = 128
     weight_decay: float = 0.0
     checkpoints: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _full_batch("train", self)
         _check_positive("train.checkpoints", self.checkpoints, allow_zero=True)
-        _check_choice("train.schedule", self.schedule, SCHEDULES)
-        _check_positive("train.lr", self.lr)
-        _check_momentum("train.momentum", self.momentum)
         _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
-        _check_positive("train.batch_size", self.batch_size, allow_zero=True)
-        if (self.epochs is None) == (self.steps is None):
-            _fail("train", "set exactly one of epochs or steps (e.g. --set train.epochs=20).")
-        _check_positive("train.epochs", self.epochs, allow_none=True)
-        _check_positive("train.steps", self.steps, allow_none=True)
         _check_seed("train.seed", self.seed)
+        _check_recipe("train", lambda: check_recipe(self, "train"))
 
     def recipe_dict(self) -> dict:
         """The ``pbrf.Recipe`` keyword arguments (everything but ``weight_decay``)."""
-        d = dataclasses.asdict(self)
-        d.pop("weight_decay")
-        d.pop("checkpoints")
-        d["batch_size"] = d["batch_size"] or None
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(RecipeFields)}
+        d["batch_size"] = _batch(self.batch_size)
         return d
 
 
@@ -193,9 +207,9 @@ class InfluenceConfig:
 
     def __post_init__(self) -> None:
         _check_positive("influence.damping", self.damping, allow_zero=True)
-        _check_choice("influence.curvature", self.curvature, ("ggn", "hessian"))
-        _check_choice("influence.solver", self.solver, ("lissa", "cg", "exact"))
-        _check_choice("influence.accurate_solver", self.accurate_solver, ("exact", "cg"))
+        _check_choice("influence.curvature", self.curvature, CURVATURES)
+        _check_choice("influence.solver", self.solver, tuple(reversed(SOLVERS)))  # cheapest first
+        _check_choice("influence.accurate_solver", self.accurate_solver, ACCURATE_SOLVERS)
 
 
 @dataclass(frozen=True)
@@ -206,8 +220,8 @@ class ResponsesConfig:
     optimiser (:class:`pbrf.NewtonRecipe`, full batch): ``steps`` caps its outer iterations,
     ``cg_max_iter`` the CG iterations per step, ``tol`` stops a removal once ``ρ ≤ tol`` (``lr``,
     ``momentum``, ``schedule``, ``batch_size`` and ``until_plateau`` are then unused).
-    ``optimizer = "sgd" | "adam"`` is a first-order :class:`pbrf.Recipe` (``batch_size = 0`` means
-    full batch). Cold- and warm-start retraining use the base ``[train]`` recipe; ``cold_seeds``
+    ``optimizer = "sgd" | "adam"`` is a first-order :class:`pbrf.Recipe` (``batch_size = "full"``
+    means full batch). Cold- and warm-start retraining use the base ``[train]`` recipe; ``cold_seeds``
     are the initialisation seeds averaged over for cold start.
 
     ``rho_threshold``: a response is certified when ``ρ = ||∇F(θ_r)|| / signal ≤ rho_threshold``
@@ -221,7 +235,7 @@ class ResponsesConfig:
     momentum: float = 0.9
     schedule: str = "constant"
     steps: int = 100
-    batch_size: int = 0
+    batch_size: int | str = "full"
     until_plateau: bool = False
     cold_seeds: tuple = (0,)
     cg_max_iter: int = 500
@@ -233,21 +247,17 @@ class ResponsesConfig:
         object.__setattr__(self, "kinds", tuple(self.kinds))
         object.__setattr__(self, "cold_seeds", tuple(self.cold_seeds))
         for kind in self.kinds:
-            _check_choice("responses.kinds entries", kind, KINDS)
+            _check_choice("responses.kinds entries", kind, _kinds.names())
         if "influence" not in self.kinds:
             _fail("responses.kinds", 'must include "influence" (the estimate every response is compared with).')
         if len(set(self.kinds)) != len(self.kinds):
             _fail("responses.kinds", f"has duplicates: {list(self.kinds)}.")
-        _check_choice("responses.optimizer", self.optimizer, OPTIMIZERS + ("newton",))
-        _check_choice("responses.schedule", self.schedule, SCHEDULES)
-        _check_positive("responses.lr", self.lr)
-        _check_momentum("responses.momentum", self.momentum)
-        _check_positive("responses.steps", self.steps)
-        _check_positive("responses.batch_size", self.batch_size, allow_zero=True)
-        _check_positive("responses.cg_max_iter", self.cg_max_iter)
+        _check_choice("responses.optimizer", self.optimizer, OPTIMIZERS + (NewtonRecipe.optimizer,))
+        _full_batch("responses", self)
+        first_order = {k: v for k, v in self._recipe_fields("sgd").items() if k != "optimizer"}
+        _check_recipe("responses", lambda: Recipe(**first_order))
+        _check_recipe("responses", lambda: NewtonRecipe(**self._recipe_fields("newton")))
         _check_positive("responses.rho_threshold", self.rho_threshold)
-        if not 0 < self.tol < 1:
-            _fail("responses.tol", f"must lie in (0, 1), e.g. 1e-8; got {self.tol!r}.")
         if not self.cold_seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.cold_seeds):
             _fail("responses.cold_seeds", f"must be a non-empty list of ints, e.g. [0, 1]; got {list(self.cold_seeds)}.")
         for s in self.cold_seeds:
@@ -256,17 +266,20 @@ class ResponsesConfig:
     def recipe_dict(self) -> dict:
         """The recipe keyword arguments of the PBRF / proximal optimisation: ``pbrf.NewtonRecipe``'s
         (with ``optimizer = "newton"``) or ``pbrf.Recipe``'s."""
-        if self.optimizer == "newton":
-            return {"optimizer": "newton", "max_iter": self.steps, "cg_max_iter": self.cg_max_iter, "tol": self.tol}
+        return {"optimizer": self.optimizer, **self._recipe_fields(self.optimizer)}
+
+    def _recipe_fields(self, optimizer: str) -> dict:
+        if optimizer == NewtonRecipe.optimizer:
+            return {"max_iter": self.steps, "cg_max_iter": self.cg_max_iter, "tol": self.tol}
         return {
-            "optimizer": self.optimizer, "lr": self.lr, "momentum": self.momentum,
-            "schedule": self.schedule, "steps": self.steps, "batch_size": self.batch_size or None,
-            "until_plateau": self.until_plateau,
+            "optimizer": optimizer, "lr": self.lr, "momentum": self.momentum, "schedule": self.schedule,
+            "steps": self.steps, "batch_size": _batch(self.batch_size), "until_plateau": self.until_plateau,
         }
 
     def ordered_kinds(self) -> tuple[str, ...]:
-        """The configured kinds in the canonical order of :data:`KINDS` (influence first to compute)."""
-        return ("influence",) + tuple(k for k in KINDS if k in self.kinds and k != "influence")
+        """The configured kinds in registry order, the estimate (influence) first: it is computed first."""
+        ordered = [k for k in _kinds.names() if k in self.kinds]
+        return tuple(sorted(ordered, key=lambda k: _kinds.get(k).is_response))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from pbrf import kinds
+
 from . import analysis
 from .config import ConfigError, ExperimentConfig
 from .store import CONFIG_NAME, ChunkResult, Store, atomic_write_text, check_run_dir
@@ -589,27 +591,29 @@ def response_seed(config: ExperimentConfig) -> int:
     return chunk_seed(config.train.seed, 0)
 
 
-#: Kinds optimised (or solved) on the float64 problem; cold and warm train in the run's dtype.
-_FLOAT64_KINDS = ("influence", "linearized", "pbrf", "proximal")
+def _config_recipe(config: ExperimentConfig, section: str) -> dict:
+    """The recipe fields of the ``[train]`` or ``[responses]`` section."""
+    return (config.train if section == "train" else config.responses).recipe_dict()
 
 
 def _respond_kwargs(ctx: Context, kind: str) -> dict:
-    """The keyword arguments of ``pbrf.respond`` for one kind (one seed for the whole run)."""
+    """The keyword arguments of ``pbrf.respond`` for one kind (one seed for the whole run), read
+    off the kind's record: its config recipe and the kind-specific arguments it takes."""
     config, inf, resp = ctx.config, ctx.config.influence, ctx.config.responses
-    seed = response_seed(config)
-    kw: dict[str, Any] = {"damping": inf.damping, "rho_threshold": resp.rho_threshold}
-    if kind == "linearized":
+    spec = kinds.get(kind)
+    kw: dict[str, Any] = {"damping": inf.damping, "rho_threshold": resp.rho_threshold, "curvature": inf.curvature}
+    if spec.config_recipe:
+        kw["recipe"] = _recipe(_config_recipe(config, spec.config_recipe), response_seed(config))
+    args = set(spec.arguments)
+    if "solver" in args:
         kw.update(solver=inf.accurate_solver, solver_options=dict(inf.accurate_options))
-    elif kind in ("pbrf", "proximal"):
-        kw.update(recipe=_recipe(resp.recipe_dict(), seed))
-    elif kind in ("warm", "cold"):
-        kw.update(recipe=_recipe(config.train.recipe_dict(), seed))
-    if kind in ("warm", "proximal"):
-        kw.update(paired=resp.paired)
-    if kind == "cold":
+    if "paired" in args:
+        kw["paired"] = resp.paired
+    if "seeds" in args:
+        kw["seeds"] = tuple(resp.cold_seeds)
+    if "model_init" in args:
         inputs = ctx.inputs
-        kw.update(seeds=tuple(resp.cold_seeds),
-                  model_init=lambda s: build_model(config, inputs.model_kwargs, seed=int(s)).to(config.run.device))
+        kw["model_init"] = lambda s: build_model(config, inputs.model_kwargs, seed=int(s)).to(config.run.device)
     return kw
 
 
@@ -617,8 +621,7 @@ def _respond(ctx: Context, chunk: int, kind: str):
     import pbrf
 
     kw = _respond_kwargs(ctx, kind)
-    kw["curvature"] = ctx.config.influence.curvature
-    prob = ctx.measure_problem if kind in _FLOAT64_KINDS else ctx.problem
+    prob = ctx.measure_problem if kinds.get(kind).float64 else ctx.problem
     resp = pbrf.respond(prob, kind, removals=ctx.removals(chunk), progress=False, **kw)
     return resp.to(ctx.measure_problem)
 
@@ -628,8 +631,8 @@ def _influence_chunk(ctx: Context, chunk: int) -> tuple[np.ndarray, list[dict]]:
     solver) on the float64 problem; ``pbrf.influence`` with the run's settings reproduces it."""
     import pbrf
 
-    scores, info = pbrf.influence(ctx.measure_problem, test=ctx.test, removals=ctx.removals(chunk),
-                                  return_info=True, **influence_settings(ctx.config))
+    scores, info = pbrf.influence_with_info(ctx.measure_problem, test=ctx.test, removals=ctx.removals(chunk),
+                                            **influence_settings(ctx.config))
     row = {k: v for k, v in info.solve.to_dict().items() if k != "extra"}
     row["residual_flag"] = bool(not (row["residual"] < 1.0))
     n = len(ctx.chunk_groups(chunk))
@@ -651,7 +654,8 @@ def compute_chunk(ctx: Context, chunk: int, kind: str) -> ChunkResult:
     — Δm against the no-removal continuation of the same recipe and seed.
     """
     start = time.perf_counter()
-    if kind == "influence":
+    spec = kinds.get(kind)
+    if spec.method == "estimate":
         dm, diagnostics = _influence_chunk(ctx, chunk)
         df = _influence_output_change(ctx, chunk)
         return ChunkResult(kind, chunk, dm, df, diagnostics, time.perf_counter() - start, None)
@@ -659,12 +663,12 @@ def compute_chunk(ctx: Context, chunk: int, kind: str) -> ChunkResult:
     dm = resp.loss_change(test=ctx.test).detach().cpu().double().numpy()
     df = resp.output_change(test=ctx.test).detach().cpu().float().numpy()
     extra = None
-    if kind == "linearized":  # also the actual change m(θ^s + Δθ) − m(θ^s), DESIGN §1
+    if resp.first_order:  # also the actual change m(θ^s + Δθ) − m(θ^s), DESIGN §1
         extra = resp.loss_change(test=ctx.test, first_order=False).detach().cpu().double().numpy()
     elif resp.paired_reference is not None:
         extra = resp.loss_change(test=ctx.test, paired=True).detach().cpu().double().numpy()
     diagnostics = [dict(d) for d in (resp.diagnostics or [])]
-    if kind == "linearized":
+    if spec.method == "linear":
         for d in diagnostics:
             d["residual_flag"] = bool(not (d.get("residual", math.nan) < 1.0))
     return ChunkResult(kind, chunk, dm, df, diagnostics, time.perf_counter() - start, extra)
@@ -713,9 +717,11 @@ def objective_defined(config: ExperimentConfig, kind: str) -> bool:
     """Whether ``kind``'s response is defined as the solution of an objective (PBRF, proximal,
     full-batch warm start): its uncertified pairs are left out of every statistic. Responses
     defined by a training recipe (cold start, minibatch warm start) are kept whatever their ρ."""
-    if kind in ("pbrf", "proximal"):
-        return True
-    return kind == "warm" and not config.train.batch_size
+    spec = kinds.get(kind)
+    if spec.certificate == "exclude_if_full_batch":
+        section = config.train if spec.config_recipe == "train" else config.responses
+        return section.recipe_dict().get("batch_size") is None
+    return spec.certificate == "exclude"
 
 
 def exclusions(config: ExperimentConfig, diags: dict[str, list[dict]], certified_key: str = "certified") -> dict:
@@ -796,7 +802,7 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
     excl["excluded_removals"] = [int(i) for i in np.flatnonzero(~keep)]
     summary["certificates"] = excl
     summary["solvers"] = _solver_report(diags)
-    paired = {k: store.gather_extra(k, ctx.n_chunks) for k in ("warm", "proximal") if k in dm}
+    paired = {k: store.gather_extra(k, ctx.n_chunks) for k in dm if kinds.get(k).continuation}
     paired = {k: v for k, v in paired.items() if v is not None}
     if paired:
         pexcl = exclusions(ctx.config, diags, certified_key="paired_certified")

@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from pbrf import kinds as _kinds
 from pbrf.experiment.analysis import GAP_PAIRS, GAPS, KIND_LABELS, KINDS, RESPONSE_KINDS
 
 __all__ = [
@@ -44,20 +45,13 @@ __all__ = [
 
 DPI = 120
 NA = "n/a"
-#: One colour per kind, shared by every figure.
-KIND_COLORS = {
-    "cold": "#1b9e77",
-    "warm": "#d95f02",
-    "proximal": "#7570b3",
-    "pbrf": "#e7298a",
-    "linearized": "#66a61e",
-    "influence": "#444444",
-}
+#: One colour per kind, shared by every figure (a live view of the registry, :mod:`pbrf.kinds`).
+KIND_COLORS = _kinds.view("colour")
 #: One colour per gap, shared by the decomposition and sweep figures.
 GAP_COLORS = {g: colormaps["viridis"](x) for g, x in zip(GAPS, np.linspace(0.0, 0.85, len(GAPS)))}
 #: Columns of the paper's Table 1: influence vs these response functions.
-TABLE_KINDS = ("cold", "warm", "proximal", "pbrf")
-TABLE_SHORT = {"cold": "LOO", "warm": "Warm", "proximal": "Proximal", "pbrf": "PBRF", "linearized": "Lin. PBRF"}
+TABLE_KINDS = tuple(k for k in _kinds.names() if _kinds.get(k).table)
+TABLE_SHORT = _kinds.view("short")
 #: Config entries (matched on the last dotted key) repeated in the report's "Experiment" section.
 HEADLINE_KEYS = (
     "dataset", "model", "n_train", "n_test", "n_test_points", "n_removals", "group_size",
@@ -255,7 +249,7 @@ def _scatter_panel(ax, x: np.ndarray, y: np.ndarray, kind: str, corr: Mapping) -
 def plot_scatter(summary: Mapping, dm: Mapping, path) -> Path | None:
     """Grid of influence estimate (x) vs each response function's Δm (y); None without data."""
     x = dm.get("influence")
-    kinds = [k for k in RESPONSE_KINDS if dm.get(k) is not None]
+    kinds = [k for k in _response_kinds(dm) if dm.get(k) is not None]
     if x is None or not kinds:
         return None
     x = np.asarray(x, dtype=np.float64).ravel()
@@ -273,7 +267,7 @@ def plot_scatter(summary: Mapping, dm: Mapping, path) -> Path | None:
 def plot_correlations(summary: Mapping, path) -> Path | None:
     """Grouped bars: Pearson / Spearman (all pairs and per-test mean) per response function."""
     corr = _corr(summary)
-    kinds = [k for k in RESPONSE_KINDS if k in corr]
+    kinds = [k for k in _response_kinds(corr) if k in corr]
     if not kinds:
         return None
     metrics = [("pearson", "Pearson", "#3b6ea8"), ("spearman", "Spearman", "#e08a3c"),
@@ -397,7 +391,14 @@ def _config_section(config: Mapping) -> str:
     return "## Configuration\n\n" + _md_table(["setting", "value"], rows, align="ll")
 
 
-def _corr_rows(corr: Mapping, kinds: Sequence[str] = RESPONSE_KINDS, suffix: str = "") -> list[list[str]]:
+def _response_kinds(present: Mapping) -> list[str]:
+    """The chain's response kinds, then any other registered response kind in ``present``."""
+    extra = [k for k in _kinds.response_names() if k in present and k not in RESPONSE_KINDS]
+    return list(RESPONSE_KINDS) + extra
+
+
+def _corr_rows(corr: Mapping, kinds: Sequence[str] | None = None, suffix: str = "") -> list[list[str]]:
+    kinds = _response_kinds(corr) if kinds is None else kinds
     keys = ("pearson", "spearman", "pearson_per_test", "spearman_per_test")
     return [[KIND_LABELS[k] + suffix] + [fmt_corr(_get(corr, k, key)) for key in keys] for k in kinds]
 
@@ -745,8 +746,8 @@ def print_summary(summary: Mapping) -> str:
     The caller prints it (``print(print_summary(s))``); nothing is printed here.
     """
     corr = _corr(summary)
-    kinds = [k for k in RESPONSE_KINDS if k in corr]
-    corr_rows = [[KIND_LABELS[k]] + r[1:] for k, r in zip(RESPONSE_KINDS, _corr_rows(corr)) if k in kinds]
+    kinds = [k for k in _response_kinds(corr) if k in corr]
+    corr_rows = _corr_rows(corr, kinds)
     dec = _decomp(summary)
     gap_rows = [[g, fmt_value(_get(dec, "gaps", g)), fmt_value(_get(dec, "signed", g))] for g in GAPS]
     gap_rows.append(["total (LOO − influence)", fmt_value(dec.get("total")), fmt_value(dec.get("total_signed"))])
