@@ -182,7 +182,16 @@ class Estimator:
 
 
 def _plain(hp: dict) -> dict:
-    return {k: v for k, v in hp.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    """JSON-able hyperparameters: scalars as they are, option dicts as compact text (no tensors)."""
+    import json
+
+    out = {}
+    for k, v in hp.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = json.dumps(v, sort_keys=True, default=str)
+    return out
 
 
 def _unpack(run_or_problem, test, removals) -> tuple[Problem, tuple, object, dict]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def board_header(config, n_train: int, n_params: int | None, n_test: int, n_remo
         "excluded_removals": {k: int(np.isnan(v).all(axis=0).sum()) for k, v in truths.items()},
         "lds": None if lds_truth is None else {"subsets": len(lds_truth[1]), "alpha": config.lds.alpha,
                                                "seeds": list(config.lds.seeds or config.responses.cold_seeds)},
-        "threads": torch.get_num_threads(), "rows": [], "skipped": {},
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "rows": [], "skipped": {},
     }
 
 
@@ -262,6 +263,13 @@ def format_leaderboard(board: dict, markdown: bool = True) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines])
 
 
+def _threads(board: dict) -> str:
+    n = board.get("threads")
+    cpus = board.get("cpus")
+    text = f"{n} torch thread{'s' if n != 1 else ''}"
+    return text + (f" on a {cpus}-CPU machine" if cpus else "")
+
+
 def _figure(board: dict, path: Path) -> Path | None:
     import matplotlib
 
@@ -281,7 +289,7 @@ def _figure(board: dict, path: Path) -> Path | None:
             ax.scatter(r["seconds"], y, s=30)
             ax.annotate(r["method"], (r["seconds"], y), fontsize=8, xytext=(4, 3), textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_xlabel(f"wall time (s, {board['threads']} threads)")
+        ax.set_xlabel(f"wall time (s, {_threads(board)})")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{board['name']} ({board['profile']}): fidelity against cost")
@@ -301,7 +309,7 @@ def write_leaderboard(board: dict, run_dir: str | Path, command: str | None = No
     parts = [f"# Estimator leaderboard: {board['name']} ({board['profile']})", "",
              f"N = {board['n_train']} training points, p = {board['n_params']} parameters, "
              f"{board['n_test']} test points × {board['n_removals']} removal sets; damping λ = {board['damping']:g}, "
-             f"weight decay {board['weight_decay']:g}; {board['threads']} torch threads.", ""]
+             f"weight decay {board['weight_decay']:g}; {_threads(board)}.", ""]
     if command:
         parts += ["Regenerate with:", "", "```sh", command, "```", ""]
     parts += [format_leaderboard(board), "",
