@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import shlex
 import logging
 import os
 import sys
@@ -315,7 +316,8 @@ def cmd_estimators(args) -> int:
     log = (lambda msg: None) if args.json else (lambda msg: print(f"pbrf: {msg}", file=sys.stderr))
     board = leaderboard.run_estimators(args.run, methods, hp, external, log=log)
     command = " ".join(["pbrf estimators", args.run] + (["--methods", ",".join(methods)] if args.methods else [])
-                       + [f"--hp {h}" for h in args.hp] + ([f"--threads {args.threads}"] if args.threads else []))
+                       + [f"--hp {shlex.quote(h)}" for h in args.hp]
+                       + ([f"--threads {args.threads}"] if args.threads else []))
     paths = leaderboard.write_leaderboard(board, args.run, command=command)
     if args.json:
         print(json.dumps(leaderboard._jsonable(board), indent=2))
