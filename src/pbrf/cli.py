@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import shlex
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
