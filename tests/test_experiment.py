@@ -225,7 +225,6 @@ def test_signed_gaps_telescope_on_stored_arrays(tiny_run):
 def test_linearized_kind_is_the_exact_influence(tiny_run):
     """The stored linearised-PBRF Δm equals pbrf.influence with the exact solver on the same points."""
     cfg, run_dir, _, _ = tiny_run
-    pipeline._CONTEXTS.clear()
     ctx = pipeline.load_context(run_dir)
     scores = pbrf.influence(ctx.problem, ctx.test, [g for g in ctx.groups], damping=cfg.influence.damping,
                             solver="exact", solver_options=dict(cfg.influence.accurate_options))

@@ -195,7 +195,7 @@ def test_failed_summary_write_keeps_old_file(tmp_path, monkeypatch):
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(R.os, "fsync", fsync_then_fail)
+    monkeypatch.setattr(os, "fsync", fsync_then_fail)
     dm2 = make_dm(seed=1)
     with pytest.raises(OSError, match="simulated"):
         R.write_report(tmp_path, A.summarise(dm2), dm2, CONFIG)
@@ -225,7 +225,7 @@ def test_failed_os_replace_leaves_no_tmp(tmp_path, monkeypatch):
     def no_replace(src, dst):
         raise PermissionError("simulated")
 
-    monkeypatch.setattr(R.os, "replace", no_replace)
+    monkeypatch.setattr(os, "replace", no_replace)
     with pytest.raises(PermissionError):
         R.write_report(tmp_path, A.summarise(make_dm()), make_dm(), CONFIG)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

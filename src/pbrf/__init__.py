@@ -4,7 +4,7 @@ Bae, Ng, Lo, Ghassemi, Grosse, "If Influence Functions are the Answer, Then What
 Question?" (NeurIPS 2022). See the README for the sign and scaling conventions.
 """
 
-from . import tasks
+from . import curvature, kinds, tasks
 from .curvature import Curvature, CurvatureOperator
 from .influence import InfluenceResult, delta_theta, influence, influence_with_info, per_example_grads
 from .problem import Problem

@@ -2,7 +2,7 @@
 
 All vectors are flat parameter vectors; a batch of vectors is a matrix of ROWS ``[m, n_params]``.
 
-* Gauss–Newton (DESIGN §1): ``G = (1/N) Σ_i J_iᵀ H_i J_i`` with ``J_i = ∂f(θ, x_i)/∂θ`` and
+* Gauss–Newton (``docs/conventions.md`` §3): ``G = (1/N) Σ_i J_iᵀ H_i J_i`` with ``J_i = ∂f(θ, x_i)/∂θ`` and
   ``H_i = ∂²L/∂f²``; the damped curvature is ``C = G + (wd + λ) I``.
 * Hessian: ``C = ∇²J(θ) + λ I = (1/N) Σ_i ∇²L_i + (wd + λ) I``.
 

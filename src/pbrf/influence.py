@@ -1,6 +1,6 @@
 """Influence functions: per-example gradients, influence scores and the parameter change Δθ.
 
-Conventions (DESIGN §1): removing the set ``r`` changes the parameters by
+Conventions (``docs/conventions.md`` §4): removing the set ``r`` changes the parameters by
 
     Δθ_IF(r) = (1/N) C⁻¹ Σ_{m∈r} ∇θ L(z_m, θ^s),          C = G + (wd + λ) I   (or ∇²J + λ I),
 

@@ -13,7 +13,7 @@ records; none of them branches on a kind's name. Adding a kind is one :func:`reg
         name="half-proximal", label="half proximal", colour="#a6761d",
         objective=lambda prob, lam: objectives.proximal_objective(prob, lam / 2)))
 
-The built-in kinds, in the order of the decomposition chain (``docs/conventions.md`` §4–5), are
+The built-in kinds, in the order of the decomposition chain (``docs/conventions.md`` §5–6), are
 ``cold``, ``warm``, ``proximal``, ``pbrf``, ``linearized`` and the estimate ``influence``.
 """
 

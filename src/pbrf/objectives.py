@@ -1,7 +1,7 @@
 """The objectives of the optimised response functions, for K removal problems at once.
 
 An :class:`Objective` bundles what the engines need for one response kind (see
-``docs/conventions.md`` §4 for the formulas): the objective of one problem
+``docs/conventions.md`` §5 for the formulas): the objective of one problem
 ``value(params, aux, batch)``; its output-convex data term ``gn(out, aux, batch)`` (the
 Gauss–Newton model of :mod:`pbrf.newton`); the ``shift`` of its quadratic term; ``make_aux(prob,
 groups, weight)``, the per-problem auxiliary inputs (removal weights, removed points); and
@@ -84,7 +84,7 @@ def pbrf_gn(prob: Problem) -> Callable:
 
 
 def pbrf_objective(prob: Problem, damping: float) -> Callable:
-    """The PBRF objective (``docs/conventions.md`` §4) for one problem; removed points in ``aux``."""
+    """The PBRF objective (``docs/conventions.md`` §5) for one problem; removed points in ``aux``."""
     n, shift, anchor = prob.n_train, prob.weight_decay + damping, prob.params
 
     def objective(params: Params, aux: dict, batch: dict) -> Tensor:

@@ -97,7 +97,7 @@ class Recipe(RecipeFields):
         beta2: Adam's β₂.
 
     Weight decay is not part of the recipe: it is the explicit L2 term of the objective
-    (``Problem.weight_decay``, DESIGN §1).
+    (``Problem.weight_decay``, ``docs/conventions.md`` §1).
     """
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Response functions (DESIGN §1): what happens to the model when training points are removed.
+"""Response functions (``docs/conventions.md`` §5): what happens to the model when training points are removed.
 
 For a removal set ``r`` (``|r| = k``) and the trained parameters θ^s:
 

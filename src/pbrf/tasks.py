@@ -1,6 +1,6 @@
 """Tasks: the loss on network outputs, its output-space curvature and its Bregman divergence.
 
-A task splits "network outputs" from "loss on outputs" (DESIGN §1). Everything that the
+A task splits "network outputs" from "loss on outputs" (``docs/conventions.md`` §2). Everything that the
 Gauss–Newton matrix, the PBRF and the measurements need is expressed on outputs ``f``:
 
 * ``loss(f, t)`` — per-example loss, shape ``[B]``;

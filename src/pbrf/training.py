@@ -1,7 +1,7 @@
 """Base training of θ^s with a :class:`~pbrf.Recipe`, and checkpoints (safetensors + JSON).
 
 Training minimises ``J(θ) = (1/N) Σ_i L_i + (wd/2)||θ||²`` (weight decay as an explicit L2 term,
-DESIGN §1) with the same batched engine as the response functions, so a cold-start reference run
+``docs/conventions.md`` §1) with the same batched engine as the response functions, so a cold-start reference run
 with the same initialisation and seed reproduces θ^s exactly.
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from torch import Tensor, nn
 from .optim import Recipe
 from .problem import Params, Problem
 from .engine import run_batched, stack
+from .fileio import atomic_write, dumps
 from .objectives import removal_objective
 from .tasks import Task
 
@@ -73,36 +72,18 @@ def train(
     return TrainResult(trained, params, recipe, float(weight_decay), diag[0])
 
 
-def _temp_path(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)  # mkstemp creates 0600; a checkpoint gets the usual permissions
-    os.close(fd)
-    return tmp
-
-
 def save_checkpoint(path, params: Params, meta: dict | None = None) -> Path:
     """Write ``params`` to ``path`` (safetensors) and ``meta`` to ``path.with_suffix('.json')``.
 
-    Both files are written to temporary files first and then renamed into place (tensors first,
-    then metadata), so a failure leaves the previous checkpoint intact and no temporary files.
+    The metadata is serialised first, then both are written atomically (:func:`pbrf.fileio.atomic_write`; tensors
+    first, then metadata), so a failure leaves no partial file and no temporary files. ``meta`` is
+    written by the JSON policy of :mod:`pbrf.fileio` (NaN/inf as ``null``).
     """
     path = Path(path)
-    text = json.dumps(meta or {}, indent=2)
+    text = dumps(meta or {}, unknown="error", indent=2)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in params.items()}
-    tmps = []
-    try:
-        tmps.append(_temp_path(path))
-        save_file(tensors, tmps[0])
-        tmps.append(_temp_path(path.with_suffix(".json")))
-        Path(tmps[1]).write_text(text)
-        os.replace(tmps[0], path)
-        os.replace(tmps[1], path.with_suffix(".json"))
-    finally:
-        for t in tmps:
-            Path(t).unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path.with_suffix(".json"), text)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Decomposition of the influence/LOO mismatch into five gaps, and correlations (DESIGN §1).
+"""Decomposition of the influence/LOO mismatch into five gaps, and correlations (``docs/conventions.md`` §6).
 
 Pure numpy. The inputs are the measured changes of one experiment, one array per *kind*::
 
@@ -8,7 +8,7 @@ Pure numpy. The inputs are the measured changes of one experiment, one array per
     df[kind]  float array [n_removals, n_test, *out] Δf = f(θ_r, x) − f(reference, x), as returned
                                                      by ``Response.output_change`` (optional)
 
-with ``kind`` in :data:`KINDS` = response functions 1..6 of DESIGN §1. Sign convention: a positive
+with ``kind`` in :data:`KINDS` = response functions 1..6 of ``docs/conventions.md`` §5. Sign convention: a positive
 Δm means that removing the set *increases* the test loss. Any kind may be missing (e.g. the
 cold-start runs were skipped); the statistics that involve it are then ``None``.
 
@@ -191,7 +191,7 @@ def _correlation_entry(scores: np.ndarray, values: np.ndarray) -> dict:
 
 
 def correlations(scores, dm: Mapping) -> dict[str, dict]:
-    """Correlations between influence scores and each kind's measured change (DESIGN §1).
+    """Correlations between influence scores and each kind's measured change (``docs/conventions.md`` §6).
 
     Args:
         scores: influence estimates Δm_IF, shape [n_test, n_removals].
@@ -282,7 +282,7 @@ def _telescoping_residual(dm: dict[str, np.ndarray], mask: np.ndarray) -> tuple[
 
 
 def decompose(dm: Mapping, df: Mapping | None = None) -> dict:
-    """The five gaps between consecutive response functions (DESIGN §1), averaged over pairs.
+    """The five gaps between consecutive response functions (``docs/conventions.md`` §6), averaged over pairs.
 
     For gap j between kinds a = ``KINDS[j]`` and b = ``KINDS[j + 1]``:
     ``gaps`` = mean |Δm_a − Δm_b|, ``signed`` = mean (Δm_a − Δm_b), ``output_gaps`` = mean

@@ -39,7 +39,7 @@ from typing import Any
 from pbrf import kinds as _kinds
 from pbrf.curvature import CURVATURES
 from pbrf.newton import NewtonRecipe
-from pbrf.optim import OPTIMIZERS, SCHEDULES, Recipe, RecipeFields, check_recipe
+from pbrf.optim import OPTIMIZERS, Recipe, RecipeFields, check_recipe
 from pbrf.solvers import SOLVERS
 from pbrf.tasks import TASKS
 

@@ -80,7 +80,9 @@ def map_scores(scores: np.ndarray, groups: list[list[int]], n_train: int) -> tup
 
 def run_arrays(run_dir: str | Path) -> dict:
     """The stored arrays of a finished run: ``dm`` per kind, ``groups``, ``test_index``, ``n_train``."""
-    from .pipeline import _groups_from_array, objective_defined, read_config
+    from .context import read_config
+    from .selection import _groups_from_array
+    from .summary import objective_defined
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)

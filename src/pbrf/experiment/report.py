@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from pbrf import kinds as _kinds
+from pbrf.fileio import atomic_write, jsonable
 from pbrf.experiment.analysis import GAP_PAIRS, GAPS, KIND_LABELS, KINDS, RESPONSE_KINDS
 
 __all__ = [
@@ -108,25 +107,6 @@ def _fmt_config_value(v) -> str:
     return str(v).replace("\n", " ")
 
 
-def _jsonable(obj):
-    """A copy of ``obj`` that ``json.dumps(allow_nan=False)`` accepts (NaN/inf -> None)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return _finite(obj)
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)
-
-
 def _corr(summary: Mapping) -> Mapping:
     """The correlations block of a summary (or the block itself when given directly)."""
     return summary.get("correlations", summary) or {}
@@ -147,36 +127,12 @@ def _get(d: Mapping | None, *keys):
 # --------------------------------------------------------------------------- atomic writes
 
 
-def _atomic_write(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path``; clean up on error.
-
-    The temporary file lives next to ``path`` (same filesystem, so ``os.replace`` is atomic) and
-    is created by ``write`` itself, so it gets the usual permissions (umask), unlike mkstemp's 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _write_text(path: Path, text: str) -> Path:
-    def write(tmp):
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    return _atomic_write(path, write)
+    return atomic_write(path, text)
 
 
 def _save_figure(fig: Figure, path: Path) -> Path:
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 # --------------------------------------------------------------------------- figures
@@ -654,7 +610,7 @@ def write_report(
         The path of ``report.md``.
     """
     run_dir = Path(run_dir)
-    clean = _jsonable(summary)
+    clean = jsonable(summary, nonfinite="null")
     summary_text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
     fig_dir = run_dir / "figures"
     figures = {

@@ -32,14 +32,13 @@ import errno
 import io
 import json
 import logging
-import math
-import os
 import sqlite3
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pbrf.fileio import atomic_write, dumps, npy_bytes
 
 from .config import ConfigError, ExperimentConfig
 
@@ -72,11 +71,7 @@ CREATE TABLE IF NOT EXISTS chunks (
 """
 
 
-def to_blob(array: np.ndarray) -> bytes:
-    """An array as ``.npy`` bytes (dtype and shape preserved, no pickle)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+to_blob = npy_bytes  #: an array as ``.npy`` bytes (dtype and shape preserved, no pickle)
 
 
 def from_blob(blob: bytes) -> np.ndarray:
@@ -84,43 +79,9 @@ def from_blob(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
-def _jsonable(value: Any) -> Any:
-    """Diagnostics as plain JSON (tensors/arrays → lists, NaN/inf → strings)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (mode 0666 minus the umask)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: name it
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-        raise
+    """Write ``text`` to ``path`` atomically (:func:`pbrf.fileio.atomic_write`)."""
+    atomic_write(path, text)
 
 
 class ChunkResult:
@@ -268,7 +229,7 @@ class Store:
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON value under ``key`` (own transaction)."""
         with self._errors(), self.conn:
-            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(_jsonable(value))))
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, dumps(value)))
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         """The JSON value under ``key`` (``default`` if absent)."""
@@ -293,7 +254,7 @@ class Store:
         """Store one (kind, chunk) result atomically (one transaction)."""
         df = None if result.df is None else to_blob(result.df)
         extra = None if result.extra is None else to_blob(result.extra)
-        diag = json.dumps(_jsonable(result.diagnostics))
+        diag = dumps(result.diagnostics)
         with self._errors(), self.conn:
             self.conn.execute(
                 "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
