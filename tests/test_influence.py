@@ -9,7 +9,7 @@ import pbrf
 from pbrf.curvature import CurvatureOperator
 
 from .conftest import PROBLEM_KINDS, tiny_problem
-from .test_solvers import reference_damped
+from .reference import reference_damped
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -123,7 +123,7 @@ def test_group_influence_is_the_sum_of_single_point_influences():
 
 # ---------------------------------------------------------------------------------------- logistic regression
 def newton_logistic(x, y, wd, keep=None, iters=100):
-    """argmin (1/N) Σ_i keep_i ℓ_i(θ) + (wd/2)||θ||² for θ = [w, b] (1/N with the full N, DESIGN §1)."""
+    """argmin (1/N) Σ_i keep_i ℓ_i(θ) + (wd/2)||θ||² for θ = [w, b] (1/N with the full N, docs/conventions.md §1)."""
     n = x.shape[0]
     X = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
     keep = torch.ones(n, dtype=x.dtype) if keep is None else keep
@@ -265,9 +265,8 @@ def test_bad_removals_name_the_problem_and_fix():
 
 
 def test_removal_indices_must_be_integers():
-    # FAILS on the current src: float indices are truncated silently ([[0.7]] removes point 0) or fail
-    # with "'float' object is not iterable"; numpy integers fail with "'numpy.int64' object is not
-    # iterable" (pbrf/influence.py normalize_removals uses isinstance(r, int) and int(i)).
+    # a float index is refused (never truncated: [[0.7]] must not remove point 0); numpy integers are
+    # accepted as indices
     prob = tiny_problem("regression")
     test = held_out("regression")
     with pytest.raises(ValueError, match="integer"):

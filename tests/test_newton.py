@@ -18,7 +18,7 @@ from pbrf import tasks
 from pbrf.newton import NewtonRecipe, batched_cg
 from pbrf.respond import _certify, removal_signal
 
-from .test_respond import make_objective, newton, rel
+from .reference import make_objective, newton, rel
 
 F64 = torch.float64
 

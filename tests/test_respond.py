@@ -1,6 +1,6 @@
-"""Response functions (DESIGN §1, items 1-5) against closed forms and independent Newton solves.
+"""Response functions (docs/conventions.md §5, items 1-5) against closed forms and independent Newton solves.
 
-Every objective used as a reference here is written from DESIGN §1 in this file (own losses, own
+Every objective used as a reference here is written from docs/conventions.md §5 in this file (own losses, own
 Bregman divergence through autograd, own forward through ``functional_call``); nothing is borrowed
 from ``pbrf.respond`` or ``pbrf.tasks`` except the network itself.
 """
@@ -12,97 +12,18 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import pbrf
 from pbrf import tasks
 
 from .conftest import tiny_problem
+from .reference import _fwd, _loss, make_objective, newton, rel
 
 F64 = torch.float64
 
 
 # ------------------------------------------------------------------------------------ references
-def _fwd(model: nn.Module, theta: Tensor, x: Tensor) -> Tensor:
-    """f(θ, x) for a flat θ in ``named_parameters`` order."""
-    params, i = {}, 0
-    for name, p in model.named_parameters():
-        params[name] = theta[i : i + p.numel()].reshape(p.shape)
-        i += p.numel()
-    assert i == theta.numel()
-    return torch.func.functional_call(model, (params,), (x,))
-
-
-def _rows(z: Tensor) -> Tensor:
-    return z.flatten(1) if z.dim() > 1 else z[:, None]
-
-
-def _loss(task: str, f: Tensor, t: Tensor) -> Tensor:
-    """Per-example loss [B] written from DESIGN §1."""
-    if task == "regression":
-        return 0.5 * _rows(f - t.reshape(f.shape)).pow(2).sum(1)
-    if task == "classification":
-        return -torch.log_softmax(f, -1).gather(1, t.long()[:, None])[:, 0]
-    if task == "binary":
-        f = f.reshape(-1)
-        return torch.nn.functional.softplus(f) - t.reshape(-1) * f
-    raise KeyError(task)
-
-
-def _bregman(task: str, f: Tensor, fs: Tensor, t: Tensor) -> Tensor:
-    """D_L(f, f^s) = L(f) − L(f^s) − ∂_f L(f^s)ᵀ(f − f^s), per example, via autograd (no closed form)."""
-    fs = fs.detach()
-    gs = torch.func.grad(lambda g: _loss(task, g, t).sum())(fs)
-    return _loss(task, f, t) - _loss(task, fs, t) - _rows(gs * (f - fs)).sum(1)
-
-
-def make_objective(kind: str, model, task: str, x, t, theta_s, group, wd: float, lam: float, weight: float = 1.0):
-    """The DESIGN §1 objective of response ``kind`` (warm / proximal / pbrf) for one removal set."""
-    n = x.shape[0]
-    r = torch.tensor(group, dtype=torch.long)
-    fs = _fwd(model, theta_s, x).detach()
-
-    def obj(theta: Tensor) -> Tensor:
-        removed = weight * _loss(task, _fwd(model, theta, x[r]), t[r]).sum() / n
-        if kind == "pbrf":
-            div = _bregman(task, _fwd(model, theta, x), fs, t).sum() / n
-            return div - removed + 0.5 * (wd + lam) * (theta - theta_s).pow(2).sum()
-        val = _loss(task, _fwd(model, theta, x), t).sum() / n - removed + 0.5 * wd * theta.pow(2).sum()
-        if kind == "proximal":
-            val = val + 0.5 * lam * (theta - theta_s).pow(2).sum()
-        return val
-
-    return obj
-
-
-def newton(obj, theta0: Tensor, iters: int = 100) -> tuple[Tensor, Tensor]:
-    """Newton's method with a backtracking (Armijo) line search, to machine precision;
-    returns (θ*, Hessian at θ*). Asserts a vanishing gradient and a positive definite Hessian."""
-    theta = theta0.clone()
-    for _ in range(iters):
-        g = torch.autograd.functional.jacobian(obj, theta)
-        if g.norm() < 1e-14:
-            break
-        H = torch.autograd.functional.hessian(obj, theta)
-        ev_min = float(torch.linalg.eigvalsh(H).min())
-        if ev_min <= 0:  # not locally convex yet: shift to a descent direction
-            H = H + (1e-3 - ev_min) * torch.eye(H.shape[0], dtype=H.dtype)
-        step = torch.linalg.solve(H, g)
-        t = 1.0
-        if g.norm() > 1e-6:  # globalisation far from the solution; pure Newton steps near it
-            f0 = obj(theta)
-            while obj(theta - t * step) > f0 - 1e-4 * t * (g @ step) and t > 1e-8:
-                t /= 2
-        theta = theta - t * step
-        if t == 1.0 and step.norm() <= 1e-15 * (1 + theta.norm()):
-            break
-    g = torch.autograd.functional.jacobian(obj, theta)
-    H = torch.autograd.functional.hessian(obj, theta)
-    assert g.norm() < 1e-12, f"reference Newton solve did not converge: |grad| = {g.norm():.3g}"
-    assert torch.linalg.eigvalsh(H).min() > 0, "reference Newton solve did not reach a local minimum"
-    return theta, H
-
-
 def hb_recipe(hessians, tol: float = 1e-12, safety: float = 0.8) -> pbrf.Recipe:
     """Full-batch heavy-ball SGD tuned from the curvature range: lr = safety / L and the momentum that
     keeps every eigen-mode in the complex (uniformly contracting) regime, rate 1 − sqrt(lr μ)."""
@@ -113,10 +34,6 @@ def hb_recipe(hessians, tol: float = 1e-12, safety: float = 0.8) -> pbrf.Recipe:
     rate = 1 - math.sqrt(lr * mu * 0.9)
     steps = int(math.ceil(math.log(tol) / math.log(rate) * 1.3)) + 50
     return pbrf.Recipe(optimizer="sgd", lr=lr, momentum=rate**2, steps=min(steps, 6000), batch_size=None)
-
-
-def rel(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def _grad_norms(resp: pbrf.Response) -> list[float]:

@@ -130,7 +130,7 @@ def test_failed_tensor_write_does_not_half_update_checkpoint(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
     params, meta = _saved(path)
     assert torch.equal(params["a"], torch.zeros(3))
-    assert meta == {"v": 1}  # fails today: meta is {"v": 2} next to the old parameters
+    assert meta == {"v": 1}  # not {"v": 2} next to the old parameters
 
 
 def test_train_rejects_non_recipe():
