@@ -119,7 +119,9 @@ def run_experiment(
         overwrite: start ``run_dir`` afresh, discarding whatever run it holds (also one of the
             same config); without it a run of the same config resumes.
         progress: show progress bars.
-        inputs: already prepared :class:`Inputs` (else prepared here).
+        inputs: already prepared :class:`Inputs` (else prepared here, after a read-only check of
+            ``run_dir``; a caller that passes them has made that check, as ``pbrf run`` does).
+            The decisive check is made under the run's lock (:func:`open_run`).
 
     Raises:
         ConfigError: invalid config or run-directory mismatch (nothing written); another process
@@ -128,8 +130,9 @@ def run_experiment(
         OSError: the disk refused a write (the same command resumes once the cause is fixed).
     """
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, config, overwrite)  # read-only: refuse before anything is written
-    inputs = inputs or prepare_inputs(config)
+    if inputs is None:  # refuse a mismatched run directory before the (slow) data load; a caller
+        check_run_dir(run_dir, config, overwrite)  # that prepared the inputs checked it already
+        inputs = prepare_inputs(config)
     executor = executor or LocalExecutor()
     t0 = time.perf_counter()
     with _exclusive(run_dir):  # taken before the resume/overwrite decision, on a file beside run_dir
