@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "tasks",
+    "curvature",
+    "kinds",
     "Problem",
     "Curvature",
     "CurvatureOperator",

@@ -89,6 +89,7 @@ class NewtonRecipe:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict."""
         return dataclasses.asdict(self)
 
 

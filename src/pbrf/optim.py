@@ -124,10 +124,12 @@ class Recipe(RecipeFields):
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (:meth:`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
+        """A recipe from :meth:`to_dict`'s dict; unknown fields are refused."""
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"Recipe: unknown field(s) {sorted(unknown)}.")

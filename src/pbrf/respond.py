@@ -85,6 +85,7 @@ class Response:
 
     @property
     def n_removals(self) -> int:
+        """Number of removal sets ``K``."""
         return len(self.groups)
 
     @property

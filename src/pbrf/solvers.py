@@ -63,6 +63,7 @@ class SolveInfo:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The diagnostics as a plain dict."""
         return asdict(self)
 
 

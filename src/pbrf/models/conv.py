@@ -138,6 +138,7 @@ class BasicBlock(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
+        """The residual block on ``x`` ``[B, C, H, W]``."""
         out = self.act1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         return self.act2(out + self.shortcut(x))

@@ -56,6 +56,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The pre-norm block on ``x`` ``[B, T, d_model]``."""
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
