@@ -18,6 +18,7 @@ demo: install
 	$(BIN)/pbrf run
 
 test: install
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
 bench: install
