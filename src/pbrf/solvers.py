@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 __all__ = ["SolveInfo", "SolverDivergedError", "solve", "solve_exact", "solve_cg", "solve_lissa", "SOLVERS",
-           "check_options"]
+           "check_options", "option_names", "EXACT_MAX_PARAMS"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ class SolveInfo:
         return asdict(self)
 
 
+#: Default cap on ``p`` for the dense exact solve (``solver_options={"max_params": ...}``).
+EXACT_MAX_PARAMS = 5000
+
+
 # ---------------------------------------------------------------------------------------- option values
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -76,7 +80,8 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-#: ``{solver: {option: (check, requirement, example)}}`` for every option with a meaningful range.
+#: ``{solver: {option: (check, requirement, example)}}``: every option of every solver, in the order
+#: of its signature (the one declaration of the options; :func:`check_options` reads it).
 _OPTION_RULES = {
     "exact": {
         "max_params": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", "max_params=5000"),
@@ -100,13 +105,24 @@ _OPTION_RULES = {
 }
 
 
+def option_names(solver: str) -> tuple[str, ...]:
+    """The options of ``solver`` (keyword arguments of its function), in order."""
+    return tuple(_OPTION_RULES[solver])
+
+
 def check_options(solver: str, options: dict) -> None:
-    """Check the *values* of a solver's options (the names are checked by :func:`solve`).
+    """Check a solver's option names and values (the one validation of solver options).
 
     Raises:
-        ValueError: one line naming the first meaningless value, what it must be and an example.
+        ValueError: one line naming the unknown solver or option (with the valid ones), or the
+            first meaningless value, what it must be and an example.
     """
-    rules = _OPTION_RULES.get(solver, {})
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}; choose one of {sorted(SOLVERS)}.")
+    rules = _OPTION_RULES[solver]
+    bad = sorted(set(options) - set(rules))
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not an option of solver {solver!r}; it takes {', '.join(rules)}.")
     for name, value in options.items():
         if name in rules:
             ok, requirement, example = rules[name]
@@ -131,7 +147,7 @@ def _finish(op, X: Tensor, B: Tensor, info: SolveInfo, tol: float) -> SolveInfo:
     return info
 
 
-def solve_exact(op, B: Tensor, max_params: int = 5000, allow_indefinite: bool = False) -> tuple[Tensor, SolveInfo]:
+def solve_exact(op, B: Tensor, max_params: int = EXACT_MAX_PARAMS, allow_indefinite: bool = False) -> tuple[Tensor, SolveInfo]:
     """Dense solve ``C⁻¹ Bᵀ`` by Cholesky.
 
     A damped curvature that is not positive definite (an indefinite Hessian, or a singular one
@@ -352,13 +368,8 @@ def solve(op, B: Tensor, solver: str = "cg", **options) -> tuple[Tensor, SolveIn
     Raises:
         ValueError: unknown solver or unknown option (the message lists the valid ones).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"Unknown solver {solver!r}; choose one of {sorted(SOLVERS)}.")
+    check_options(solver, options)
     fn = SOLVERS[solver]
-    valid = fn.__code__.co_varnames[2 : fn.__code__.co_argcount + fn.__code__.co_kwonlyargcount]
-    bad = set(options) - set(valid)
-    if bad:
-        raise ValueError(f"Unknown option(s) {sorted(bad)} for solver {solver!r}; valid options: {list(valid)}.")
     single = B.dim() == 1
     B2 = B.unsqueeze(0) if single else B
     t0 = time.perf_counter()
