@@ -11,7 +11,6 @@ network itself.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
@@ -19,8 +18,10 @@ F64 = torch.float64
 
 
 def reference_ggn(prob):
-    """(1/N) Σ_i J_iᵀ H_i J_i from torch.autograd.functional Jacobians of the outputs of all N examples
-    and the autograd Hessian of each example's loss in output space (independent of pbrf.curvature)."""
+    """(1/N) Σ_i J_iᵀ H_i J_i from torch.autograd.functional Jacobians of the outputs of all N
+    examples
+    and the autograd Hessian of each example's loss in output space (independent of
+    pbrf.curvature)."""
     theta = prob.theta
     out = prob.outputs_flat(theta, prob.x)
     n, d = out.shape[0], out[0].numel()
@@ -31,14 +32,16 @@ def reference_ggn(prob):
     for i in range(n):
         ti = prob.t[i : i + 1]
         H = torch.autograd.functional.hessian(
-            lambda f: prob.task.loss(f.reshape(1, *out.shape[1:]), ti).sum(), out[i].reshape(-1).detach()
+            lambda f: prob.task.loss(f.reshape(1, *out.shape[1:]), ti).sum(),
+                out[i].reshape(-1).detach()
         )
         G += J[i].T @ H @ J[i]
     return G / n
 
 
 def reference_hessian(prob):
-    """Reverse-over-reverse autograd Hessian of the mean data loss (torch.func.hessian is wrong for the
+    """Reverse-over-reverse autograd Hessian of the mean data loss (torch.func.hessian is wrong for
+    the
     tiny transformer, see tests/test_curvature.py)."""
 
     def data_loss(th):
@@ -48,7 +51,9 @@ def reference_hessian(prob):
 
 
 def reference_damped(prob, curvature, damping):
-    """Dense C = G + (wd + λ) I, or ∇²J + λ I = ∇²(mean loss) + (wd + λ) I (docs/conventions.md §3)."""
+    """Dense C = G + (wd + λ) I, or ∇²J + λ I = ∇²(mean loss) + (wd + λ) I
+    (docs/conventions.md §3).
+    """
     M = reference_ggn(prob) if curvature == "ggn" else reference_hessian(prob)
     return M + (prob.weight_decay + damping) * torch.eye(prob.n_params, dtype=torch.float64)
 
@@ -80,14 +85,19 @@ def _loss(task: str, f: Tensor, t: Tensor) -> Tensor:
 
 
 def _bregman(task: str, f: Tensor, fs: Tensor, t: Tensor) -> Tensor:
-    """D_L(f, f^s) = L(f) − L(f^s) − ∂_f L(f^s)ᵀ(f − f^s), per example, via autograd (no closed form)."""
+    """D_L(f, f^s) = L(f) − L(f^s) − ∂_f L(f^s)ᵀ(f − f^s), per example, via autograd (no
+    closed form).
+    """
     fs = fs.detach()
     gs = torch.func.grad(lambda g: _loss(task, g, t).sum())(fs)
     return _loss(task, f, t) - _loss(task, fs, t) - _rows(gs * (f - fs)).sum(1)
 
 
-def make_objective(kind: str, model, task: str, x, t, theta_s, group, wd: float, lam: float, weight: float = 1.0):
-    """The docs/conventions.md §5 objective of response ``kind`` (warm / proximal / pbrf) for one removal set."""
+def make_objective(kind: str, model, task: str, x, t, theta_s, group, wd: float, lam: float,
+                   weight: float = 1.0):
+    """The docs/conventions.md §5 objective of response ``kind`` (warm / proximal / pbrf) for one
+    removal set.
+    """
     n = x.shape[0]
     r = torch.tensor(group, dtype=torch.long)
     fs = _fwd(model, theta_s, x).detach()
@@ -97,7 +107,8 @@ def make_objective(kind: str, model, task: str, x, t, theta_s, group, wd: float,
         if kind == "pbrf":
             div = _bregman(task, _fwd(model, theta, x), fs, t).sum() / n
             return div - removed + 0.5 * (wd + lam) * (theta - theta_s).pow(2).sum()
-        val = _loss(task, _fwd(model, theta, x), t).sum() / n - removed + 0.5 * wd * theta.pow(2).sum()
+        val = _loss(task, _fwd(model, theta, x),
+                    t).sum() / n - removed + 0.5 * wd * theta.pow(2).sum()
         if kind == "proximal":
             val = val + 0.5 * lam * (theta - theta_s).pow(2).sum()
         return val
@@ -129,7 +140,7 @@ def newton(obj, theta0: Tensor, iters: int = 100) -> tuple[Tensor, Tensor]:
     g = torch.autograd.functional.jacobian(obj, theta)
     H = torch.autograd.functional.hessian(obj, theta)
     assert g.norm() < 1e-12, f"reference Newton solve did not converge: |grad| = {g.norm():.3g}"
-    assert torch.linalg.eigvalsh(H).min() > 0, "reference Newton solve did not reach a local minimum"
+    assert torch.linalg.eigvalsh(H).min() > 0, "reference Newton solve reached no local minimum"
     return theta, H
 
 

@@ -10,17 +10,19 @@ from .conftest import tiny_problem
 from .reference import reference_damped, reference_hessian
 
 
-# ---------------------------------------------------------------------------------------- references
+# -------------------------------------------------------------------------------------- references
 def rhs(prob, m=3, seed=1):
-    return torch.randn(m, prob.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(m, prob.n_params, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(seed))
 
 
 def rel_residual(C, X, B):
     return ((X @ C.T - B).norm(dim=1) / B.norm(dim=1)).max().item()
 
 
-# ---------------------------------------------------------------------------------------- exact / CG
-@pytest.mark.parametrize("kind,curvature", [("classification", "ggn"), ("cnn", "ggn"), ("binary", "hessian")])
+# -------------------------------------------------------------------------------------- exact / CG
+@pytest.mark.parametrize("kind,curvature",
+                         [("classification", "ggn"), ("cnn", "ggn"), ("binary", "hessian")])
 def test_exact_equals_dense_linalg_solve(kind, curvature):
     prob = tiny_problem(kind)
     damping = 0.3 if curvature == "ggn" else 1.0  # enough to make the Hessian positive definite
@@ -69,7 +71,8 @@ def test_cg_warm_start_needs_fewer_iterations():
 
 
 def test_cg_flags_non_positive_curvature_of_an_indefinite_hessian():
-    # a nonconvex problem (untrained MLP) without weight decay or damping: the Hessian has a negative
+    # a nonconvex problem (untrained MLP) without weight decay or damping: the Hessian has a
+    # negative
     # eigenvalue, and CG started along its eigenvector meets non-positive curvature at once.
     prob = tiny_problem("reconstruction", weight_decay=0.0)
     H = reference_hessian(prob)
@@ -82,7 +85,8 @@ def test_cg_flags_non_positive_curvature_of_an_indefinite_hessian():
     # and influence(...) refuses to return such a solution (for this data CG meets non-positive
     # curvature on the test-loss gradient within a few iterations; checked deterministically)
     with pytest.raises(pbrf.SolverDivergedError, match="increase damping"):
-        pbrf.influence(prob, (prob.x[:4], None), [0, 1], damping=0.0, solver="cg", curvature="hessian")
+        pbrf.influence(prob, (prob.x[:4], None), [0, 1], damping=0.0, solver="cg",
+                       curvature="hessian")
 
 
 def test_unknown_solver_or_option_raises_naming_the_valid_ones():
@@ -131,8 +135,10 @@ def test_lissa_minibatch_with_repeats_matches_exact():
     prob, damping, C, lam_max, B, X_exact = _lissa_setup()
     op = CurvatureOperator(prob, "ggn", damping)
     # 12 training points, batches of 10: the stochastic error averages out over the repeats (the
-    # estimator is unbiased; over seeds 0..9 the worst relative error was 0.0072, so 1% is not flaky)
-    X, info = pbrf.solve(op, B, "lissa", scale=1.5 * lam_max, depth=100, repeats=8, batch_size=10, seed=3)
+    # estimator is unbiased; over seeds 0..9 the worst relative error was 0.0072, so 1% is not
+    # flaky)
+    X, info = pbrf.solve(op, B, "lissa", scale=1.5 * lam_max, depth=100, repeats=8, batch_size=10,
+                         seed=3)
     assert not info.diverged and info.iterations == 100 * 8
     assert _rel_err(X, X_exact) < 1e-2
 
@@ -201,7 +207,8 @@ def test_cg_default_tolerance_follows_dtype():
     from pbrf import solve
 
     prob = tiny_problem("regression")
-    prob32 = type(prob)(prob.model.float(), prob.task, (prob.x.float(), prob.t.float()), weight_decay=prob.weight_decay)
+    prob32 = type(prob)(prob.model.float(), prob.task, (prob.x.float(), prob.t.float()),
+                        weight_decay=prob.weight_decay)
     B = torch.randn(2, prob32.n_params)
     x, info = solve(CurvatureOperator(prob32, "ggn", 0.1), B, "cg")
     assert info.converged and info.residual < 1e-5 and x.dtype == torch.float32
@@ -209,9 +216,11 @@ def test_cg_default_tolerance_follows_dtype():
     assert info64.residual <= 1e-10
 
 
-# ---------------------------------------------------------------------------------------- hardening (issue 9)
+# ----------------------------------------------------------------------------- hardening (issue 9)
 class _DenseOp:
-    """A curvature operator over an explicit matrix (for spectra a network does not give on demand)."""
+    """A curvature operator over an explicit matrix (for spectra a network does not give on
+    demand).
+    """
 
     def __init__(self, C):
         from types import SimpleNamespace
@@ -250,7 +259,8 @@ def test_meaningless_option_values_are_refused(solver, options, needle):
     with pytest.raises(ValueError, match=needle):  # the public functions check too
         pbrf.solvers.SOLVERS[solver](op, rhs(prob, m=1), **options)
     with pytest.raises(ValueError, match=needle):  # and so does influence()
-        pbrf.influence(prob, (prob.x[:2], prob.t[:2]), [0], damping=0.1, solver=solver, solver_options=options)
+        pbrf.influence(prob, (prob.x[:2], prob.t[:2]), [0], damping=0.1, solver=solver,
+                       solver_options=options)
 
 
 def test_exact_refuses_an_indefinite_hessian_unless_asked_for_lu():
@@ -260,10 +270,13 @@ def test_exact_refuses_an_indefinite_hessian_unless_asked_for_lu():
     B = rhs(prob, m=2)
     X, info = pbrf.solve(CurvatureOperator(prob, "hessian", 0.0), B, "exact")
     assert info.diverged and not info.converged
-    assert "not positive definite" in info.message and "damping" in info.message and "ggn" in info.message
+    assert "not positive definite" in info.message
+    assert "damping" in info.message and "ggn" in info.message
     assert not torch.isfinite(X).any()  # flagged NaN, never a finite-looking answer
     with pytest.raises(pbrf.SolverDivergedError, match="(?s)increase damping.*ggn"):
-        pbrf.influence(prob, (prob.x[:2], None), [0, 1], damping=0.0, solver="exact", curvature="hessian")
+        pbrf.influence(
+            prob, (prob.x[:2], None), [0, 1], damping=0.0, solver="exact", curvature="hessian"
+        )
     # the explicit opt-in solves it by LU
     X, info = pbrf.solve(CurvatureOperator(prob, "hessian", 0.0), B, "exact", allow_indefinite=True)
     assert not info.diverged and "LU" in info.message
@@ -297,5 +310,12 @@ def test_lissa_is_judged_by_its_residual_not_only_by_growth():
 def test_lissa_on_an_undamped_hessian_raises_instead_of_returning_garbage():
     prob = tiny_problem("reconstruction", weight_decay=0.0)
     with pytest.raises(pbrf.SolverDivergedError):
-        pbrf.influence(prob, (prob.x[:2], None), [0, 1], damping=0.0, solver="lissa", curvature="hessian",
-                       solver_options={"depth": 50})
+        pbrf.influence(
+            prob,
+            (prob.x[:2], None),
+            [0, 1],
+            damping=0.0,
+            solver="lissa",
+            curvature="hessian",
+            solver_options={"depth": 50},
+        )

@@ -6,7 +6,13 @@ Question?" (NeurIPS 2022). See the README for the sign and scaling conventions.
 
 from . import curvature, kinds, tasks
 from .curvature import Curvature, CurvatureOperator
-from .influence import InfluenceResult, delta_theta, influence, influence_with_info, per_example_grads
+from .influence import (
+    InfluenceResult,
+    delta_theta,
+    influence,
+    influence_with_info,
+    per_example_grads,
+)
 from .problem import Problem
 from .solvers import SolveInfo, SolverDivergedError, solve
 
@@ -34,4 +40,5 @@ from .optim import Recipe  # noqa: E402
 from .respond import KINDS, Response, respond  # noqa: E402
 from .training import TrainResult, load_checkpoint, save_checkpoint, train  # noqa: E402
 
-__all__ += ["Recipe", "NewtonRecipe", "respond", "Response", "KINDS", "train", "TrainResult", "save_checkpoint", "load_checkpoint"]
+__all__ += ["Recipe", "NewtonRecipe", "respond", "Response", "KINDS", "train", "TrainResult",
+            "save_checkpoint", "load_checkpoint"]

@@ -49,14 +49,18 @@ def full_eval(objective, params: Params, aux: dict, prob: Problem, batch) -> tup
         g, v = vg(params, aux, batch(idx))
         w = (s.stop - s.start) / prob.n_train
         val = val + w * v.detach()
-        grads = {k: w * t for k, t in g.items()} if grads is None else {k: grads[k] + w * g[k] for k in g}
+        grads = {k: w * t for k,
+                 t in g.items()} if grads is None else {k: grads[k] + w * g[k] for k in g}
     gn = sum(t.pow(2).reshape(t.shape[0], -1).sum(1) for t in grads.values()).sqrt()
     return val, gn
 
 
-def run_batched(prob: Problem, objective, init: Params, aux: dict, recipe: Recipe, f_ref, progress: bool,
+def run_batched(prob: Problem, objective, init: Params, aux: dict, recipe: Recipe, f_ref,
+                progress: bool,
                 desc: str) -> tuple[Tensor, list[dict]]:
-    """Optimise K stacked problems with a first-order ``recipe``; returns ``(θ [K, p], diagnostics)``."""
+    """Optimise K stacked problems with a first-order ``recipe``; returns ``(θ [K, p],
+    diagnostics)``.
+    """
     batch = batch_fn(prob, f_ref)
     init_obj, init_gn = full_eval(objective, init, aux, prob, batch)
     params, diag = optimize(objective, init, aux, prob.n_train, recipe, batch, progress, desc)
@@ -70,7 +74,9 @@ def run_batched(prob: Problem, objective, init: Params, aux: dict, recipe: Recip
             "grad_norm": float(final_gn[k]),
             "last_minibatch_grad_norm": float(diag["grad_norm"][k]),
             "initial_objective": float(init_obj[k]),
-            "diverged": bool(diag["diverged"][k]) or not math.isfinite(float(final_obj[k])) or bool(blown[k]),
+            "diverged": bool(diag["diverged"][k])
+            or not math.isfinite(float(final_obj[k]))
+            or bool(blown[k]),
         }
         for k in range(final_obj.shape[0])
     ]

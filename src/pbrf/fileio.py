@@ -56,7 +56,8 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: name it
+        # a failed write names no file: name it
+        if isinstance(err, OSError) and err.filename is None:
             raise type(err)(err.errno, err.strerror or str(err), str(path)) from None
         raise
     return path
@@ -65,7 +66,8 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
 def jsonable(obj: Any, nonfinite: str = "string", unknown: str = "str") -> Any:
     """A copy of ``obj`` that strict JSON accepts, by the module's policy (module docstring)."""
     if nonfinite not in ("string", "null") or unknown not in ("str", "error"):
-        raise ValueError(f"jsonable: nonfinite must be 'string' or 'null', unknown 'str' or 'error'; "
+        raise ValueError("jsonable: nonfinite must be 'string' or 'null', unknown 'str' or "
+                         "'error'; "
                          f"got {nonfinite!r}, {unknown!r}.")
     if isinstance(obj, Mapping):
         return {str(k): jsonable(v, nonfinite, unknown) for k, v in obj.items()}

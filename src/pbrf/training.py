@@ -1,7 +1,8 @@
 """Base training of θ^s with a :class:`~pbrf.Recipe`, and checkpoints (safetensors + JSON).
 
 Training minimises ``J(θ) = (1/N) Σ_i L_i + (wd/2)||θ||²`` (weight decay as an explicit L2 term,
-``docs/conventions.md`` §1) with the same batched engine as the response functions, so a cold-start reference run
+``docs/conventions.md`` §1) with the same batched engine as the response functions, so a cold-start
+reference run
 with the same initialisation and seed reproduces θ^s exactly.
 """
 
@@ -16,11 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .optim import Recipe
-from .problem import Params, Problem
 from .engine import run_batched, stack
 from .fileio import atomic_write, dumps
 from .objectives import removal_objective
+from .optim import Recipe
+from .problem import Params, Problem
 from .tasks import Task
 
 __all__ = ["train", "TrainResult", "save_checkpoint", "load_checkpoint"]
@@ -37,8 +38,11 @@ class TrainResult:
     diagnostics: dict = field(default_factory=dict)
 
     def problem(self, task: Task, train, **kwargs) -> Problem:
-        """A :class:`Problem` at the trained parameters that remembers the recipe (for warm/cold starts)."""
-        return Problem(self.model, task, train, weight_decay=self.weight_decay, recipe=self.recipe, **kwargs)
+        """A :class:`Problem` at the trained parameters that remembers the recipe (for warm/cold
+        starts).
+        """
+        return Problem(self.model, task, train, weight_decay=self.weight_decay, recipe=self.recipe,
+                       **kwargs)
 
 
 def train(
@@ -62,7 +66,8 @@ def train(
         raise TypeError(f"train: recipe must be a pbrf.Recipe, got {type(recipe).__name__}.")
     prob = Problem(model, task, train, weight_decay=weight_decay)
     aux = {"w": torch.ones(1, prob.n_train, dtype=prob.dtype, device=prob.device)}
-    theta, diag = run_batched(prob, removal_objective(prob), stack(prob.params, 1), aux, recipe, None, progress,
+    theta, diag = run_batched(prob, removal_objective(prob), stack(prob.params, 1), aux, recipe,
+                              None, progress,
                               "train")
     params = {k: v[0].clone() for k, v in prob.unflatten(theta).items()}
     trained = copy.deepcopy(model)
@@ -75,7 +80,8 @@ def train(
 def save_checkpoint(path, params: Params, meta: dict | None = None) -> Path:
     """Write ``params`` to ``path`` (safetensors) and ``meta`` to ``path.with_suffix('.json')``.
 
-    The metadata is serialised first, then both are written atomically (:func:`pbrf.fileio.atomic_write`; tensors
+    The metadata is serialised first, then both are written atomically
+    (:func:`pbrf.fileio.atomic_write`; tensors
     first, then metadata), so a failure leaves no partial file and no temporary files. ``meta`` is
     written by the JSON policy of :mod:`pbrf.fileio` (NaN/inf as ``null``).
     """
@@ -91,7 +97,8 @@ def load_checkpoint(path) -> tuple[Params, dict]:
     """Read a checkpoint written by :func:`save_checkpoint`; returns ``(params, meta)``."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train first (pbrf.train) or check the path.")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train first (pbrf.train) or "
+                                "check the path.")
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return load_file(str(path)), meta

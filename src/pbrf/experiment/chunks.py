@@ -20,6 +20,7 @@ from .inputs import _recipe, build_model
 from .selection import _solver_options, response_seed
 from .store import ChunkResult
 
+
 # ---------------------------------------------------------------------------- chunks
 def pending_tasks(ctx: Context, done: set[tuple[str, int]]) -> list[tuple[int, str]]:
     """(chunk, kind) pairs still to compute, chunk-major, influence first within a chunk."""
@@ -34,10 +35,12 @@ def _config_recipe(config: ExperimentConfig, section: str) -> dict:
 
 def _respond_kwargs(ctx: Context, kind: str) -> dict:
     """The keyword arguments of ``pbrf.respond`` for one kind (one seed for the whole run), read
-    off the kind's record: its config recipe and the kind-specific arguments it takes."""
+    off the kind's record: its config recipe and the kind-specific arguments it takes.
+    """
     config, inf, resp = ctx.config, ctx.config.influence, ctx.config.responses
     spec = kinds.get(kind)
-    kw: dict[str, Any] = {"damping": inf.damping, "rho_threshold": resp.rho_threshold, "curvature": inf.curvature}
+    kw: dict[str, Any] = {"damping": inf.damping, "rho_threshold": resp.rho_threshold,
+                          "curvature": inf.curvature}
     if spec.config_recipe:
         kw["recipe"] = _recipe(_config_recipe(config, spec.config_recipe), response_seed(config))
     args = set(spec.arguments)
@@ -49,7 +52,8 @@ def _respond_kwargs(ctx: Context, kind: str) -> dict:
         kw["seeds"] = tuple(resp.cold_seeds)
     if "model_init" in args:
         inputs = ctx.inputs
-        kw["model_init"] = lambda s: build_model(config, inputs.model_kwargs, seed=int(s)).to(config.run.device)
+        kw["model_init"] = lambda s: build_model(config, inputs.model_kwargs,
+                                                 seed=int(s)).to(config.run.device)
     return kw
 
 
@@ -64,10 +68,12 @@ def _respond(ctx: Context, chunk: int, kind: str):
 
 def _influence_chunk(ctx: Context, chunk: int) -> tuple[np.ndarray, list[dict]]:
     """The run's influence estimate: :func:`pbrf.influence` (one solve per test point, practical
-    solver) on the float64 problem; ``pbrf.influence`` with the run's settings reproduces it."""
+    solver) on the float64 problem; ``pbrf.influence`` with the run's settings reproduces it.
+    """
     import pbrf
 
-    scores, info = pbrf.influence_with_info(ctx.measure_problem, test=ctx.test, removals=ctx.removals(chunk),
+    scores, info = pbrf.influence_with_info(ctx.measure_problem, test=ctx.test,
+                                            removals=ctx.removals(chunk),
                                             **influence_settings(ctx.config))
     row = {k: v for k, v in info.solve.to_dict().items() if k != "extra"}
     row["residual_flag"] = bool(not (row["residual"] < 1.0))
@@ -77,10 +83,12 @@ def _influence_chunk(ctx: Context, chunk: int) -> tuple[np.ndarray, list[dict]]:
 
 def influence_settings(config: ExperimentConfig) -> dict:
     """The keyword arguments with which ``pbrf.influence(problem_float64, test, removals, **kw)``
-    reproduces the run's stored influence scores."""
+    reproduces the run's stored influence scores.
+    """
     inf = config.influence
     return {"damping": inf.damping, "solver": inf.solver, "curvature": inf.curvature,
-            "solver_options": _solver_options(inf.solver, inf.solver_options, response_seed(config))}
+            "solver_options": _solver_options(inf.solver, inf.solver_options,
+                                              response_seed(config))}
 
 
 def compute_chunk(ctx: Context, chunk: int, kind: str) -> ChunkResult:
@@ -114,6 +122,7 @@ def _influence_output_change(ctx: Context, chunk: int) -> np.ndarray:
     """Δf of the influence estimate, ``J Δθ`` with the practical solver (one solve per removal)."""
     import pbrf
 
-    resp = pbrf.respond(ctx.measure_problem, "linearized", removals=ctx.removals(chunk), progress=False,
+    resp = pbrf.respond(ctx.measure_problem, "linearized", removals=ctx.removals(chunk),
+                        progress=False,
                         **influence_settings(ctx.config))
     return resp.output_change(test=ctx.test).detach().cpu().float().numpy()

@@ -14,7 +14,15 @@ from typing import Any
 import numpy as np
 
 from .config import ConfigError, ExperimentConfig
-from .inputs import CHECKPOINT, Inputs, _test_data, _torch, build_problem, prepare_inputs, train_theta
+from .inputs import (
+    CHECKPOINT,
+    Inputs,
+    _test_data,
+    _torch,
+    build_problem,
+    prepare_inputs,
+    train_theta,
+)
 from .selection import (
     _groups_array,
     _groups_from_array,
@@ -25,11 +33,13 @@ from .selection import (
 )
 from .store import CONFIG_NAME, Store
 
+
 def read_config(run_dir: Path) -> ExperimentConfig:
     """The config stored in a run directory."""
     path = Path(run_dir) / CONFIG_NAME
     if not path.is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a pbrf run directory (no {CONFIG_NAME}); run `pbrf run` first.")
+        raise ConfigError(f"{str(run_dir)!r} is not a pbrf run directory (no {CONFIG_NAME}); run "
+                          "`pbrf run` first.")
     return ExperimentConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
@@ -52,7 +62,8 @@ class Context:
     def measure_problem(self):
         """The problem in float64: responses are optimised (PBRF, proximal, linearised, influence)
         and every Δm, Bregman value and certificate is evaluated in float64, whatever the
-        training dtype."""
+        training dtype.
+        """
         if self._measure is None:
             self._measure = self.problem.astype(_torch().float64)
         return self._measure
@@ -97,7 +108,8 @@ def setup(inputs: Inputs, run_dir: Path, store: Store, progress: bool = True) ->
         store.put_arrays(arrays)
         store.set_meta("n_train", int(problem.n_train))
         groups_arr = arrays["groups"]
-    return Context(config, Path(run_dir), inputs, problem, test, test_index, _groups_from_array(groups_arr), scores)
+    return Context(config, Path(run_dir), inputs, problem, test, test_index,
+                   _groups_from_array(groups_arr), scores)
 
 
 def load_context(run_dir: str | Path) -> Context:
@@ -112,7 +124,9 @@ def load_context(run_dir: str | Path) -> Context:
     with Store(run_dir, readonly=True) as store:
         index, groups = store.get_array("test_index"), store.get_array("groups")
     if index is None or groups is None:
-        raise RuntimeError(f"{run_dir}: the run is not set up yet (no test points / removal sets stored).")
+        raise RuntimeError(f"{run_dir}: the run is not set up yet (no test points / removal sets "
+                           "stored).")
     params, _ = pbrf.load_checkpoint(Path(run_dir) / CHECKPOINT)
     problem = build_problem(inputs, params)
-    return Context(config, Path(run_dir), inputs, problem, _test_data(inputs, index), index, _groups_from_array(groups))
+    return Context(config, Path(run_dir), inputs, problem, _test_data(inputs, index), index,
+                   _groups_from_array(groups))

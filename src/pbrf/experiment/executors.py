@@ -1,6 +1,7 @@
 """Executors: who computes the (chunk, kind) tasks of a run.
 
-An executor has one method, ``run(ctx, tasks)``, yielding :class:`~pbrf.experiment.store.ChunkResult`
+An executor has one method, ``run(ctx, tasks)``, yielding
+:class:`~pbrf.experiment.store.ChunkResult`
 objects as they finish (in any order); the driver writes each to the store in its own transaction.
 
 * :class:`LocalExecutor` (default) computes in this process and never imports ray.
@@ -73,7 +74,8 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_cpus: int = 2, max_in_flight: int = 8) -> None:
+    def __init__(self, address: str | None = None, num_cpus: int = 2,
+                 max_in_flight: int = 8) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
@@ -93,7 +95,9 @@ class RayExecutor:
         """Submit the tasks and yield results as they complete."""
         run_dir = str(ctx.run_dir.resolve())
         queue = list(tasks)
-        idle = [self.worker.remote(run_dir) for _ in range(max(1, min(self.max_in_flight, len(queue))))]
+        idle = [self.worker.remote(run_dir) for _ in range(max(1,
+                                                               min(self.max_in_flight,
+                                                                   len(queue))))]
         pending: dict = {}
         try:
             while queue or pending:
@@ -134,7 +138,8 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
     except OSError as err:
         reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
         raise ConnectionError(
-            f"cannot reach a Ray cluster at {address!r} ({reason}); start one there (`ray start --head`) "
+            f"cannot reach a Ray cluster at {address!r} ({reason}); start one there (`ray start "
+            "--head`) "
             "or drop --ray-address to start a local Ray."
         ) from None
 

@@ -88,7 +88,8 @@ def model_kwargs(config: ExperimentConfig, dataset) -> dict:
     from pbrf import models
 
     if config.model.name not in models.MODELS:
-        raise ConfigError(f"model.name {config.model.name!r} is unknown; choose one of {', '.join(models.MODELS)}.")
+        raise ConfigError(f"model.name {config.model.name!r} is unknown; choose one of "
+                          f"{', '.join(models.MODELS)}.")
     sig = inspect.signature(models.MODELS[config.model.name])
     return {**_inferred_model_kwargs(dataset, sig), **config.model.options}
 
@@ -98,7 +99,8 @@ def build_model(config: ExperimentConfig, kwargs: dict, seed: int):
     from pbrf import models
 
     torch = _torch()
-    return models.build(config.model.name, seed=seed, dtype=getattr(torch, config.run.dtype), **kwargs)
+    return models.build(config.model.name, seed=seed, dtype=getattr(torch, config.run.dtype),
+                        **kwargs)
 
 
 def prepare_inputs(config: ExperimentConfig) -> Inputs:
@@ -118,13 +120,15 @@ def prepare_inputs(config: ExperimentConfig) -> Inputs:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {err}") from None
     except (RuntimeError, MemoryError) as err:
-        raise ConfigError(f"model: cannot build {config.model.name!r} {config.model.options} ({_first_line(err)}); "
+        raise ConfigError(f"model: cannot build {config.model.name!r} {config.model.options} "
+                          f"({_first_line(err)}); "
                           "make it smaller (e.g. a lower model.width).") from None
     if config.run.device.startswith("cuda") and not _torch().cuda.is_available():
         raise ConfigError("run.device is cuda but no CUDA device is available; pass --device cpu.")
     check_task(config, dataset, task_name, model)
     check_sizes(config, len(dataset.x_train), len(dataset.x_test))
-    choose_test_points(config, len(dataset.x_test))  # the seeded choices work (they are redone in setup)
+    # the seeded choices work (they are redone in setup)
+    choose_test_points(config, len(dataset.x_test))
     if config.removals.strategy == "random":
         random_groups(config, len(dataset.x_train))
     check_solver_options(config, n_params)
@@ -153,7 +157,9 @@ def _available_memory() -> int | None:
 
 
 def check_model_size(config: ExperimentConfig, kwargs: dict) -> int:
-    """Build the model on the meta device (no memory) and check its parameters fit; returns their count."""
+    """Build the model on the meta device (no memory) and check its parameters fit; returns
+    their count.
+    """
     torch = _torch()
     try:
         with torch.device("meta"):
@@ -161,15 +167,18 @@ def check_model_size(config: ExperimentConfig, kwargs: dict) -> int:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {err}") from None
     except (RuntimeError, MemoryError, OverflowError) as err:
-        raise ConfigError(f"model: cannot build {config.model.name!r} {config.model.options} ({_first_line(err)}); "
+        raise ConfigError(f"model: cannot build {config.model.name!r} {config.model.options} "
+                          f"({_first_line(err)}); "
                           "make it smaller (e.g. a lower model.width).") from None
     n_params = sum(p.numel() for p in meta.parameters())
     need = n_params * getattr(torch, config.run.dtype).itemsize
     available = _available_memory()
     if available is not None and need > available:
         raise ConfigError(
-            f"model: {config.model.name!r} {config.model.options} has {n_params:,} parameters ({need / 2**30:.3g} GiB "
-            f"in {config.run.dtype}), more than the {available / 2**30:.3g} GiB of memory available; make it smaller "
+            f"model: {config.model.name!r} {config.model.options} has {n_params:,} parameters "
+            f"({need / 2**30:.3g} GiB "
+            f"in {config.run.dtype}), more than the {available / 2**30:.3g} GiB of memory "
+            "available; make it smaller "
             "(e.g. a lower model.width)."
         )
     return n_params
@@ -189,19 +198,29 @@ def check_task(config: ExperimentConfig, dataset, task_name: str, model) -> None
         prob = pbrf.Problem(model, task, train=(dataset.x_train[:2], y_train))
         prob.prepare((dataset.x_test[:2], y_test), "test")
     except (TypeError, ValueError, RuntimeError) as err:
-        fix = f"omit task to use the data's own ({dataset.task!r})" if config.task else "set task to match the data"
-        raise ConfigError(f"task {task_name!r} does not fit data {config.data.name!r} with model "
-                          f"{config.model.name!r}: {_first_line(err)}; {fix}.") from None
+        fix = (
+            f"omit task to use the data's own ({dataset.task!r})"
+            if config.task
+            else "set task to match the data"
+        )
+        raise ConfigError(
+            f"task {task_name!r} does not fit data {config.data.name!r} with model "
+            f"{config.model.name!r}: {_first_line(err)}; {fix}."
+        ) from None
 
 
 def check_solver_options(config: ExperimentConfig, n_params: int | None = None) -> None:
-    """Solver options must be arguments of the named solver with meaningful values (``pbrf.solvers``);
-    the dense ``exact`` solver must fit ``max_params``."""
+    """Solver options must be arguments of the named solver with meaningful values
+    (``pbrf.solvers``);
+    the dense ``exact`` solver must fit ``max_params``.
+    """
     from pbrf import solvers
 
     inf = config.influence
-    for field_, key, solver, options in (("solver_options", "solver", inf.solver, inf.solver_options),
-                                         ("accurate_options", "accurate_solver", inf.accurate_solver, inf.accurate_options)):
+    for field_, key, solver, options in (
+        ("solver_options", "solver", inf.solver, inf.solver_options),
+        ("accurate_options", "accurate_solver", inf.accurate_solver, inf.accurate_options),
+    ):
         try:
             solvers.check_options(solver, options)
         except ValueError as err:
@@ -210,18 +229,24 @@ def check_solver_options(config: ExperimentConfig, n_params: int | None = None) 
             limit = options.get("max_params", solvers.EXACT_MAX_PARAMS)
             if n_params > limit:
                 raise ConfigError(
-                    f"influence.{key}='exact' forms the dense {n_params}x{n_params} curvature, above max_params={limit}; "
-                    f"use influence.{key}=\"cg\", or raise influence.{field_}.max_params if it fits in memory."
+                    f"influence.{key}='exact' forms the dense {n_params}x{n_params} curvature, "
+                    f"above max_params={limit}; "
+                    f'use influence.{key}="cg", or raise influence.{field_}.max_params if it '
+                    "fits in memory."
                 )
 
 
 def check_curvature(config: ExperimentConfig) -> None:
-    """An undamped Hessian (damping 0, weight decay 0) is singular or indefinite for a network: refused."""
+    """An undamped Hessian (damping 0, weight decay 0) is singular or indefinite for a network:
+    refused.
+    """
     inf = config.influence
     if inf.curvature == "hessian" and inf.damping == 0 and config.train.weight_decay == 0:
         raise ConfigError(
-            "influence.curvature=\"hessian\" with influence.damping=0 and train.weight_decay=0 is singular or "
-            "indefinite; set influence.damping > 0 (e.g. --set influence.damping=1e-3) or use influence.curvature=\"ggn\"."
+            'influence.curvature="hessian" with influence.damping=0 and train.weight_decay=0 is '
+            "singular or "
+            "indefinite; set influence.damping > 0 (e.g. --set influence.damping=1e-3) or use "
+            'influence.curvature="ggn".'
         )
 
 
@@ -229,12 +254,20 @@ def check_sizes(config: ExperimentConfig, n_train: int, n_test: int) -> None:
     """Test points and removal sets must fit the data (checked before anything is written)."""
     rc = config.removals
     if rc.n_test_points > n_test:
-        raise ConfigError(f"removals.n_test_points={rc.n_test_points} exceeds the {n_test} test examples; lower it.")
+        raise ConfigError(
+            f"removals.n_test_points={rc.n_test_points} exceeds the {n_test} test "
+            "examples; lower it."
+        )
     k = rc.resolved_group_size(n_train)
     if k == 1 and rc.n_removals > n_train:
-        raise ConfigError(f"removals.n_removals={rc.n_removals} exceeds the {n_train} training points; lower it.")
+        raise ConfigError(
+            f"removals.n_removals={rc.n_removals} exceeds the {n_train} training points; lower it."
+        )
     if k >= n_train:
-        raise ConfigError(f"removal sets of {k} points leave no training data ({n_train} points); lower the group size.")
+        raise ConfigError(
+            f"removal sets of {k} points leave no training data ({n_train} points); "
+            "lower the group size."
+        )
 
 
 def _recipe(fields: dict, seed: int):
@@ -254,8 +287,9 @@ def train_theta(inputs: Inputs, run_dir: Path, progress: bool = True) -> dict:
             the run directory without ``--overwrite``), or the stored checkpoint is unreadable or
             not finite (the fix is ``--overwrite``).
     """
-    import pbrf
     from safetensors import SafetensorError
+
+    import pbrf
 
     config = inputs.config
     path = Path(run_dir) / CHECKPOINT
@@ -263,20 +297,34 @@ def train_theta(inputs: Inputs, run_dir: Path, progress: bool = True) -> dict:
         task = pbrf.tasks.get_task(inputs.task_name)
         log.info("training theta_s (%s)", config.train)
         recipe = _recipe(config.train.recipe_dict(), config.train.seed)
-        result = pbrf.train(inputs.initial_model(), task, train=_train_data(inputs), recipe=recipe,
-                            weight_decay=config.train.weight_decay, progress=progress)
+        result = pbrf.train(
+            inputs.initial_model(),
+            task,
+            train=_train_data(inputs),
+            recipe=recipe,
+            weight_decay=config.train.weight_decay,
+            progress=progress,
+        )
         _check_trained(config, result)
         try:
-            pbrf.save_checkpoint(path, {k: v.detach().cpu() for k, v in result.params.items()},
-                                 {"config": config.name, "diagnostics": jsonable(result.diagnostics or {})})
+            pbrf.save_checkpoint(
+                path,
+                {k: v.detach().cpu() for k, v in result.params.items()},
+                {"config": config.name, "diagnostics": jsonable(result.diagnostics or {})},
+            )
         except SafetensorError as err:  # the disk refused the write (full, ulimit -f, read-only)
             raise OSError(errno.EIO, _first_line(err), str(path)) from None
     try:
         params, _ = pbrf.load_checkpoint(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ConfigError(f"{str(path)!r} is unreadable ({_first_line(err)}); pass --overwrite to start this run again.") from None
+        raise ConfigError(
+            f"{str(path)!r} is unreadable ({_first_line(err)}); pass --overwrite to "
+            "start this run again."
+        ) from None
     if not all(bool(_torch().isfinite(v).all()) for v in params.values()):
-        raise ConfigError(f"{str(path)!r} holds non-finite parameters; pass --overwrite to start this run again.")
+        raise ConfigError(
+            f"{str(path)!r} holds non-finite parameters; pass --overwrite to start this run again."
+        )
     return params
 
 
@@ -288,8 +336,10 @@ def _check_trained(config: ExperimentConfig, result) -> None:
         return
     tr = config.train
     raise ConfigError(
-        f"base training diverged (objective {diag.get('objective', float('nan')):.3g} after {diag.get('steps', '?')} steps "
-        f"with train.lr={tr.lr:g}); lower train.lr (e.g. --set train.lr={tr.lr / 10:g}) and run again "
+        f"base training diverged (objective {diag.get('objective', float('nan')):.3g} after "
+        f"{diag.get('steps', '?')} steps "
+        f"with train.lr={tr.lr:g}); lower train.lr (e.g. --set train.lr={tr.lr / 10:g}) and run "
+        "again "
         "(nothing was computed, so the corrected command replaces this run directory)."
     )
 
@@ -307,7 +357,13 @@ def build_problem(inputs: Inputs, params: dict):
     config = inputs.config
     params = {k: v.to(config.run.device) for k, v in params.items()}
     task = pbrf.tasks.get_task(inputs.task_name)
-    return pbrf.Problem(inputs.initial_model(), task, train=_train_data(inputs), weight_decay=config.train.weight_decay, params=params)
+    return pbrf.Problem(
+        inputs.initial_model(),
+        task,
+        train=_train_data(inputs),
+        weight_decay=config.train.weight_decay,
+        params=params,
+    )
 
 
 def _test_data(inputs: Inputs, index: np.ndarray) -> tuple:

@@ -37,7 +37,14 @@ from .config import ConfigError, ExperimentConfig
 from .context import Context, load_context, read_config, setup
 from .executors import LocalExecutor
 from .inputs import CHECKPOINT, Inputs, build_model, build_problem, prepare_inputs, train_theta
-from .selection import all_train_scores, choose_test_points, chunk_seed, random_groups, response_seed, top_influence_groups
+from .selection import (
+    all_train_scores,
+    choose_test_points,
+    chunk_seed,
+    random_groups,
+    response_seed,
+    top_influence_groups,
+)
 from .store import CONFIG_NAME, Store, atomic_write_text, check_run_dir
 from .summary import exclusions, finish, objective_defined
 
@@ -135,7 +142,8 @@ def run_experiment(
         inputs = prepare_inputs(config)
     executor = executor or LocalExecutor()
     t0 = time.perf_counter()
-    with _exclusive(run_dir):  # taken before the resume/overwrite decision, on a file beside run_dir
+    # taken before the resume/overwrite decision, on a file beside run_dir
+    with _exclusive(run_dir):
         mode = open_run(config, run_dir, overwrite)
         log.info("%s run directory %s", mode, run_dir)
         with Store(run_dir) as store:
@@ -145,7 +153,8 @@ def run_experiment(
                 _run_tasks(executor, ctx, tasks, store, progress)
             except SolverDivergedError as err:
                 msg = str(err).split(" Diagnostics:")[0].rstrip(".")
-                raise ConfigError(f"{msg}. Change the [influence] settings and rerun with --overwrite "
+                raise ConfigError(f"{msg}. Change the [influence] settings and rerun with "
+                                  "--overwrite "
                                   "(the same command stops here again).") from None
             summary = finish(ctx, store)
             store.set_meta("wall_seconds_last", time.perf_counter() - t0)
@@ -171,11 +180,13 @@ def _exclusive(run_dir: Path):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise ConfigError(f"another pbrf process is running in {str(run_dir)!r}; wait for it or pass --out DIR.") from None
+            raise ConfigError(f"another pbrf process is running in {str(run_dir)!r}; wait for it "
+                              "or pass --out DIR.") from None
         yield
 
 
-def _run_tasks(executor, ctx: Context, tasks: list[tuple[int, str]], store: Store, progress: bool) -> None:
+def _run_tasks(executor, ctx: Context, tasks: list[tuple[int, str]], store: Store,
+               progress: bool) -> None:
     from tqdm.auto import tqdm
 
     if not tasks:

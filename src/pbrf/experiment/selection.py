@@ -12,17 +12,20 @@ import torch
 
 from .config import ConfigError, ExperimentConfig
 
+
 # ---------------------------------------------------------------------------- seeds
 def chunk_seed(base: int, chunk: int, stream: int = 0) -> int:
     """A 31-bit seed derived from ``(base, chunk, stream)`` only (no global RNG state)."""
-    return int(np.random.SeedSequence([int(base) & 0xFFFFFFFF, int(chunk), int(stream)]).generate_state(1)[0] >> 1)
+    return int(np.random.SeedSequence([int(base) & 0xFFFFFFFF, int(chunk),
+                                       int(stream)]).generate_state(1)[0] >> 1)
 
 
 def choose_test_points(config: ExperimentConfig, n_available: int) -> np.ndarray:
     """Sorted indices of ``n_test_points`` test examples, seeded by ``removals.seed``."""
     n = config.removals.n_test_points
     if n > n_available:
-        raise ConfigError(f"removals.n_test_points={n} exceeds the {n_available} test examples; lower it.")
+        raise ConfigError(f"removals.n_test_points={n} exceeds the {n_available} test examples; "
+                          "lower it.")
     rng = np.random.default_rng([config.removals.seed, 1])
     return np.sort(rng.choice(n_available, size=n, replace=False))
 
@@ -34,13 +37,16 @@ def random_groups(config: ExperimentConfig, n_train: int) -> list[list[int]]:
     rng = np.random.default_rng([rc.seed, 2])
     if k == 1:
         if rc.n_removals > n_train:
-            raise ConfigError(f"removals.n_removals={rc.n_removals} exceeds the {n_train} training points; lower it.")
+            raise ConfigError(f"removals.n_removals={rc.n_removals} exceeds the {n_train} training "
+                              "points; lower it.")
         return [[int(i)] for i in rng.choice(n_train, size=rc.n_removals, replace=False)]
-    return [sorted(int(i) for i in rng.choice(n_train, size=k, replace=False)) for _ in range(rc.n_removals)]
+    return [sorted(int(i) for i in rng.choice(n_train, size=k,
+                                              replace=False)) for _ in range(rc.n_removals)]
 
 
 def top_influence_groups(config: ExperimentConfig, scores: np.ndarray) -> list[list[int]]:
-    """Removal sets with the largest influence (``scores`` ``[n_test, N]`` over all training points).
+    """Removal sets with the largest influence (``scores`` ``[n_test, N]`` over all training
+    points).
 
     Single points: the ``n_removals`` points of largest mean |score| over the test points.
     Groups of ``k``: removal ``r`` takes test point ``j = r mod n_test`` and, alternately, the
@@ -51,7 +57,8 @@ def top_influence_groups(config: ExperimentConfig, scores: np.ndarray) -> list[l
     k = rc.resolved_group_size(n_train)
     if k == 1:
         if rc.n_removals > n_train:
-            raise ConfigError(f"removals.n_removals={rc.n_removals} exceeds the {n_train} training points; lower it.")
+            raise ConfigError(f"removals.n_removals={rc.n_removals} exceeds the {n_train} training "
+                              "points; lower it.")
         order = np.argsort(-np.abs(scores).mean(axis=0), kind="stable")
         return [[int(i)] for i in order[: rc.n_removals]]
     groups = []
@@ -66,15 +73,18 @@ def top_influence_groups(config: ExperimentConfig, scores: np.ndarray) -> list[l
 
 
 def all_train_scores(problem, config: ExperimentConfig, test: tuple) -> np.ndarray:
-    """Influence of every single training point on every test point ``[n_test, N]`` (practical solver).
+    """Influence of every single training point on every test point ``[n_test, N]`` (practical
+    solver).
 
-    ``scores[t, i] = (1/N) ∇m_tᵀ C⁻¹ ∇L_i``; positive means removing point ``i`` increases test loss ``t``.
+    ``scores[t, i] = (1/N) ∇m_tᵀ C⁻¹ ∇L_i``; positive means removing point ``i`` increases test loss
+    ``t``.
     """
     import pbrf
 
     inf = config.influence
     options = _solver_options(inf.solver, inf.solver_options, config.removals.seed)
-    scores = pbrf.influence(problem, test=test, removals=torch.arange(problem.n_train), damping=inf.damping,
+    scores = pbrf.influence(problem, test=test, removals=torch.arange(problem.n_train),
+                            damping=inf.damping,
                             solver=inf.solver, curvature=inf.curvature, solver_options=options)
     return scores.detach().cpu().double().numpy()
 
@@ -100,5 +110,6 @@ def _groups_from_array(arr: np.ndarray) -> list[list[int]]:
 
 def response_seed(config: ExperimentConfig) -> int:
     """The one seed of every response optimisation in a run (minibatch order, LiSSA sampling):
-    identical for every removal whatever the chunk, so results do not depend on ``run.chunk_size``."""
+    identical for every removal whatever the chunk, so results do not depend on ``run.chunk_size``.
+    """
     return chunk_seed(config.train.seed, 0)

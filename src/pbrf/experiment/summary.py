@@ -17,6 +17,7 @@ from .config import ExperimentConfig
 from .context import Context
 from .store import Store
 
+
 # ---------------------------------------------------------------------------- summary and report
 def gather(store: Store, ctx: Context) -> tuple[dict, dict, dict]:
     """All stored arrays: ``dm``, ``df`` and diagnostics per kind."""
@@ -35,11 +36,16 @@ def diagnostics_summary(diags: dict[str, list[dict]]) -> dict:
     for kind, rows in diags.items():
         entry: dict[str, Any] = {"n": len(rows)}
         entry["diverged"] = int(sum(bool(r.get("diverged")) for r in rows))
-        entry["diverged_removals"] = [i for i, r in enumerate(rows) if r.get("diverged")]  # excluded by summarise
+        # excluded by summarise
+        entry["diverged_removals"] = [i for i, r in enumerate(rows) if r.get("diverged")]
         keys = sorted({k for r in rows for k, v in r.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TIMING_KEYS})
+                       if isinstance(v, (int, float)) and not isinstance(v,
+                           bool) and k not in _TIMING_KEYS})
         for k in keys:
-            vals = [float(r[k]) for r in rows if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+            vals = [float(r[k]) for r in rows if isinstance(r.get(k),
+                                                            (int,
+                                                             float)) and not isinstance(r.get(k),
+                                                                 bool)]
             vals = [v for v in vals if math.isfinite(v)]
             if vals:
                 entry[f"mean_{k}"] = float(np.mean(vals))
@@ -50,7 +56,8 @@ def diagnostics_summary(diags: dict[str, list[dict]]) -> dict:
 def objective_defined(config: ExperimentConfig, kind: str) -> bool:
     """Whether ``kind``'s response is defined as the solution of an objective (PBRF, proximal,
     full-batch warm start): its uncertified pairs are left out of every statistic. Responses
-    defined by a training recipe (cold start, minibatch warm start) are kept whatever their ρ."""
+    defined by a training recipe (cold start, minibatch warm start) are kept whatever their ρ.
+    """
     spec = kinds.get(kind)
     if spec.certificate == "exclude_if_full_batch":
         section = config.train if spec.config_recipe == "train" else config.responses
@@ -58,7 +65,8 @@ def objective_defined(config: ExperimentConfig, kind: str) -> bool:
     return spec.certificate == "exclude"
 
 
-def exclusions(config: ExperimentConfig, diags: dict[str, list[dict]], certified_key: str = "certified") -> dict:
+def exclusions(config: ExperimentConfig, diags: dict[str, list[dict]],
+               certified_key: str = "certified") -> dict:
     """Which removals stay in the statistics: ``{"keep": bool [K], "by_kind": {kind: {...}}}``.
 
     A removal is left out when any kind diverged on it, or when an objective-defined kind is not
@@ -86,17 +94,20 @@ def exclusions(config: ExperimentConfig, diags: dict[str, list[dict]], certified
                 keep &= cert
                 own[kind] &= cert
         by_kind[kind] = entry
-    return {"keep": keep, "own": own, "by_kind": by_kind, "n_removals": n, "n_kept": int(keep.sum()),
+    return {"keep": keep, "own": own, "by_kind": by_kind, "n_removals": n,
+            "n_kept": int(keep.sum()),
             "threshold": config.responses.rho_threshold}
 
 
 def _own_correlations(dm: dict, own: dict) -> dict:
     """Each kind's correlation with the influence estimate over the removals where that kind (and
     the influence estimate) is certified and finite — a kind that cannot be certified elsewhere
-    does not take the others' correlations with it. (The gaps use the joint set.)"""
+    does not take the others' correlations with it. (The gaps use the joint set.)
+    """
     base = own.get("influence", np.ones(dm["influence"].shape[1], dtype=bool))
     scores = np.where(base[None, :], dm["influence"], np.nan)
-    return analysis.correlations(scores, {k: np.where(own[k][None, :], v, np.nan) for k, v in dm.items()})
+    return analysis.correlations(scores,
+                                 {k: np.where(own[k][None, :], v, np.nan) for k, v in dm.items()})
 
 
 def _masked(dm: dict, keep: np.ndarray) -> dict:
@@ -148,28 +159,42 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
     actual = store.gather_extra("linearized", ctx.n_chunks) if "linearized" in dm else None
     if actual is not None:
         summary["linearized_actual"] = {
-            "description": "m(θ^s + Δθ_IF) − m(θ^s) with the accurate solver, vs the first-order Δm",
+            "description": ("m(θ^s + Δθ_IF) − m(θ^s) with the accurate solver, vs the first-order "
+                            "Δm"),
             "pearson_vs_first_order": analysis.pearson(actual, dm["linearized"]),
             "pearson_vs_influence": analysis.pearson(actual, dm["influence"]),
             "mean_abs_difference": float(np.mean(np.abs(actual - dm["linearized"]))),
         }
-    report.write_report(ctx.run_dir, summary, _masked(dm, keep), ctx.config.to_dict(),
-                        title=title or f"pbrf run: {ctx.config.name}")
+    report.write_report(
+        ctx.run_dir,
+        summary,
+        _masked(dm, keep),
+        ctx.config.to_dict(),
+        title=title or f"pbrf run: {ctx.config.name}",
+    )
     _write_inputs_for_evaluate(ctx, dm["influence"])
     return summary
 
 
 def _write_inputs_for_evaluate(ctx: Context, scores: np.ndarray) -> None:
-    """What another library needs to produce comparable scores: test points, removal sets, our scores."""
+    """What another library needs to produce comparable scores: test points, removal sets, our
+    scores.
+    """
     atomic_write(ctx.run_dir / "influence_scores.npy", npy_bytes(scores))
     atomic_write(ctx.run_dir / "test_index.npy", npy_bytes(np.asarray(ctx.test_index)))
-    removals = {"test_index": [int(i) for i in ctx.test_index], "removals": [list(map(int, g)) for g in ctx.groups],
-                "scores_shape": ["n_test", "n_removals"], "sign": "positive = removing the set increases the test loss"}
+    removals = {
+        "test_index": [int(i) for i in ctx.test_index],
+        "removals": [list(map(int, g)) for g in ctx.groups],
+        "scores_shape": ["n_test", "n_removals"],
+        "sign": "positive = removing the set increases the test loss",
+    }
     atomic_write(ctx.run_dir / "removals.json", dumps(removals))
 
 
 def _experiment_info(ctx: Context, store: Store) -> dict:
-    """Identifying facts of the run (no timings, so a resumed run's summary equals a fresh one's)."""
+    """Identifying facts of the run (no timings, so a resumed run's summary equals a fresh
+    one's).
+    """
     sizes = sorted({len(g) for g in ctx.groups})
     return {
         "name": ctx.config.name,
