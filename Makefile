@@ -19,6 +19,7 @@ demo: install
 	$(BIN)/pbrf run
 
 test: install
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
 bench: install

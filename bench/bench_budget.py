@@ -34,17 +34,20 @@ def main() -> None:
         paired = store.gather_extra("proximal", ctx.n_chunks)
     fields = cfg.responses.recipe_dict()
     base = pipeline._recipe(fields, 0)
-    doubled = base.replace(max_iter=2 * base.max_iter, cg_max_iter=2 * base.cg_max_iter, tol=base.tol / 100)
+    doubled = base.replace(max_iter=2 * base.max_iter, cg_max_iter=2 * base.cg_max_iter,
+                           tol=base.tol / 100)
     print(f"{args.run_dir}: {len(ctx.groups)} removals; budget {base} -> {doubled}")
     for kind in ("pbrf", "proximal"):
         t0 = time.perf_counter()
-        resp = pbrf.respond(ctx.measure_problem, kind, ctx.groups, damping=cfg.influence.damping, recipe=doubled,
+        resp = pbrf.respond(ctx.measure_problem, kind, ctx.groups, damping=cfg.influence.damping,
+                            recipe=doubled,
                             chunk_size=cfg.run.chunk_size, progress=False)
         dm = resp.loss_change(ctx.test).double().numpy()
         effect = np.abs(paired if kind == "proximal" else stored[kind]).max(axis=0)
         change = np.abs(dm - stored[kind]).max(axis=0) / effect
         print(f"{kind:9s} doubled budget: max change {change.max():.2e} of the removal effect "
-              f"(median {np.median(change):.2e}); certified {sum(resp.certified)}/{len(resp.certified)}; "
+              f"(median {np.median(change):.2e}); certified "
+              f"{sum(resp.certified)}/{len(resp.certified)}; "
               f"{time.perf_counter() - t0:.0f} s")
 
 

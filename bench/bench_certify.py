@@ -7,7 +7,8 @@ removal problems in one batched run; printed: wall time, certified count (ρ ≤
 largest ρ, and the ratio of the wall times, all measured in this run. The first-order run gets
 ``--first-order-steps`` at most (default 3,000 = the old cap).
 
-    PBRF_DATA=../shared/datasets python bench/bench_certify.py [--k 64] [--threads 2] [--first-order-steps 3000]
+    PBRF_DATA=../shared/datasets python bench/bench_certify.py [--k 64] [--threads 2]
+    [--first-order-steps 3000]
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def main() -> None:
     prob = pipeline.build_problem(inputs, params).astype(torch.float64)
     removals = torch.arange(args.k) * (prob.n_train // args.k)
     lam = cfg.influence.damping
-    print(f"mnist-mlp quick: N={prob.n_train}, p={prob.n_params}, K={args.k}, damping={lam}, threads={args.threads}")
+    print(f"mnist-mlp quick: N={prob.n_train}, p={prob.n_params}, K={args.k}, damping={lam}, "
+          f"threads={args.threads}")
 
     t0 = time.perf_counter()
     newton = pbrf.respond(prob, "pbrf", removals, damping=lam, progress=False)
@@ -59,13 +61,15 @@ def main() -> None:
 
     if sum(adam.certified) < args.k:
         print(f"first-order: {args.k - sum(adam.certified)} of {args.k} removals never certified "
-              f"(stopped after at most {args.first_order_steps} steps); time ratio first-order/newton "
+              f"(stopped after at most {args.first_order_steps} steps); time ratio "
+              "first-order/newton "
               f"= {t_adam / t_newton:.1f}x with newton certifying {sum(newton.certified)}")
     else:
         print(f"time to certify all {args.k}: first-order / newton = {t_adam / t_newton:.1f}x")
     dn = (newton.params_flat - prob.theta).norm(dim=1)
     gap = (adam.params_flat - newton.params_flat).norm(dim=1) / dn
-    print(f"first-order Δθ error relative to newton's: median {gap.median():.2e}, max {gap.max():.2e}")
+    print(f"first-order Δθ error relative to newton's: median {gap.median():.2e}, max "
+          f"{gap.max():.2e}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--kind", default="warm", choices=["warm", "proximal", "pbrf"])
     ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: "
+                                                              "torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,7 +51,8 @@ def main() -> None:
         best_loop, best_vec = min(best_loop, t_loop), min(best_vec, t_vec)
         print(f"  {n} thread(s): one-at-a-time {t_loop:7.2f} s, vectorised {t_vec:6.2f} s, "
               f"ratio {t_loop / t_vec:5.1f}x, max |param difference| {diff:.1e}")
-    print(f"  speed-up, each way at its best thread count (one-at-a-time / vectorised): {best_loop / best_vec:.1f}x")
+    print("  speed-up, each way at its best thread count (one-at-a-time / vectorised): "
+          f"{best_loop / best_vec:.1f}x")
 
 if __name__ == "__main__":
     main()

@@ -43,9 +43,16 @@ def main() -> int:
             seconds = store.kind_seconds()
     corr = summary["correlations"]["pbrf"]
     print(proc.stdout)
-    print(f"pbrf run (digits-mlp, profile {args.profile}, {os.cpu_count()} CPUs): wall {wall:.1f} s")
-    print("compute seconds per kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(seconds.items())))
-    print(f"influence vs PBRF: Pearson {corr['pearson']:.3f}, Spearman {corr['spearman']:.3f} (target >= 0.9)")
+    print(
+        f"pbrf run (digits-mlp, profile {args.profile}, {os.cpu_count()} CPUs): wall {wall:.1f} s"
+    )
+    print(
+        "compute seconds per kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(seconds.items()))
+    )
+    print(
+        f"influence vs PBRF: Pearson {corr['pearson']:.3f}, Spearman {corr['spearman']:.3f} "
+        "(target >= 0.9)"
+    )
     return 0
 
 

@@ -16,7 +16,8 @@ torch.set_num_threads(1)
 
 def mlp(d_in: int, d_out: int, width: int = 5, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, d_out)).double()
+    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, width), nn.Tanh(),
+                         nn.Linear(width, d_out)).double()
 
 
 def small_cnn(n_classes: int = 3, seed: int = 0) -> nn.Module:
@@ -30,13 +31,16 @@ def tiny_problem(kind: str, n: int = 12, seed: int = 0, weight_decay: float = 1e
     """A tiny float64 problem of the given kind with deterministic data."""
     g = torch.Generator().manual_seed(seed)
     if kind == "regression":
-        x, y = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g, dtype=torch.float64)
+        x, y = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g,
+            dtype=torch.float64)
         model, task = mlp(3, 2, seed=seed), tasks.Regression()
     elif kind == "classification":
-        x, y = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+        x, y = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,),
+            generator=g)
         model, task = mlp(3, 3, seed=seed), tasks.Classification()
     elif kind == "binary":
-        x, y = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (n,), generator=g).double()
+        x, y = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (n,),
+            generator=g).double()
         model, task = mlp(3, 1, seed=seed), tasks.BinaryClassification()
     elif kind == "reconstruction":
         x, y = torch.randn(n, 4, generator=g, dtype=torch.float64), None
@@ -46,18 +50,21 @@ def tiny_problem(kind: str, n: int = 12, seed: int = 0, weight_decay: float = 1e
 
         x = torch.randint(0, 5, (n, 4), generator=g)
         y = torch.randint(0, 5, (n, 4), generator=g)
-        model = build("transformer", seed=seed, dtype=torch.float64, vocab_size=5, seq_len=4, d_model=4,
+        model = build("transformer", seed=seed, dtype=torch.float64, vocab_size=5, seq_len=4,
+                      d_model=4,
                       n_layers=1, n_heads=2)
         task = tasks.LanguageModel()
     elif kind == "cnn":
-        x, y = torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+        x, y = torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,),
+            generator=g)
         model, task = small_cnn(seed=seed), tasks.Classification()
     else:
         raise KeyError(kind)
     return pbrf.Problem(model, task, (x, y), weight_decay=weight_decay, chunk_size=5)
 
 
-PROBLEM_KINDS = ["regression", "classification", "binary", "reconstruction", "language_model", "cnn"]
+PROBLEM_KINDS = ["regression", "classification", "binary", "reconstruction", "language_model",
+                 "cnn"]
 
 
 @pytest.fixture(params=PROBLEM_KINDS)

@@ -38,7 +38,7 @@ def test_gap_names_and_pairs():
     assert A.GAP_PAIRS["solver error"] == ("linearized", "influence")
 
 
-# --------------------------------------------------------------------------- rankdata / correlations
+# ------------------------------------------------------------------------- rankdata / correlations
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,8 @@ def test_correlations_all_pairs_and_per_test_means_brute_force():
     rng = np.random.default_rng(5)
     n_test, n_rem = 4, 9
     scores = rng.normal(size=(n_test, n_rem))
-    dm = {k: scores + rng.normal(scale=s, size=scores.shape) for k, s in [("pbrf", 0.1), ("cold", 2.0)]}
+    dm = {k: scores + rng.normal(scale=s, size=scores.shape) for k,
+          s in [("pbrf", 0.1), ("cold", 2.0)]}
     dm["pbrf"][2] = 3.0  # a constant row: skipped by the per-test mean
     out = A.correlations(scores, dm)
     assert list(out) == ["cold", "pbrf"]  # KINDS order
@@ -115,7 +116,8 @@ def test_correlations_all_pairs_and_per_test_means_brute_force():
         flat_s = np.corrcoef(_brute_ranks(scores.ravel()), _brute_ranks(values.ravel()))[0, 1]
         rows = [i for i in range(n_test) if np.ptp(values[i]) > 0]
         row_p = np.mean([np.corrcoef(scores[i], values[i])[0, 1] for i in rows])
-        row_s = np.mean([np.corrcoef(_brute_ranks(scores[i]), _brute_ranks(values[i]))[0, 1] for i in rows])
+        row_s = np.mean([np.corrcoef(_brute_ranks(scores[i]), _brute_ranks(values[i]))[0,
+            1] for i in rows])
         got = out[kind]
         assert got["pearson"] == pytest.approx(flat_p, abs=1e-12)
         assert got["spearman"] == pytest.approx(flat_s, abs=1e-12)
@@ -173,7 +175,8 @@ def test_decompose_matches_brute_force_loop():
     for j, name in enumerate(A.GAPS):
         a, b = dm[A.KINDS[j]], dm[A.KINDS[j + 1]]
         diffs = [a[i, r] - b[i, r] for i, r in itertools.product(range(n_test), range(n_rem))]
-        assert out["gaps"][name] == pytest.approx(sum(abs(d) for d in diffs) / len(diffs), rel=1e-12)
+        assert out["gaps"][name] == pytest.approx(sum(abs(d) for d in diffs) / len(diffs),
+                                                  rel=1e-12)
         assert out["signed"][name] == pytest.approx(sum(diffs) / len(diffs), rel=1e-12, abs=1e-15)
 
 

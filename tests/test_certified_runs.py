@@ -69,14 +69,17 @@ def test_certificates_are_stored_reported_and_all_pass_on_tiny(chunked_runs):
 def test_run_influence_is_pbrf_influence(chunked_runs):
     cfg, run_dir, _ = chunked_runs[0]
     ctx = pipeline.load_context(run_dir)
-    scores = pbrf.influence(ctx.measure_problem, ctx.test, ctx.groups, **pipeline.influence_settings(cfg))
+    scores = pbrf.influence(ctx.measure_problem, ctx.test, ctx.groups,
+                            **pipeline.influence_settings(cfg))
     stored = np.load(run_dir / "influence_scores.npy")
-    np.testing.assert_allclose(stored, scores.double().numpy(), rtol=1e-10, atol=1e-10 * np.abs(stored).max())
+    np.testing.assert_allclose(stored, scores.double().numpy(), rtol=1e-10,
+                               atol=1e-10 * np.abs(stored).max())
 
 
 def test_uncertified_pairs_are_left_out_and_counted(tmp_path_factory):
     cfg, run_dir, summary = _run(tmp_path_factory, "short", [
-        "responses.optimizer=adam", "responses.steps=3", "responses.lr=1e-4", "responses.batch_size=0"])
+        "responses.optimizer=adam", "responses.steps=3", "responses.lr=1e-4",
+            "responses.batch_size=0"])
     cert = summary["certificates"]
     assert cert["by_kind"]["pbrf"]["certified"] == 0 and cert["by_kind"]["pbrf"]["uncertified"] == 8
     assert cert["n_kept"] == 0 and cert["excluded_removals"] == list(range(8))
@@ -92,7 +95,8 @@ def test_float32_model_is_measured_in_float64(tmp_path_factory):
     dir64 = dir32.parent / "f64"
     dir64.mkdir()
     params, meta = pbrf.load_checkpoint(dir32 / pipeline.CHECKPOINT)
-    pbrf.save_checkpoint(dir64 / pipeline.CHECKPOINT, {k: v.double() for k, v in params.items()}, meta)
+    pbrf.save_checkpoint(dir64 / pipeline.CHECKPOINT, {k: v.double() for k, v in params.items()},
+                         meta)
     cfg64 = load_preset("digits-mlp", "tiny", ["run.dtype=float64"])
     (dir64 / "config.json").write_text(cfg64.to_json() + "\n")
     s64 = pipeline.run_experiment(cfg64, dir64, progress=False)
@@ -115,9 +119,13 @@ def test_paired_gaps_and_drift_telescope():
     # literal gaps = paired gaps ± drift (means over the same pairs)
     lit = analysis.decompose({k: np.where(np.isnan(dm["pbrf"]), np.nan, v) for k, v in dm.items()})
     dw, dp = out["drift"]["warm"]["signed"], out["drift"]["proximal"]["signed"]
-    assert lit["signed"]["warm-start gap"] == pytest.approx(dec["signed"]["warm-start gap"] - dw, abs=1e-12)
-    assert lit["signed"]["proximity gap"] == pytest.approx(dec["signed"]["proximity gap"] + dw - dp, abs=1e-12)
-    assert lit["signed"]["non-convergence gap"] == pytest.approx(dec["signed"]["non-convergence gap"] + dp, abs=1e-12)
+    assert lit["signed"]["warm-start gap"] == pytest.approx(dec["signed"]["warm-start gap"] - dw,
+                                                            abs=1e-12)
+    expected = dec["signed"]["proximity gap"] + dw - dp
+    assert lit["signed"]["proximity gap"] == pytest.approx(expected, abs=1e-12)
+    assert lit["signed"]["non-convergence gap"] == pytest.approx(
+        dec["signed"]["non-convergence gap"] + dp, abs=1e-12
+    )
 
 
 def test_summary_json_has_no_nan(chunked_runs):

@@ -1,4 +1,6 @@
-"""The ``pbrf`` command: runs, one-line errors (exit 2, nothing written), kill -9 + resume, evaluate, table, sweep."""
+"""The ``pbrf`` command: runs, one-line errors (exit 2, nothing written), kill -9 + resume,
+evaluate, table, sweep.
+"""
 
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ def test_help_everywhere():
 def test_presets_lists_every_preset(capsys):
     assert cli.main(["presets"]) == 0
     out = capsys.readouterr().out
-    for name in ("digits-mlp", "digits-binary", "mnist-mlp", "cifar10-resnet20", "shakespeare-transformer"):
+    for name in ("digits-mlp", "digits-binary", "mnist-mlp", "cifar10-resnet20",
+                 "shakespeare-transformer"):
         assert name in out
 
 
@@ -85,10 +88,12 @@ def test_presets_lists_every_preset(capsys):
         (["run", "--set", "model.width=2.5"], ["model.width must be an int"]),
         (["run", "--profile", "huge"], ["no profile 'huge'"]),
         (["run", "--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
-        (["sweep", "digits-mlp", "--factor", "width", "--values", "8,x.5"], ["model.width must be an int"]),
+        (["sweep", "digits-mlp", "--factor", "width", "--values", "8,x.5"], ["model.width must be "
+                                                                             "an int"]),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, args, needles):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, args,
+                                                         needles):
     monkeypatch.chdir(tmp_path)
     assert cli.main([*args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -127,9 +132,11 @@ def test_different_config_in_the_same_run_dir_is_refused(default_run):
 def test_overwrite_replaces_a_run(tmp_path):
     out = tmp_path / "r"
     assert pbrf_cmd("run", *TINY, *CHEAP, "--out", str(out), cwd=tmp_path).returncode == 0
-    proc = pbrf_cmd("run", *TINY, *CHEAP, "--set", "influence.damping=0.05", "--out", str(out), cwd=tmp_path)
+    proc = pbrf_cmd("run", *TINY, *CHEAP, "--set", "influence.damping=0.05", "--out", str(out),
+                    cwd=tmp_path)
     assert proc.returncode == 2
-    proc = pbrf_cmd("run", *TINY, *CHEAP, "--set", "influence.damping=0.05", "--out", str(out), "--overwrite", cwd=tmp_path)
+    proc = pbrf_cmd("run", *TINY, *CHEAP, "--set", "influence.damping=0.05", "--out", str(out),
+                    "--overwrite", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "config.json").read_text())["influence"]["damping"] == 0.05
 
@@ -149,14 +156,18 @@ def _committed(db: Path) -> int:
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_numbers(default_run, tmp_path):
-    """SIGKILL once the first chunk is committed; the rerun resumes and ends with the reference numbers."""
+    """SIGKILL once the first chunk is committed; the rerun resumes and ends with the reference
+    numbers.
+    """
     _, reference, _ = default_run
     killed = tmp_path / "killed"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "pbrf.cli", "run", *TINY, "--out", str(killed)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "pbrf.cli", "run", *TINY, "--out", str(killed)],
+                            cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while _committed(killed / "results.sqlite") < 1 and proc.poll() is None and time.monotonic() < deadline:
+    while (_committed(killed / "results.sqlite") < 1 and proc.poll() is None
+           and time.monotonic() < deadline):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -165,7 +176,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_numbers(default_run, tmp_pat
     assert 1 <= n_done < total, f"kill landed after {n_done} of {total} tasks"
     assert not (killed / "summary.json").exists()
     conn = sqlite3.connect(killed / "results.sqlite")
-    before = dict(((k, c), s) for k, c, s in conn.execute("SELECT kind, chunk, seconds FROM chunks"))
+    before = dict(
+        ((k, c), s) for k, c, s in conn.execute("SELECT kind, chunk, seconds FROM chunks")
+    )
     conn.close()
 
     proc = pbrf_cmd("run", *TINY, "--out", str(killed), cwd=tmp_path)
@@ -175,7 +188,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_numbers(default_run, tmp_pat
     conn.close()
     assert len(after) == total
     assert all(after[key] == s for key, s in before.items()), "finished chunks were recomputed"
-    assert json.loads((killed / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+    assert json.loads((killed / "summary.json").read_text()) == json.loads(
+        (reference / "summary.json").read_text()
+    )
 
 
 # ---------------------------------------------------------------------------- evaluate and table
@@ -185,16 +200,33 @@ def _summary(run_dir):
 
 def test_evaluate_own_scores_reproduces_the_correlations(default_run, capsys):
     _, run_dir, _ = default_run
-    assert cli.main(["evaluate", "--scores", str(run_dir / "influence_scores.npy"), "--run", str(run_dir), "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--scores",
+                str(run_dir / "influence_scores.npy"),
+                "--run",
+                str(run_dir),
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     expected = _summary(run_dir)["correlations"]
     for kind, entry in expected.items():
         for key in ("pearson", "spearman", "pearson_per_test", "spearman_per_test"):
-            assert result["correlations"][kind][key] == pytest.approx(entry[key], abs=1e-12), (kind, key)
+            assert result["correlations"][kind][key] == pytest.approx(entry[key], abs=1e-12), (
+                kind,
+                key,
+            )
 
 
 def test_evaluate_maps_train_layout_and_reads_csv(default_run, tmp_path, capsys):
-    """[n_test, n_train] scores: the run's removed points carry the run's scores, the rest is noise."""
+    """[n_test, n_train] scores: the run's removed points carry the run's scores, the rest
+    is noise.
+    """
     _, run_dir, _ = default_run
     own = np.load(run_dir / "influence_scores.npy")
     from pbrf.experiment.store import Store
@@ -208,7 +240,9 @@ def test_evaluate_maps_train_layout_and_reads_csv(default_run, tmp_path, capsys)
     assert cli.main(["evaluate", "--scores", str(path), "--run", str(run_dir), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["layout"] == "train"
-    assert result["correlations"]["pbrf"]["pearson"] == pytest.approx(_summary(run_dir)["correlations"]["pbrf"]["pearson"], abs=1e-9)
+    assert result["correlations"]["pbrf"]["pearson"] == pytest.approx(
+        _summary(run_dir)["correlations"]["pbrf"]["pearson"], abs=1e-9
+    )
 
 
 def test_evaluate_random_scores_are_uncorrelated(default_run, tmp_path, capsys):
@@ -220,10 +254,17 @@ def test_evaluate_random_scores_are_uncorrelated(default_run, tmp_path, capsys):
         np.save(path, np.random.default_rng(seed).normal(size=own.shape))
         assert cli.main(["evaluate", "--scores", str(path), "--run", str(run_dir), "--json"]) == 0
         result = json.loads(capsys.readouterr().out)
-        pearsons.append([result["correlations"][k]["pearson"] for k in ("pbrf", "linearized", "cold")])
+        pearsons.append(
+            [result["correlations"][k]["pearson"] for k in ("pbrf", "linearized", "cold")]
+        )
     mean = np.abs(np.mean(pearsons, axis=0))
     assert (mean < 0.1).all(), mean  # one draw has std ~0.16 over 40 pairs; the mean of 30 ~0.03
-    assert cli.main(["evaluate", "--scores", str(run_dir / "influence_scores.npy"), "--run", str(run_dir)]) == 0
+    assert (
+        cli.main(
+            ["evaluate", "--scores", str(run_dir / "influence_scores.npy"), "--run", str(run_dir)]
+        )
+        == 0
+    )
     assert "PBRF" in capsys.readouterr().out
 
 
@@ -231,12 +272,22 @@ def test_evaluate_bad_shape_is_one_line(default_run, tmp_path):
     cwd, run_dir, _ = default_run
     path = tmp_path / "bad.npy"
     np.save(path, np.zeros((5, 7)))
-    assert_one_line_error(pbrf_cmd("evaluate", "--scores", str(path), "--run", str(run_dir), cwd=tmp_path),
-                          "shape (5, 7)", "[5, 8]", "[5, 200]")
-    assert_one_line_error(pbrf_cmd("evaluate", "--scores", str(tmp_path / "none.npy"), "--run", str(run_dir), cwd=tmp_path),
-                          "does not exist")
-    assert_one_line_error(pbrf_cmd("evaluate", "--scores", str(path), "--run", str(tmp_path), cwd=tmp_path),
-                          "not a pbrf run directory")
+    assert_one_line_error(
+        pbrf_cmd("evaluate", "--scores", str(path), "--run", str(run_dir), cwd=tmp_path),
+        "shape (5, 7)",
+        "[5, 8]",
+        "[5, 200]",
+    )
+    assert_one_line_error(
+        pbrf_cmd(
+            "evaluate", "--scores", str(tmp_path / "none.npy"), "--run", str(run_dir), cwd=tmp_path
+        ),
+        "does not exist",
+    )
+    assert_one_line_error(
+        pbrf_cmd("evaluate", "--scores", str(path), "--run", str(tmp_path), cwd=tmp_path),
+        "not a pbrf run directory",
+    )
 
 
 def test_table_has_the_paper_layout(default_run, capsys):
@@ -253,11 +304,25 @@ def test_table_has_the_paper_layout(default_run, capsys):
 
 def test_sweep_runs_each_value_and_plots(tmp_path):
     out = tmp_path / "sweep"
-    proc = pbrf_cmd("sweep", "digits-mlp", *TINY, "--set", 'responses.kinds=["proximal", "pbrf", "linearized", "influence"]',
-                    "--factor", "damping", "--values", "0.001,0.1", "--out", str(out), cwd=tmp_path)
+    proc = pbrf_cmd(
+        "sweep",
+        "digits-mlp",
+        *TINY,
+        "--set",
+        'responses.kinds=["proximal", "pbrf", "linearized", "influence"]',
+        "--factor",
+        "damping",
+        "--values",
+        "0.001,0.1",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "sweep.md").is_file() and (out / "sweep.png").is_file()
     runs = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert runs == ["damping=0.001", "damping=0.1"]
-    assert json.loads((out / "damping=0.1" / "config.json").read_text())["influence"]["damping"] == 0.1
+    assert (
+        json.loads((out / "damping=0.1" / "config.json").read_text())["influence"]["damping"] == 0.1
+    )
     assert "proximity gap" in (out / "sweep.md").read_text()

@@ -23,7 +23,9 @@ def reference_ggn(prob):
 
 
 def reference_hessian(prob):
-    """Reverse-over-reverse autograd Hessian (torch.func.hessian is wrong for the tiny transformer)."""
+    """Reverse-over-reverse autograd Hessian (torch.func.hessian is wrong for the tiny
+    transformer).
+    """
 
     def data_loss(th):
         return prob.task.loss(prob.outputs_flat(th, prob.x), prob.t).mean()
@@ -39,7 +41,8 @@ def test_matvec_and_dense_equal_reference(kind, curvature):
     ref = reference_ggn(prob) if curvature == "ggn" else reference_hessian(prob)
     ref = ref + (prob.weight_decay + damping) * torch.eye(prob.n_params, dtype=torch.float64)
     op = CurvatureOperator(prob, curvature, damping)
-    V = torch.randn(3, prob.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    V = torch.randn(3, prob.n_params, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(op.matvec(V), V @ ref, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(op.matvec(V[0]), ref @ V[0], rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(op.dense(), ref, rtol=1e-8, atol=1e-10)
@@ -47,7 +50,8 @@ def test_matvec_and_dense_equal_reference(kind, curvature):
 
 def test_ggn_is_psd_and_symmetric():
     prob = tiny_problem("classification")
-    G = CurvatureOperator(prob, "ggn", 0.0).dense() - prob.weight_decay * torch.eye(prob.n_params, dtype=torch.float64)
+    G = CurvatureOperator(prob, "ggn", 0.0).dense() - prob.weight_decay * torch.eye(prob.n_params,
+        dtype=torch.float64)
     torch.testing.assert_close(G, G.T, rtol=1e-10, atol=1e-12)
     assert torch.linalg.eigvalsh(G).min() > -1e-10
 
@@ -58,8 +62,10 @@ def test_minibatch_matvec_is_the_subset_mean():
     idx = torch.tensor([1, 4, 7])
     v = torch.randn(prob.n_params, dtype=torch.float64)
     sub = tiny_problem("regression")
-    sub_prob = type(prob)(prob.model, prob.task, (prob.x[idx], prob.t[idx]), weight_decay=prob.weight_decay)
-    torch.testing.assert_close(op.matvec(v, index=idx), CurvatureOperator(sub_prob, "ggn", 0.0).matvec(v))
+    sub_prob = type(prob)(prob.model, prob.task, (prob.x[idx], prob.t[idx]),
+                          weight_decay=prob.weight_decay)
+    torch.testing.assert_close(op.matvec(v, index=idx),
+                               CurvatureOperator(sub_prob, "ggn", 0.0).matvec(v))
     del sub
 
 
@@ -67,7 +73,8 @@ def test_chunk_size_does_not_change_products():
     a, b = tiny_problem("classification"), tiny_problem("classification")
     b.chunk_size = 1
     v = torch.randn(a.n_params, dtype=torch.float64)
-    torch.testing.assert_close(CurvatureOperator(a).matvec(v), CurvatureOperator(b).matvec(v), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(CurvatureOperator(a).matvec(v), CurvatureOperator(b).matvec(v),
+                               rtol=1e-12, atol=1e-14)
 
 
 def test_bad_arguments_name_the_fix():

@@ -26,8 +26,7 @@ import torch
 from PIL import Image
 
 import pbrf.data as data
-from pbrf.data import DATASETS, DataError, Dataset, data_root, download, load
-from pbrf.data import _files, images
+from pbrf.data import DATASETS, DataError, Dataset, _files, data_root, download, images, load
 
 _MIRROR_ENV = os.environ.get("PBRF_DATA")
 MIRROR = Path(_MIRROR_ENV).absolute() if _MIRROR_ENV else None
@@ -37,7 +36,8 @@ IDX = (
     "t10k-images-idx3-ubyte.gz",
     "t10k-labels-idx1-ubyte.gz",
 )
-# written in this (non-alphabetical) order; the labels must follow the alphabetical airplane, cat, dog
+# written in this (non-alphabetical) order; the labels must follow the alphabetical airplane, cat,
+# dog
 JPEG_COLOURS = {"dog": (20, 20, 230), "airplane": (230, 20, 20), "cat": (20, 230, 20)}
 
 
@@ -54,7 +54,8 @@ def _isolated(monkeypatch, tmp_path_factory):
 
 
 def write_idx(path: Path, array: np.ndarray, compresslevel: int = 9) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I",
+        *array.shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wb", compresslevel=compresslevel) as f:
         f.write(header + array.astype(np.uint8).tobytes())
@@ -82,7 +83,8 @@ def make_idx_dataset(root: Path, name: str = "mnist", n_train: int = 60, n_test:
 
 def cifar_batch(labels: np.ndarray, offset: int) -> dict:
     x = coded_images(labels, (3, 32, 32), offset)
-    x[:, 1, 5, 5] = (np.arange(len(labels)) + offset) % 256  # green channel carries the global index
+    # green channel carries the global index
+    x[:, 1, 5, 5] = (np.arange(len(labels)) + offset) % 256
     return {b"data": x.reshape(len(labels), 3072), b"labels": labels.tolist(), b"batch_label": b"x"}
 
 
@@ -92,7 +94,8 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def make_cifar_pickle(root: Path, per_batch: int = 6, n_test: int = 12) -> tuple[np.ndarray, np.ndarray]:
+def make_cifar_pickle(root: Path, per_batch: int = 6, n_test: int = 12) -> tuple[np.ndarray,
+    np.ndarray]:
     path = root / "cifar10" / "cifar-10-python.tar.gz"
     path.parent.mkdir(parents=True, exist_ok=True)
     train_labels = []
@@ -103,9 +106,11 @@ def make_cifar_pickle(root: Path, per_batch: int = 6, n_test: int = 12) -> tuple
             batch = pickle.dumps(cifar_batch(y, (b - 1) * per_batch), protocol=2)
             add_member(tar, f"cifar-10-batches-py/data_batch_{b}", batch)
         y_te = np.arange(n_test) % 10
-        add_member(tar, "cifar-10-batches-py/test_batch", pickle.dumps(cifar_batch(y_te, 200), protocol=2))
+        add_member(tar, "cifar-10-batches-py/test_batch",
+                   pickle.dumps(cifar_batch(y_te, 200), protocol=2))
         names = [n.encode() for n in images.CIFAR_CLASSES]
-        add_member(tar, "cifar-10-batches-py/batches.meta", pickle.dumps({b"label_names": names}, protocol=2))
+        add_member(tar, "cifar-10-batches-py/batches.meta",
+                   pickle.dumps({b"label_names": names}, protocol=2))
     return np.concatenate(train_labels), y_te
 
 
@@ -218,7 +223,8 @@ def test_digits_split_is_disjoint_and_covers_all_rows():
     raw = load("digits", normalize=False)
     rows = torch.cat([raw.x_train, raw.x_test]).reshape(1797, 64)
     table = np.loadtxt(images.DIGITS_FILE, delimiter=",")
-    assert np.array_equal(np.sort(rows.numpy() * 16, axis=0).round(), np.sort(table[:, :64], axis=0))
+    assert np.array_equal(np.sort(rows.numpy() * 16, axis=0).round(),
+                          np.sort(table[:, :64], axis=0))
     assert len({tuple(r) for r in rows.tolist()}) == len({tuple(r) for r in table[:, :64].tolist()})
 
 
@@ -249,8 +255,10 @@ def test_digits_classes_and_binary():
 def test_digits_relabelling_keeps_images_with_their_labels():
     full = load("digits", normalize=False)
     sub = load("digits", classes=(8, 3), normalize=False)
-    lookup = {tuple(x): int(y) for x, y in zip(full.x_train.flatten(1).tolist(), full.y_train.tolist())}
-    lookup.update({tuple(x): int(y) for x, y in zip(full.x_test.flatten(1).tolist(), full.y_test.tolist())})
+    lookup = {tuple(x): int(y) for x,
+              y in zip(full.x_train.flatten(1).tolist(), full.y_train.tolist())}
+    lookup.update({tuple(x): int(y) for x,
+                   y in zip(full.x_test.flatten(1).tolist(), full.y_test.tolist())})
     original = np.array([lookup[tuple(x)] for x in sub.x_train.flatten(1).tolist()])
     assert np.array_equal(np.where(sub.y_train.numpy() == 0, 8, 3), original)
 
@@ -285,7 +293,8 @@ def test_unknown_dataset():
 
 def test_reconstruction_task_and_float64():
     ds = load("digits", n_train=20, n_test=10, task="reconstruction", dtype=torch.float64)
-    assert ds.task == "reconstruction" and ds.x_train.dtype == torch.float64 and ds.meta["n_outputs"] == 64
+    assert ds.task == "reconstruction" and ds.x_train.dtype == torch.float64
+    assert ds.meta["n_outputs"] == 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,12 +307,17 @@ def test_idx_load_shapes_labels_and_normalisation(tmp_path, name):
     ds = load(name, root=tmp_path, verify=False)
     assert ds.task == "classification"
     assert ds.x_train.shape == (60, 1, 28, 28) and ds.x_test.shape == (30, 1, 28, 28)
-    assert ds.y_train.dtype == torch.long and torch.equal(ds.y_train, torch.from_numpy(arrays[IDX[1]]).long())
+    assert ds.y_train.dtype == torch.long and torch.equal(
+        ds.y_train, torch.from_numpy(arrays[IDX[1]]).long()
+    )
     assert torch.equal(ds.y_test, torch.from_numpy(arrays[IDX[3]]).long())
     assert_standardised(ds.x_train)
     raw = arrays[IDX[0]].astype(np.float64) / 255
-    assert ds.meta["mean"][0] == pytest.approx(raw.mean()) and ds.meta["std"][0] == pytest.approx(raw.std())
-    expected = (arrays[IDX[2]][:, None] / 255 - raw.mean()) / raw.std()  # test split uses train statistics
+    assert ds.meta["mean"][0] == pytest.approx(raw.mean()) and ds.meta["std"][0] == pytest.approx(
+        raw.std()
+    )
+    # test split uses train statistics
+    expected = (arrays[IDX[2]][:, None] / 255 - raw.mean()) / raw.std()
     np.testing.assert_allclose(ds.x_test.numpy(), expected, atol=1e-5)
 
 
@@ -316,7 +330,8 @@ def test_idx_subset_deterministic_aligned_and_nested(tmp_path):
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)
     idx_a, idx_c, idx_d = (pixel_codes(ds.x_train, 0, 0, 1) for ds in (a, c, d))
     assert len(set(idx_a)) == 17 and set(idx_a) <= set(idx_c) and set(idx_a) != set(idx_d)
-    assert np.array_equal(pixel_codes(a.x_train), a.y_train.numpy())  # label pixel matches the label
+    # label pixel matches the label
+    assert np.array_equal(pixel_codes(a.x_train), a.y_train.numpy())
 
 
 def test_idx_subset_normalisation_uses_the_subset(tmp_path):
@@ -332,13 +347,19 @@ def test_idx_classes_relabel_and_binary(tmp_path):
     original = pixel_codes(ds.x_train)
     assert np.array_equal(np.where(ds.y_train.numpy() == 0, 7, 3), original)
     b = load("mnist", root=tmp_path, verify=False, classes=(7, 3), binary=True, n_train=5, seed=1)
-    assert b.task == "binary" and b.y_train.dtype == torch.float32 and set(b.y_train.tolist()) <= {0.0, 1.0}
+    assert (
+        b.task == "binary"
+        and b.y_train.dtype == torch.float32
+        and set(b.y_train.tolist()) <= {0.0, 1.0}
+    )
     assert len(b.y_train) == 5
 
 
 def test_fashion_class_names(tmp_path):
     make_idx_dataset(tmp_path, "fashion-mnist")
-    ds = load("fashion-mnist", root=tmp_path, verify=False, classes=("Bag", "Trouser"), normalize=False)
+    ds = load(
+        "fashion-mnist", root=tmp_path, verify=False, classes=("Bag", "Trouser"), normalize=False
+    )
     assert ds.meta["class_names"] == ["Bag", "Trouser"]
     assert np.array_equal(np.where(ds.y_train.numpy() == 0, 8, 1), pixel_codes(ds.x_train))
 
@@ -361,10 +382,16 @@ def test_cifar_pickle_tarball(tmp_path):
     y_tr, y_te = make_cifar_pickle(tmp_path)
     ds = load("cifar10", root=tmp_path, verify=False, normalize=False)
     assert ds.x_train.shape == (30, 3, 32, 32) and ds.x_test.shape == (12, 3, 32, 32)
-    assert torch.equal(ds.y_train, torch.from_numpy(y_tr)) and torch.equal(ds.y_test, torch.from_numpy(y_te))
-    assert np.array_equal(pixel_codes(ds.x_train, 0, 0, 0), y_tr)  # channel-major layout: R plane first
-    assert np.array_equal(pixel_codes(ds.x_train, 1, 5, 5), np.arange(30))  # batches concatenated 1..5
-    assert ds.meta["class_names"][0] == "airplane" and ds.meta["source"].endswith("cifar-10-python.tar.gz")
+    assert torch.equal(ds.y_train, torch.from_numpy(y_tr)) and torch.equal(
+        ds.y_test, torch.from_numpy(y_te)
+    )
+    # channel-major layout: R plane first
+    assert np.array_equal(pixel_codes(ds.x_train, 0, 0, 0), y_tr)
+    # batches concatenated 1..5
+    assert np.array_equal(pixel_codes(ds.x_train, 1, 5, 5), np.arange(30))
+    assert ds.meta["class_names"][0] == "airplane" and ds.meta["source"].endswith(
+        "cifar-10-python.tar.gz"
+    )
     normed = load("cifar10", root=tmp_path, verify=False, n_train=20, seed=1)
     assert_standardised(normed.x_train)
     assert len(normed.meta["mean"]) == 3
@@ -380,7 +407,9 @@ def test_cifar_pickle_rejects_code_in_pickle(tmp_path):
     path = tmp_path / "cifar10" / "cifar-10-python.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
         add_member(tar, "cifar-10-batches-py/data_batch_1", pickle.dumps(Evil()))
-        add_member(tar, "cifar-10-batches-py/test_batch", pickle.dumps(cifar_batch(np.arange(3), 0)))
+        add_member(
+            tar, "cifar-10-batches-py/test_batch", pickle.dumps(cifar_batch(np.arange(3), 0))
+        )
     with pytest.raises(DataError, match="not allowed") as err:
         load("cifar10", root=tmp_path, verify=False)
     assert str(path) in str(err.value)
@@ -393,8 +422,11 @@ def test_cifar_jpeg_image_folder(tmp_path):
     assert ds.meta["class_names"] == ["airplane", "cat", "dog"]
     colours = np.array([JPEG_COLOURS[c] for c in ds.meta["class_names"]])
     mean_rgb = ds.x_train.mean((2, 3)).numpy() * 255
-    np.testing.assert_allclose(mean_rgb, colours[ds.y_train.numpy()], atol=4)  # label = alphabetical class
-    np.testing.assert_allclose(ds.x_test.mean((2, 3)).numpy() * 255, colours[ds.y_test.numpy()], atol=4)
+    # label = alphabetical class
+    np.testing.assert_allclose(mean_rgb, colours[ds.y_train.numpy()], atol=4)
+    np.testing.assert_allclose(
+        ds.x_test.mean((2, 3)).numpy() * 255, colours[ds.y_test.numpy()], atol=4
+    )
     assert_standardised(load("cifar10", root=tmp_path, verify=False).x_train)
 
 
@@ -402,6 +434,7 @@ def test_cifar_jpeg_decodes_only_the_subset(tmp_path, monkeypatch):
     make_cifar_jpeg(tmp_path)
     calls = []
     original = images._JpegArchive._decode_one
+
     def counting(self, member):
         calls.append(member.name)
         return original(self, member)
@@ -416,7 +449,9 @@ def test_cifar_jpeg_decodes_only_the_subset(tmp_path, monkeypatch):
 def test_cifar_jpeg_full_split_is_cached(tmp_path, monkeypatch):
     make_cifar_jpeg(tmp_path)
     first = load("cifar10", root=tmp_path, verify=False)
-    monkeypatch.setattr(images._JpegArchive, "_decode_one", lambda *_: pytest.fail("decoded despite the cache"))
+    monkeypatch.setattr(
+        images._JpegArchive, "_decode_one", lambda *_: pytest.fail("decoded despite the cache")
+    )
     again = load("cifar10", root=tmp_path, verify=False)
     sub = load("cifar10", root=tmp_path, verify=False, n_train=5, n_test=3)
     assert torch.equal(first.x_train, again.x_train) and torch.equal(first.y_test, again.y_test)
@@ -437,20 +472,29 @@ def test_cifar_source_choice_and_missing(tmp_path):
 # UCI
 
 
-@pytest.mark.parametrize("name, n, sizes", [("energy", 768, (538, 154, 76)), ("concrete", 1030, (721, 206, 103))])
+@pytest.mark.parametrize(
+    "name, n, sizes", [("energy", 768, (538, 154, 76)), ("concrete", 1030, (721, 206, 103))]
+)
 def test_uci_split_sizes_and_standardisation(tmp_path, name, n, sizes):
     table = make_uci(tmp_path, name, n)
     ds = load(name, root=tmp_path, verify=False, seed=1)
     assert ds.task == "regression"
     assert (len(ds.x_train), len(ds.x_val), len(ds.x_test)) == sizes
-    assert ds.x_train.shape[1] == 8 and ds.y_train.shape == (sizes[0], 1) and ds.y_train.dtype == torch.float32
+    assert (
+        ds.x_train.shape[1] == 8
+        and ds.y_train.shape == (sizes[0], 1)
+        and ds.y_train.dtype == torch.float32
+    )
     assert_standardised(ds.x_train, channel_axis=1)
     assert_standardised(ds.y_train, channel_axis=1)
-    rows = [np.rint(x[:, 0].double().numpy() * ds.meta["x_std"][0] + ds.meta["x_mean"][0]).astype(int)
-            for x in (ds.x_train, ds.x_val, ds.x_test)]
+    rows = [
+        np.rint(x[:, 0].double().numpy() * ds.meta["x_std"][0] + ds.meta["x_mean"][0]).astype(int)
+        for x in (ds.x_train, ds.x_val, ds.x_test)
+    ]
     assert sorted(np.concatenate(rows).tolist()) == list(range(n))  # disjoint and complete
     y = ds.y_train[:, 0].double().numpy() * ds.meta["y_std"][0] + ds.meta["y_mean"][0]
-    np.testing.assert_allclose(y, table[rows[0], 8], atol=1e-4)  # target column 8 stays with its row
+    # target column 8 stays with its row
+    np.testing.assert_allclose(y, table[rows[0], 8], atol=1e-4)
 
 
 def test_uci_seed_determinism_and_subsets(tmp_path):
@@ -483,8 +527,16 @@ def test_shakespeare_windows_vocab_and_split(tmp_path):
     text = make_corpus(tmp_path)
     ds = load("shakespeare", root=tmp_path, verify=False, n_train=50, n_test=20, seq_len=16)
     vocab = ds.meta["vocab"]
-    assert ds.task == "language_model" and vocab == "".join(sorted(set(text))) and ds.meta["vocab_size"] == 10
-    assert ds.x_train.shape == (50, 16) and ds.y_test.shape == (20, 16) and ds.x_train.dtype == torch.long
+    assert (
+        ds.task == "language_model"
+        and vocab == "".join(sorted(set(text)))
+        and ds.meta["vocab_size"] == 10
+    )
+    assert (
+        ds.x_train.shape == (50, 16)
+        and ds.y_test.shape == (20, 16)
+        and ds.x_train.dtype == torch.long
+    )
     assert torch.equal(ds.x_train[:, 1:], ds.y_train[:, :-1])
     for x, y in zip(ds.x_train.tolist(), ds.y_train.tolist()):
         window = "".join(vocab[t] for t in x + y[-1:])
@@ -499,7 +551,9 @@ def test_shakespeare_windows_vocab_and_split(tmp_path):
 def test_shakespeare_defaults_and_bad_seq_len(tmp_path):
     make_corpus(tmp_path, 30_000)
     ds = load("shakespeare", root=tmp_path, verify=False)
-    assert ds.x_train.shape == (2000, 64) and ds.x_test.shape == (200, 64) and ds.meta["seq_len"] == 64
+    assert (
+        ds.x_train.shape == (2000, 64) and ds.x_test.shape == (200, 64) and ds.meta["seq_len"] == 64
+    )
     with pytest.raises(DataError, match="seq_len=3000"):
         load("shakespeare", root=tmp_path, verify=False, seq_len=3000)
 
@@ -517,7 +571,9 @@ def test_synthetic_regression_is_deterministic_and_linear():
     w = torch.linalg.lstsq(a.x_train.double(), a.y_train.double()).solution
     residual = a.y_train.double() - a.x_train.double() @ w
     assert 0.03 < residual.std().item() < 0.07
-    torch.testing.assert_close(w, torch.tensor(a.meta["weights"], dtype=torch.float64), atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        w, torch.tensor(a.meta["weights"], dtype=torch.float64), atol=0.02, rtol=0
+    )
 
 
 def test_synthetic_classification_and_binary():
@@ -526,10 +582,18 @@ def test_synthetic_classification_and_binary():
     centroids = torch.stack([ds.x_train[ds.y_train == k].mean(0) for k in range(4)])
     nearest = torch.cdist(ds.x_test, centroids).argmin(1)
     assert (nearest == ds.y_test).float().mean() > 0.95  # labels match the blobs
-    sub = load("synthetic-classification", n_train=300, n_classes=4, classes=(3, 1), binary=True, seed=2)
-    assert sub.task == "binary" and len(sub.y_train) == 300 and set(sub.y_train.tolist()) == {0.0, 1.0}
+    sub = load(
+        "synthetic-classification", n_train=300, n_classes=4, classes=(3, 1), binary=True, seed=2
+    )
+    assert (
+        sub.task == "binary" and len(sub.y_train) == 300 and set(sub.y_train.tolist()) == {0.0, 1.0}
+    )
     bin_ = load("synthetic-binary", seed=0)
-    assert bin_.task == "binary" and bin_.y_train.shape == (100,) and bin_.y_train.dtype == torch.float32
+    assert (
+        bin_.task == "binary"
+        and bin_.y_train.shape == (100,)
+        and bin_.y_train.dtype == torch.float32
+    )
     assert 0.2 < bin_.y_train.mean() < 0.8
 
 
@@ -557,7 +621,9 @@ def test_corrupted_file_fails_verification(tmp_path):
 def test_verification_passes_is_cached_and_detects_change(tmp_path, monkeypatch):
     make_idx_dataset(tmp_path)
     for name in IDX:
-        monkeypatch.setitem(_files.CHECKSUMS, f"mnist/{name}", md5_content(tmp_path / "mnist" / name))
+        monkeypatch.setitem(
+            _files.CHECKSUMS, f"mnist/{name}", md5_content(tmp_path / "mnist" / name)
+        )
     hashed = []
     original = _files.md5sum
     monkeypatch.setattr(_files, "md5sum", lambda p, **kw: hashed.append(p) or original(p, **kw))
@@ -647,11 +713,16 @@ def test_download_http_error_leaves_nothing(server, tmp_path):
     dest = tmp_path / "dest"
     with pytest.raises(DataError, match="download failed"):
         download("shakespeare", root=dest, base_url=url, progress=False)  # not served: 404
-    assert not (dest / "tinyshakespeare").exists() or list((dest / "tinyshakespeare").iterdir()) == []
+    assert (
+        not (dest / "tinyshakespeare").exists() or list((dest / "tinyshakespeare").iterdir()) == []
+    )
 
 
 def test_download_nothing_for_embedded_and_unknown(tmp_path):
-    assert download("digits", root=tmp_path) == [] and download("synthetic-binary", root=tmp_path) == []
+    assert (
+        download("digits", root=tmp_path) == []
+        and download("synthetic-binary", root=tmp_path) == []
+    )
     with pytest.raises(DataError, match="unknown dataset"):
         download("imagenet", root=tmp_path)
 
@@ -660,10 +731,17 @@ def test_download_sources_are_canonical():
     for name, rels in _files.DOWNLOADS.items():
         assert name in DATASETS
         for rel in rels:
-            assert _files.SOURCES[rel].startswith(("https://", "http://")) and rel in _files.CHECKSUMS
+            assert (
+                _files.SOURCES[rel].startswith(("https://", "http://")) and rel in _files.CHECKSUMS
+            )
     sources = _files.SOURCES
-    assert sources["cifar10/cifar-10-python.tar.gz"] == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-    assert sources["mnist/train-images-idx3-ubyte.gz"].startswith("https://ossci-datasets.s3.amazonaws.com/mnist/")
+    assert (
+        sources["cifar10/cifar-10-python.tar.gz"]
+        == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    )
+    assert sources["mnist/train-images-idx3-ubyte.gz"].startswith(
+        "https://ossci-datasets.s3.amazonaws.com/mnist/"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,4 +804,8 @@ def test_mirror_via_env(monkeypatch):
 def test_dataset_repr_and_pairs():
     ds = load("synthetic-regression", n_train=3, n_test=2)
     assert isinstance(ds, Dataset) and "x_train=(3, 5)" in repr(ds)
-    assert ds.train[0] is ds.x_train and ds.val is None and data.options("shakespeare") == {"seq_len": 64}
+    assert (
+        ds.train[0] is ds.x_train
+        and ds.val is None
+        and data.options("shakespeare") == {"seq_len": 64}
+    )

@@ -27,19 +27,26 @@ def dense_grads(prob, x, t, theta=None):
     rows = []
     for i in range(x.shape[0]):
         th = theta.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(prob.task.loss(prob.outputs_flat(th, x[i : i + 1]), t[i : i + 1]).sum(), th)
+        (g,) = torch.autograd.grad(
+            prob.task.loss(prob.outputs_flat(th, x[i : i + 1]), t[i : i + 1]).sum(), th
+        )
         rows.append(g)
     return torch.stack(rows)
 
 
 def sums(G, removals):
-    return torch.stack([G[torch.tensor(r if isinstance(r, list) else [r])].sum(0) for r in removals])
+    return torch.stack(
+        [G[torch.tensor(r if isinstance(r, list) else [r])].sum(0) for r in removals]
+    )
 
 
 def brute(prob, test, removals, C=None, theta=None):
     """(1/N) g_test C⁻¹ Σ_r g_i from dense gradients and a dense solve (C = I when None)."""
     xt, tt = prob.prepare(test)
-    gt, gr = dense_grads(prob, xt, tt, theta), sums(dense_grads(prob, prob.x, prob.t, theta), removals)
+    gt, gr = (
+        dense_grads(prob, xt, tt, theta),
+        sums(dense_grads(prob, prob.x, prob.t, theta), removals),
+    )
     left = gt if C is None else torch.linalg.solve(C, gt.T).T
     return left @ gr.T / prob.n_train
 
@@ -63,7 +70,9 @@ def test_arnoldi_top_eigenpairs_match_dense_spectrum():
     vals, vecs = estimators.lanczos(C.matvec, prob.n_params, prob.n_params, prob.theta)
     dense = torch.linalg.eigvalsh(C.dense()).flip(0)
     torch.testing.assert_close(vals, dense, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(vecs @ vecs.T, torch.eye(prob.n_params, dtype=vecs.dtype), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        vecs @ vecs.T, torch.eye(prob.n_params, dtype=vecs.dtype), rtol=0, atol=1e-9
+    )
     # a truncated Arnoldi drops the complement: with rank < p it is not exact
     test = held_out("classification")
     low = estimators.get("arnoldi", rank=3, damping=DAMPING).scores(prob, test, REMOVALS).scores
@@ -109,7 +118,9 @@ def test_tracin_with_one_checkpoint_is_gradient_dot_and_sums_checkpoints():
     other = {k: v + 0.1 * torch.randn_like(v) for k, v in prob.params.items()}
     two = [{"params": other, "lr": 0.5}, {"params": prob.params, "lr": 0.25}]
     got = estimators.get("tracin", checkpoints=two).scores(prob, test, REMOVALS).scores
-    ref = 0.5 * brute(prob, test, REMOVALS, theta=prob.flatten(other)) + 0.25 * brute(prob, test, REMOVALS)
+    ref = 0.5 * brute(prob, test, REMOVALS, theta=prob.flatten(other)) + 0.25 * brute(
+        prob, test, REMOVALS
+    )
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-14)
     with pytest.raises(estimators.EstimatorUnavailable, match="train.checkpoints"):
         estimators.get("tracin").scores(prob, test, REMOVALS)
@@ -118,19 +129,36 @@ def test_tracin_with_one_checkpoint_is_gradient_dot_and_sums_checkpoints():
 def test_train_saves_evenly_spaced_checkpoints_ending_at_theta_s():
     prob = tiny_problem("regression")
     recipe = pbrf.Recipe(lr=0.05, steps=10, batch_size=4)
-    res = pbrf.train(prob.model, prob.task, (prob.x, prob.t), recipe, weight_decay=0.01, progress=False,
-                     checkpoints=3)
+    res = pbrf.train(
+        prob.model,
+        prob.task,
+        (prob.x, prob.t),
+        recipe,
+        weight_decay=0.01,
+        progress=False,
+        checkpoints=3,
+    )
     assert [c["step"] for c in res.checkpoints] == [3, 7, 10]
     assert all(torch.equal(res.checkpoints[-1]["params"][k], res.params[k]) for k in res.params)
-    plain = pbrf.train(prob.model, prob.task, (prob.x, prob.t), recipe, weight_decay=0.01, progress=False)
-    assert all(torch.equal(plain.params[k], res.params[k]) for k in res.params)  # saving changes nothing
+    plain = pbrf.train(
+        prob.model, prob.task, (prob.x, prob.t), recipe, weight_decay=0.01, progress=False
+    )
+    assert all(
+        torch.equal(plain.params[k], res.params[k]) for k in res.params
+    )  # saving changes nothing
 
 
 def test_estimator_result_reports_cost_and_hyperparameters():
     prob = tiny_problem("regression")
-    res = estimators.get("trak", dim=8, damping=DAMPING).scores(prob, held_out("regression"), REMOVALS)
+    res = estimators.get("trak", dim=8, damping=DAMPING).scores(
+        prob, held_out("regression"), REMOVALS
+    )
     assert res.scores.shape == (4, len(REMOVALS))
-    assert res.seconds > 0 and res.hyperparameters["dim"] == 8 and res.hyperparameters["damping"] == DAMPING
+    assert (
+        res.seconds > 0
+        and res.hyperparameters["dim"] == 8
+        and res.hyperparameters["damping"] == DAMPING
+    )
     assert res.peak_memory_bytes is None or res.peak_memory_bytes >= 0
     with pytest.raises(ValueError, match="unknown estimator"):
         estimators.get("nope")
@@ -152,7 +180,14 @@ def test_lds_of_exact_influence_on_converged_logistic_regression():
     recipe = pbrf.Recipe(optimizer="sgd", lr=1.0, momentum=0.9, steps=400, batch_size=None)
     res = pbrf.train(model, task, (x, y), recipe, weight_decay=0.05, progress=False)
     prob = res.problem(task, (x, y))
-    assert float(torch.linalg.vector_norm(torch.func.grad(lambda p: prob.objective(p))(prob.params)["weight"])) < 1e-8
+    assert (
+        float(
+            torch.linalg.vector_norm(
+                torch.func.grad(lambda p: prob.objective(p))(prob.params)["weight"]
+            )
+        )
+        < 1e-8
+    )
     g = torch.Generator().manual_seed(5)
     xt = torch.randn(30, 4, generator=g, dtype=torch.float64)
     yt = (torch.rand(30, generator=g, dtype=torch.float64) < 0.5).double()
@@ -164,19 +199,25 @@ def test_lds_of_exact_influence_on_converged_logistic_regression():
     good = lds.lds(lds.group_scores(exact, groups), actual)
     chance = lds.lds(lds.random_scores(actual.shape, seed=1), actual)
     assert good["lds"] >= 0.9, good
-    # 30 test points x 40 subsets: a random ranking's LDS has standard error about 1/sqrt(39·30) ≈ 0.03
+    # 30 test points x 40 subsets: a random ranking's LDS has standard error ≈ 1/sqrt(39·30) ≈ 0.03
     assert abs(chance["lds"]) < 0.1, chance
 
 
 def test_lds_subsets_and_spearman():
     groups = lds.subsets(50, 10, alpha=0.5, seed=2)
     assert len(groups) == 10 and all(len(g) == 25 and len(set(g)) == 25 for g in groups)
-    assert groups == lds.subsets(50, 10, alpha=0.5, seed=2) and groups != lds.subsets(50, 10, alpha=0.5, seed=3)
+    assert groups == lds.subsets(50, 10, alpha=0.5, seed=2) and groups != lds.subsets(
+        50, 10, alpha=0.5, seed=3
+    )
     a = np.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
     b = np.array([[10.0, 20.0, 35.0, 100.0], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
     out = lds.lds(a, b)
     assert out["per_test"][0] == pytest.approx(1.0) and out["per_test"][1] == pytest.approx(-1.0)
-    assert math.isnan(out["per_test"][2]) and out["n_undefined"] == 1 and out["lds"] == pytest.approx(0.0)
+    assert (
+        math.isnan(out["per_test"][2])
+        and out["n_undefined"] == 1
+        and out["lds"] == pytest.approx(0.0)
+    )
     with pytest.raises(ValueError, match="alpha"):
         lds.subsets(10, 4, alpha=1.5)
 
@@ -185,8 +226,14 @@ def test_cg_and_lissa_influence_estimators_against_a_dense_solve():
     prob = tiny_problem("regression")
     test = held_out("regression")
     ref = brute(prob, test, REMOVALS, CurvatureOperator(prob, "ggn", DAMPING).dense())
-    cg = estimators.get("influence-cg", damping=DAMPING, solver_options={"tol": 1e-12, "max_iter": 500})
+    cg = estimators.get(
+        "influence-cg", damping=DAMPING, solver_options={"tol": 1e-12, "max_iter": 500}
+    )
     torch.testing.assert_close(cg.scores(prob, test, REMOVALS).scores, ref, rtol=1e-8, atol=1e-12)
-    lissa = estimators.get("influence-lissa", damping=DAMPING, solver_options={"depth": 200, "batch_size": None})
-    got = lissa.scores(prob, test, REMOVALS).scores  # full-batch LiSSA is a convergent Neumann series
+    lissa = estimators.get(
+        "influence-lissa", damping=DAMPING, solver_options={"depth": 200, "batch_size": None}
+    )
+    got = lissa.scores(
+        prob, test, REMOVALS
+    ).scores  # full-batch LiSSA is a convergent Neumann series
     torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-12)

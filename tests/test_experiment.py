@@ -28,7 +28,8 @@ from pbrf.experiment.store import Store
 
 PRESETS = (
     "digits-mlp", "mnist-mlp", "fashion-mnist-mlp", "concrete-mlp", "energy-mlp", "cifar10-lenet",
-    "cifar10-alexnet", "cifar10-vgg13", "cifar10-resnet20", "mnist-autoencoder", "shakespeare-transformer",
+    "cifar10-alexnet", "cifar10-vgg13", "cifar10-resnet20", "mnist-autoencoder",
+        "shakespeare-transformer",
     "digits-binary",
 )  # fmt: skip
 
@@ -46,7 +47,9 @@ def test_all_presets_exist_with_quick_and_paper_profiles():
 
 
 def test_preset_models_build_with_their_kwargs():
-    """Every preset's [model] table is accepted by pbrf.models (shape arguments come from the data)."""
+    """Every preset's [model] table is accepted by pbrf.models (shape arguments come from
+    the data).
+    """
     for name in PRESETS:
         cfg = load_preset(name, "quick")
         assert cfg.model.name in pbrf.models.MODELS
@@ -64,7 +67,8 @@ def test_config_json_roundtrip():
 
 def test_set_overrides_are_typed():
     cfg = load_preset("digits-mlp", "tiny", [
-        "influence.damping=1e-2", "model.width=32", "train.weight_decay=0", "removals.strategy=top-influence",
+        "influence.damping=1e-2", "model.width=32", "train.weight_decay=0",
+            "removals.strategy=top-influence",
         'responses.kinds=["pbrf", "influence"]', "train.steps=7",
     ])  # fmt: skip
     assert cfg.influence.damping == 0.01 and cfg.model.options["width"] == 32
@@ -105,7 +109,8 @@ def test_unknown_preset_and_profile():
 def test_toml_config_file(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text(
-        'task = "classification"\n[data]\nname = "digits"\nn_train = 100\n[model]\nname = "mlp"\nwidth = 8\n'
+        'task = "classification"\n[data]\nname = "digits"\nn_train = 100\n[model]\nname = '
+        '"mlp"\nwidth = 8\n'
         '[train]\nepochs = 2\n[removals]\nn_test_points = 3\nn_removals = 4\n'
         '[profiles.tiny.removals]\nn_removals = 2\n'
     )
@@ -125,10 +130,11 @@ def test_toml_config_file(tmp_path):
 def test_section_validation():
     with pytest.raises(ConfigError, match="group_fraction or group_size, not both"):
         load_preset("digits-mlp", "tiny", ["removals.group_fraction=0.1", "removals.group_size=3"])
-    assert load_preset("digits-mlp", "tiny", ["removals.group_fraction=0.1"]).removals.resolved_group_size(200) == 20
+    assert load_preset("digits-mlp", "tiny",
+                       ["removals.group_fraction=0.1"]).removals.resolved_group_size(200) == 20
 
 
-# ---------------------------------------------------------------------------- removal choices and seeds
+# ----------------------------------------------------------------------- removal choices and seeds
 def test_chunk_seed_is_a_pure_function():
     assert pipeline.chunk_seed(0, 3) == pipeline.chunk_seed(0, 3)
     seeds = {pipeline.chunk_seed(s, c) for s in range(3) for c in range(20)}
@@ -147,11 +153,13 @@ def test_random_groups_are_deterministic_and_sized():
 def test_top_influence_groups_pick_the_largest_scores():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(4, 100))
-    cfg = load_preset("digits-mlp", "tiny", ["removals.strategy=top-influence", "removals.n_removals=5"])
+    cfg = load_preset("digits-mlp", "tiny",
+                      ["removals.strategy=top-influence", "removals.n_removals=5"])
     singles = pipeline.top_influence_groups(cfg, scores)
     expected = np.argsort(-np.abs(scores).mean(0))[:5]
     assert [g[0] for g in singles] == list(expected)
-    cfg = load_preset("digits-mlp", "tiny", ["removals.strategy=top-influence", "removals.group_size=3"])
+    cfg = load_preset("digits-mlp", "tiny",
+                      ["removals.strategy=top-influence", "removals.group_size=3"])
     groups = pipeline.top_influence_groups(cfg, scores)
     assert groups[0] == sorted(np.argsort(-scores[0])[:3].tolist())  # most positive on test point 0
     assert groups[4] == sorted(np.argsort(scores[0])[:3].tolist())  # then the most negative
@@ -186,7 +194,8 @@ def _stored_dm(run_dir, cfg):
 
 def test_run_writes_every_output(tiny_run):
     cfg, run_dir, summary, tasks = tiny_run
-    for name in ("config.json", "theta_s.safetensors", "results.sqlite", "report.md", "summary.json"):
+    for name in ("config.json", "theta_s.safetensors", "results.sqlite", "report.md",
+                 "summary.json"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "figures").glob("*.png"))
     assert len(tasks) == 6 * 2  # six kinds x two chunks of four removals
@@ -199,7 +208,8 @@ def test_run_writes_every_output(tiny_run):
     removals = json.loads((run_dir / "removals.json").read_text())
     with Store(run_dir, readonly=True) as store:
         assert removals["test_index"] == store.get_array("test_index").tolist()
-    assert len(removals["removals"]) == 8 and np.load(run_dir / "test_index.npy").tolist() == removals["test_index"]
+    assert len(removals["removals"]) == 8
+    assert np.load(run_dir / "test_index.npy").tolist() == removals["test_index"]
     assert np.load(run_dir / "influence_scores.npy").shape == (5, 8)
 
 
@@ -223,12 +233,19 @@ def test_signed_gaps_telescope_on_stored_arrays(tiny_run):
 
 
 def test_linearized_kind_is_the_exact_influence(tiny_run):
-    """The stored linearised-PBRF Δm equals pbrf.influence with the exact solver on the same points."""
+    """The stored linearised-PBRF Δm equals pbrf.influence with the exact solver on the same
+    points.
+    """
     cfg, run_dir, _, _ = tiny_run
-    pipeline._CONTEXTS.clear()
     ctx = pipeline.load_context(run_dir)
-    scores = pbrf.influence(ctx.problem, ctx.test, [g for g in ctx.groups], damping=cfg.influence.damping,
-                            solver="exact", solver_options=dict(cfg.influence.accurate_options))
+    scores = pbrf.influence(
+        ctx.problem,
+        ctx.test,
+        [g for g in ctx.groups],
+        damping=cfg.influence.damping,
+        solver="exact",
+        solver_options=dict(cfg.influence.accurate_options),
+    )
     dm = _stored_dm(run_dir, cfg)
     np.testing.assert_allclose(dm["linearized"], scores.double().numpy(), rtol=1e-3, atol=1e-6)
     # and the influence (practical LiSSA) estimate is close to it but not identical
@@ -256,19 +273,35 @@ def test_resume_recomputes_only_missing_chunks_and_matches(tiny_run, tmp_path):
     executor = CountingExecutor()
     resumed = pipeline.run_experiment(cfg, copy, executor=executor, progress=False)
     assert sorted(executor.tasks) == sorted([(0, "pbrf")] + [(1, k) for k in KINDS])
-    assert json.loads((copy / "summary.json").read_text()) == json.loads((run_dir / "summary.json").read_text())
+    assert json.loads((copy / "summary.json").read_text()) == json.loads(
+        (run_dir / "summary.json").read_text()
+    )
     assert resumed == summary
 
 
 def test_group_removals_are_additive(tmp_path):
     """Groups of 5% of the data: linearised Δm of a group = sum of its members' exact influence."""
-    cfg = load_preset("digits-mlp", "tiny", ["removals.group_fraction=0.05", 'responses.kinds=["linearized", "influence"]'])
+    cfg = load_preset(
+        "digits-mlp",
+        "tiny",
+        ["removals.group_fraction=0.05", 'responses.kinds=["linearized", "influence"]'],
+    )
     summary = pipeline.run_experiment(cfg, tmp_path / "g", progress=False)
     assert summary["experiment"]["group_size"] == 10
     ctx = pipeline.load_context(tmp_path / "g")
     assert all(len(g) == 10 for g in ctx.groups)
-    singles = pbrf.influence(ctx.problem, ctx.test, torch.arange(ctx.problem.n_train), damping=cfg.influence.damping,
-                             solver="exact", solver_options=dict(cfg.influence.accurate_options)).double().numpy()
+    singles = (
+        pbrf.influence(
+            ctx.problem,
+            ctx.test,
+            torch.arange(ctx.problem.n_train),
+            damping=cfg.influence.damping,
+            solver="exact",
+            solver_options=dict(cfg.influence.accurate_options),
+        )
+        .double()
+        .numpy()
+    )
     expected = np.stack([singles[:, g].sum(1) for g in ctx.groups], axis=1)
     with Store(tmp_path / "g", readonly=True) as store:
         dm = store.gather("linearized", 2)[0]
@@ -276,7 +309,11 @@ def test_group_removals_are_additive(tmp_path):
 
 
 def test_top_influence_strategy_stores_all_train_scores(tmp_path):
-    cfg = load_preset("digits-mlp", "tiny", ["removals.strategy=top-influence", 'responses.kinds=["linearized", "influence"]'])
+    cfg = load_preset(
+        "digits-mlp",
+        "tiny",
+        ["removals.strategy=top-influence", 'responses.kinds=["linearized", "influence"]'],
+    )
     pipeline.run_experiment(cfg, tmp_path / "t", progress=False)
     with Store(tmp_path / "t", readonly=True) as store:
         scores, groups = store.get_array("train_scores"), store.get_array("groups")
@@ -294,12 +331,15 @@ def test_config_errors_write_nothing(tmp_path):
 def test_switching_solver_drops_the_old_solver_options():
     cfg = load_preset("digits-mlp", "quick", ["influence.solver=lissa"])
     assert cfg.influence.solver == "lissa" and cfg.influence.solver_options == {}
-    cfg = load_preset("digits-mlp", "quick", ["influence.solver=lissa", "influence.solver_options={depth = 10}"])
+    cfg = load_preset(
+        "digits-mlp", "quick", ["influence.solver=lissa", "influence.solver_options={depth = 10}"]
+    )
     assert cfg.influence.solver_options == {"depth": 10}
 
 
 def test_unknown_solver_option_is_a_config_error_before_writing(tmp_path):
-    cfg = load_preset("digits-mlp", "tiny", ["influence.solver_options={depth = 10}"])  # depth is LiSSA's
+    # depth is LiSSA's
+    cfg = load_preset("digits-mlp", "tiny", ["influence.solver_options={depth = 10}"])
     with pytest.raises(ConfigError, match="'depth' is not an option of solver 'cg'"):
         pipeline.run_experiment(cfg, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
@@ -321,14 +361,17 @@ def test_evaluate_maps_train_scores_onto_groups():
 DATA = os.environ.get("PBRF_DATA")
 
 
-@pytest.mark.skipif(not DATA or not os.path.isdir(DATA), reason="PBRF_DATA (the dataset mirror) is not available")
+@pytest.mark.skipif(
+    not DATA or not os.path.isdir(DATA), reason="PBRF_DATA (the dataset mirror) is not available"
+)
 def test_every_quick_preset_loads_its_data_and_builds_its_model():
     for name in PRESETS:
         cfg = load_preset(name, "quick")
         inputs = pipeline.prepare_inputs(cfg)
         model = pipeline.build_model(cfg, inputs.model_kwargs, seed=0)
         x = inputs.dataset.x_train[:2]
-        x = x.to(getattr(torch, cfg.run.dtype)) if x.is_floating_point() else x  # token ids stay integers
+        # token ids stay integers
+        x = x.to(getattr(torch, cfg.run.dtype)) if x.is_floating_point() else x
         assert model(x).shape[0] == 2, name
 
 
@@ -347,5 +390,7 @@ def test_a_second_process_on_the_same_run_dir_is_refused(tiny_run):
         import subprocess
         import sys
 
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+        ).stdout
     assert "another pbrf process is running" in out

@@ -1,4 +1,6 @@
-"""Influence scores and Δθ against brute force, closed forms and leave-one-out retraining (float64)."""
+"""Influence scores and Δθ against brute force, closed forms and leave-one-out retraining
+(float64).
+"""
 
 import numpy as np
 import pytest
@@ -9,12 +11,14 @@ import pbrf
 from pbrf.curvature import CurvatureOperator
 
 from .conftest import PROBLEM_KINDS, tiny_problem
-from .test_solvers import reference_damped
+from .reference import reference_damped
 
 
 # ---------------------------------------------------------------------------------------- helpers
 def autograd_grads(prob, x, t):
-    """Per-example loss gradients [B, p] from a plain autograd loop (no vmap, no torch.func.grad)."""
+    """Per-example loss gradients [B, p] from a plain autograd loop (no vmap, no
+    torch.func.grad).
+    """
     rows = []
     for i in range(x.shape[0]):
         theta = prob.theta.clone().requires_grad_(True)
@@ -34,7 +38,8 @@ REMOVALS = [0, 3, [1, 2, 5], [4, 11], [7]]
 
 
 def removal_sums(G, removals):
-    return torch.stack([G[torch.tensor(r if isinstance(r, list) else [r])].sum(0) for r in removals])
+    return torch.stack([G[torch.tensor(r if isinstance(r,
+                                                       list) else [r])].sum(0) for r in removals])
 
 
 def pearson(a, b):
@@ -52,7 +57,7 @@ def spearman(a, b):
     return pearson(ranks(a), ranks(b))
 
 
-# ---------------------------------------------------------------------------------------- brute force
+# ------------------------------------------------------------------------------------- brute force
 # enough damping that C is positive definite: with the Hessian the tiny untrained networks have
 # eigenvalues down to about −1.41 (reconstruction), so wd + λ = 2.01 keeps C ≥ 0.6 I.
 DAMPING = {"ggn": 0.3, "hessian": 2.0}
@@ -72,11 +77,13 @@ def test_scores_and_delta_theta_equal_brute_force(kind, curvature):
     b = removal_sums(g_train, REMOVALS) / prob.n_train  # [K, p]
     expected = g_test @ torch.linalg.solve(C, b.T)  # [n_test, K]
 
-    scores = pbrf.influence(prob, test, REMOVALS, damping=damping, solver="exact", curvature=curvature)
+    scores = pbrf.influence(prob, test, REMOVALS, damping=damping, solver="exact",
+                            curvature=curvature)
     assert scores.shape == (xt.shape[0], len(REMOVALS)) and scores.dtype == torch.float64
     torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-12)
 
-    dtheta, info = pbrf.delta_theta(prob, REMOVALS, damping=damping, solver="exact", curvature=curvature)
+    dtheta, info = pbrf.delta_theta(prob, REMOVALS, damping=damping, solver="exact",
+                                    curvature=curvature)
     assert not info.diverged
     torch.testing.assert_close(dtheta, torch.linalg.solve(C, b.T).T, rtol=1e-8, atol=1e-12)
     # the two are consistent: score = ∇m_testᵀ Δθ_IF
@@ -88,7 +95,8 @@ def test_cg_and_lissa_scores_agree_with_exact():
     prob.chunk_size = 512
     test = held_out("classification")
     ref = pbrf.influence(prob, test, REMOVALS, damping=0.3, solver="exact")
-    cg = pbrf.influence(prob, test, REMOVALS, damping=0.3, solver="cg", solver_options={"tol": 1e-12})
+    cg = pbrf.influence(prob, test, REMOVALS, damping=0.3, solver="cg",
+                        solver_options={"tol": 1e-12})
     torch.testing.assert_close(cg, ref, rtol=1e-8, atol=1e-12)
     lissa, info = pbrf.influence_with_info(prob, test, REMOVALS, damping=0.3, solver="lissa",
                                            solver_options={"depth": 100})
@@ -96,7 +104,7 @@ def test_cg_and_lissa_scores_agree_with_exact():
     assert ((lissa - ref).norm() / ref.norm()).item() < 1e-2
 
 
-# ---------------------------------------------------------------------------------------- identities
+# -------------------------------------------------------------------------------------- identities
 def test_group_influence_is_the_sum_of_single_point_influences():
     prob = tiny_problem("cnn")
     test = held_out("cnn")
@@ -121,9 +129,11 @@ def test_group_influence_is_the_sum_of_single_point_influences():
     )
 
 
-# ---------------------------------------------------------------------------------------- logistic regression
+# ----------------------------------------------------------------------------- logistic regression
 def newton_logistic(x, y, wd, keep=None, iters=100):
-    """argmin (1/N) Σ_i keep_i ℓ_i(θ) + (wd/2)||θ||² for θ = [w, b] (1/N with the full N, DESIGN §1)."""
+    """argmin (1/N) Σ_i keep_i ℓ_i(θ) + (wd/2)||θ||² for θ = [w, b] (1/N with the full N,
+    docs/conventions.md §1).
+    """
     n = x.shape[0]
     X = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
     keep = torch.ones(n, dtype=x.dtype) if keep is None else keep
@@ -138,7 +148,8 @@ def newton_logistic(x, y, wd, keep=None, iters=100):
         g = X.T @ (keep * (s - y)) / n + wd * th
         if g.norm() < 1e-13:
             break
-        H = (X * (keep * s * (1 - s))[:, None]).T @ X / n + wd * torch.eye(X.shape[1], dtype=x.dtype)
+        H = (X * (keep * s * (1 - s))[:, None]).T @ X / n + wd * torch.eye(X.shape[1],
+            dtype=x.dtype)
         step, t = torch.linalg.solve(H, g), 1.0
         while obj(th - t * step) > obj(th) + 1e-14 and t > 1e-8:  # backtracking, blind to round-off
             t /= 2
@@ -168,7 +179,8 @@ def test_logistic_regression_influence_matches_leave_one_out_retraining():
     y = torch.bernoulli(torch.sigmoid(x @ w_true), generator=g)
     x, y, xt, yt = x[:n], y[:n], x[n:], y[n:]
     theta_s = newton_logistic(x, y, wd)
-    prob = pbrf.Problem(logistic_model(theta_s, d), pbrf.tasks.BinaryClassification(), (x, y), weight_decay=wd)
+    prob = pbrf.Problem(logistic_model(theta_s, d), pbrf.tasks.BinaryClassification(), (x, y),
+                        weight_decay=wd)
     torch.testing.assert_close(prob.theta, theta_s, rtol=0, atol=0)
 
     removals = list(range(0, n, 2))  # 40 single removals
@@ -190,7 +202,8 @@ def test_logistic_regression_influence_matches_leave_one_out_retraining():
 
 
 def test_duplicated_training_point_is_its_own_most_influential_removal():
-    # Logistic regression in which point 17 is the only one with a nonzero third feature (and carries
+    # Logistic regression in which point 17 is the only one with a nonzero third feature (and
+    # carries
     # the minority label there); its duplicate in the test set relies on it alone.
     g = torch.Generator().manual_seed(1)
     n, wd = 40, 1e-2
@@ -201,7 +214,8 @@ def test_duplicated_training_point_is_its_own_most_influential_removal():
     x[m] = torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64)
     y[m] = 0.0
     theta_s = newton_logistic(x, y, wd)
-    prob = pbrf.Problem(logistic_model(theta_s, 3), pbrf.tasks.BinaryClassification(), (x, y), weight_decay=wd)
+    prob = pbrf.Problem(logistic_model(theta_s, 3), pbrf.tasks.BinaryClassification(), (x, y),
+                        weight_decay=wd)
 
     scores = pbrf.influence(prob, (x[m : m + 1], y[m : m + 1]), list(range(n)), damping=0.0)[0]
     assert scores[m] > 0  # removing the point the prediction relies on increases its loss
@@ -213,19 +227,21 @@ def test_duplicated_training_point_is_its_own_most_influential_removal():
     assert (self_scores > 0).all()
 
 
-# ---------------------------------------------------------------------------------------- ridge regression
+# -------------------------------------------------------------------------------- ridge regression
 @pytest.mark.parametrize("damping", [0.0, 0.1])
 @pytest.mark.parametrize("curvature", ["ggn", "hessian"])
 def test_ridge_regression_scores_equal_closed_form(curvature, damping):
     g = torch.Generator().manual_seed(2)
     n, d, wd = 30, 4, 0.05
     x = torch.randn(n + 6, d, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(d, 1, generator=g, dtype=torch.float64) + 0.3 * torch.randn(n + 6, 1, generator=g,
+    y = x @ torch.randn(d, 1, generator=g, dtype=torch.float64) + 0.3 * torch.randn(n + 6, 1,
+        generator=g,
                                                                                      dtype=torch.float64)
     x, y, xt, yt = x[:n], y[:n], x[n:], y[n:]
     # θ^s = argmin (1/N) Σ ½(x̃ᵀθ − y)² + (wd/2)||θ||² (bias penalised too)
     Xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
-    theta_s = torch.linalg.solve(Xa.T @ Xa / n + wd * torch.eye(d + 1, dtype=torch.float64), Xa.T @ y / n)[:, 0]
+    theta_s = torch.linalg.solve(Xa.T @ Xa / n + wd * torch.eye(d + 1, dtype=torch.float64),
+                                 Xa.T @ y / n)[:, 0]
     model = logistic_model(theta_s, d)  # a Linear(d, 1) holding [w, b]
     prob = pbrf.Problem(model, pbrf.tasks.Regression(), (x, y), weight_decay=wd)
     removals = [0, 5, 29, [1, 2, 3]]
@@ -265,9 +281,9 @@ def test_bad_removals_name_the_problem_and_fix():
 
 
 def test_removal_indices_must_be_integers():
-    # FAILS on the current src: float indices are truncated silently ([[0.7]] removes point 0) or fail
-    # with "'float' object is not iterable"; numpy integers fail with "'numpy.int64' object is not
-    # iterable" (pbrf/influence.py normalize_removals uses isinstance(r, int) and int(i)).
+    # a float index is refused (never truncated: [[0.7]] must not remove point 0); numpy integers
+    # are
+    # accepted as indices
     prob = tiny_problem("regression")
     test = held_out("regression")
     with pytest.raises(ValueError, match="integer"):
@@ -294,4 +310,5 @@ def test_negative_damping_and_mismatched_test_rows_are_rejected():
     with pytest.raises(ValueError, match=r"(?s)4 and 3 rows"):
         pbrf.influence(prob, (test[0], test[1][:3]), [0])
     with pytest.raises(ValueError, match="shape"):
-        pbrf.influence(prob, (test[0], torch.randn(4, 3, dtype=torch.float64)), [0])  # targets of width 3
+        # targets of width 3
+        pbrf.influence(prob, (test[0], torch.randn(4, 3, dtype=torch.float64)), [0])

@@ -34,8 +34,11 @@ def toy():
 
 def test_builtin_records_drive_the_old_constants():
     assert pbrf.KINDS == ("cold", "warm", "proximal", "pbrf", "linearized")
-    assert kinds.chain() == analysis.KINDS == ("cold", "warm", "proximal", "pbrf", "linearized", "influence")
-    assert report.KIND_COLORS["pbrf"] == "#e7298a" and analysis.KIND_LABELS["cold"] == "cold-start LOO"
+    assert kinds.chain() == analysis.KINDS == ("cold", "warm", "proximal", "pbrf", "linearized",
+                                               "influence")
+    assert (
+        report.KIND_COLORS["pbrf"] == "#e7298a" and analysis.KIND_LABELS["cold"] == "cold-start LOO"
+    )
     assert report.TABLE_KINDS == ("cold", "warm", "proximal", "pbrf")
     with pytest.raises(ValueError, match="already registered"):
         kinds.register(kinds.get("pbrf"))
@@ -62,14 +65,23 @@ def test_toy_kind_through_respond(toy):
 
 
 def test_toy_kind_through_pipeline_and_report(toy, tmp_path):
-    cfg = load_preset("digits-mlp", "tiny", ['responses.kinds=["influence", "pbrf", "half-proximal"]'])
+    cfg = load_preset(
+        "digits-mlp", "tiny", ['responses.kinds=["influence", "pbrf", "half-proximal"]']
+    )
     assert cfg.responses.ordered_kinds() == ("influence", "pbrf", "half-proximal")
     run_dir = tmp_path / "toy"
     summary = pipeline.run_experiment(cfg, run_dir, progress=False)
     assert set(summary["correlations"]) == {"influence", "pbrf", "half-proximal"}
     assert summary["certificates"]["by_kind"]["half-proximal"]["excludes_uncertified"] is True
-    assert summary["certificates"]["by_kind"]["half-proximal"]["certified"] == cfg.removals.n_removals
-    assert json.loads((run_dir / "summary.json").read_text())["correlations"]["half-proximal"]["pearson"] > 0.5
+    assert (
+        summary["certificates"]["by_kind"]["half-proximal"]["certified"] == cfg.removals.n_removals
+    )
+    assert (
+        json.loads((run_dir / "summary.json").read_text())["correlations"]["half-proximal"][
+            "pearson"
+        ]
+        > 0.5
+    )
     text = (run_dir / "report.md").read_text()
     assert "| half-damped proximal |" in text
     assert "half-damped proximal" in report.print_summary(summary)

@@ -1,4 +1,4 @@
-"""pbrf.kron: kronfluence's scores converted to pbrf's sign and scale, checked against pbrf.influence."""
+"""pbrf.kron: kronfluence's scores in pbrf's sign and scale, checked against pbrf.influence."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ def _mlp_problem(kind: str, seed: int = 0, n: int = N):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n + 4, 4, generator=g, dtype=torch.float64)
     if kind == "regression":
-        y, d_out, task = torch.randn(n + 4, 2, generator=g, dtype=torch.float64), 2, tasks.Regression()
+        y, d_out, task = (
+            torch.randn(n + 4, 2, generator=g, dtype=torch.float64),
+            2,
+            tasks.Regression(),
+        )
     else:
         y, d_out, task = torch.randint(0, 3, (n + 4,), generator=g), 3, tasks.Classification()
     torch.manual_seed(seed)
@@ -34,7 +38,7 @@ def _mlp_problem(kind: str, seed: int = 0, n: int = N):
 
 
 def _linear_problem(seed: int = 0, n: int = N):
-    """One nn.Linear with one output, regression, targets f(x_i) ± 1 (every residual has |r_i| = 1)."""
+    """One nn.Linear with one output, regression, targets f(x_i) ± 1 (every |r_i| = 1)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g, dtype=torch.float64)
     torch.manual_seed(seed)
@@ -42,7 +46,10 @@ def _linear_problem(seed: int = 0, n: int = N):
     with torch.no_grad():
         y = model(x) + (2 * torch.randint(0, 2, (n, 1), generator=g) - 1).double()
     prob = pbrf.Problem(model, tasks.Regression(), (x, y), weight_decay=1e-2)
-    test = (torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 1, generator=g, dtype=torch.float64))
+    test = (
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 1, generator=g, dtype=torch.float64),
+    )
     return prob, test
 
 
@@ -74,8 +81,9 @@ def test_kfac_and_ekfac_are_exact_for_one_linear_output_with_unit_residuals(stra
     prob, test = _linear_problem()
     removals = list(range(N)) + [[0, 1, 2], [5, 7]]
     exact = pbrf.influence(prob, test, removals, damping=1e-3, solver="exact")
-    scores = kronfluence_scores(prob, test, removals, strategy=strategy, damping=1e-3, empirical_fisher=True,
-                                batch_size=16)
+    scores = kronfluence_scores(
+        prob, test, removals, strategy=strategy, damping=1e-3, empirical_fisher=True, batch_size=16
+    )
     assert torch.allclose(scores, exact, rtol=0, atol=1e-9 * exact.abs().max().item())
 
 
@@ -101,8 +109,12 @@ def test_true_fisher_is_deterministic_for_a_seed():
 
 @pytest.mark.parametrize(
     "task, shape",
-    [(tasks.Regression(), (1, 3)), (tasks.Classification(), (1, 3)), (tasks.BinaryClassification(), (1,)),
-     (tasks.LanguageModel(), (1, 2, 3))],
+    [
+        (tasks.Regression(), (1, 3)),
+        (tasks.Classification(), (1, 3)),
+        (tasks.BinaryClassification(), (1,)),
+        (tasks.LanguageModel(), (1, 2, 3)),
+    ],
 )
 def test_sampled_loss_has_the_ggn_output_hessian_as_its_fisher(task, shape):
     # E[∇_f ∇_fᵀ] of the sampled loss must equal pbrf's output Hessian ∂²L/∂f² (so the true Fisher

@@ -40,8 +40,12 @@ def test_load_run_reproduces_the_stored_influence_scores(tiny_run):
     assert meta["weight_decay"] == run.weight_decay and meta["curvature"] == "ggn"
     assert meta["model"]["in_shape"] == [1, 8, 8] and meta["model"]["n_outputs"] == 10
     # a model rebuilt from removals.json alone gives the run's outputs
-    model = pbrf.models.build(meta["model"]["name"], seed=0, dtype=torch.float64,
-                              **{k: v for k, v in meta["model"].items() if k != "name"})
+    model = pbrf.models.build(
+        meta["model"]["name"],
+        seed=0,
+        dtype=torch.float64,
+        **{k: v for k, v in meta["model"].items() if k != "name"},
+    )
     model.load_state_dict(dict(theta))
     torch.testing.assert_close(model(run.test[0]), run.model(run.test[0]))
 
@@ -51,7 +55,9 @@ def test_load_run_responses_and_checkpoints(tiny_run):
     resp = run.responses()
     assert {"pbrf", "warm", "cold", "influence", "warm_paired", "proximal_paired"} <= set(resp)
     assert resp["pbrf"].shape == (5, 8)
-    np.testing.assert_allclose(resp["influence"], np.load(tiny_run / "influence_scores.npy"), rtol=0, atol=0)
+    np.testing.assert_allclose(
+        resp["influence"], np.load(tiny_run / "influence_scores.npy"), rtol=0, atol=0
+    )
     cks = run.training_checkpoints()
     assert len(cks) == 3 and cks[-1]["step"] > cks[0]["step"]
     for name, v in cks[-1]["params"].items():  # the last checkpoint is θ^s
@@ -65,15 +71,23 @@ def test_load_run_errors_name_the_fix(tmp_path):
 
 def test_estimators_command_writes_a_resumable_leaderboard(tiny_run, capsys):
     methods = "influence-exact,influence-cg,arnoldi,trak,tracin,grad-dot"
-    assert cli.main(["estimators", str(tiny_run), "--methods", methods, "--hp", "arnoldi.rank=20", "--json"]) == 0
+    assert (
+        cli.main(
+            ["estimators", str(tiny_run), "--methods", methods, "--hp", "arnoldi.rank=20", "--json"]
+        )
+        == 0
+    )
     board = json.loads(capsys.readouterr().out)
     rows = {r["method"]: r for r in board["rows"]}
     assert set(rows) == set(methods.split(","))
     # exact influence is the run's own influence estimate up to the practical solver's error
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert rows["influence-cg"]["correlations"]["pbrf"]["pearson"] == pytest.approx(
-        summary["correlations"]["pbrf"]["pearson"], abs=1e-9)
-    assert rows["influence-cg"]["lds"]["lds"] == pytest.approx(summary["lds"]["influence"]["lds"], abs=1e-9)
+        summary["correlations"]["pbrf"]["pearson"], abs=1e-9
+    )
+    assert rows["influence-cg"]["lds"]["lds"] == pytest.approx(
+        summary["lds"]["influence"]["lds"], abs=1e-9
+    )
     assert rows["arnoldi"]["hyperparameters"]["rank"] == 20
     assert all(r["seconds"] > 0 for r in rows.values())
     for name in ("leaderboard.md", "leaderboard.json", "leaderboard.png"):
@@ -83,7 +97,10 @@ def test_estimators_command_writes_a_resumable_leaderboard(tiny_run, capsys):
     with Store(tiny_run, readonly=True) as store:
         first = store.get_chunk("estimator:trak", 0).diagnostics[0]["when"]
     # resumed: stored estimators are not recomputed; a changed hyperparameter is
-    assert cli.main(["estimators", str(tiny_run), "--methods", "trak,grad-dot", "--hp", "trak.dim=64"]) == 0
+    assert (
+        cli.main(["estimators", str(tiny_run), "--methods", "trak,grad-dot", "--hp", "trak.dim=64"])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "grad-dot: stored" in err and "trak: running" in err
     with Store(tiny_run, readonly=True) as store:
@@ -94,7 +111,9 @@ def test_estimators_command_writes_a_resumable_leaderboard(tiny_run, capsys):
 def test_estimators_command_errors(tiny_run, tmp_path, capsys):
     assert cli.main(["estimators", str(tiny_run), "--methods", "nope"]) == 2
     assert "unknown estimator" in capsys.readouterr().err
-    assert cli.main(["estimators", str(tiny_run), "--methods", "trak", "--hp", "arnoldi.rank=3"]) == 2
+    assert (
+        cli.main(["estimators", str(tiny_run), "--methods", "trak", "--hp", "arnoldi.rank=3"]) == 2
+    )
     assert "not among the methods" in capsys.readouterr().err
     assert cli.main(["estimators", str(tiny_run), "--methods", "trak", "--hp", "trak.dim=-1"]) == 2
     assert "dim" in capsys.readouterr().err
@@ -105,12 +124,26 @@ def test_estimators_command_errors(tiny_run, tmp_path, capsys):
 def test_estimators_command_ranks_external_scores(tiny_run, tmp_path, capsys):
     own = np.load(tiny_run / "influence_scores.npy")
     np.save(tmp_path / "own.npy", own)
-    assert cli.main(["estimators", str(tiny_run), "--methods", "grad-dot", "--scores", f"mine={tmp_path / 'own.npy'}",
-                     "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "estimators",
+                str(tiny_run),
+                "--methods",
+                "grad-dot",
+                "--scores",
+                f"mine={tmp_path / 'own.npy'}",
+                "--json",
+            ]
+        )
+        == 0
+    )
     board = json.loads(capsys.readouterr().out)
     mine = next(r for r in board["rows"] if r["method"] == "mine")
     summary = json.loads((tiny_run / "summary.json").read_text())
-    assert mine["correlations"]["pbrf"]["spearman"] == pytest.approx(summary["correlations"]["pbrf"]["spearman"], abs=1e-12)
+    assert mine["correlations"]["pbrf"]["spearman"] == pytest.approx(
+        summary["correlations"]["pbrf"]["spearman"], abs=1e-12
+    )
     assert mine["seconds"] is None
 
 
@@ -137,7 +170,9 @@ def test_readme_scoring_another_library_example_runs(tiny_run, tmp_path, monkeyp
 
 
 def test_threads_option_sets_torch_threads(capsys, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # restored afterwards: --threads writes both for Ray workers
+    monkeypatch.setenv(
+        "OMP_NUM_THREADS", "1"
+    )  # restored afterwards: --threads writes both for Ray workers
     monkeypatch.setenv("MKL_NUM_THREADS", "1")
     before = torch.get_num_threads()
     try:

@@ -176,7 +176,8 @@ def test_per_example_grads_vmap_match_loop(case):
         ref = torch.autograd.grad(li, list(model.parameters()), allow_unused=True)
         for (name, _), r in zip(model.named_parameters(), ref):
             r = torch.zeros_like(params[name]) if r is None else r
-            torch.testing.assert_close(batched[name][i], r, rtol=1e-8, atol=1e-12, msg=f"{case} {name} {i}")
+            torch.testing.assert_close(batched[name][i], r, rtol=1e-8, atol=1e-12,
+                                       msg=f"{case} {name} {i}")
     assert any(g.abs().sum() > 0 for g in batched.values())
 
 
@@ -193,7 +194,9 @@ def test_vmap_over_stacked_params_matches_calls(case):
 
 
 def _model_and_tangent(case, seed: int):
-    """Model, two examples, its float64 parameters and a random tangent dict (plus the generator)."""
+    """Model, two examples, its float64 parameters and a random tangent dict (plus the
+    generator).
+    """
     model = make_model(case)
     x, t = make_data(case, n=2)
     params = params_of(model)
@@ -231,8 +234,10 @@ def test_forward_over_reverse_hvp_matches_double_backward(case):
     _, hv = jvp(grad(loss), (params,), (v,))
     # reference: reverse-over-reverse on the module itself
     ps = list(model.parameters())
-    g = torch.autograd.grad(per_example_loss(model(x), t).sum(), ps, create_graph=True, allow_unused=True)
-    pairs = [(gi, v[n]) for gi, (n, _) in zip(g, model.named_parameters()) if gi is not None and gi.requires_grad]
+    g = torch.autograd.grad(per_example_loss(model(x), t).sum(), ps, create_graph=True,
+                            allow_unused=True)
+    named = model.named_parameters()
+    pairs = [(gi, v[n]) for gi, (n, _) in zip(g, named) if gi is not None and gi.requires_grad]
     ref = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in pairs), ps, allow_unused=True)
     for (name, _), r in zip(model.named_parameters(), ref):
         r = torch.zeros_like(params[name]) if r is None else r
@@ -267,7 +272,9 @@ def test_float64_end_to_end(name):
 
 
 # ---------------------------------------------------------------- initialisation
-@pytest.mark.parametrize("case", ["mlp", "resnet20", "resnet20_batch", "transformer", "autoencoder"])
+@pytest.mark.parametrize(
+    "case", ["mlp", "resnet20", "resnet20_batch", "transformer", "autoencoder"]
+)
 def test_reinitialize_determinism(case):
     name = model_name(case)
     a = build(name, seed=5, **SMALL[case])
@@ -356,7 +363,9 @@ def test_problem_with_batchnorm_leaves_user_model_untouched():
     from pbrf.problem import Problem
     from pbrf.tasks import Classification
 
-    model = build("resnet20", seed=0, dtype=F64, in_channels=3, n_classes=3, width_mult=0.25, norm="batch")
+    model = build(
+        "resnet20", seed=0, dtype=F64, in_channels=3, n_classes=3, width_mult=0.25, norm="batch"
+    )
     with torch.no_grad():  # user training: running statistics move away from (0, 1)
         model(2 * torch.randn(16, 3, 8, 8, dtype=F64) + 1)
     assert model.training
@@ -365,7 +374,9 @@ def test_problem_with_batchnorm_leaves_user_model_untouched():
 
     prob = Problem(model, Classification(), train=(x, y), weight_decay=0.0)
     out = prob.outputs(prob.params, x)
-    per_example = vmap(grad(lambda p, xi, ti: prob.losses(p, xi[None], ti[None]).sum()), in_dims=(None, 0, 0))
+    per_example = vmap(
+        grad(lambda p, xi, ti: prob.losses(p, xi[None], ti[None]).sum()), in_dims=(None, 0, 0)
+    )
     grads = per_example(prob.params, x, y)
 
     assert model.training and all(m.training for m in model.modules())

@@ -18,7 +18,7 @@ from pbrf import tasks
 from pbrf.newton import NewtonRecipe, batched_cg
 from pbrf.respond import _certify, removal_signal
 
-from .test_respond import make_objective, newton, rel
+from .reference import make_objective, newton, rel
 
 F64 = torch.float64
 
@@ -34,7 +34,8 @@ def _problem(task: str, act=nn.Tanh, n: int = 60, seed: int = 0, steps: int = 30
         y, T = (x @ torch.randn(3, 3, generator=g, dtype=F64)).argmax(1), tasks.Classification()
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, width), act(), nn.Linear(width, 3)).double()
-    res = pbrf.train(model, T, (x, y), pbrf.Recipe(lr=0.1, steps=steps, batch_size=None), weight_decay=1e-2,
+    res = pbrf.train(model, T, (x, y), pbrf.Recipe(lr=0.1, steps=steps, batch_size=None),
+                     weight_decay=1e-2,
                      progress=False)
     return pbrf.Problem(res.model, T, (x, y), weight_decay=1e-2, chunk_size=25)
 
@@ -48,7 +49,8 @@ def test_batched_cg_matches_dense_solve_per_row():
     A = torch.stack(mats)
     B = torch.randn(4, 30, generator=g, dtype=F64)
     atol = torch.tensor([1e-12, 1e-12, 1e-6, 1e-12], dtype=F64) * B.norm(dim=1)
-    X, R, iters, neg = batched_cg(lambda rows, V: torch.einsum("kij,kj->ki", A[rows], V), B, atol, 500)
+    X, R, iters, neg = batched_cg(lambda rows, V: torch.einsum("kij,kj->ki", A[rows], V), B, atol,
+                                  500)
     ref = torch.linalg.solve(A, B)
     true_res = (B - torch.einsum("kij,kj->ki", A, X)).norm(dim=1)
     assert not neg.any()
@@ -64,12 +66,15 @@ def test_batched_cg_matches_dense_solve_per_row():
 @pytest.mark.parametrize("task", ["regression", "classification"])
 def test_newton_matches_independent_newton_on_unconverged_tanh_mlp(task):
     prob = _problem(task)
-    assert float(prob.objective()) > 0.2  # far from converged: proximal responses must cross the drift
+    # far from converged: proximal responses must cross the drift
+    assert float(prob.objective()) > 0.2
     lam, groups = 0.1, [[0], [7], [1, 2]]
     for kind in ("pbrf", "proximal"):
-        resp = pbrf.respond(prob, kind, groups, damping=lam, progress=False, recipe=NewtonRecipe(tol=1e-12))
+        resp = pbrf.respond(prob, kind, groups, damping=lam, progress=False,
+                            recipe=NewtonRecipe(tol=1e-12))
         for k, g in enumerate(groups):
-            obj = make_objective(kind, prob.model, task, prob.x, prob.t, prob.theta, g, prob.weight_decay, lam)
+            obj = make_objective(kind, prob.model, task, prob.x, prob.t, prob.theta, g,
+                                 prob.weight_decay, lam)
             ref, _ = newton(obj, prob.theta)
             # required: 1e-8 relative in Δθ; observed ~1e-11 .. 1e-15
             assert rel(resp.params_flat[k] - prob.theta, ref - prob.theta) < 1e-8, (kind, g)
@@ -120,11 +125,13 @@ def test_default_pbrf_is_certified_on_digits():
     from pbrf.models import build
 
     ds = load("digits")
-    model = build("mlp", seed=0, in_shape=(1, 8, 8), n_outputs=10, width=32, depth=2, activation="gelu",
+    model = build("mlp", seed=0, in_shape=(1, 8, 8), n_outputs=10, width=32, depth=2,
+                  activation="gelu",
                   dtype=F64)
     task = tasks.Classification()
     recipe = pbrf.Recipe(lr=0.05, momentum=0.9, epochs=10, batch_size=128)
-    trained = pbrf.train(model, task, (ds.x_train, ds.y_train), recipe, weight_decay=1e-3, progress=False)
+    trained = pbrf.train(model, task, (ds.x_train, ds.y_train), recipe, weight_decay=1e-3,
+                         progress=False)
     prob = trained.problem(task, (ds.x_train, ds.y_train))
     # all defaults (λ = 1e-2; at λ = 1e-3 the removed point's own curvature/N can exceed wd + λ: the
     # PBRF then has no minimum near θ^s, and that removal is reported as a runaway, not certified)
@@ -136,17 +143,20 @@ def test_paired_warm_start_is_exact_leave_one_out_for_converged_logistic_regress
     g = torch.Generator().manual_seed(1)
     n, d = 80, 4
     x = torch.randn(n, d, generator=g, dtype=F64)
-    y = (x @ torch.randn(d, 3, generator=g, dtype=F64) + torch.randn(n, 3, generator=g, dtype=F64)).argmax(1)
+    y = (x @ torch.randn(d, 3, generator=g, dtype=F64) + torch.randn(n, 3, generator=g,
+        dtype=F64)).argmax(1)
     torch.manual_seed(0)
     model = nn.Linear(d, 3).double()
     wd = 1e-2
-    obj_full = make_objective("warm", model, "classification", x, y, torch.zeros(15, dtype=F64), [], wd, 0.0)
+    obj_full = make_objective("warm", model, "classification", x, y, torch.zeros(15, dtype=F64),
+                              [], wd, 0.0)
     theta_star, _ = newton(obj_full, torch.zeros(15, dtype=F64))
     prob = pbrf.Problem(model, tasks.Classification(), (x, y), weight_decay=wd,
                         params={"weight": theta_star[:12].reshape(3, 4), "bias": theta_star[12:]})
     groups = [[0], [5], [17], [3, 4]]
     test = (x[40:50] + 0.1, y[40:50])
-    resp = pbrf.respond(prob, "warm", groups, recipe=NewtonRecipe(tol=1e-12), paired=True, progress=False)
+    resp = pbrf.respond(prob, "warm", groups, recipe=NewtonRecipe(tol=1e-12), paired=True,
+                        progress=False)
     dm = resp.loss_change(test, paired=True)
     xt, tt = prob.prepare(test)
     loss = lambda th: prob.task.loss(prob.outputs_flat(th, xt), tt)  # noqa: E731

@@ -21,8 +21,10 @@ class BlockDiagonalGGN:
         out = prob.outputs_flat(prob.theta, prob.x)
         B, D = out.shape[0], out[0].numel()
         J = torch.func.jacrev(lambda th: prob.outputs_flat(th, prob.x))(prob.theta).reshape(B, D, p)
-        H = torch.func.hessian(lambda f: prob.task.loss(f.reshape(out.shape), prob.t).sum())(out.reshape(B * D))
-        H = H.reshape(B, D, B, D).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # per-example output Hessians
+        H = torch.func.hessian(lambda f: prob.task.loss(f.reshape(out.shape),
+                                                        prob.t).sum())(out.reshape(B * D))
+        # per-example output Hessians
+        H = H.reshape(B, D, B, D).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         G = torch.einsum("bdp,bde,beq->pq", J, H, J) / prob.n_train
         mask = torch.zeros(p, p, dtype=torch.bool)
         start = 0
@@ -43,7 +45,8 @@ def reference_scores(prob, G, test, removals, damping):
     g_test = pbrf.per_example_grads(prob, xt, tt)
     grads = pbrf.per_example_grads(prob, prob.x, prob.t)
     R = torch.stack([grads[torch.tensor(r)].sum(0) for r in removals])
-    return g_test @ torch.linalg.solve(C, R.T) / prob.n_train, torch.linalg.solve(C, R.T).T / prob.n_train
+    return g_test @ torch.linalg.solve(C, R.T) / prob.n_train, torch.linalg.solve(C,
+        R.T).T / prob.n_train
 
 
 @pytest.mark.parametrize("kind", ["regression", "classification"])
@@ -68,7 +71,8 @@ def test_outside_operator_through_influence_matches_dense_reference(kind):
     full = pbrf.influence(prob, test, removals, damping=damping)
     assert (full - scores).abs().max() > 1e-8
     # a plain [p, p] tensor is an operator too, and info names the curvature "custom"
-    scores_t, info = pbrf.influence_with_info(prob, test, removals, damping=damping, curvature=op.matrix)
+    scores_t, info = pbrf.influence_with_info(prob, test, removals, damping=damping,
+                                              curvature=op.matrix)
     torch.testing.assert_close(scores_t, ref, rtol=1e-8, atol=1e-12)
     assert info.curvature == "custom"
 

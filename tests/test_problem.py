@@ -12,7 +12,8 @@ from .conftest import mlp, tiny_problem
 
 def regression_data(n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g, dtype=torch.float64)
+    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g,
+        dtype=torch.float64)
 
 
 def snapshot(model):
@@ -90,7 +91,9 @@ def test_objective_equals_hand_computation():
     other = {n: p + 0.1 for n, p in prob.params.items()}
     with torch.no_grad():
         out = torch.func.functional_call(model, other, (x,))
-        expected = (0.5 * (out - y).pow(2).sum(1)).mean() + 0.5 * wd * sum(p.pow(2).sum() for p in other.values())
+        expected = (0.5 * (out - y).pow(2).sum(1)).mean() + 0.5 * wd * sum(
+            p.pow(2).sum() for p in other.values()
+        )
     torch.testing.assert_close(prob.objective(other), expected, rtol=1e-13, atol=0)
 
 
@@ -100,7 +103,11 @@ def test_float64_end_to_end():
     x32 = torch.randn(12, 3, generator=g)  # float32 inputs are cast to the model's dtype
     y = torch.randint(0, 3, (12,), generator=g)
     prob = pbrf.Problem(model, pbrf.tasks.Classification(), (x32, y), weight_decay=1e-2)
-    assert prob.dtype == torch.float64 and prob.x.dtype == torch.float64 and prob.theta.dtype == torch.float64
+    assert (
+        prob.dtype == torch.float64
+        and prob.x.dtype == torch.float64
+        and prob.theta.dtype == torch.float64
+    )
     for solver in ("exact", "cg"):
         scores = pbrf.influence(prob, (x32[:4], y[:4]), [0, 1, [2, 3]], damping=0.1, solver=solver)
         assert scores.dtype == torch.float64
@@ -110,23 +117,39 @@ def test_float64_end_to_end():
     prob64 = pbrf.Problem(model, pbrf.tasks.Classification(), (x32.double(), y), weight_decay=1e-2)
     torch.testing.assert_close(
         pbrf.influence(prob64, (x32[:4].double(), y[:4]), [0, 1, [2, 3]], damping=0.1, solver="cg"),
-        scores, rtol=1e-12, atol=1e-15,
+        scores,
+        rtol=1e-12,
+        atol=1e-15,
     )
 
 
-@pytest.mark.parametrize("kind,curvature,solver", [
-    ("classification", "ggn", "exact"),
-    ("regression", "hessian", "cg"),
-    ("cnn", "ggn", "cg"),
-])
+@pytest.mark.parametrize(
+    "kind,curvature,solver",
+    [
+        ("classification", "ggn", "exact"),
+        ("regression", "hessian", "cg"),
+        ("cnn", "ggn", "cg"),
+    ],
+)
 def test_chunk_size_does_not_change_scores(kind, curvature, solver):
     base = tiny_problem(kind)
     test = (tiny_problem(kind, n=5, seed=1).x, tiny_problem(kind, n=5, seed=1).t)
     scores = []
     for cs in (1, 512):
-        prob = pbrf.Problem(base.model, base.task, (base.x, base.t), weight_decay=base.weight_decay, chunk_size=cs)
-        scores.append(pbrf.influence(prob, test, [0, 5, [2, 3, 11]], damping=2.0, curvature=curvature,
-                                     solver=solver, solver_options={"tol": 1e-13} if solver == "cg" else None))
+        prob = pbrf.Problem(
+            base.model, base.task, (base.x, base.t), weight_decay=base.weight_decay, chunk_size=cs
+        )
+        scores.append(
+            pbrf.influence(
+                prob,
+                test,
+                [0, 5, [2, 3, 11]],
+                damping=2.0,
+                curvature=curvature,
+                solver=solver,
+                solver_options={"tol": 1e-13} if solver == "cg" else None,
+            )
+        )
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-12, atol=1e-15)
 
 
@@ -149,9 +172,11 @@ def test_bad_input_names_the_problem_and_the_fix():
     with pytest.raises(ValueError, match=r"(?s)12 and 11 rows"):
         pbrf.Problem(model, task, (x, y[:11]))
     with pytest.raises(ValueError, match=r"(?s)does not fit.*shape"):
-        pbrf.Problem(model, task, (x, torch.randn(12, 3, dtype=torch.float64)))  # model outputs width 2
+        # model outputs width 2
+        pbrf.Problem(model, task, (x, torch.randn(12, 3, dtype=torch.float64)))
     with pytest.raises(ValueError, match=r"(?s)does not fit.*shape"):
-        pbrf.Problem(mlp(3, 2), pbrf.tasks.BinaryClassification(), (x, y[:, 0]))  # two logits for a binary task
+        # two logits for a binary task
+        pbrf.Problem(mlp(3, 2), pbrf.tasks.BinaryClassification(), (x, y[:, 0]))
     with pytest.raises(ValueError, match="needs targets"):
         pbrf.Problem(model, task, (x, None))
     with pytest.raises(ValueError, match="weight_decay"):

@@ -23,23 +23,35 @@ def _classification(n=300, d=5, classes=3, seed=0, informative=True):
 def test_trained_classifier_reports_accuracy_and_no_warning():
     x, y = _classification()
     model = torch.nn.Linear(5, 3).double()
-    res = pbrf.train(model, pbrf.tasks.Classification(), (x[:200], y[:200]),
-                     pbrf.Recipe(lr=0.5, steps=300, batch_size=None), weight_decay=1e-3, progress=False)
+    res = pbrf.train(
+        model,
+        pbrf.tasks.Classification(),
+        (x[:200], y[:200]),
+        pbrf.Recipe(lr=0.5, steps=300, batch_size=None),
+        weight_decay=1e-3,
+        progress=False,
+    )
     prob = res.problem(pbrf.tasks.Classification(), (x[:200], y[:200]))
     q = base_quality(prob, "classification", (x[200:], y[200:]))
     with torch.no_grad():
         acc = float((res.model(x[200:]).argmax(1) == y[200:]).double().mean())
         loss = float(torch.nn.functional.cross_entropy(res.model(x[200:]), y[200:]))
-    assert q["test_metric"] == pytest.approx(acc) and q["test_loss"] == pytest.approx(loss, rel=1e-12)
+    assert q["test_metric"] == pytest.approx(acc) and q["test_loss"] == pytest.approx(
+        loss, rel=1e-12
+    )
     assert q["test_metric"] > 0.8 and not q["near_chance"] and q["warning"] is None
     grad = torch.func.grad(lambda p: prob.objective(p))(prob.params)
-    assert q["grad_norm"] == pytest.approx(float(torch.sqrt(sum(v.pow(2).sum() for v in grad.values()))), rel=1e-10)
+    assert q["grad_norm"] == pytest.approx(
+        float(torch.sqrt(sum(v.pow(2).sum() for v in grad.values()))), rel=1e-10
+    )
     assert len(quality_lines(q)) == 1
 
 
 def test_untrained_classifier_is_flagged_near_chance():
     x, y = _classification(informative=False)
-    prob = pbrf.Problem(torch.nn.Linear(5, 3).double(), pbrf.tasks.Classification(), (x[:200], y[:200]))
+    prob = pbrf.Problem(
+        torch.nn.Linear(5, 3).double(), pbrf.tasks.Classification(), (x[:200], y[:200])
+    )
     q = base_quality(prob, "classification", (x[200:], y[200:]))
     majority = torch.bincount(y[:200]).argmax()
     assert q["chance"] == pytest.approx(float((y[200:] == majority).double().mean()))

@@ -11,12 +11,14 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'pbrf[ray]')")
 
-ARGS = ["run", "--profile", "tiny", "--no-progress", "--set", 'responses.kinds=["warm", "pbrf", "linearized", "influence"]']
+ARGS = ["run", "--profile", "tiny", "--no-progress", "--set", 'responses.kinds=["warm", "pbrf", '
+                                                              '"linearized", "influence"]']
 
 
 def _run(out, cwd, *extra):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run([sys.executable, "-m", "pbrf.cli", *ARGS, "--out", str(out), *extra], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-m", "pbrf.cli", *ARGS, "--out", str(out), *extra],
+                          cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
@@ -39,7 +41,8 @@ def _numbers(summary):
 def test_local_executor_does_not_import_ray(tmp_path):
     code = (
         "import sys; from pbrf.experiment import config, pipeline; "
-        "cfg = config.load_preset('digits-mlp', 'tiny', ['responses.kinds=[\"linearized\", \"influence\"]']); "
+        "cfg = config.load_preset('digits-mlp', 'tiny', ['responses.kinds=[\"linearized\", "
+        "\"influence\"]']); "
         f"pipeline.run_experiment(cfg, {str(tmp_path / 'r')!r}, progress=False); "
         "print('ray' in sys.modules)"
     )

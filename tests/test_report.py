@@ -16,7 +16,8 @@ from pbrf.experiment import analysis as A
 from pbrf.experiment import report as R
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-NOISE = {"cold": 3e-2, "warm": 1.5e-2, "proximal": 5e-3, "pbrf": 1e-3, "linearized": 2e-4, "influence": 0.0}
+NOISE = {"cold": 3e-2, "warm": 1.5e-2, "proximal": 5e-3, "pbrf": 1e-3, "linearized": 2e-4,
+         "influence": 0.0}
 CONFIG = {"dataset": "digits", "model": "mlp", "n_train": 512, "n_test": 6, "n_removals": 9,
           "damping": 1e-3, "recipe": {"optimizer": "sgd", "lr": 0.05}}  # fmt: skip
 
@@ -96,7 +97,10 @@ def test_summary_json_round_trips(run):
     run_dir, summary, _, _ = run
     loaded = json.loads((run_dir / "summary.json").read_text())
     assert loaded == summary
-    assert loaded["decomposition"]["gaps"]["proximity gap"] == summary["decomposition"]["gaps"]["proximity gap"]
+    assert (
+        loaded["decomposition"]["gaps"]["proximity gap"]
+        == summary["decomposition"]["gaps"]["proximity gap"]
+    )
 
 
 def test_report_contains_gaps_numbers_config_and_links(run):
@@ -111,7 +115,9 @@ def test_report_contains_gaps_numbers_config_and_links(run):
     assert f"{dec['total']:.3e}" in text
     assert f"{dec['telescoping_residual']:.3e}" in text
     for kind in ("cold", "warm", "proximal", "pbrf", "linearized"):
-        row = next(line for line in text.splitlines() if line.startswith(f"| {A.KIND_LABELS[kind]} |"))
+        row = next(
+            line for line in text.splitlines() if line.startswith(f"| {A.KIND_LABELS[kind]} |")
+        )
         corr = summary["correlations"][kind]
         for key in ("pearson", "spearman", "pearson_per_test", "spearman_per_test"):
             assert f"{corr[key]:.3f}" in row
@@ -128,17 +134,20 @@ def test_experiment_section_shows_facts_and_nested_headline_config(tmp_path):
     dm = make_dm()
     summary = A.summarise(dm)
     summary["experiment"] = {"name": "digits-mlp", "n_train": 1297, "n_params": 4810}
-    config = {"data": {"name": "digits", "n_train": 1297}, "influence": {"damping": 0.01, "solver": "lissa"},
+    config = {"data": {"name": "digits", "n_train": 1297},
+              "influence": {"damping": 0.01, "solver": "lissa"},
               "train": {"weight_decay": 1e-3, "lr": 0.05}}  # fmt: skip
     R.write_report(tmp_path, summary, dm, config)
     text = (tmp_path / "report.md").read_text()
     experiment = text.split("## Experiment")[1].split("\n## ")[0]
-    expected = ["| `name` | digits-mlp |", "| `n_params` | 4810 |", "| `n_test` | 6 |", "| `n_removals` | 9 |",
+    expected = ["| `name` | digits-mlp |", "| `n_params` | 4810 |", "| `n_test` | 6 |",
+                "| `n_removals` | 9 |",
                 "| `influence.damping` | 0.01 |", "| `influence.solver` | lissa |",
                 "| `train.weight_decay` | 0.001 |"]  # fmt: skip
     for line in expected:
         assert line in experiment
-    assert "data.n_train" not in experiment and "train.lr" not in experiment  # duplicate / not headline
+    # duplicate / not headline
+    assert "data.n_train" not in experiment and "train.lr" not in experiment
     configuration = text.split("## Configuration")[1]
     assert "| `train.lr` | 0.05 |" in configuration and "| `data.name` | digits |" in configuration
 
@@ -158,7 +167,8 @@ def test_telescoping_line_for_full_partial_and_broken_chains(tmp_path):
     text = R.render_markdown(full, {}, "t", {}, tmp_path)
     assert f"Σ signed gaps = {sum(dec['signed'].values()):.3e}" in text
     assert f"mean(Δm_cold − Δm_influence) = {dec['total_signed']:.3e}" in text
-    partial = A.summarise(make_dm(kinds=A.KINDS[1:]))  # no cold: warm ... influence still telescopes
+    # no cold: warm ... influence still telescopes
+    partial = A.summarise(make_dm(kinds=A.KINDS[1:]))
     signed = partial["decomposition"]["signed"]
     text = R.render_markdown(partial, {}, "t", {}, tmp_path)
     assert "Telescoping check (warm-start LOO → influence)" in text
@@ -195,7 +205,7 @@ def test_failed_summary_write_keeps_old_file(tmp_path, monkeypatch):
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(R.os, "fsync", fsync_then_fail)
+    monkeypatch.setattr(os, "fsync", fsync_then_fail)
     dm2 = make_dm(seed=1)
     with pytest.raises(OSError, match="simulated"):
         R.write_report(tmp_path, A.summarise(dm2), dm2, CONFIG)
@@ -225,7 +235,7 @@ def test_failed_os_replace_leaves_no_tmp(tmp_path, monkeypatch):
     def no_replace(src, dst):
         raise PermissionError("simulated")
 
-    monkeypatch.setattr(R.os, "replace", no_replace)
+    monkeypatch.setattr(os, "replace", no_replace)
     with pytest.raises(PermissionError):
         R.write_report(tmp_path, A.summarise(make_dm()), make_dm(), CONFIG)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
@@ -260,7 +270,11 @@ def test_nan_and_none_render_as_na(tmp_path):
     assert loaded["correlations"]["pbrf"]["pearson"] is None
     assert loaded["decomposition"]["signed"]["proximity gap"] is None
     assert_png(tmp_path / "figures" / "decomposition.png")
-    outputs = [R.print_summary(summary), R.format_table([("x", summary)]), R.format_table_text([("x", summary)])]
+    outputs = [
+        R.print_summary(summary),
+        R.format_table([("x", summary)]),
+        R.format_table_text([("x", summary)]),
+    ]
     for out in outputs:
         assert "n/a" in out and "nan" not in out.lower()
 
@@ -285,7 +299,8 @@ def test_format_table_has_each_run_and_its_numbers():
     for (name, summary), line in zip(runs, lines[2:]):
         assert name.replace("|", "\\|") in line
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[2:-1]]
-        expected = [f"{summary['correlations'][k][m]:.3f}" for k in ("cold", "warm", "proximal", "pbrf")
+        expected = [f"{summary['correlations'][k][m]:.3f}" for k in ("cold", "warm", "proximal",
+            "pbrf")
                     for m in ("pearson", "spearman")]  # fmt: skip
         assert cells == expected
     assert len({unescaped_pipes(line) for line in lines}) == 1
@@ -350,6 +365,8 @@ def test_writing_figures_does_not_import_pyplot(tmp_path):
         "print('pyplot' if 'matplotlib.pyplot' in sys.modules else 'clean')\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
     assert out.stdout.strip() == "clean"
     assert_png(tmp_path / "figures" / "scatter.png")

@@ -1,6 +1,8 @@
-"""Response functions (DESIGN §1, items 1-5) against closed forms and independent Newton solves.
+"""Response functions (docs/conventions.md §5, items 1-5) against closed forms and independent
+Newton solves.
 
-Every objective used as a reference here is written from DESIGN §1 in this file (own losses, own
+Every objective used as a reference here is written from docs/conventions.md §5 in this file (own
+losses, own
 Bregman divergence through autograd, own forward through ``functional_call``); nothing is borrowed
 from ``pbrf.respond`` or ``pbrf.tasks`` except the network itself.
 """
@@ -12,111 +14,33 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import pbrf
 from pbrf import tasks
 
 from .conftest import tiny_problem
+from .reference import _fwd, _loss, make_objective, newton, rel
 
 F64 = torch.float64
 
 
 # ------------------------------------------------------------------------------------ references
-def _fwd(model: nn.Module, theta: Tensor, x: Tensor) -> Tensor:
-    """f(θ, x) for a flat θ in ``named_parameters`` order."""
-    params, i = {}, 0
-    for name, p in model.named_parameters():
-        params[name] = theta[i : i + p.numel()].reshape(p.shape)
-        i += p.numel()
-    assert i == theta.numel()
-    return torch.func.functional_call(model, (params,), (x,))
-
-
-def _rows(z: Tensor) -> Tensor:
-    return z.flatten(1) if z.dim() > 1 else z[:, None]
-
-
-def _loss(task: str, f: Tensor, t: Tensor) -> Tensor:
-    """Per-example loss [B] written from DESIGN §1."""
-    if task == "regression":
-        return 0.5 * _rows(f - t.reshape(f.shape)).pow(2).sum(1)
-    if task == "classification":
-        return -torch.log_softmax(f, -1).gather(1, t.long()[:, None])[:, 0]
-    if task == "binary":
-        f = f.reshape(-1)
-        return torch.nn.functional.softplus(f) - t.reshape(-1) * f
-    raise KeyError(task)
-
-
-def _bregman(task: str, f: Tensor, fs: Tensor, t: Tensor) -> Tensor:
-    """D_L(f, f^s) = L(f) − L(f^s) − ∂_f L(f^s)ᵀ(f − f^s), per example, via autograd (no closed form)."""
-    fs = fs.detach()
-    gs = torch.func.grad(lambda g: _loss(task, g, t).sum())(fs)
-    return _loss(task, f, t) - _loss(task, fs, t) - _rows(gs * (f - fs)).sum(1)
-
-
-def make_objective(kind: str, model, task: str, x, t, theta_s, group, wd: float, lam: float, weight: float = 1.0):
-    """The DESIGN §1 objective of response ``kind`` (warm / proximal / pbrf) for one removal set."""
-    n = x.shape[0]
-    r = torch.tensor(group, dtype=torch.long)
-    fs = _fwd(model, theta_s, x).detach()
-
-    def obj(theta: Tensor) -> Tensor:
-        removed = weight * _loss(task, _fwd(model, theta, x[r]), t[r]).sum() / n
-        if kind == "pbrf":
-            div = _bregman(task, _fwd(model, theta, x), fs, t).sum() / n
-            return div - removed + 0.5 * (wd + lam) * (theta - theta_s).pow(2).sum()
-        val = _loss(task, _fwd(model, theta, x), t).sum() / n - removed + 0.5 * wd * theta.pow(2).sum()
-        if kind == "proximal":
-            val = val + 0.5 * lam * (theta - theta_s).pow(2).sum()
-        return val
-
-    return obj
-
-
-def newton(obj, theta0: Tensor, iters: int = 100) -> tuple[Tensor, Tensor]:
-    """Newton's method with a backtracking (Armijo) line search, to machine precision;
-    returns (θ*, Hessian at θ*). Asserts a vanishing gradient and a positive definite Hessian."""
-    theta = theta0.clone()
-    for _ in range(iters):
-        g = torch.autograd.functional.jacobian(obj, theta)
-        if g.norm() < 1e-14:
-            break
-        H = torch.autograd.functional.hessian(obj, theta)
-        ev_min = float(torch.linalg.eigvalsh(H).min())
-        if ev_min <= 0:  # not locally convex yet: shift to a descent direction
-            H = H + (1e-3 - ev_min) * torch.eye(H.shape[0], dtype=H.dtype)
-        step = torch.linalg.solve(H, g)
-        t = 1.0
-        if g.norm() > 1e-6:  # globalisation far from the solution; pure Newton steps near it
-            f0 = obj(theta)
-            while obj(theta - t * step) > f0 - 1e-4 * t * (g @ step) and t > 1e-8:
-                t /= 2
-        theta = theta - t * step
-        if t == 1.0 and step.norm() <= 1e-15 * (1 + theta.norm()):
-            break
-    g = torch.autograd.functional.jacobian(obj, theta)
-    H = torch.autograd.functional.hessian(obj, theta)
-    assert g.norm() < 1e-12, f"reference Newton solve did not converge: |grad| = {g.norm():.3g}"
-    assert torch.linalg.eigvalsh(H).min() > 0, "reference Newton solve did not reach a local minimum"
-    return theta, H
-
-
 def hb_recipe(hessians, tol: float = 1e-12, safety: float = 0.8) -> pbrf.Recipe:
-    """Full-batch heavy-ball SGD tuned from the curvature range: lr = safety / L and the momentum that
+    """Full-batch heavy-ball SGD tuned from the curvature range: lr = safety / L and the momentum
+    that
     keeps every eigen-mode in the complex (uniformly contracting) regime, rate 1 − sqrt(lr μ)."""
     ev = torch.cat([torch.linalg.eigvalsh(0.5 * (H + H.T)) for H in hessians])
     mu, L = float(ev.min()), float(ev.max())
-    assert mu > 0, f"objective not locally strongly convex (min eigenvalue {mu:.3g}); test setup invalid"
+    assert mu > 0, (
+        f"objective not locally strongly convex (min eigenvalue {mu:.3g}); test setup invalid"
+    )
     lr = safety / L
     rate = 1 - math.sqrt(lr * mu * 0.9)
     steps = int(math.ceil(math.log(tol) / math.log(rate) * 1.3)) + 50
-    return pbrf.Recipe(optimizer="sgd", lr=lr, momentum=rate**2, steps=min(steps, 6000), batch_size=None)
-
-
-def rel(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return pbrf.Recipe(
+        optimizer="sgd", lr=lr, momentum=rate**2, steps=min(steps, 6000), batch_size=None
+    )
 
 
 def _grad_norms(resp: pbrf.Response) -> list[float]:
@@ -127,10 +51,17 @@ def _grad_norms(resp: pbrf.Response) -> list[float]:
 def _linear_regression(n=20, d=3, wd=1e-2, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=F64)
-    y = x @ torch.randn(d, 1, generator=g, dtype=F64) + 0.5 * torch.randn(n, 1, generator=g, dtype=F64)
+    y = x @ torch.randn(d, 1, generator=g, dtype=F64) + 0.5 * torch.randn(
+        n, 1, generator=g, dtype=F64
+    )
     torch.manual_seed(seed)
     model = nn.Linear(d, 1, dtype=F64)  # θ^s = this init: the PBRF does not need a converged θ^s
-    return model, x, y, pbrf.Problem(model, tasks.Regression(), (x, y), weight_decay=wd, chunk_size=7)
+    return (
+        model,
+        x,
+        y,
+        pbrf.Problem(model, tasks.Regression(), (x, y), weight_decay=wd, chunk_size=7),
+    )
 
 
 def test_linear_regression_pbrf_closed_form_and_linearized():
@@ -150,7 +81,8 @@ def test_linear_regression_pbrf_closed_form_and_linearized():
         closed.append(torch.linalg.solve(A, b))
         first.append(torch.linalg.solve(C, b))
         A_all.append(A)
-        # independent check of the derivation: exact Hessian / gradient of the objective, by autograd
+        # independent check of the derivation: exact Hessian / gradient of the objective, by
+        # autograd
         obj = make_objective("pbrf", model, "regression", x, y, theta_s, g, wd, lam)
         H = torch.autograd.functional.hessian(obj, theta_s)
         grad = torch.autograd.functional.jacobian(obj, theta_s)
@@ -176,8 +108,12 @@ def test_linear_regression_pbrf_closed_form_and_linearized():
     xt = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
     yt = torch.randn(4, 1, dtype=F64, generator=torch.Generator().manual_seed(6))
     Xt = torch.cat([xt, torch.ones(4, 1, dtype=F64)], 1)
-    torch.testing.assert_close(lin.output_change((xt, yt))[..., 0], first @ Xt.T, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(resp.output_change((xt, yt))[..., 0], closed @ Xt.T, rtol=0, atol=1e-8)
+    torch.testing.assert_close(
+        lin.output_change((xt, yt))[..., 0], first @ Xt.T, rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(
+        resp.output_change((xt, yt))[..., 0], closed @ Xt.T, rtol=0, atol=1e-8
+    )
     # PBRF loss change: m(θ_r) − m(θ^s) with m the test squared error
     m = lambda th: 0.5 * (Xt @ th - yt[:, 0]).pow(2)  # noqa: E731
     manual = torch.stack([m(theta_s + d) - m(theta_s) for d in closed], 1)
@@ -198,20 +134,26 @@ def test_linear_regression_group_pbrf_is_not_sum_of_singles():
 
 @pytest.mark.parametrize("kind", ["warm", "proximal", "pbrf"])
 def test_linear_regression_removal_weight_closed_form(kind):
-    """Quadratic objectives: one Newton step from θ^s of our own objective (with weight s on the removed
+    """Quadratic objectives: one Newton step from θ^s of our own objective (with weight s on the
+    removed
     term) is exact; the optimiser must reach it for every kind and weight."""
     model, x, y, prob = _linear_regression()
     lam, groups = 0.05, [[0], [2, 7]]
     for s in (0.3, 1.0):
         refs, hs = [], []
         for g in groups:
-            obj = make_objective(kind, model, "regression", x, y, prob.theta, g, prob.weight_decay, lam, s)
+            obj = make_objective(
+                kind, model, "regression", x, y, prob.theta, g, prob.weight_decay, lam, s
+            )
             H = torch.autograd.functional.hessian(obj, prob.theta)
             refs.append(-torch.linalg.solve(H, torch.autograd.functional.jacobian(obj, prob.theta)))
             hs.append(H)
-        resp = pbrf.respond(prob, kind, groups, damping=lam, recipe=hb_recipe(hs), removal_weight=s, progress=False)
+        resp = pbrf.respond(
+            prob, kind, groups, damping=lam, recipe=hb_recipe(hs), removal_weight=s, progress=False
+        )
         refs = torch.stack(refs)
-        # warm/proximal at an unconverged θ^s also move by the full-data gradient: compare Δ, not Δ/s
+        # warm/proximal at an unconverged θ^s also move by the full-data gradient: compare Δ, not
+        # Δ/s
         torch.testing.assert_close(resp.delta, refs, rtol=0, atol=1e-8)
 
 
@@ -234,7 +176,8 @@ def _logistic(n=40, d=3, wd=1e-2, seed=0, newton_train=True):
 def test_logistic_warm_equals_pbrf_at_zero_damping():
     model, x, y, prob, H = _logistic()
     groups = [[0], [3], [7], [1, 2], [10, 20, 29]]
-    # the removal objectives are convex with Hessian between (wd) I and H; tune on H and its removed versions
+    # the removal objectives are convex with Hessian between (wd) I and H; tune on H and its removed
+    # versions
     refs, hs = [], []
     for g in groups:
         obj = make_objective("warm", model, "binary", x, y, prob.theta, g, prob.weight_decay, 0.0)
@@ -253,7 +196,8 @@ def test_logistic_warm_equals_pbrf_at_zero_damping():
 
 
 def test_logistic_all_response_functions_agree_with_influence():
-    model, x, y, prob, H = _logistic(n=80)  # N = 30 gives per-test-point IF/LOO correlations of ~0.96
+    # N = 30 gives per-test-point IF/LOO correlations of ~0.96
+    model, x, y, prob, H = _logistic(n=80)
     lam = 1e-4
     groups = list(range(prob.n_train))
     g = torch.Generator().manual_seed(11)
@@ -271,12 +215,16 @@ def test_logistic_all_response_functions_agree_with_influence():
     resps = {
         "cold": pbrf.respond(prob, "cold", groups, recipe=cold_recipe, seeds=(0,), progress=False),
         "warm": pbrf.respond(prob, "warm", groups, recipe=recipe, progress=False),
-        "proximal": pbrf.respond(prob, "proximal", groups, damping=lam, recipe=recipe, progress=False),
+        "proximal": pbrf.respond(
+            prob, "proximal", groups, damping=lam, recipe=recipe, progress=False
+        ),
         "pbrf": pbrf.respond(prob, "pbrf", groups, damping=lam, recipe=recipe, progress=False),
     }
     for k, r in resps.items():
         changes[k] = r.loss_change((xt, yt))
-        grads = [d["grad_norm"] for d in (r.diagnostics[0]["seeds"] if k == "cold" else r.diagnostics)]
+        grads = [
+            d["grad_norm"] for d in (r.diagnostics[0]["seeds"] if k == "cold" else r.diagnostics)
+        ]
         assert max(grads) < 1e-8, (k, max(grads))
     changes["influence"] = pbrf.influence(prob, (xt, yt), groups, damping=lam)
     # cold and warm share the unique optimum of a strongly convex objective
@@ -295,12 +243,21 @@ def test_logistic_all_response_functions_agree_with_influence():
 # ------------------------------------------------------------------------------------ 3. nonlinear
 @functools.cache
 def _trained(kind: str, n: int = 12) -> pbrf.Problem:
-    """A conftest tiny MLP problem with θ^s = a local minimum of J (L-BFGS on our own J, then Newton)."""
+    """A conftest tiny MLP problem with θ^s = a local minimum of J (L-BFGS on our own J, then
+    Newton).
+    """
     p0 = tiny_problem(kind, n=n)
     obj = make_objective("warm", p0.model, kind, p0.x, p0.t, p0.theta, [], p0.weight_decay, 0.0)
     theta = p0.theta.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1, max_iter=2000, tolerance_grad=1e-11, tolerance_change=0,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1,
+        max_iter=2000,
+        tolerance_grad=1e-11,
+        tolerance_change=0,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -310,7 +267,9 @@ def _trained(kind: str, n: int = 12) -> pbrf.Problem:
 
     opt.step(closure)
     theta, _ = newton(obj, theta.detach())
-    return pbrf.Problem(p0.model, p0.task, (p0.x, p0.t), weight_decay=p0.weight_decay, params=p0.unflatten(theta))
+    return pbrf.Problem(
+        p0.model, p0.task, (p0.x, p0.t), weight_decay=p0.weight_decay, params=p0.unflatten(theta)
+    )
 
 
 @pytest.mark.parametrize("kind", ["regression", "classification"])
@@ -321,12 +280,16 @@ def test_nonlinear_pbrf_and_proximal_match_newton(kind):
     for resp_kind in ("pbrf", "proximal"):
         refs, hs = [], []
         for g in groups:
-            obj = make_objective(resp_kind, prob.model, kind, prob.x, prob.t, prob.theta, g, prob.weight_decay, lam)
+            obj = make_objective(
+                resp_kind, prob.model, kind, prob.x, prob.t, prob.theta, g, prob.weight_decay, lam
+            )
             th, Hg = newton(obj, prob.theta)
             refs.append(th - prob.theta)
             hs += [Hg, torch.autograd.functional.hessian(obj, prob.theta)]
         refs = torch.stack(refs)
-        resp = pbrf.respond(prob, resp_kind, groups, damping=lam, recipe=hb_recipe(hs), progress=False)
+        resp = pbrf.respond(
+            prob, resp_kind, groups, damping=lam, recipe=hb_recipe(hs), progress=False
+        )
         assert max(_grad_norms(resp)) < 1e-10, _grad_norms(resp)
         assert not any(d["diverged"] for d in resp.diagnostics)
         assert refs.norm(dim=1).min() > 1e-2  # non-trivial responses
@@ -345,9 +308,19 @@ def test_pbrf_small_removal_weight_tends_to_influence(kind):
     for s in (1e-1, 1e-2):
         hs = []
         for g in groups:
-            obj = make_objective("pbrf", prob.model, kind, prob.x, prob.t, prob.theta, g, prob.weight_decay, lam, s)
+            obj = make_objective(
+                "pbrf", prob.model, kind, prob.x, prob.t, prob.theta, g, prob.weight_decay, lam, s
+            )
             hs.append(torch.autograd.functional.hessian(obj, prob.theta))
-        resp = pbrf.respond(prob, "pbrf", groups, damping=lam, recipe=hb_recipe(hs), removal_weight=s, progress=False)
+        resp = pbrf.respond(
+            prob,
+            "pbrf",
+            groups,
+            damping=lam,
+            recipe=hb_recipe(hs),
+            removal_weight=s,
+            progress=False,
+        )
         assert max(_grad_norms(resp)) < 1e-12
         errs.append(max(rel(resp.delta[k] / s, d_if[k]) for k in range(len(groups))))
     # Δθ(s)/s = Δθ_IF + O(s): the error shrinks ~10x when s does
@@ -356,7 +329,7 @@ def test_pbrf_small_removal_weight_tends_to_influence(kind):
     assert errs[1] / 1e-2 == pytest.approx(errs[0] / 1e-1, rel=0.5), errs
 
 
-# ------------------------------------------------------------------------------------ 5. invariances
+# ---------------------------------------------------------------------------------- 5. invariances
 MINIBATCH = pbrf.Recipe(optimizer="sgd", lr=0.05, momentum=0.9, steps=25, batch_size=5, seed=3)
 GROUPS = [[0], [3], [1, 2], [7], [11, 4, 5]]
 
@@ -370,14 +343,20 @@ def _compare(a: pbrf.Response, b: pbrf.Response) -> None:
 @pytest.mark.parametrize("kind", ["warm", "proximal", "pbrf", "cold"])
 def test_vectorised_equals_one_at_a_time_and_chunking(kind):
     prob = tiny_problem("regression")
-    theta_s, model_state = prob.theta.clone(), {k: v.clone() for k, v in prob.model.state_dict().items()}
+    theta_s, model_state = (
+        prob.theta.clone(),
+        {k: v.clone() for k, v in prob.model.state_dict().items()},
+    )
     kw = dict(damping=0.05, recipe=MINIBATCH, seeds=(0, 1), progress=False)
     full = pbrf.respond(prob, kind, GROUPS, **kw)
     assert torch.equal(prob.theta, theta_s)  # θ^s and the model are never modified
     assert all(torch.equal(v, model_state[k]) for k, v in prob.model.state_dict().items())
     K = len(GROUPS)
     if kind == "cold":
-        assert full.params_flat.shape == (2, K, prob.n_params) and full.reference.shape == (2, prob.n_params)
+        assert full.params_flat.shape == (2, K, prob.n_params) and full.reference.shape == (
+            2,
+            prob.n_params,
+        )
     else:
         assert full.params_flat.shape == (K, prob.n_params)
     singles = [pbrf.respond(prob, kind, [g], **kw) for g in GROUPS]
@@ -389,7 +368,9 @@ def test_vectorised_equals_one_at_a_time_and_chunking(kind):
     for cs in (1, 3, 64):
         _compare(pbrf.respond(prob, kind, GROUPS, chunk_size=cs, **kw), full)
     # the minibatch order matters (so the comparisons above are informative)
-    other = pbrf.respond(prob, kind, GROUPS, **{**kw, "recipe": MINIBATCH.replace(seed=4), "seeds": (0, 1)})
+    other = pbrf.respond(
+        prob, kind, GROUPS, **{**kw, "recipe": MINIBATCH.replace(seed=4), "seeds": (0, 1)}
+    )
     if kind != "cold":  # cold overrides recipe.seed with its own seeds
         assert (other.params_flat - full.params_flat).abs().max() > 1e-6
     # removals actually change the result, differently per group
@@ -417,15 +398,23 @@ def test_cold_reference_reproduces_training_and_loss_change_is_seed_mean():
     cold = pbrf.respond(prob, "cold", groups, seeds=(2,), model_init=lambda s: init, progress=False)
     torch.testing.assert_close(cold.reference[0], prob.theta, rtol=1e-12, atol=1e-13)
 
-    # default model_init: reinitialize(model, seed); two seeds, each reference = train from that init
+    # default model_init: reinitialize(model, seed); two seeds, each reference = train from that
+    # init
     from pbrf.models import reinitialize
 
     seeds = (0, 1)
-    cold = pbrf.respond(prob, "cold", groups, seeds=seeds, progress=False)  # recipe from the Problem
+    # recipe from the Problem
+    cold = pbrf.respond(prob, "cold", groups, seeds=seeds, progress=False)
     assert cold.params_flat.shape == (2, 2, prob.n_params)
     for i, s in enumerate(seeds):
-        ref = pbrf.train(reinitialize(init, s), task, (x, y), recipe.replace(seed=s), weight_decay=1e-2,
-                         progress=False)
+        ref = pbrf.train(
+            reinitialize(init, s),
+            task,
+            (x, y),
+            recipe.replace(seed=s),
+            weight_decay=1e-2,
+            progress=False,
+        )
         flat = torch.cat([ref.params[n].reshape(-1) for n in prob.names])
         torch.testing.assert_close(cold.reference[i], flat, rtol=1e-12, atol=1e-13)
     assert (cold.reference[0] - cold.reference[1]).abs().max() > 1e-3
@@ -433,13 +422,19 @@ def test_cold_reference_reproduces_training_and_loss_change_is_seed_mean():
     g = torch.Generator().manual_seed(3)
     xt, yt = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 1, generator=g, dtype=F64)
     m = lambda th: _loss("regression", _fwd(init, th, xt), yt)  # noqa: E731
-    manual = torch.stack([
-        torch.stack([m(cold.params_flat[i, k]) - m(cold.reference[i]) for i in range(2)]).mean(0)
-        for k in range(2)
-    ], 1)
+    manual = torch.stack(
+        [
+            torch.stack([m(cold.params_flat[i, k]) - m(cold.reference[i]) for i in range(2)]).mean(
+                0
+            )
+            for k in range(2)
+        ],
+        1,
+    )
     torch.testing.assert_close(cold.loss_change((xt, yt)), manual, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(cold.delta, (cold.params_flat - cold.reference[:, None]).mean(0))
-    # a per-seed difference is not the difference of seed means of losses only by accident: check the
+    # a per-seed difference is not the difference of seed means of losses only by accident: check
+    # the
     # two seeds actually disagree
     per0 = m(cold.params_flat[0, 0]) - m(cold.reference[0])
     per1 = m(cold.params_flat[1, 0]) - m(cold.reference[1])
@@ -450,7 +445,9 @@ def test_cold_reference_reproduces_training_and_loss_change_is_seed_mean():
 def test_warm_default_recipe_comes_from_problem_and_loss_change_is_manual():
     prob0 = tiny_problem("classification")
     recipe = pbrf.Recipe(optimizer="sgd", lr=0.1, momentum=0.9, steps=30, batch_size=None)
-    prob = pbrf.Problem(prob0.model, prob0.task, (prob0.x, prob0.t), weight_decay=1e-2, recipe=recipe)
+    prob = pbrf.Problem(
+        prob0.model, prob0.task, (prob0.x, prob0.t), weight_decay=1e-2, recipe=recipe
+    )
     a = pbrf.respond(prob, "warm", [[1], [2, 3]], progress=False)
     b = pbrf.respond(prob, "warm", [[1], [2, 3]], recipe=recipe, progress=False)
     assert torch.equal(a.params_flat, b.params_flat)
@@ -460,7 +457,7 @@ def test_warm_default_recipe_comes_from_problem_and_loss_change_is_manual():
     torch.testing.assert_close(a.loss_change((xt, yt)), manual, rtol=1e-10, atol=1e-13)
 
 
-# ------------------------------------------------------------------------------------ 7. diagnostics
+# ---------------------------------------------------------------------------------- 7. diagnostics
 KEYS = {"steps", "objective", "grad_norm", "diverged"}
 
 
@@ -481,19 +478,36 @@ def test_diagnostics_per_removal_and_divergence_flag():
         # the reported objective / gradient norm are the full-data ones at the returned parameters
         if kind != "cold":
             for k, g in enumerate(groups):
-                obj = make_objective(kind, prob.model, "regression", prob.x, prob.t, prob.theta, g,
-                                     prob.weight_decay, 0.1)
+                obj = make_objective(
+                    kind,
+                    prob.model,
+                    "regression",
+                    prob.x,
+                    prob.t,
+                    prob.theta,
+                    g,
+                    prob.weight_decay,
+                    0.1,
+                )
                 th = ok.params_flat[k]
-                assert ok.diagnostics[k]["objective"] == pytest.approx(float(obj(th)), rel=1e-10, abs=1e-13)
+                assert ok.diagnostics[k]["objective"] == pytest.approx(
+                    float(obj(th)), rel=1e-10, abs=1e-13
+                )
                 gn = float(torch.autograd.functional.jacobian(obj, th).norm())
                 assert ok.diagnostics[k]["grad_norm"] == pytest.approx(gn, rel=1e-8, abs=1e-13)
         boom = pbrf.respond(prob, kind, groups, damping=0.1, recipe=bad, progress=False)
         assert len(boom.diagnostics) == len(groups)
         assert all(d["diverged"] is True for d in boom.diagnostics), (kind, boom.diagnostics)
-        rows = [s for d in boom.diagnostics for s in d["seeds"]] if kind == "cold" else boom.diagnostics
+        rows = (
+            [s for d in boom.diagnostics for s in d["seeds"]]
+            if kind == "cold"
+            else boom.diagnostics
+        )
         assert all(d["steps"] < 200 for d in rows)
     lin = pbrf.respond(prob, "linearized", groups, progress=False)
-    assert len(lin.diagnostics) == len(groups) and all(d["diverged"] is False for d in lin.diagnostics)
+    assert len(lin.diagnostics) == len(groups) and all(
+        d["diverged"] is False for d in lin.diagnostics
+    )
 
 
 @pytest.mark.parametrize("kind", ["warm", "pbrf"])

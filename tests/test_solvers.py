@@ -7,54 +7,22 @@ import pbrf
 from pbrf.curvature import CurvatureOperator
 
 from .conftest import tiny_problem
+from .reference import reference_damped, reference_hessian
 
 
-# ---------------------------------------------------------------------------------------- references
-def reference_ggn(prob):
-    """(1/N) Σ_i J_iᵀ H_i J_i from torch.autograd.functional Jacobians of the outputs of all N examples
-    and the autograd Hessian of each example's loss in output space (independent of pbrf.curvature)."""
-    theta = prob.theta
-    out = prob.outputs_flat(theta, prob.x)
-    n, d = out.shape[0], out[0].numel()
-    J = torch.autograd.functional.jacobian(
-        lambda th: prob.outputs_flat(th, prob.x).reshape(n, d), theta, vectorize=True
-    )  # [N, D, p]
-    G = torch.zeros(prob.n_params, prob.n_params, dtype=torch.float64)
-    for i in range(n):
-        ti = prob.t[i : i + 1]
-        H = torch.autograd.functional.hessian(
-            lambda f: prob.task.loss(f.reshape(1, *out.shape[1:]), ti).sum(), out[i].reshape(-1).detach()
-        )
-        G += J[i].T @ H @ J[i]
-    return G / n
-
-
-def reference_hessian(prob):
-    """Reverse-over-reverse autograd Hessian of the mean data loss (torch.func.hessian is wrong for the
-    tiny transformer, see tests/test_curvature.py)."""
-
-    def data_loss(th):
-        return prob.task.loss(prob.outputs_flat(th, prob.x), prob.t).mean()
-
-    return torch.autograd.functional.hessian(data_loss, prob.theta, vectorize=True)
-
-
-def reference_damped(prob, curvature, damping):
-    """Dense C = G + (wd + λ) I, or ∇²J + λ I = ∇²(mean loss) + (wd + λ) I (DESIGN §1)."""
-    M = reference_ggn(prob) if curvature == "ggn" else reference_hessian(prob)
-    return M + (prob.weight_decay + damping) * torch.eye(prob.n_params, dtype=torch.float64)
-
-
+# -------------------------------------------------------------------------------------- references
 def rhs(prob, m=3, seed=1):
-    return torch.randn(m, prob.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(m, prob.n_params, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(seed))
 
 
 def rel_residual(C, X, B):
     return ((X @ C.T - B).norm(dim=1) / B.norm(dim=1)).max().item()
 
 
-# ---------------------------------------------------------------------------------------- exact / CG
-@pytest.mark.parametrize("kind,curvature", [("classification", "ggn"), ("cnn", "ggn"), ("binary", "hessian")])
+# -------------------------------------------------------------------------------------- exact / CG
+@pytest.mark.parametrize("kind,curvature",
+                         [("classification", "ggn"), ("cnn", "ggn"), ("binary", "hessian")])
 def test_exact_equals_dense_linalg_solve(kind, curvature):
     prob = tiny_problem(kind)
     damping = 0.3 if curvature == "ggn" else 1.0  # enough to make the Hessian positive definite
@@ -103,7 +71,8 @@ def test_cg_warm_start_needs_fewer_iterations():
 
 
 def test_cg_flags_non_positive_curvature_of_an_indefinite_hessian():
-    # a nonconvex problem (untrained MLP) without weight decay or damping: the Hessian has a negative
+    # a nonconvex problem (untrained MLP) without weight decay or damping: the Hessian has a
+    # negative
     # eigenvalue, and CG started along its eigenvector meets non-positive curvature at once.
     prob = tiny_problem("reconstruction", weight_decay=0.0)
     H = reference_hessian(prob)
@@ -116,7 +85,8 @@ def test_cg_flags_non_positive_curvature_of_an_indefinite_hessian():
     # and influence(...) refuses to return such a solution (for this data CG meets non-positive
     # curvature on the test-loss gradient within a few iterations; checked deterministically)
     with pytest.raises(pbrf.SolverDivergedError, match="increase damping"):
-        pbrf.influence(prob, (prob.x[:4], None), [0, 1], damping=0.0, solver="cg", curvature="hessian")
+        pbrf.influence(prob, (prob.x[:4], None), [0, 1], damping=0.0, solver="cg",
+                       curvature="hessian")
 
 
 def test_unknown_solver_or_option_raises_naming_the_valid_ones():
@@ -165,8 +135,10 @@ def test_lissa_minibatch_with_repeats_matches_exact():
     prob, damping, C, lam_max, B, X_exact = _lissa_setup()
     op = CurvatureOperator(prob, "ggn", damping)
     # 12 training points, batches of 10: the stochastic error averages out over the repeats (the
-    # estimator is unbiased; over seeds 0..9 the worst relative error was 0.0072, so 1% is not flaky)
-    X, info = pbrf.solve(op, B, "lissa", scale=1.5 * lam_max, depth=100, repeats=8, batch_size=10, seed=3)
+    # estimator is unbiased; over seeds 0..9 the worst relative error was 0.0072, so 1% is not
+    # flaky)
+    X, info = pbrf.solve(op, B, "lissa", scale=1.5 * lam_max, depth=100, repeats=8, batch_size=10,
+                         seed=3)
     assert not info.diverged and info.iterations == 100 * 8
     assert _rel_err(X, X_exact) < 1e-2
 
@@ -184,9 +156,8 @@ def test_lissa_with_too_small_a_scale_is_reported_and_raises():
 
 
 def test_lissa_divergence_is_detected_even_with_a_short_recursion():
-    # FAILS on the current src: the divergence check runs every 10th step only, so with depth < 10 (or
-    # a blow-up during the last < 10 steps) a finite, wrong X comes back with diverged=False and
-    # influence(...) merely logs a warning.
+    # the divergence check also runs at the last step, so a recursion shorter than the check
+    # interval (depth < 10) or a blow-up in its last steps is reported as diverged, not returned
     prob, damping, C, lam_max, B, _ = _lissa_setup()
     op = CurvatureOperator(prob, "ggn", damping)
     X, info = pbrf.solve(op, B, "lissa", scale=0.01 * lam_max, depth=5)
@@ -236,7 +207,8 @@ def test_cg_default_tolerance_follows_dtype():
     from pbrf import solve
 
     prob = tiny_problem("regression")
-    prob32 = type(prob)(prob.model.float(), prob.task, (prob.x.float(), prob.t.float()), weight_decay=prob.weight_decay)
+    prob32 = type(prob)(prob.model.float(), prob.task, (prob.x.float(), prob.t.float()),
+                        weight_decay=prob.weight_decay)
     B = torch.randn(2, prob32.n_params)
     x, info = solve(CurvatureOperator(prob32, "ggn", 0.1), B, "cg")
     assert info.converged and info.residual < 1e-5 and x.dtype == torch.float32
@@ -244,9 +216,11 @@ def test_cg_default_tolerance_follows_dtype():
     assert info64.residual <= 1e-10
 
 
-# ---------------------------------------------------------------------------------------- hardening (issue 9)
+# ----------------------------------------------------------------------------- hardening (issue 9)
 class _DenseOp:
-    """A curvature operator over an explicit matrix (for spectra a network does not give on demand)."""
+    """A curvature operator over an explicit matrix (for spectra a network does not give on
+    demand).
+    """
 
     def __init__(self, C):
         from types import SimpleNamespace
@@ -285,7 +259,8 @@ def test_meaningless_option_values_are_refused(solver, options, needle):
     with pytest.raises(ValueError, match=needle):  # the public functions check too
         pbrf.solvers.SOLVERS[solver](op, rhs(prob, m=1), **options)
     with pytest.raises(ValueError, match=needle):  # and so does influence()
-        pbrf.influence(prob, (prob.x[:2], prob.t[:2]), [0], damping=0.1, solver=solver, solver_options=options)
+        pbrf.influence(prob, (prob.x[:2], prob.t[:2]), [0], damping=0.1, solver=solver,
+                       solver_options=options)
 
 
 def test_exact_refuses_an_indefinite_hessian_unless_asked_for_lu():
@@ -295,10 +270,13 @@ def test_exact_refuses_an_indefinite_hessian_unless_asked_for_lu():
     B = rhs(prob, m=2)
     X, info = pbrf.solve(CurvatureOperator(prob, "hessian", 0.0), B, "exact")
     assert info.diverged and not info.converged
-    assert "not positive definite" in info.message and "damping" in info.message and "ggn" in info.message
+    assert "not positive definite" in info.message
+    assert "damping" in info.message and "ggn" in info.message
     assert not torch.isfinite(X).any()  # flagged NaN, never a finite-looking answer
     with pytest.raises(pbrf.SolverDivergedError, match="(?s)increase damping.*ggn"):
-        pbrf.influence(prob, (prob.x[:2], None), [0, 1], damping=0.0, solver="exact", curvature="hessian")
+        pbrf.influence(
+            prob, (prob.x[:2], None), [0, 1], damping=0.0, solver="exact", curvature="hessian"
+        )
     # the explicit opt-in solves it by LU
     X, info = pbrf.solve(CurvatureOperator(prob, "hessian", 0.0), B, "exact", allow_indefinite=True)
     assert not info.diverged and "LU" in info.message
@@ -332,5 +310,12 @@ def test_lissa_is_judged_by_its_residual_not_only_by_growth():
 def test_lissa_on_an_undamped_hessian_raises_instead_of_returning_garbage():
     prob = tiny_problem("reconstruction", weight_decay=0.0)
     with pytest.raises(pbrf.SolverDivergedError):
-        pbrf.influence(prob, (prob.x[:2], None), [0, 1], damping=0.0, solver="lissa", curvature="hessian",
-                       solver_options={"depth": 50})
+        pbrf.influence(
+            prob,
+            (prob.x[:2], None),
+            [0, 1],
+            damping=0.0,
+            solver="lissa",
+            curvature="hessian",
+            solver_options={"depth": 50},
+        )

@@ -10,17 +10,27 @@ import numpy as np
 import pytest
 
 from pbrf.experiment.config import ConfigError, load_preset
-from pbrf.experiment.store import ChunkResult, Store, atomic_write_text, check_run_dir, from_blob, to_blob
+from pbrf.experiment.store import (
+    ChunkResult,
+    Store,
+    atomic_write_text,
+    check_run_dir,
+    from_blob,
+    to_blob,
+)
 
 
 def _result(kind="pbrf", chunk=0, k=3, n_test=4, seed=0):
     rng = np.random.default_rng(seed)
-    return ChunkResult(kind, chunk, rng.normal(size=(n_test, k)), rng.normal(size=(k, n_test, 10)).astype(np.float32),
-                       [{"steps": 5, "diverged": False, "objective": float(i)} for i in range(k)], 0.25)
+    return ChunkResult(kind, chunk, rng.normal(size=(n_test, k)),
+                       rng.normal(size=(k, n_test, 10)).astype(np.float32),
+                       [{"steps": 5, "diverged": False, "objective": float(i)} for i in range(k)],
+                           0.25)
 
 
 def test_blob_roundtrip_keeps_dtype_shape_and_values():
-    for arr in (np.arange(12, dtype=np.int64).reshape(3, 4), np.random.default_rng(0).normal(size=(2, 3, 4)),
+    for arr in (np.arange(12, dtype=np.int64).reshape(3, 4),
+                np.random.default_rng(0).normal(size=(2, 3, 4)),
                 np.array([np.nan, np.inf, -1.0], dtype=np.float32)):
         back = from_blob(to_blob(arr))
         assert back.dtype == arr.dtype and back.shape == arr.shape
@@ -101,7 +111,8 @@ def test_check_run_dir_modes(tmp_path):
     with pytest.raises(ConfigError, match="different config.*--overwrite"):
         check_run_dir(run, other, overwrite=False)
     assert check_run_dir(run, other, overwrite=True) == "overwrite"
-    assert check_run_dir(run, cfg, overwrite=True) == "overwrite"  # --overwrite always starts afresh
+    # --overwrite always starts afresh
+    assert check_run_dir(run, cfg, overwrite=True) == "overwrite"
     # the description does not define the experiment
     d = json.loads(cfg.to_json())
     d["description"] = "edited"

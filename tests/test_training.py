@@ -48,10 +48,13 @@ def test_train_does_not_mutate_model_and_returns_consistent_copy():
     for name, p in res.model.named_parameters():
         assert torch.equal(p.detach(), res.params[name])
         assert p.dtype == torch.float64
-    assert max(float((res.params[k] - before[k]).abs().max()) for k in res.params) > 1e-4  # it trained
-    # training decreases the objective J(θ) = (1/N) Σ L + (wd/2)||θ||², and the diagnostics report it exactly
+    # it trained
+    assert max(float((res.params[k] - before[k]).abs().max()) for k in res.params) > 1e-4
+    # training decreases the objective J(θ) = (1/N) Σ L + (wd/2)||θ||², and the diagnostics report
+    # it exactly
     p_res = pbrf.Problem(res.model, task, data, weight_decay=1e-2)
-    assert float(p_res.objective()) < float(pbrf.Problem(model, task, data, weight_decay=1e-2).objective())
+    assert float(p_res.objective()) < float(pbrf.Problem(model, task, data,
+                                                         weight_decay=1e-2).objective())
     assert res.diagnostics["objective"] == pytest.approx(float(p_res.objective()), rel=1e-12)
     assert res.diagnostics["steps"] == 20 and res.diagnostics["diverged"] is False
     assert res.recipe == MINIBATCH and res.weight_decay == 1e-2
@@ -67,7 +70,8 @@ def test_train_full_batch_sgd_matches_manual_gradient_descent():
     theta, m = prob.theta.clone(), torch.zeros_like(prob.theta)
     for _ in range(5):
         g = torch.autograd.functional.jacobian(
-            lambda th: prob.task.loss(prob.outputs_flat(th, prob.x), prob.t).mean() + 5e-3 * th.pow(2).sum(), theta)
+            lambda th: prob.task.loss(prob.outputs_flat(th, prob.x),
+                                      prob.t).mean() + 5e-3 * th.pow(2).sum(), theta)
         m = 0.5 * m + g
         theta = theta - 0.1 * m
     flat = torch.cat([res.params[n].reshape(-1) for n in prob.names])
@@ -90,7 +94,8 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path):
     # overwrite in place; no temporary files are left behind
     save_checkpoint(path, {k: v + 1 for k, v in res.params.items()}, {"v": 2})
     params3, meta3 = load_checkpoint(path)
-    assert meta3 == {"v": 2} and torch.equal(params3[next(iter(params3))], res.params[next(iter(params3))] + 1)
+    assert meta3 == {"v": 2} and torch.equal(params3[next(iter(params3))],
+                                             res.params[next(iter(params3))] + 1)
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.json", "model.safetensors"]
     # a Problem built from the loaded parameters has θ^s = the trained parameters
     prob = pbrf.Problem(model, task, data, weight_decay=1e-2, params=params)
@@ -130,7 +135,7 @@ def test_failed_tensor_write_does_not_half_update_checkpoint(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
     params, meta = _saved(path)
     assert torch.equal(params["a"], torch.zeros(3))
-    assert meta == {"v": 1}  # fails today: meta is {"v": 2} next to the old parameters
+    assert meta == {"v": 1}  # not {"v": 2} next to the old parameters
 
 
 def test_train_rejects_non_recipe():

@@ -6,7 +6,8 @@ import pbrf
 from pbrf.data import load
 from pbrf.models import build
 
-RECIPE = pbrf.Recipe(optimizer="sgd", lr=0.05, momentum=0.9, epochs=20, batch_size=64, schedule="cosine", seed=3)
+RECIPE = pbrf.Recipe(optimizer="sgd", lr=0.05, momentum=0.9, epochs=20, batch_size=64,
+                     schedule="cosine", seed=3)
 
 
 def _train():

@@ -4,9 +4,15 @@ Bae, Ng, Lo, Ghassemi, Grosse, "If Influence Functions are the Answer, Then What
 Question?" (NeurIPS 2022). See the README for the sign and scaling conventions.
 """
 
-from . import tasks
+from . import curvature, kinds, tasks
 from .curvature import Curvature, CurvatureOperator
-from .influence import InfluenceResult, delta_theta, influence, influence_with_info, per_example_grads
+from .influence import (
+    InfluenceResult,
+    delta_theta,
+    influence,
+    influence_with_info,
+    per_example_grads,
+)
 from .problem import Problem
 from .solvers import SolveInfo, SolverDivergedError, solve
 
@@ -14,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "tasks",
+    "curvature",
+    "kinds",
     "Problem",
     "Curvature",
     "CurvatureOperator",
@@ -30,8 +38,8 @@ __all__ = [
 from .newton import NewtonRecipe  # noqa: E402
 from .optim import Recipe  # noqa: E402
 from .respond import KINDS, Response, respond  # noqa: E402
-from .training import TrainResult, load_checkpoint, save_checkpoint, train  # noqa: E402
 from .runs import Run, load_run  # noqa: E402
+from .training import TrainResult, load_checkpoint, save_checkpoint, train  # noqa: E402
 
-__all__ += ["Recipe", "NewtonRecipe", "respond", "Response", "KINDS", "train", "TrainResult", "save_checkpoint", "load_checkpoint",
-            "Run", "load_run"]
+__all__ += ["Recipe", "NewtonRecipe", "respond", "Response", "KINDS", "train", "TrainResult",
+            "save_checkpoint", "load_checkpoint", "Run", "load_run"]

@@ -3,7 +3,8 @@
 ::
 
     pbrf run [PRESET|CONFIG.toml] [--profile quick|paper|tiny] [--set key=value ...] [--out DIR]
-             [--overwrite] [--executor local|ray] [--ray-address ADDR] [--device cpu|cuda] [--no-progress]
+             [--overwrite] [--executor local|ray] [--ray-address ADDR] [--device cpu|cuda]
+             [--no-progress]
     pbrf sweep PRESET --factor width|depth|epochs|weight_decay|damping|fraction --values v1,v2,...
     pbrf table RUN_DIR [RUN_DIR ...] [--markdown]
     pbrf evaluate --scores FILE --run DIR [--json]
@@ -56,76 +57,106 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------- parser
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="quick", help="preset profile: quick (2 CPU cores, default), paper (GPU), tiny (tests)")
+    p.add_argument("--profile", default="quick", help="preset profile: quick (2 CPU cores, "
+                                                      "default), paper (GPU), tiny (tests)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted path, e.g. --set influence.damping=1e-2 (repeatable)")
+                   help="override a config value by dotted path, e.g. --set influence.damping=1e-2 "
+                        "(repeatable)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start the output directory afresh, discarding the run it holds (of any config; "
+                   help="start the output directory afresh, discarding the run it holds (of any "
+                        "config; "
                         "without it a run of the same config resumes)")
-    p.add_argument("--executor", choices=("local", "ray"), default="local", help="where chunks run (default local)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray with 2 CPUs)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local", help="where chunks run "
+                                                                                 "(default local)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a "
+                                                       "local Ray with 2 CPUs)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override run.device")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's choice; on a busy machine 1 or 2 is often "
+                   help="torch intra-op threads (default: torch's choice; on a busy machine 1 or 2 "
+                        "is often "
                         "many times faster for small models)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pbrf`` argument parser."""
-    parser = _Parser(prog="pbrf", description="Influence functions vs. the proximal Bregman response function (Bae et al. 2022).")
+    parser = _Parser(prog="pbrf", description="Influence functions vs. the proximal Bregman "
+                                              "response function (Bae et al. 2022).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     run = sub.add_parser("run", help="run one experiment and write its report",
-                         description="Train θ^s, compute influence and the five response functions, decompose the mismatch, write a report.")
+                         description="Train θ^s, compute influence and the five response "
+                                     "functions, decompose the mismatch, write a report.")
     run.add_argument("spec", nargs="?", default="digits-mlp", metavar="PRESET|CONFIG.toml",
-                     help="a built-in preset (default digits-mlp; see `pbrf presets`) or a TOML config file")
+                     help="a built-in preset (default digits-mlp; see `pbrf presets`) or a TOML "
+                          "config file")
     run.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     _add_run_options(run)
 
-    sweep = sub.add_parser("sweep", help="one run per value of a factor, then a gaps-vs-factor plot",
-                           description="Run a preset once per value of a factor and plot the gaps against it.")
-    sweep.add_argument("spec", metavar="PRESET|CONFIG.toml", help="a built-in preset or a TOML config file")
-    sweep.add_argument("--factor", required=True, choices=tuple(SWEEP_FACTORS), help="the factor to vary")
+    sweep = sub.add_parser("sweep",
+                           help="one run per value of a factor, then a gaps-vs-factor plot",
+                           description="Run a preset once per value of a factor and plot the gaps "
+                                       "against it.")
+    sweep.add_argument("spec", metavar="PRESET|CONFIG.toml", help="a built-in preset or a TOML "
+                                                                  "config file")
+    sweep.add_argument("--factor", required=True, choices=tuple(SWEEP_FACTORS),
+                       help="the factor to vary")
     sweep.add_argument("--values", required=True, help="comma-separated values, e.g. 16,32,64")
-    sweep.add_argument("--out", default=None, help="sweep directory (default runs/<name>-sweep-<factor>)")
+    sweep.add_argument("--out", default=None, help="sweep directory (default "
+                                                   "runs/<name>-sweep-<factor>)")
     _add_run_options(sweep)
 
-    table = sub.add_parser("table", help="correlation table (paper Table 1 layout) of finished runs",
-                           description="Print the paper's Table 1 (Pearson/Spearman of influence vs each response) for runs.")
+    table = sub.add_parser("table",
+                           help="correlation table (paper Table 1 layout) of finished runs",
+                           description="Print the paper's Table 1 (Pearson/Spearman of influence "
+                                       "vs each response) for runs.")
     table.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    table.add_argument("--markdown", action="store_true", help="print markdown instead of aligned text")
+    table.add_argument("--markdown", action="store_true", help="print markdown instead of aligned "
+                                                               "text")
 
-    ev = sub.add_parser("evaluate", help="correlate another library's scores with a run's responses",
-                        description="Correlate external influence scores (.npy/.csv, [n_test, n_removals] or "
-                                    "[n_test, n_train]) with every response function stored in a run.")
-    ev.add_argument("--scores", required=True, metavar="FILE", help=".npy or .csv scores, rows = the run's test points")
+    ev = sub.add_parser("evaluate",
+                        help="correlate another library's scores with a run's responses",
+                        description="Correlate external influence scores (.npy/.csv, [n_test, "
+                                    "n_removals] or "
+                                    "[n_test, n_train]) with every response function stored in a "
+                                    "run.")
+    ev.add_argument("--scores", required=True, metavar="FILE", help=".npy or .csv scores, rows = "
+                                                                    "the run's test points")
     ev.add_argument("--run", required=True, metavar="DIR", help="a finished run directory")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    est = sub.add_parser("estimators", help="run attribution estimators on a finished run and rank them",
-                         description="Score every training point with each estimator, compare with the run's PBRF, "
-                                     "paired warm start, cold-start LOO and LDS, and write a leaderboard "
-                                     "(RUN_DIR/estimators/leaderboard.md, .json, .png). Resumable per estimator.")
+    est = sub.add_parser(
+        "estimators", help="run attribution estimators on a finished run and rank them",
+        description="Score every training point with each estimator, compare with the run's PBRF, "
+                    "paired warm start, cold-start LOO and LDS, and write a leaderboard "
+                    "(RUN_DIR/estimators/leaderboard.md, .json, .png). Resumable per estimator.")
     est.add_argument("run", nargs="?", metavar="RUN_DIR", help="a finished run directory")
     est.add_argument("--methods", default=None,
                      help="comma-separated estimators (default: all built-in ones but kronfluence; "
                           "`pbrf estimators --list` shows them)")
     est.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
-                     help="an estimator hyperparameter, e.g. --hp trak.dim=1024 --hp arnoldi.rank=20")
+                     help="an estimator hyperparameter, e.g. --hp trak.dim=1024 "
+                          "--hp arnoldi.rank=20")
     est.add_argument("--scores", action="append", default=[], metavar="LABEL=FILE",
-                     help="also rank scores computed elsewhere (.npy/.csv, [n_test, N] or [n_test, n_removals])")
-    est.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+                     help="also rank scores computed elsewhere (.npy/.csv, [n_test, N] or "
+                          "[n_test, n_removals])")
+    est.add_argument("--threads", type=int, default=None,
+                     help="torch threads (default: torch's choice)")
     est.add_argument("--json", action="store_true", help="print the leaderboard as JSON")
     est.add_argument("--list", action="store_true", help="list the estimators and exit")
 
-    sub.add_parser("presets", help="list the built-in presets", description="List the built-in presets.")
+    sub.add_parser("presets", help="list the built-in presets", description="List the built-in "
+                                                                            "presets.")
 
     dl = sub.add_parser("download", help="download a dataset into the data root (verified, atomic)",
-                        description="Download a dataset's files into --root (default $PBRF_DATA or ~/.cache/pbrf).")
-    dl.add_argument("name", help="dataset name, e.g. mnist, fashion-mnist, cifar10, energy, concrete, shakespeare")
-    dl.add_argument("--root", default=None, help="data root (default $PBRF_DATA, else ~/.cache/pbrf)")
-    dl.add_argument("--base-url", default=None, help="fetch from a mirror: {base-url}/{relative path}")
+                        description="Download a dataset's files into --root (default $PBRF_DATA or "
+                                    "~/.cache/pbrf).")
+    dl.add_argument("name", help="dataset name, e.g. mnist, fashion-mnist, cifar10, energy, "
+                                 "concrete, shakespeare")
+    dl.add_argument("--root", default=None, help="data root (default $PBRF_DATA, else "
+                                                 "~/.cache/pbrf)")
+    dl.add_argument("--base-url", default=None, help="fetch from a mirror: {base-url}/{relative "
+                                                     "path}")
     return parser
 
 
@@ -144,7 +175,8 @@ def _executor(args):
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise UsageError("pbrf: --executor ray needs ray; install it with pip install 'pbrf[ray]'.") from None
+            raise UsageError("pbrf: --executor ray needs ray; install it with pip install "
+                             "'pbrf[ray]'.") from None
     elif args.ray_address:
         raise UsageError("pbrf: --ray-address needs --executor ray.")
     try:
@@ -239,10 +271,16 @@ def _sweep_markdown(args, values, summaries, rows, figure, out: Path) -> str:
                 "|" + "---|" * (len(analysis.GAPS) + 1)]
     for v, s in zip(values, summaries):
         gaps = s.get("decomposition", {}).get("gaps", {})
-        gap_rows.append("| " + " | ".join([str(v)] + [report.fmt_value(gaps.get(g)) for g in analysis.GAPS]) + " |")
+        cells = [str(v)] + [report.fmt_value(gaps.get(g)) for g in analysis.GAPS]
+        gap_rows.append("| " + " | ".join(cells) + " |")
     fig = Path(figure).relative_to(out).as_posix() if figure else None
-    parts = [f"# Sweep of {args.factor} ({args.spec}, profile {args.profile})",
-             "## Correlations", report.format_table(rows), "## Mean gaps |Δm|", "\n".join(gap_rows)]
+    parts = [
+        f"# Sweep of {args.factor} ({args.spec}, profile {args.profile})",
+        "## Correlations",
+        report.format_table(rows),
+        "## Mean gaps |Δm|",
+        "\n".join(gap_rows),
+    ]
     if fig:
         parts.append(f"![gaps vs {args.factor}]({fig})")
     parts.append("Runs: " + ", ".join(f"`{args.factor}={v}/`" for v in values))
@@ -257,14 +295,19 @@ def cmd_table(args) -> int:
     for run in args.runs:
         path = Path(run) / "summary.json"
         if not path.is_file():
-            raise ConfigError(f"{run!r} has no summary.json; finish it with `pbrf run --out {run}`.")
+            raise ConfigError(
+                f"{run!r} has no summary.json; finish it with `pbrf run --out {run}`."
+            )
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as err:
             summary = err
         if not isinstance(summary, dict):
-            raise ConfigError(f"{str(path)!r} is not a pbrf summary ({summary}); rerun the command that made the run "
-                              f"(same config, --out {run}) to rewrite it from the stored results.")
+            raise ConfigError(
+                f"{str(path)!r} is not a pbrf summary ({summary}); rerun the command "
+                "that made the run "
+                f"(same config, --out {run}) to rewrite it from the stored results."
+            )
         rows.append((Path(run).name, summary))
     print(report.format_table(rows) if args.markdown else report.format_table_text(rows))
     return 0
@@ -272,9 +315,7 @@ def cmd_table(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """``pbrf evaluate``."""
-    from .experiment import evaluate
-
-    from .experiment import leaderboard
+    from .experiment import evaluate, leaderboard
 
     result = evaluate.evaluate(args.scores, args.run)
     if result.get("sign_warning"):
@@ -284,8 +325,10 @@ def cmd_evaluate(args) -> int:
         result["leaderboard"] = leaderboard._jsonable(board)
         print(evaluate.to_json(result))
     else:
-        print(f"{result['scores']} ({result['layout']} layout) vs {result['run']}: "
-              f"{result['n_test']} test points x {result['n_removals']} removal sets")
+        print(
+            f"{result['scores']} ({result['layout']} layout) vs {result['run']}: "
+            f"{result['n_test']} test points x {result['n_removals']} removal sets"
+        )
         print(evaluate.pairs_line(result))
         print(evaluate.format_correlations(result))
         print("\nas a row of `pbrf estimators`' leaderboard:")
@@ -303,19 +346,22 @@ def cmd_estimators(args) -> int:
             print(f"{name.ljust(18)}  {cls.summary}")
         return 0
     if args.run is None:
-        raise UsageError("pbrf estimators: pass a finished RUN_DIR (or --list to see the estimators).")
+        raise UsageError(
+            "pbrf estimators: pass a finished RUN_DIR (or --list to see the estimators).")
     methods = leaderboard.DEFAULT_METHODS if args.methods is None else tuple(
         m.strip() for m in args.methods.split(",") if m.strip())
     external = {}
     for item in args.scores:
         label, sep, path = item.partition("=")
         if not sep or not label or not path:
-            raise UsageError(f"pbrf: --scores {item!r}: write LABEL=FILE, e.g. --scores kronfluence=scores.npy.")
+            raise UsageError(f"pbrf: --scores {item!r}: write LABEL=FILE, e.g. "
+                             "--scores kronfluence=scores.npy.")
         external[label] = evaluate.load_scores(path)
     hp = leaderboard.parse_hyperparameters(args.hp)
     log = (lambda msg: None) if args.json else (lambda msg: print(f"pbrf: {msg}", file=sys.stderr))
     board = leaderboard.run_estimators(args.run, methods, hp, external, log=log)
-    command = " ".join(["pbrf estimators", args.run] + (["--methods", ",".join(methods)] if args.methods else [])
+    chosen = ["--methods", ",".join(methods)] if args.methods else []
+    command = " ".join(["pbrf estimators", args.run] + chosen
                        + [f"--hp {shlex.quote(h)}" for h in args.hp]
                        + ([f"--threads {args.threads}"] if args.threads else []))
     paths = leaderboard.write_leaderboard(board, args.run, command=command)
@@ -343,23 +389,36 @@ def cmd_download(args) -> int:
     from . import data
 
     if args.name not in data.DATASETS:
-        raise ConfigError(f"unknown dataset {args.name!r}; choose one of {', '.join(data.DATASETS)}.")
+        raise ConfigError(
+            f"unknown dataset {args.name!r}; choose one of {', '.join(data.DATASETS)}."
+        )
     try:
         paths = data.download(args.name, root=args.root, base_url=args.base_url)
     except OSError as err:
-        raise ConfigError(f"download of {args.name} failed ({err}); check the network or pass --base-url.") from None
+        raise ConfigError(
+            f"download of {args.name} failed ({err}); check the network or pass --base-url."
+        ) from None
     for path in paths:
         print(path)
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "table": cmd_table, "evaluate": cmd_evaluate,
-            "estimators": cmd_estimators, "presets": cmd_presets, "download": cmd_download}
+COMMANDS = {
+    "run": cmd_run,
+    "sweep": cmd_sweep,
+    "table": cmd_table,
+    "evaluate": cmd_evaluate,
+    "estimators": cmd_estimators,
+    "presets": cmd_presets,
+    "download": cmd_download,
+}
 
 
 # ---------------------------------------------------------------------------- entry point
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="pbrf: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="pbrf: %(message)s"
+    )
     if not verbose:  # solver tolerances are recorded in the diagnostics and the report
         logging.getLogger("pbrf.influence").setLevel(logging.ERROR)
 
@@ -388,7 +447,9 @@ def _reproducible_math() -> None:
 
 
 def _set_threads(n: int | None) -> None:
-    """``--threads N``: torch's intra-op threads here and, through the environment, in Ray workers."""
+    """``--threads N``: torch's intra-op threads here and, through the environment, in Ray
+    workers.
+    """
     if n is None:
         return
     if n < 1:
@@ -415,12 +476,17 @@ def _os_error_line(err: OSError) -> str:
     else:
         fix = "fix the cause"
     head = f"{where}: " if where else ""
-    return (f"pbrf: error: {head}{cause}{f' ({name})' if name else ''}; {fix}, then run the same command again "
-            "(finished work is kept).")
+    return (
+        f"pbrf: error: {head}{cause}{f' ({name})' if name else ''}; {fix}, then run the same "
+        "command again "
+        "(finished work is kept)."
+    )
 
 
 def _quiet_stdout() -> None:
-    """After a broken pipe (``pbrf ... | head``): send what is left to /dev/null, so exit is silent."""
+    """After a broken pipe (``pbrf ... | head``): send what is left to /dev/null, so exit is
+    silent.
+    """
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

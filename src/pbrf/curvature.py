@@ -2,7 +2,8 @@
 
 All vectors are flat parameter vectors; a batch of vectors is a matrix of ROWS ``[m, n_params]``.
 
-* Gauss–Newton (DESIGN §1): ``G = (1/N) Σ_i J_iᵀ H_i J_i`` with ``J_i = ∂f(θ, x_i)/∂θ`` and
+* Gauss–Newton (``docs/conventions.md`` §3): ``G = (1/N) Σ_i J_iᵀ H_i J_i`` with ``J_i = ∂f(θ,
+  x_i)/∂θ`` and
   ``H_i = ∂²L/∂f²``; the damped curvature is ``C = G + (wd + λ) I``.
 * Hessian: ``C = ∇²J(θ) + λ I = (1/N) Σ_i ∇²L_i + (wd + λ) I``.
 
@@ -31,7 +32,8 @@ from torch.func import jvp, vjp, vmap
 
 from .problem import Problem
 
-__all__ = ["Curvature", "CurvatureOperator", "ggn_matvec", "hessian_matvec", "dense_ggn", "dense_hessian",
+__all__ = ["Curvature", "CurvatureOperator", "ggn_matvec", "hessian_matvec", "dense_ggn",
+           "dense_hessian",
            "CURVATURES"]
 
 CURVATURES = ("ggn", "hessian")
@@ -88,8 +90,10 @@ def _accumulate(chunk_fn, prob: Problem, theta: Tensor, V: Tensor, index: Tensor
     return out / n
 
 
-def ggn_matvec(prob: Problem, V: Tensor, theta: Tensor | None = None, index: Tensor | None = None) -> Tensor:
-    """Undamped Gauss–Newton product ``(1/n) Σ_i J_iᵀ H_i J_i v`` over the training set or ``index``.
+def ggn_matvec(prob: Problem, V: Tensor, theta: Tensor | None = None,
+               index: Tensor | None = None) -> Tensor:
+    """Undamped Gauss–Newton product ``(1/n) Σ_i J_iᵀ H_i J_i v`` over the training set or
+    ``index``.
 
     Args:
         prob: the problem.
@@ -103,7 +107,8 @@ def ggn_matvec(prob: Problem, V: Tensor, theta: Tensor | None = None, index: Ten
     return out[0] if single else out
 
 
-def hessian_matvec(prob: Problem, V: Tensor, theta: Tensor | None = None, index: Tensor | None = None) -> Tensor:
+def hessian_matvec(prob: Problem, V: Tensor, theta: Tensor | None = None,
+                   index: Tensor | None = None) -> Tensor:
     """Hessian of the mean data loss times ``V`` (weight decay not included)."""
     V, single = _rows(V)
     theta = prob.theta if theta is None else theta
@@ -130,10 +135,12 @@ class CurvatureOperator:
     chunks of removals) factorise ``C`` once.
     """
 
-    def __init__(self, prob: Problem, curvature="ggn", damping: float = 0.0, theta: Tensor | None = None):
+    def __init__(self, prob: Problem, curvature="ggn", damping: float = 0.0,
+                 theta: Tensor | None = None):
         outside = not isinstance(curvature, str)
         if outside and not isinstance(curvature, Curvature):
-            raise TypeError(f"curvature must be one of {CURVATURES} or an operator supporting op @ v, "
+            raise TypeError(f"curvature must be one of {CURVATURES} or an operator supporting op @ "
+                            "v, "
                             f"got {type(curvature).__name__}.")
         if not outside and curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
@@ -146,16 +153,21 @@ class CurvatureOperator:
         self.outside = curvature if outside else None
         self.theta = prob.theta if theta is None else theta
         self.cache_key = (id(curvature) if outside else curvature, self.damping, prob.weight_decay)
-        self.factor_cache: dict = _STORES.setdefault(prob, {}) if theta is None and not outside else {}
+        self.factor_cache: dict = _STORES.setdefault(prob,
+                                                     {}) if theta is None and not outside else {}
         self.shift = prob.weight_decay + self.damping
         self.n_params = prob.n_params
-        self._data_mv: Callable = {"ggn": ggn_matvec, "hessian": hessian_matvec}.get(self.curvature, _outside_matvec)
+        self._data_mv: Callable = {"ggn": ggn_matvec,
+                                   "hessian": hessian_matvec}.get(self.curvature, _outside_matvec)
 
     def matvec(self, V: Tensor, index: Tensor | None = None) -> Tensor:
-        """``C V`` for a vector or rows ``[m, p]``; with ``index`` the data term is the minibatch mean."""
+        """``C V`` for a vector or rows ``[m, p]``; with ``index`` the data term is the
+        minibatch mean.
+        """
         if self.outside is not None:
             if index is not None:
-                raise ValueError("an outside curvature operator has no minibatch products; use a full-batch "
+                raise ValueError("an outside curvature operator has no minibatch products; use a "
+                                 "full-batch "
                                  "solver (solver='exact' or 'cg', or lissa without batch_size).")
             return _outside_matvec(self.outside, V) + self.shift * V
         return self._data_mv(self.prob, V, self.theta, index) + self.shift * V
@@ -163,25 +175,32 @@ class CurvatureOperator:
     __call__ = matvec
 
     def __matmul__(self, V: Tensor) -> Tensor:
-        """``C v`` for a vector ``[p]``, ``C V`` for columns ``[p, m]`` (the :class:`Curvature` protocol)."""
+        """``C v`` for a vector ``[p]``, ``C V`` for columns ``[p, m]`` (the :class:`Curvature`
+        protocol).
+        """
         return self.matvec(V) if V.dim() == 1 else self.matvec(V.T).T
 
     def dense(self, max_params: int = 5000) -> Tensor:
-        """The dense damped matrix ``[p, p]`` built from explicit Jacobians / ``torch.func.hessian``."""
+        """The dense damped matrix ``[p, p]`` built from explicit Jacobians /
+        ``torch.func.hessian``.
+        """
         if self.n_params > max_params:
             raise ValueError(
-                f"dense curvature: the model has {self.n_params} parameters, above max_params={max_params}; "
+                f"dense curvature: the model has {self.n_params} parameters, above "
+                f"max_params={max_params}; "
                 "use solver='cg' or 'lissa', or raise max_params if the p×p matrix fits in memory."
             )
         eye = torch.eye(self.n_params, dtype=self.theta.dtype, device=self.theta.device)
         if self.outside is not None:
-            data = self.outside.dense() if hasattr(self.outside, "dense") else _outside_matvec(self.outside, eye)
+            data = self.outside.dense() if hasattr(self.outside,
+                                                   "dense") else _outside_matvec(self.outside, eye)
             return data.to(eye) + self.shift * eye
         build = dense_ggn if self.curvature == "ggn" else dense_hessian
         return build(self.prob, self.theta) + self.shift * eye
 
     def __repr__(self) -> str:
-        return f"CurvatureOperator({self.curvature}, damping={self.damping}, shift={self.shift}, p={self.n_params})"
+        return (f"CurvatureOperator({self.curvature}, damping={self.damping}, shift={self.shift}, "
+                f"p={self.n_params})")
 
 
 def _outside_matvec(op, V: Tensor) -> Tensor:
@@ -208,11 +227,14 @@ def dense_ggn(prob: Problem, theta: Tensor | None = None) -> Tensor:
 
 
 def dense_hessian(prob: Problem, theta: Tensor | None = None, block: int = 256) -> Tensor:
-    """Dense Hessian of the mean data loss ``(1/N) Σ ∇²L_i`` from Hessian-vector products on the identity.
+    """Dense Hessian of the mean data loss ``(1/N) Σ ∇²L_i`` from Hessian-vector products on the
+    identity.
 
-    (``torch.func.hessian``, i.e. ``jacfwd(jacrev)``, returns wrong values for some models — e.g. with
+    (``torch.func.hessian``, i.e. ``jacfwd(jacrev)``, returns wrong values for some models — e.g.
+    with
     embeddings and attention in torch 2.13 — whereas ``jvp(grad)`` products agree with
-    reverse-over-reverse; so the dense matrix is assembled from the latter, ``block`` columns at a time.)
+    reverse-over-reverse; so the dense matrix is assembled from the latter, ``block`` columns at a
+    time.)
     """
     theta = prob.theta if theta is None else theta
     p = prob.n_params

@@ -49,19 +49,23 @@ def full_eval(objective, params: Params, aux: dict, prob: Problem, batch) -> tup
         g, v = vg(params, aux, batch(idx))
         w = (s.stop - s.start) / prob.n_train
         val = val + w * v.detach()
-        grads = {k: w * t for k, t in g.items()} if grads is None else {k: grads[k] + w * g[k] for k in g}
+        grads = {k: w * t for k,
+                 t in g.items()} if grads is None else {k: grads[k] + w * g[k] for k in g}
     gn = sum(t.pow(2).reshape(t.shape[0], -1).sum(1) for t in grads.values()).sqrt()
     return val, gn
 
 
-def run_batched(prob: Problem, objective, init: Params, aux: dict, recipe: Recipe, f_ref, progress: bool,
-                desc: str, callback=None) -> tuple[Tensor, list[dict]]:
-    """Optimise K stacked problems with a first-order ``recipe``; returns ``(θ [K, p], diagnostics)``.
+def run_batched(prob: Problem, objective, init: Params, aux: dict, recipe: Recipe, f_ref,
+                progress: bool, desc: str, callback=None) -> tuple[Tensor, list[dict]]:
+    """Optimise K stacked problems with a first-order ``recipe``; returns ``(θ [K, p],
+    diagnostics)``.
 
-    ``callback(step, params, lr)`` is called after every step (see :func:`pbrf.optim.optimize`)."""
+    ``callback(step, params, lr)`` is called after every step (see :func:`pbrf.optim.optimize`).
+    """
     batch = batch_fn(prob, f_ref)
     init_obj, init_gn = full_eval(objective, init, aux, prob, batch)
-    params, diag = optimize(objective, init, aux, prob.n_train, recipe, batch, progress, desc, callback)
+    params, diag = optimize(objective, init, aux, prob.n_train, recipe, batch, progress, desc,
+                            callback)
     final_obj, final_gn = full_eval(objective, params, aux, prob, batch)
     # a finite run counts as diverged when its objective or gradient grew by orders of magnitude
     blown = (final_obj - init_obj > 1e3 * (init_obj.abs() + 1)) | (final_gn > 1e3 * (init_gn + 1))
@@ -72,7 +76,9 @@ def run_batched(prob: Problem, objective, init: Params, aux: dict, recipe: Recip
             "grad_norm": float(final_gn[k]),
             "last_minibatch_grad_norm": float(diag["grad_norm"][k]),
             "initial_objective": float(init_obj[k]),
-            "diverged": bool(diag["diverged"][k]) or not math.isfinite(float(final_obj[k])) or bool(blown[k]),
+            "diverged": bool(diag["diverged"][k])
+            or not math.isfinite(float(final_obj[k]))
+            or bool(blown[k]),
         }
         for k in range(final_obj.shape[0])
     ]

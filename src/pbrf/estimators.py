@@ -48,8 +48,16 @@ from .curvature import CurvatureOperator
 from .influence import influence, normalize_removals, per_example_grads, removal_matrix
 from .problem import Problem
 
-__all__ = ["Estimator", "EstimatorResult", "EstimatorUnavailable", "ESTIMATORS", "register", "get",
-           "MemoryMeter", "lanczos"]
+__all__ = [
+    "Estimator",
+    "EstimatorResult",
+    "EstimatorUnavailable",
+    "ESTIMATORS",
+    "register",
+    "get",
+    "MemoryMeter",
+    "lanczos",
+]
 
 
 class EstimatorUnavailable(RuntimeError):
@@ -69,7 +77,8 @@ class EstimatorResult:
 
 class MemoryMeter:
     """Peak memory of a block: CUDA's peak allocation, else the resident set size sampled by a
-    thread every ``interval`` seconds, above its level at the start (``None`` if unreadable)."""
+    thread every ``interval`` seconds, above its level at the start (``None`` if unreadable).
+    """
 
     def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002) -> None:
         self.device, self.interval = torch.device(device), interval
@@ -117,7 +126,7 @@ class MemoryMeter:
 
 
 def _release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``), so the next block's growth shows."""
+    """Return freed heap pages to the OS (glibc ``malloc_trim``): the next block's growth shows."""
     import ctypes
     import gc
 
@@ -144,9 +153,12 @@ class Estimator:
     def __init__(self, **hyperparameters) -> None:
         self.hyperparameters = dict(hyperparameters)
 
-    def point_scores(self, problem: Problem, test: tuple[Tensor, Tensor], points: Tensor, context: dict) -> Tensor:
+    def point_scores(
+        self, problem: Problem, test: tuple[Tensor, Tensor], points: Tensor, context: dict
+    ) -> Tensor:
         """Scores of the single training points ``points`` (``[u]`` indices) on the prepared test
-        points ``(x, targets)``: ``[n_test, u]``."""
+        points ``(x, targets)``: ``[n_test, u]``.
+        """
         raise NotImplementedError
 
     def resolved(self, context: dict) -> dict:
@@ -201,17 +213,30 @@ def _unpack(run_or_problem, test, removals) -> tuple[Problem, tuple, object, dic
         return run_or_problem, test, removals, {}
     run = run_or_problem
     if not hasattr(run, "measure_problem"):
-        raise TypeError(f"estimators: pass a pbrf.Run (pbrf.load_run) or a pbrf.Problem, got {type(run).__name__}.")
+        raise TypeError(
+            "estimators: pass a pbrf.Run (pbrf.load_run) or a pbrf.Problem, got "
+            f"{type(run).__name__}."
+        )
     context = {"damping": run.damping, "curvature": run.curvature, "run": run}
-    return run.measure_problem, run.test if test is None else test, run.removals if removals is None else removals, context
+    return (
+        run.measure_problem,
+        run.test if test is None else test,
+        run.removals if removals is None else removals,
+        context,
+    )
 
 
 def _train_grads(problem: Problem, points: Tensor, theta: Tensor | None = None) -> Tensor:
     return per_example_grads(problem, problem.x[points], problem.t[points], theta=theta)
 
 
-def _chunked_dot(problem: Problem, left: Tensor, points: Tensor, theta: Tensor | None = None,
-                 transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def _chunked_dot(
+    problem: Problem,
+    left: Tensor,
+    points: Tensor,
+    theta: Tensor | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """``left @ g_iᵀ`` over training points in chunks (gradients never all in memory)."""
     cols = []
     for s in problem.chunks(len(points)):
@@ -248,44 +273,50 @@ class _Influence(Estimator):
     def resolved(self, context: dict) -> dict:
         hp = super().resolved(context)
         run = context.get("run")
-        if "solver_options" not in hp and run is not None and run.influence_settings.get("solver") == self.solver:
+        if (
+            "solver_options" not in hp
+            and run is not None
+            and run.influence_settings.get("solver") == self.solver
+        ):
             hp["solver_options"] = dict(run.influence_settings.get("solver_options") or {})
         return hp
 
     def point_scores(self, problem, test, points, context):
-        return influence(problem, test, points, damping=context["damping"], solver=self.solver,
-                         curvature=context["curvature"], solver_options=context.get("solver_options"))
+        return influence(
+            problem,
+            test,
+            points,
+            damping=context["damping"],
+            solver=self.solver,
+            curvature=context["curvature"],
+            solver_options=context.get("solver_options"),
+        )
 
 
-@register("influence-exact")
-class ExactInfluence(_Influence):
-    """:func:`pbrf.influence` with the dense Cholesky solver (``p`` up to ``max_params``)."""
-
-    summary = "exact influence: dense Cholesky solve of C (p up to max_params)"
-
-    solver = "exact"
-
-
-@register("influence-cg")
-class CGInfluence(_Influence):
-    """:func:`pbrf.influence` with conjugate gradients (``solver_options``: ``max_iter``, ``tol``)."""
-
-    summary = "influence with conjugate gradients (solver_options: max_iter, tol)"
-
-    solver = "cg"
+_SUMMARIES = {
+    "influence-exact": "exact influence: dense Cholesky solve of C (p up to max_params)",
+    "influence-cg": "influence with conjugate gradients (solver_options: max_iter, tol)",
+    "influence-lissa": "influence with LiSSA (solver_options: depth, batch_size, scale)",
+    "kronfluence-ekfac": "EK-FAC influence through kronfluence (optional package)",
+    "kronfluence-kfac": "K-FAC influence through kronfluence (optional package)",
+}
 
 
-@register("influence-lissa")
-class LissaInfluence(_Influence):
-    """:func:`pbrf.influence` with LiSSA (``solver_options``: ``depth``, ``batch_size``, ``scale``, ...)."""
+def _variant(base: type[Estimator], name: str, cls_name: str, **attrs) -> type:
+    """Register a subclass of ``base`` that differs only in class attributes (e.g. the solver)."""
+    body = {"__doc__": _SUMMARIES[name], "summary": _SUMMARIES[name], **attrs}
+    return register(name)(type(cls_name, (base,), body))
 
-    summary = "influence with LiSSA (solver_options: depth, batch_size, scale)"
 
-    solver = "lissa"
+ExactInfluence = _variant(_Influence, "influence-exact", "ExactInfluence", solver="exact")
+CGInfluence = _variant(_Influence, "influence-cg", "CGInfluence", solver="cg")
+LissaInfluence = _variant(_Influence, "influence-lissa", "LissaInfluence", solver="lissa")
 
 
 # ---------------------------------------------------------------------------- Arnoldi
-def lanczos(matvec: Callable[[Tensor], Tensor], p: int, steps: int, like: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
+def lanczos(
+    matvec: Callable[[Tensor], Tensor], p: int, steps: int, like: Tensor, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """Eigenpairs of a symmetric operator from ``steps`` Lanczos iterations with full
     reorthogonalisation (restarted with a fresh random direction on an invariant subspace).
 
@@ -331,7 +362,8 @@ def lanczos(matvec: Callable[[Tensor], Tensor], p: int, steps: int, like: Tensor
 @register("arnoldi")
 class Arnoldi(Estimator):
     """Influence in the top-``rank`` eigenspace of ``C`` (``iterations`` Lanczos steps, default
-    ``2·rank``; ``seed``)."""
+    ``2·rank``; ``seed``).
+    """
 
     summary = "influence in the top-rank eigenspace of C, by Lanczos (rank, iterations, seed)"
 
@@ -339,16 +371,22 @@ class Arnoldi(Estimator):
         if not (isinstance(rank, int) and rank > 0):
             raise ValueError(f"arnoldi: rank must be a positive int, got {rank!r}.")
         if iterations is not None and not (isinstance(iterations, int) and iterations >= rank):
-            raise ValueError(f"arnoldi: iterations must be an int >= rank ({rank}), got {iterations!r}.")
+            raise ValueError(
+                f"arnoldi: iterations must be an int >= rank ({rank}), got {iterations!r}."
+            )
         super().__init__(rank=rank, iterations=iterations or 2 * rank, seed=seed, **hp)
 
     def point_scores(self, problem, test, points, context):
         op = CurvatureOperator(problem, context["curvature"], context["damping"])
-        vals, U = lanczos(op.matvec, problem.n_params, context["iterations"], problem.theta, context["seed"])
+        vals, U = lanczos(
+            op.matvec, problem.n_params, context["iterations"], problem.theta, context["seed"]
+        )
         rank = min(context["rank"], len(vals))
         vals, U = vals[:rank], U[:rank]
         if bool((vals <= 0).any()):
-            raise ValueError("arnoldi: the damped curvature has non-positive eigenvalues; raise the damping.")
+            raise ValueError(
+                "arnoldi: the damped curvature has non-positive eigenvalues; raise the damping."
+            )
         g_test = per_example_grads(problem, *test)
         left = (g_test @ U.T) / vals  # [n_test, rank]
         return _chunked_dot(problem, left, points, transform=lambda g: g @ U.T) / problem.n_train
@@ -378,7 +416,12 @@ class GradCos(Estimator):
     def point_scores(self, problem, test, points, context):
         g = per_example_grads(problem, *test)
         g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        return _chunked_dot(problem, g, points, transform=lambda h: h / h.norm(dim=1, keepdim=True).clamp_min(1e-300))
+        return _chunked_dot(
+            problem,
+            g,
+            points,
+            transform=lambda h: h / h.norm(dim=1, keepdim=True).clamp_min(1e-300),
+        )
 
 
 # ---------------------------------------------------------------------------- TracIn
@@ -394,7 +437,9 @@ class TracIn(Estimator):
 
     uses_curvature = False
 
-    def __init__(self, checkpoints: list[dict] | None = None, lr_weighted: bool = True, **hp) -> None:
+    def __init__(
+        self, checkpoints: list[dict] | None = None, lr_weighted: bool = True, **hp
+    ) -> None:
         super().__init__(lr_weighted=bool(lr_weighted), **hp)
         self._checkpoints = checkpoints
 
@@ -404,8 +449,10 @@ class TracIn(Estimator):
             cks = context["run"].training_checkpoints()
         if not cks:
             raise EstimatorUnavailable(
-                "tracin needs training checkpoints: set train.checkpoints (e.g. --set train.checkpoints=5) "
-                "in the run's config and run it again, or pass checkpoints=[{'params': ..., 'lr': ...}].")
+                "tracin needs training checkpoints: set train.checkpoints (e.g. --set "
+                "train.checkpoints=5) in the run's config and run it again, or pass "
+                "checkpoints=[{'params': ..., 'lr': ...}]."
+            )
         out = None
         for ck in cks:
             theta = problem.flatten({k: v.to(problem.theta) for k, v in ck["params"].items()})
@@ -428,28 +475,41 @@ class TracIn(Estimator):
 @register("trak")
 class Trak(Estimator):
     """Projected-gradient Gauss–Newton influence (``dim``: projection size, ``ensemble``:
-    independent projections averaged, ``seed``)."""
+    independent projections averaged, ``seed``).
+    """
 
-    summary = "TRAK-style: random projection, Gauss-Newton in the projected space (dim, ensemble, seed)"
+    summary = (
+        "TRAK-style: random projection, Gauss-Newton in the projected space (dim, ensemble, seed)"
+    )
 
     def __init__(self, dim: int = 512, ensemble: int = 1, seed: int = 0, **hp) -> None:
-        if not (isinstance(dim, int) and dim > 0) or not (isinstance(ensemble, int) and ensemble > 0):
-            raise ValueError(f"trak: dim and ensemble must be positive ints, got {dim!r}, {ensemble!r}.")
+        if not (isinstance(dim, int) and dim > 0) or not (
+            isinstance(ensemble, int) and ensemble > 0
+        ):
+            raise ValueError(
+                f"trak: dim and ensemble must be positive ints, got {dim!r}, {ensemble!r}."
+            )
         super().__init__(dim=dim, ensemble=ensemble, seed=seed, **hp)
 
     @staticmethod
     def projection(p: int, dim: int, seed: int, like: Tensor) -> Tensor:
         """The seeded Gaussian projection ``[p, dim]`` with ``E[PᵀP] = I``."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        return (torch.randn(p, dim, generator=gen, dtype=like.dtype) / math.sqrt(dim)).to(like.device)
+        return (torch.randn(p, dim, generator=gen, dtype=like.dtype) / math.sqrt(dim)).to(
+            like.device
+        )
 
     def point_scores(self, problem, test, points, context):
         op = CurvatureOperator(problem, context["curvature"], context["damping"])
         g_test = per_example_grads(problem, *test)
         out = None
         for e in range(context["ensemble"]):
-            P = self.projection(problem.n_params, context["dim"], context["seed"] + e, problem.theta)
-            CP = torch.cat([op.matvec(P[:, s].T.contiguous()) for s in _blocks(P.shape[1], 64)])  # rows (C P_j)ᵀ
+            P = self.projection(
+                problem.n_params, context["dim"], context["seed"] + e, problem.theta
+            )
+            CP = torch.cat(
+                [op.matvec(P[:, s].T.contiguous()) for s in _blocks(P.shape[1], 64)]
+            )  # rows (C P_j)ᵀ
             M = P.T @ CP.T
             M = 0.5 * (M + M.T)
             vals, V = torch.linalg.eigh(M)
@@ -479,25 +539,18 @@ class _Kronfluence(Estimator):
         except ImportError as err:  # pragma: no cover - depends on the optional package
             raise EstimatorUnavailable(str(err)) from None
         try:
-            return kronfluence_scores(problem, test, points, strategy=self.strategy,
-                                      damping=context["damping"], dtype=problem.dtype, seed=context["seed"])
+            return kronfluence_scores(
+                problem,
+                test,
+                points,
+                strategy=self.strategy,
+                damping=context["damping"],
+                dtype=problem.dtype,
+                seed=context["seed"],
+            )
         except ImportError as err:
             raise EstimatorUnavailable(str(err)) from None
 
 
-@register("kronfluence-ekfac")
-class KronfluenceEKFAC(_Kronfluence):
-    """EK-FAC through kronfluence (optional extra), in pbrf's conventions."""
-
-    summary = "EK-FAC influence through kronfluence (optional package)"
-
-    strategy = "ekfac"
-
-
-@register("kronfluence-kfac")
-class KronfluenceKFAC(_Kronfluence):
-    """K-FAC through kronfluence (optional extra), in pbrf's conventions."""
-
-    summary = "K-FAC influence through kronfluence (optional package)"
-
-    strategy = "kfac"
+KronfluenceEKFAC = _variant(_Kronfluence, "kronfluence-ekfac", "KronfluenceEKFAC", strategy="ekfac")
+KronfluenceKFAC = _variant(_Kronfluence, "kronfluence-kfac", "KronfluenceKFAC", strategy="kfac")

@@ -1,6 +1,6 @@
 """Influence functions: per-example gradients, influence scores and the parameter change Δθ.
 
-Conventions (DESIGN §1): removing the set ``r`` changes the parameters by
+Conventions (``docs/conventions.md`` §4): removing the set ``r`` changes the parameters by
 
     Δθ_IF(r) = (1/N) C⁻¹ Σ_{m∈r} ∇θ L(z_m, θ^s),          C = G + (wd + λ) I   (or ∇²J + λ I),
 
@@ -58,14 +58,21 @@ class InfluenceInfo:
 
 
 class InfluenceResult(NamedTuple):
-    """Output of :func:`influence_with_info`: the scores ``[n_test, n_removals]`` and their diagnostics."""
+    """Output of :func:`influence_with_info`: the scores ``[n_test, n_removals]`` and their
+    diagnostics.
+    """
 
     scores: Tensor
     info: InfluenceInfo
 
 
 def _as_index(i, k: int) -> int:
-    if isinstance(i, Tensor) and i.dim() == 0 and not i.is_floating_point() and i.dtype != torch.bool:
+    if (
+        isinstance(i, Tensor)
+        and i.dim() == 0
+        and not i.is_floating_point()
+        and i.dtype != torch.bool
+    ):
         return int(i)
     if isinstance(i, numbers.Integral) and not isinstance(i, bool):
         return int(i)
@@ -84,12 +91,20 @@ def normalize_removals(removals, n_train: int) -> list[list[int]]:
     if isinstance(removals, Tensor):
         if removals.dim() != 1 or removals.is_floating_point():
             raise ValueError(
-                "removals: pass a 1-D integer tensor (single points) or a list of index lists (groups), "
+                "removals: pass a 1-D integer tensor (single points) or a list of index lists "
+                "(groups), "
                 f"got a tensor of shape {tuple(removals.shape)} and dtype {removals.dtype}."
             )
         removals = removals.tolist()
-    if isinstance(removals, (int, str, bytes)) or not isinstance(removals, Sequence) or len(removals) == 0:
-        raise ValueError("removals: pass a non-empty list of indices or of index lists, e.g. [0, 5] or [[0, 1], [2]].")
+    if (
+        isinstance(removals, (int, str, bytes))
+        or not isinstance(removals, Sequence)
+        or len(removals) == 0
+    ):
+        raise ValueError(
+            "removals: pass a non-empty list of indices or of index lists, e.g. [0, "
+            "5] or [[0, 1], [2]]."
+        )
     groups = []
     for k, r in enumerate(removals):
         if isinstance(r, numbers.Integral) or (isinstance(r, Tensor) and r.dim() == 0):
@@ -97,13 +112,18 @@ def normalize_removals(removals, n_train: int) -> list[list[int]]:
         elif isinstance(r, (Sequence, Tensor)) and not isinstance(r, (str, bytes)):
             g = [_as_index(i, k) for i in r]
         else:
-            raise ValueError(f"removals[{k}] must be an integer index or a list of integer indices, got {r!r}.")
+            raise ValueError(
+                f"removals[{k}] must be an integer index or a list of integer indices, got {r!r}."
+            )
         if not g:
-            raise ValueError(f"removals[{k}] is an empty group; every removal set needs at least one index.")
+            raise ValueError(
+                f"removals[{k}] is an empty group; every removal set needs at least one index."
+            )
         bad = [i for i in g if not 0 <= i < n_train]
         if bad:
             raise ValueError(
-                f"removals[{k}] contains index {bad[0]} outside the training set of {n_train} points "
+                f"removals[{k}] contains index {bad[0]} outside the training set of {n_train} "
+                "points "
                 f"(valid: 0..{n_train - 1})."
             )
         if len(set(g)) != len(g):
@@ -112,7 +132,9 @@ def normalize_removals(removals, n_train: int) -> list[list[int]]:
     return groups
 
 
-def removal_matrix(groups: list[list[int]], device=None, dtype=torch.float64) -> tuple[Tensor, Tensor]:
+def removal_matrix(
+    groups: list[list[int]], device=None, dtype=torch.float64
+) -> tuple[Tensor, Tensor]:
     """``(unique [u], R [u, K])`` with ``R[j, k] = 1`` when ``unique[j] ∈ groups[k]``."""
     unique = sorted({i for g in groups for i in g})
     pos = {i: j for j, i in enumerate(unique)}
@@ -150,12 +172,18 @@ def _check_damping(damping) -> float:
     return float(damping)
 
 
-def _solve_or_raise(op: CurvatureOperator, B: Tensor, solver: str, options: dict | None) -> tuple[Tensor, SolveInfo]:
+def _solve_or_raise(
+    op: CurvatureOperator, B: Tensor, solver: str, options: dict | None
+) -> tuple[Tensor, SolveInfo]:
     X, info = solve(op, B, solver, **(options or {}))
     if info.diverged:
-        raise SolverDivergedError(f"{solver} solve failed: {info.message}. Diagnostics: {info.to_dict()}")
+        raise SolverDivergedError(
+            f"{solver} solve failed: {info.message}. Diagnostics: {info.to_dict()}"
+        )
     if not info.converged:
-        log.warning("%s solve did not reach its tolerance: relative residual %.3g", solver, info.residual)
+        log.warning(
+            "%s solve did not reach its tolerance: relative residual %.3g", solver, info.residual
+        )
     return X, info
 
 
@@ -194,17 +222,27 @@ def influence(
     Raises:
         SolverDivergedError: the solver diverged (e.g. LiSSA with too small a scale).
     """
-    result = _influence(prob, test, removals, damping, solver, curvature, solver_options, measurement)
+    result = _influence(
+        prob, test, removals, damping, solver, curvature, solver_options, measurement
+    )
     if return_info:
-        warnings.warn("influence(..., return_info=True) is deprecated; use pbrf.influence_with_info(...), "
-                      "which returns (scores, info).", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "influence(..., return_info=True) is deprecated; use "
+            "pbrf.influence_with_info(...), "
+            "which returns (scores, info).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return result
     return result.scores
 
 
-def influence_with_info(prob: Problem, test: tuple[Tensor, Tensor | None], removals, **settings) -> InfluenceResult:
+def influence_with_info(
+    prob: Problem, test: tuple[Tensor, Tensor | None], removals, **settings
+) -> InfluenceResult:
     """:func:`influence` (the same arguments but ``return_info``) with its diagnostics: an
-    :class:`InfluenceResult` ``(scores, info)``."""
+    :class:`InfluenceResult` ``(scores, info)``.
+    """
     bound = inspect.signature(influence).bind(prob, test, removals, **settings)
     bound.apply_defaults()
     args = bound.arguments
@@ -213,7 +251,9 @@ def influence_with_info(prob: Problem, test: tuple[Tensor, Tensor | None], remov
     return _influence(*args.values())
 
 
-def _influence(prob, test, removals, damping, solver, curvature, solver_options, measurement) -> InfluenceResult:
+def _influence(
+    prob, test, removals, damping, solver, curvature, solver_options, measurement
+) -> InfluenceResult:
     damping = _check_damping(damping)
     groups = normalize_removals(removals, prob.n_train)
     xt, tt = prob.prepare(test, "test")
@@ -222,14 +262,21 @@ def _influence(prob, test, removals, damping, solver, curvature, solver_options,
     S, sinfo = _solve_or_raise(op, g_test, solver, solver_options)  # rows s_t = C⁻¹ ∇m_t
     unique, R = removal_matrix(groups, prob.device, prob.dtype)
     dots = torch.cat(
-        [S @ per_example_grads(prob, prob.x[unique[s]], prob.t[unique[s]]).T for s in prob.chunks(len(unique))],
+        [
+            S @ per_example_grads(prob, prob.x[unique[s]], prob.t[unique[s]]).T
+            for s in prob.chunks(len(unique))
+        ],
         dim=1,
     )
     scores = dots @ R / prob.n_train
-    return InfluenceResult(scores, InfluenceInfo(sinfo, xt.shape[0], len(groups), len(unique), damping, op.curvature))
+    return InfluenceResult(
+        scores, InfluenceInfo(sinfo, xt.shape[0], len(groups), len(unique), damping, op.curvature)
+    )
 
 
-def removal_gradients(prob: Problem, groups: list[list[int]], theta: Tensor | None = None) -> Tensor:
+def removal_gradients(
+    prob: Problem, groups: list[list[int]], theta: Tensor | None = None
+) -> Tensor:
     """``Σ_{m ∈ r_k} ∇θ L(z_m)`` for every group, rows ``[K, p]``."""
     unique, R = removal_matrix(groups, prob.device, prob.dtype)
     grads = per_example_grads(prob, prob.x[unique], prob.t[unique], theta=theta)

@@ -13,7 +13,7 @@ records; none of them branches on a kind's name. Adding a kind is one :func:`reg
         name="half-proximal", label="half proximal", colour="#a6761d",
         objective=lambda prob, lam: objectives.proximal_objective(prob, lam / 2)))
 
-The built-in kinds, in the order of the decomposition chain (``docs/conventions.md`` §4–5), are
+The built-in kinds, in the order of the decomposition chain (``docs/conventions.md`` §5–6), are
 ``cold``, ``warm``, ``proximal``, ``pbrf``, ``linearized`` and the estimate ``influence``.
 """
 
@@ -25,7 +25,8 @@ from typing import Any
 
 from . import objectives
 
-__all__ = ["ResponseKind", "register", "unregister", "get", "names", "response_names", "chain", "view",
+__all__ = ["ResponseKind", "register", "unregister", "get", "names", "response_names", "chain",
+           "view",
            "METHODS", "CERTIFICATES"]
 
 #: How a kind is computed: ``optimise`` its objective from θ^s (:func:`pbrf.respond`),
@@ -81,13 +82,17 @@ class ResponseKind:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"ResponseKind {self.name!r}: method must be one of {METHODS}, got {self.method!r}.")
+            raise ValueError(f"ResponseKind {self.name!r}: method must be one of {METHODS}, got "
+                             f"{self.method!r}.")
         if self.certificate not in CERTIFICATES:
-            raise ValueError(f"ResponseKind {self.name!r}: certificate must be one of {CERTIFICATES}.")
+            raise ValueError(f"ResponseKind {self.name!r}: certificate must be one of "
+                             f"{CERTIFICATES}.")
         if self.method in ("optimise", "retrain") and self.objective is None:
-            raise ValueError(f"ResponseKind {self.name!r}: an {self.method} kind needs an objective.")
+            raise ValueError(f"ResponseKind {self.name!r}: an {self.method} kind needs an "
+                             "objective.")
         if self.default_recipe not in ("newton", "base"):
-            raise ValueError(f"ResponseKind {self.name!r}: default_recipe must be 'newton' or 'base'.")
+            raise ValueError(f"ResponseKind {self.name!r}: default_recipe must be 'newton' or "
+                             "'base'.")
         if not self.short:
             object.__setattr__(self, "short", self.label)
 
@@ -168,19 +173,27 @@ def view(attribute: str) -> Mapping[str, Any]:
 # ---------------------------------------------------------------------------- the built-in kinds
 for _kind in (
     ResponseKind("cold", "cold-start LOO", "#1b9e77", short="LOO", method="retrain",
-                 objective=objectives.warm_objective, default_recipe="base", arguments=("seeds", "model_init"),
-                 config_recipe="train", float64=False, certificate="report", in_chain=True, table=True),
-    ResponseKind("warm", "warm-start LOO", "#d95f02", short="Warm", objective=objectives.warm_objective,
-                 default_recipe="base", arguments=("paired",), continuation=True, config_recipe="train",
+                 objective=objectives.warm_objective, default_recipe="base",
+                     arguments=("seeds", "model_init"),
+                 config_recipe="train", float64=False, certificate="report", in_chain=True,
+                     table=True),
+    ResponseKind("warm", "warm-start LOO", "#d95f02", short="Warm",
+                 objective=objectives.warm_objective,
+                 default_recipe="base", arguments=("paired",), continuation=True,
+                     config_recipe="train",
                  float64=False, certificate="exclude_if_full_batch", in_chain=True, table=True),
-    ResponseKind("proximal", "proximal", "#7570b3", short="Proximal", objective=objectives.proximal_objective,
+    ResponseKind("proximal", "proximal", "#7570b3", short="Proximal",
+                 objective=objectives.proximal_objective,
                  arguments=("paired",), continuation=True, in_chain=True, table=True),
-    ResponseKind("pbrf", "PBRF", "#e7298a", objective=objectives.pbrf_response_objective, in_chain=True,
+    ResponseKind("pbrf", "PBRF", "#e7298a", objective=objectives.pbrf_response_objective,
+                 in_chain=True,
                  table=True),
     ResponseKind("linearized", "linearised PBRF", "#66a61e", short="Lin. PBRF", method="linear",
-                 arguments=("solver", "solver_options", "curvature"), config_recipe=None, certificate="report",
+                 arguments=("solver", "solver_options", "curvature"), config_recipe=None,
+                     certificate="report",
                  in_chain=True),
-    ResponseKind("influence", "influence", "#444444", method="estimate", config_recipe=None, certificate="report",
+    ResponseKind("influence", "influence", "#444444", method="estimate", config_recipe=None,
+                 certificate="report",
                  in_chain=True),
 ):
     register(_kind)

@@ -8,7 +8,8 @@ pairwise scores to the scores of :func:`pbrf.influence`, so the two can be compa
 kronfluence is optional and its package metadata asks for torchvision, which pbrf never installs
 (it would pull a CUDA build of torch). Install it without dependencies::
 
-    pip install -c constraints.txt --no-deps kronfluence==1.0.1 && pip install -c constraints.txt accelerate einops einconv opt-einsum
+    pip install -c constraints.txt --no-deps kronfluence==1.0.1 &&
+    pip install -c constraints.txt accelerate einops einconv opt-einsum
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def _import_kronfluence():
         from kronfluence.task import Task as KTask
         from kronfluence.utils.state import State
     except ImportError as err:
-        raise ImportError(f"pbrf.kron needs kronfluence, which is not installed; install it with: {INSTALL}") from err
+        raise ImportError(
+            f"pbrf.kron needs kronfluence, which is not installed; install it with: {INSTALL}"
+        ) from err
     return Analyzer, prepare_model, FactorArguments, ScoreArguments, KTask, State
 
 
@@ -55,7 +58,8 @@ def _sampler(task: T.Task):
     The sampled loss ``scale · L(f, ŷ)`` with ``ŷ ~ p(· | f)`` has ``E[∇_f ∇_fᵀ] = ∂²L/∂f²``, so the
     true Fisher it estimates is pbrf's Gauss–Newton matrix ``G``:
 
-    * regression / reconstruction, ``L = ½||f − y||²``: ``ŷ = f + ε``, ``ε ~ N(0, I)`` (``∇_f = −ε``);
+    * regression / reconstruction, ``L = ½||f − y||²``: ``ŷ = f + ε``, ``ε ~ N(0, I)``
+      (``∇_f = −ε``);
     * classification (softmax cross-entropy): ``ŷ ~ Categorical(softmax f)``;
     * binary (logistic): ``ŷ ~ Bernoulli(σ(f))``;
     * language model, ``L = (1/T) Σ_t CE_t``: ``ŷ_t ~ Categorical(softmax f_t)`` independently and
@@ -126,7 +130,8 @@ def kronfluence_scores(
     * kronfluence's ``F̂`` is the mean over the N training points (the scale of pbrf's ``G``), but
       its scores carry no ``1/N``: they are divided by ``N = problem.n_train``;
     * kronfluence has no weight-decay term, so ``δ = problem.weight_decay + damping``;
-    * the signs agree (checked against ``strategy="identity"`` and an exact K-FAC case in the tests);
+    * the signs agree (checked against ``strategy="identity"`` and an exact K-FAC case in the
+      tests);
     * train gradients are of the plain summed task loss (no regulariser), the measurement is the
       summed test loss, so each test point's gradient is its own loss gradient;
     * group scores are the sums of the member points' scores.
@@ -167,7 +172,8 @@ def kronfluence_scores(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in problem.model.modules()):
         raise ValueError(
-            f"kronfluence only tracks nn.Linear and nn.Conv2d modules; {type(problem.model).__name__} has none."
+            "kronfluence only tracks nn.Linear and nn.Conv2d modules; "
+            f"{type(problem.model).__name__} has none."
         )
     sampler = _sampler(problem.task)
     if sampler is None and strategy != "identity" and not empirical_fisher:
@@ -216,8 +222,11 @@ def kronfluence_scores(
     outdir = tempfile.mkdtemp(prefix="pbrf-kron-", dir=workdir)
     try:
         with warnings.catch_warnings():
-            # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler (disabled) on every pass; torch deprecates it.
-            warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning)
+            # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler (disabled) on every pass; torch
+            # deprecates it.
+            warnings.filterwarnings(
+                "ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning
+            )
             analyzer = Analyzer(
                 analysis_name="pbrf",
                 model=model,
@@ -248,7 +257,10 @@ def kronfluence_scores(
             )
             train = TensorDataset(cast(problem.x), problem.t)
             analyzer.fit_all_factors(
-                factors_name="factors", dataset=train, per_device_batch_size=batch_size, factor_args=factor_args
+                factors_name="factors",
+                dataset=train,
+                per_device_batch_size=batch_size,
+                factor_args=factor_args,
             )
             analyzer.compute_pairwise_scores(
                 scores_name="scores",

@@ -34,12 +34,17 @@ def subsets(n_train: int, n_subsets: int, alpha: float = 0.5, seed: int = 0) -> 
         ValueError: ``α`` outside (0, 1) or a subset that would keep or remove nothing.
     """
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
-        raise ValueError(f"lds: alpha (the fraction of training points kept) must lie in (0, 1), got {alpha!r}.")
+        raise ValueError(
+            f"lds: alpha (the fraction of training points kept) must lie in (0, 1), got {alpha!r}."
+        )
     if not (isinstance(n_subsets, int) and n_subsets >= 2):
         raise ValueError(f"lds: need at least 2 subsets for a rank correlation, got {n_subsets!r}.")
     keep = round(alpha * n_train)
     if not 0 < keep < n_train:
-        raise ValueError(f"lds: alpha={alpha} keeps {keep} of {n_train} points; choose alpha so both parts are non-empty.")
+        raise ValueError(
+            f"lds: alpha={alpha} keeps {keep} of {n_train} points; choose alpha so both parts "
+            "are non-empty."
+        )
     rng = np.random.default_rng([int(seed), 3])
     out = []
     for _ in range(n_subsets):
@@ -50,14 +55,33 @@ def subsets(n_train: int, n_subsets: int, alpha: float = 0.5, seed: int = 0) -> 
     return out
 
 
-def retrain(problem: Problem, test: tuple, groups: list[list[int]], recipe, seeds=(0,), model_init=None,
-            chunk_size: int = 16, progress: bool = False, measure: Problem | None = None) -> tuple[np.ndarray, list[dict]]:
+def retrain(
+    problem: Problem,
+    test: tuple,
+    groups: list[list[int]],
+    recipe,
+    seeds=(0,),
+    model_init=None,
+    chunk_size: int = 16,
+    progress: bool = False,
+    measure: Problem | None = None,
+) -> tuple[np.ndarray, list[dict]]:
     """Retrain without each removal set (cold start, paired seeds); ``Δm`` ``[n_test, K]`` and the
-    per-subset diagnostics. ``measure``: the problem (e.g. its float64 copy) on which Δm is evaluated."""
+    per-subset diagnostics. ``measure``: the problem (e.g. its float64 copy) on which Δm is
+    evaluated.
+    """
     from .respond import respond
 
-    resp = respond(problem, "cold", removals=groups, recipe=recipe, seeds=tuple(seeds), model_init=model_init,
-                   chunk_size=chunk_size, progress=progress)
+    resp = respond(
+        problem,
+        "cold",
+        removals=groups,
+        recipe=recipe,
+        seeds=tuple(seeds),
+        model_init=model_init,
+        chunk_size=chunk_size,
+        progress=progress,
+    )
     if measure is not None:
         resp = resp.to(measure)
     dm = resp.loss_change(test=test).detach().cpu().double().numpy()
@@ -65,8 +89,12 @@ def retrain(problem: Problem, test: tuple, groups: list[list[int]], recipe, seed
 
 
 def group_scores(point_scores: np.ndarray | Tensor, groups: list[list[int]]) -> np.ndarray:
-    """Summed scores of each group from per-training-point scores ``[n_test, N]`` → ``[n_test, K]``."""
-    s = point_scores.detach().cpu().double().numpy() if isinstance(point_scores, Tensor) else np.asarray(point_scores)
+    """Summed scores of each group from per-point scores ``[n_test, N]`` → ``[n_test, K]``."""
+    s = (
+        point_scores.detach().cpu().double().numpy()
+        if isinstance(point_scores, Tensor)
+        else np.asarray(point_scores)
+    )
     return np.stack([s[:, g].sum(axis=1) for g in groups], axis=1)
 
 
@@ -101,14 +129,22 @@ def lds(scores: np.ndarray, actual: np.ndarray) -> dict:
     """
     scores, actual = np.asarray(scores, dtype=np.float64), np.asarray(actual, dtype=np.float64)
     if scores.shape != actual.shape:
-        raise ValueError(f"lds: scores {scores.shape} and actual changes {actual.shape} must have the same shape.")
+        raise ValueError(
+            f"lds: scores {scores.shape} and actual changes {actual.shape} must have the same "
+            "shape."
+        )
     per = np.array([_spearman(scores[t], actual[t]) for t in range(scores.shape[0])])
     ok = np.isfinite(per)
     n = int(ok.sum())
     mean = float(per[ok].mean()) if n else math.nan
     se = float(per[ok].std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-    return {"lds": mean, "stderr": se, "per_test": per.tolist(), "n_test": n,
-            "n_undefined": int((~ok).sum())}
+    return {
+        "lds": mean,
+        "stderr": se,
+        "per_test": per.tolist(),
+        "n_test": n,
+        "n_undefined": int((~ok).sum()),
+    }
 
 
 def random_scores(shape: tuple[int, int], seed: int = 0) -> np.ndarray:

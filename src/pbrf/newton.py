@@ -73,10 +73,12 @@ class NewtonRecipe:
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
                 raise ValueError(f"NewtonRecipe.{name} must be a positive int, got {v!r}.")
-        if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1 and math.isfinite(self.tol)):
+        if not (isinstance(self.tol,
+                           (int, float)) and 0 < self.tol < 1 and math.isfinite(self.tol)):
             raise ValueError(f"NewtonRecipe.tol must lie in (0, 1), e.g. 1e-8; got {self.tol!r}.")
         if not (isinstance(self.forcing, (int, float)) and 0 < self.forcing < 1):
-            raise ValueError(f"NewtonRecipe.forcing must lie in (0, 1), e.g. 0.1; got {self.forcing!r}.")
+            raise ValueError("NewtonRecipe.forcing must lie in (0, 1), e.g. 0.1; got "
+                             f"{self.forcing!r}.")
         if self.model not in MODELS:
             raise ValueError(f"NewtonRecipe.model must be one of {MODELS}, got {self.model!r}.")
 
@@ -89,6 +91,7 @@ class NewtonRecipe:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict."""
         return dataclasses.asdict(self)
 
 
@@ -128,7 +131,8 @@ def batched_cg(
         pAp = _rows_dot(P[rows], AP)
         ok = pAp > 0
         negative[rows] |= ~ok
-        alpha = torch.where(ok, rs[rows] / torch.where(ok, pAp, torch.ones_like(pAp)), torch.zeros_like(pAp))
+        alpha = torch.where(ok, rs[rows] / torch.where(ok, pAp, torch.ones_like(pAp)),
+                            torch.zeros_like(pAp))
         X[rows] += alpha[:, None] * P[rows]
         R[rows] -= alpha[:, None] * AP
         rs_new = _rows_dot(R[rows], R[rows])
@@ -145,7 +149,8 @@ class _Batched:
 
     def __init__(self, prob, value_fn, gn_fn, aux: dict, batch_fn) -> None:
         self.prob, self.aux, self.batch_fn = prob, aux, batch_fn
-        self._vg = vmap(grad_and_value(lambda th, a, b: value_fn(prob.unflatten(th), a, b)), in_dims=(0, 0, None))
+        self._vg = vmap(grad_and_value(lambda th, a, b: value_fn(prob.unflatten(th), a, b)),
+                        in_dims=(0, 0, None))
 
         def gn_one(th: Tensor, v: Tensor, a: dict, b: dict) -> Tensor:
             f = lambda t: prob.outputs(prob.unflatten(t), b["x"])  # noqa: E731
@@ -264,8 +269,10 @@ def newton_optimize(
         eta = (gnorm[rows] / gn0[rows].clamp_min(torch.finfo(dt).tiny)).clamp(max=recipe.forcing)
         # exact Hessian near the optimum: a small gradient, or steps below the objective's round-off
         # (where only the gradient can judge a step, and only the exact model reduces it reliably)
-        near = (gnorm[rows] <= recipe.switch * torch.maximum(scale[rows].to(dt), gn0[rows])) | at_roundoff[rows]
-        d, Ad, ci = _step(B, recipe.model, shift, rows, th, gr, m, eta * gnorm[rows], recipe.cg_max_iter, near)
+        near = (gnorm[rows] <= recipe.switch * torch.maximum(scale[rows].to(dt),
+                                                             gn0[rows])) | at_roundoff[rows]
+        d, Ad, ci = _step(B, recipe.model, shift, rows, th, gr, m, eta * gnorm[rows],
+                          recipe.cg_max_iter, near)
         cg_total[rows] += ci
         iters[rows] += 1
         pred = -(_rows_dot(gr, d) + 0.5 * _rows_dot(d, Ad))
@@ -308,7 +315,8 @@ def newton_optimize(
     gnorm = g.norm(dim=1)
     diverged |= ~torch.isfinite(F) | ~torch.isfinite(gnorm) | runaway
     diag = {
-        "steps": steps, "iterations": iters, "cg_iterations": cg_total, "objective": F, "grad_norm": gnorm,
+        "steps": steps, "iterations": iters, "cg_iterations": cg_total, "objective": F,
+            "grad_norm": gnorm,
         "initial_objective": F0, "initial_grad_norm": gn0, "stalled": stalled, "runaway": runaway,
         "diverged": diverged,
     }

@@ -1,7 +1,7 @@
 """The objectives of the optimised response functions, for K removal problems at once.
 
 An :class:`Objective` bundles what the engines need for one response kind (see
-``docs/conventions.md`` §4 for the formulas): the objective of one problem
+``docs/conventions.md`` §5 for the formulas): the objective of one problem
 ``value(params, aux, batch)``; its output-convex data term ``gn(out, aux, batch)`` (the
 Gauss–Newton model of :mod:`pbrf.newton`); the ``shift`` of its quadratic term; ``make_aux(prob,
 groups, weight)``, the per-problem auxiliary inputs (removal weights, removed points); and
@@ -50,7 +50,9 @@ def sq(params: Params, anchor: Params | None = None) -> Tensor:
 
 
 def removal_objective(prob: Problem, prox: float = 0.0) -> Callable:
-    """``(1/B) Σ_batch w_i L_i + (wd/2)||θ||² [+ (prox/2)||θ − θ^s||²]`` with per-problem weights ``aux["w"]``."""
+    """``(1/B) Σ_batch w_i L_i + (wd/2)||θ||² [+ (prox/2)||θ − θ^s||²]`` with per-problem weights
+    ``aux["w"]``.
+    """
     wd, anchor = prob.weight_decay, prob.params
 
     def objective(params: Params, aux: dict, batch: dict) -> Tensor:
@@ -74,7 +76,8 @@ def pbrf_gn(prob: Problem) -> Callable:
     """The Gauss–Newton model's data term of :func:`pbrf_objective`: the mean Bregman divergence
     over the kept points. For the tasks' canonical losses the output Hessian of ``D_L(·, f^s)``
     equals that of ``L``, so at a removed point the Bregman and removal terms' curvatures cancel:
-    weight ``1 − removal_weight`` (clamped at 0), as in the exact Gauss–Newton matrix."""
+    weight ``1 − removal_weight`` (clamped at 0), as in the exact Gauss–Newton matrix.
+    """
 
     def gn(out: Tensor, aux: dict, batch: dict) -> Tensor:
         w = aux["w"][batch["idx"]].clamp_min(0.0)
@@ -84,7 +87,9 @@ def pbrf_gn(prob: Problem) -> Callable:
 
 
 def pbrf_objective(prob: Problem, damping: float) -> Callable:
-    """The PBRF objective (``docs/conventions.md`` §4) for one problem; removed points in ``aux``."""
+    """The PBRF objective (``docs/conventions.md`` §5) for one problem; removed points in
+    ``aux``.
+    """
     n, shift, anchor = prob.n_train, prob.weight_decay + damping, prob.params
 
     def objective(params: Params, aux: dict, batch: dict) -> Tensor:
@@ -104,7 +109,9 @@ def mask_aux(prob: Problem, groups: list[list[int]], weight: float) -> dict:
 
 
 def removed_aux(prob: Problem, groups: list[list[int]], weight: float) -> dict:
-    """:func:`mask_aux` plus the removed points themselves (``xr``, ``tr``, weights ``vr``, padded)."""
+    """:func:`mask_aux` plus the removed points themselves (``xr``, ``tr``, weights ``vr``,
+    padded).
+    """
     kmax = max(1, max(len(g) for g in groups))
     idx = torch.zeros(len(groups), kmax, dtype=torch.long, device=prob.device)
     valid = torch.zeros(len(groups), kmax, dtype=prob.dtype, device=prob.device)
@@ -122,10 +129,12 @@ def warm_objective(prob: Problem, damping: float) -> Objective:
 
 def proximal_objective(prob: Problem, damping: float) -> Objective:
     """``J_{−r}(θ) + (λ/2)||θ − θ^s||²``."""
-    return Objective(removal_objective(prob, damping), removal_gn(prob), prob.weight_decay + damping, mask_aux)
+    return Objective(removal_objective(prob, damping), removal_gn(prob),
+                     prob.weight_decay + damping, mask_aux)
 
 
 def pbrf_response_objective(prob: Problem, damping: float) -> Objective:
     """The PBRF: mean Bregman divergence − removed losses + ((wd + λ)/2)||θ − θ^s||²."""
-    return Objective(pbrf_objective(prob, damping), pbrf_gn(prob), prob.weight_decay + damping, removed_aux,
+    return Objective(pbrf_objective(prob, damping), pbrf_gn(prob), prob.weight_decay + damping,
+                     removed_aux,
                      prob.train_outputs())

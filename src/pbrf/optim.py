@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 from tqdm.auto import tqdm
 
-__all__ = ["Recipe", "RecipeFields", "check_recipe", "optimize", "minibatches", "OPTIMIZERS", "SCHEDULES"]
+__all__ = ["Recipe", "RecipeFields", "check_recipe", "optimize", "minibatches", "OPTIMIZERS",
+           "SCHEDULES"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ SCHEDULES = ("constant", "cosine", "linear")
 @dataclass(frozen=True)
 class RecipeFields:
     """The fields of a first-order recipe, declared once: :class:`Recipe` and the experiment
-    config's ``[train]`` section (:class:`pbrf.experiment.config.TrainConfig`) both extend it."""
+    config's ``[train]`` section (:class:`pbrf.experiment.config.TrainConfig`) both extend it.
+    """
 
     optimizer: str = "sgd"
     lr: float = 0.05
@@ -48,7 +50,8 @@ class RecipeFields:
 
 
 def check_recipe(r: RecipeFields, where: str = "Recipe") -> None:
-    """The one validation of a recipe's fields; ``ValueError("<where>.<field>: ...")`` naming the fix.
+    """The one validation of a recipe's fields; ``ValueError("<where>.<field>: ...")`` naming the
+    fix.
 
     A ``batch_size`` of ``None`` (or ``"full"``, the config files' spelling) is full batch.
     """
@@ -97,7 +100,7 @@ class Recipe(RecipeFields):
         beta2: Adam's β₂.
 
     Weight decay is not part of the recipe: it is the explicit L2 term of the objective
-    (``Problem.weight_decay``, DESIGN §1).
+    (``Problem.weight_decay``, ``docs/conventions.md`` §1).
     """
 
     def __post_init__(self) -> None:
@@ -124,10 +127,12 @@ class Recipe(RecipeFields):
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (:meth:`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
+        """A recipe from :meth:`to_dict`'s dict; unknown fields are refused."""
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"Recipe: unknown field(s) {sorted(unknown)}.")
@@ -143,7 +148,9 @@ class Recipe(RecipeFields):
 
 
 def minibatches(n: int, recipe: Recipe, device=None) -> Iterator[Tensor]:
-    """Index tensors of successive minibatches: seeded reshuffle every epoch; full batch if ``batch_size`` is None."""
+    """Index tensors of successive minibatches: seeded reshuffle every epoch; full batch if
+    ``batch_size`` is None.
+    """
     if recipe.batch_size is None or recipe.batch_size >= n:
         full = torch.arange(n, device=device)
         while True:
@@ -190,10 +197,12 @@ class _Stepper:
     def __init__(self, params: dict[str, Tensor], recipe: Recipe) -> None:
         self.r = recipe
         self.m = {k: torch.zeros_like(v) for k, v in params.items()}
-        self.v = {k: torch.zeros_like(v) for k, v in params.items()} if recipe.optimizer == "adam" else None
+        self.v = {k: torch.zeros_like(v) for k,
+                  v in params.items()} if recipe.optimizer == "adam" else None
         self.t = 0
 
-    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], lr: float, active: Tensor) -> None:
+    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], lr: float,
+             active: Tensor) -> None:
         self.t += 1
         r = self.r
         for k, p in params.items():
@@ -203,7 +212,8 @@ class _Stepper:
                 self.m[k] = torch.where(on, r.momentum * self.m[k] + g, self.m[k])
                 update = self.m[k]
             else:
-                self.m[k] = torch.where(on, r.momentum * self.m[k] + (1 - r.momentum) * g, self.m[k])
+                self.m[k] = torch.where(on, r.momentum * self.m[k] + (1 - r.momentum) * g,
+                                        self.m[k])
                 self.v[k] = torch.where(on, r.beta2 * self.v[k] + (1 - r.beta2) * g * g, self.v[k])
                 mhat = self.m[k] / (1 - r.momentum**self.t)
                 vhat = self.v[k] / (1 - r.beta2**self.t)
@@ -273,5 +283,6 @@ def optimize(
         if not bool(active.any()):
             break
     bar.close()
-    diag = {"steps": steps, "grad_norm": gnorm.detach(), "objective": obj.detach(), "diverged": diverged}
+    diag = {"steps": steps, "grad_norm": gnorm.detach(), "objective": obj.detach(),
+            "diverged": diverged}
     return params, diag

@@ -63,16 +63,25 @@ class Problem:
         recipe=None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"Problem: model must be a torch.nn.Module, got {type(model).__name__}.")
+            raise TypeError(
+                f"Problem: model must be a torch.nn.Module, got {type(model).__name__}."
+            )
         if not isinstance(task, Task):
             raise TypeError(
-                f"Problem: task must be a pbrf.tasks.Task instance such as pbrf.tasks.Classification(), "
+                "Problem: task must be a pbrf.tasks.Task instance such as "
+                "pbrf.tasks.Classification(), "
                 f"got {task!r}."
             )
         if not (isinstance(train, (tuple, list)) and len(train) == 2):
             raise TypeError("Problem: train must be a pair (x, y) of tensors.")
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
-            raise ValueError(f"Problem: weight_decay must be a finite number >= 0, got {weight_decay!r}.")
+        if not (
+            isinstance(weight_decay, (int, float))
+            and weight_decay >= 0
+            and math.isfinite(weight_decay)
+        ):
+            raise ValueError(
+                f"Problem: weight_decay must be a finite number >= 0, got {weight_decay!r}."
+            )
         if not (isinstance(chunk_size, int) and chunk_size > 0):
             raise ValueError(f"Problem: chunk_size must be a positive int, got {chunk_size!r}.")
         self.task = task
@@ -126,19 +135,25 @@ class Problem:
         y = y.to(self.device)
         return y.to(self.dtype) if y.is_floating_point() else y
 
-    def prepare(self, data: tuple[Tensor, Tensor | None], what: str = "test") -> tuple[Tensor, Tensor]:
+    def prepare(
+        self, data: tuple[Tensor, Tensor | None], what: str = "test"
+    ) -> tuple[Tensor, Tensor]:
         """Validate and move ``(x, y)`` to the problem's device/dtype; returns ``(x, targets)``."""
         if not (isinstance(data, (tuple, list)) and len(data) == 2):
             raise TypeError(f"{what} must be a pair (x, y) of tensors.")
         x = self._as_input(data[0], f"{what} x")
         y = None if data[1] is None else self._as_target(data[1], f"{what} y")
         if y is not None and y.shape[0] != x.shape[0]:
-            raise ValueError(f"{what}=(x, y) have {x.shape[0]} and {y.shape[0]} rows; they must match.")
+            raise ValueError(
+                f"{what}=(x, y) have {x.shape[0]} and {y.shape[0]} rows; they must match."
+            )
         t = self.task.targets(x, y)
         self._check_shapes(x[:1], t[:1], what)
         return x, t
 
-    def _check_shapes(self, x: Tensor | None = None, t: Tensor | None = None, what: str = "train") -> None:
+    def _check_shapes(
+        self, x: Tensor | None = None, t: Tensor | None = None, what: str = "train"
+    ) -> None:
         x = self.x[:1] if x is None else x
         t = self.t[:1] if t is None else t
         try:
@@ -146,12 +161,14 @@ class Problem:
             loss = self.task.loss(out, t)
         except Exception as err:  # noqa: BLE001 - re-raised with a clearer message
             raise ValueError(
-                f"Problem: the model's output on {what} x (input shape {tuple(x.shape[1:])}) does not fit "
+                f"Problem: the model's output on {what} x (input shape {tuple(x.shape[1:])}) does "
+                "not fit "
                 f"the targets (shape {tuple(t.shape[1:])}) for {self.task!r}: {err}"
             ) from err
         if loss.shape != (x.shape[0],):
             raise ValueError(
-                f"Problem: {self.task!r} returned a loss of shape {tuple(loss.shape)} for {x.shape[0]} "
+                f"Problem: {self.task!r} returned a loss of shape {tuple(loss.shape)} for "
+                f"{x.shape[0]} "
                 "examples; the model output and target shapes do not match."
             )
 
@@ -171,12 +188,21 @@ class Problem:
             return self
         model = copy.deepcopy(self.model).to(dtype)
         params = {k: v.to(dtype) for k, v in self.params.items()}
-        return Problem(model, self.task, (self.x, self.t), weight_decay=self.weight_decay, params=params,
-                       chunk_size=self.chunk_size, recipe=self.recipe)
+        return Problem(
+            model,
+            self.task,
+            (self.x, self.t),
+            weight_decay=self.weight_decay,
+            params=params,
+            chunk_size=self.chunk_size,
+            recipe=self.recipe,
+        )
 
     # ------------------------------------------------------------------ parameters
     def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
-        """Concatenate a (possibly batched, leading dims ``*B``) parameter dict into ``[*B, n_params]``."""
+        """Concatenate a (possibly batched, leading dims ``*B``) parameter dict into ``[*B,
+        n_params]``.
+        """
         _check_params_dict(params, "flatten")
         lead = params[self.names[0]].shape[: params[self.names[0]].dim() - len(self.shapes[0])]
         return torch.cat([params[n].reshape(*lead, -1) for n in self.names], dim=-1)
@@ -184,7 +210,9 @@ class Problem:
     def unflatten(self, vec: Tensor) -> Params:
         """Inverse of :meth:`flatten`: ``[*B, n_params]`` → dict of ``[*B, *shape]`` tensors."""
         if vec.shape[-1] != self.n_params:
-            raise ValueError(f"unflatten: expected last dimension {self.n_params}, got {tuple(vec.shape)}.")
+            raise ValueError(
+                f"unflatten: expected last dimension {self.n_params}, got {tuple(vec.shape)}."
+            )
         lead = vec.shape[:-1]
         parts = torch.split(vec, self.numels, dim=-1)
         return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}

@@ -1,4 +1,5 @@
-"""Response functions (DESIGN §1): what happens to the model when training points are removed.
+"""Response functions (``docs/conventions.md`` §5): what happens to the model when training points
+are removed.
 
 For a removal set ``r`` (``|r| = k``) and the trained parameters θ^s:
 
@@ -38,10 +39,21 @@ from tqdm.auto import tqdm
 
 from . import kinds
 from .engine import batch_fn, chunks, run_batched, stack
-from .influence import Measurement, delta_theta, normalize_removals, per_example_grads, removal_gradients
+from .influence import (
+    Measurement,
+    delta_theta,
+    normalize_removals,
+    per_example_grads,
+    removal_gradients,
+)
 from .kinds import ResponseKind
 from .newton import NewtonRecipe, newton_optimize
-from .objectives import pbrf_gn, pbrf_objective, removal_gn, removal_objective  # noqa: F401 (re-exported)
+from .objectives import (  # noqa: F401 (re-exported)
+    pbrf_gn,
+    pbrf_objective,
+    removal_gn,
+    removal_objective,
+)
 from .optim import Recipe
 from .problem import Params, Problem
 
@@ -85,6 +97,7 @@ class Response:
 
     @property
     def n_removals(self) -> int:
+        """Number of removal sets ``K``."""
         return len(self.groups)
 
     @property
@@ -94,30 +107,38 @@ class Response:
 
     @property
     def delta(self) -> Tensor:
-        """Parameter change ``θ_r − θ_ref`` (cold: mean over seeds of ``θ_cold(−r) − θ_cold(full)``), ``[K, p]``."""
+        """Parameter change ``θ_r − θ_ref`` (cold: mean over seeds of ``θ_cold(−r) −
+        θ_cold(full)``), ``[K, p]``.
+        """
         if self.reference is not None:
             return (self.params_flat - self.reference[:, None]).mean(0)
         return self.params_flat - self.problem.theta
 
     def to(self, problem: Problem) -> "Response":
         """The same response measured on ``problem`` (e.g. a float64 copy of the problem:
-        parameters are cast to its dtype and device, nothing is re-optimised)."""
-        cast = lambda t: None if t is None else t.to(dtype=problem.dtype, device=problem.device)  # noqa: E731
+        parameters are cast to its dtype and device, nothing is re-optimised).
+        """
+        cast = lambda t: None if t is None else t.to(dtype=problem.dtype,
+                                                     device=problem.device)  # noqa: E731
         return dataclasses.replace(self, problem=problem, params_flat=cast(self.params_flat),
-                                   reference=cast(self.reference), paired_reference=cast(self.paired_reference))
+                                   reference=cast(self.reference),
+                                       paired_reference=cast(self.paired_reference))
 
     def _paired(self, paired: bool) -> "Response":
         if not paired:
             return self
         if self.paired_reference is None:
-            raise ValueError(f"{self.kind} response has no paired reference; compute it with respond(..., paired=True).")
+            raise ValueError(f"{self.kind} response has no paired reference; compute it with "
+                             "respond(..., paired=True).")
         return dataclasses.replace(self, reference=self.paired_reference[None],
                                    params_flat=self.params_flat[None], paired_reference=None)
 
     def _map(self, fn: Callable[[Tensor], Tensor], thetas: Tensor, chunk: int = 64) -> Tensor:
-        return torch.cat([vmap(fn)(thetas[s : s + chunk]) for s in range(0, thetas.shape[0], chunk)])
+        return torch.cat([vmap(fn)(thetas[s : s + chunk]) for s in range(0, thetas.shape[0],
+            chunk)])
 
-    def loss_change(self, test, measurement: Measurement | None = None, first_order: bool | None = None,
+    def loss_change(self, test, measurement: Measurement | None = None,
+                    first_order: bool | None = None,
                     paired: bool = False) -> Tensor:
         """``Δm = m(θ_r) − m(θ_ref)`` for each test point and removal set, ``[n_test, K]``.
 
@@ -139,11 +160,13 @@ class Response:
         with torch.no_grad():
             if self.reference is None:
                 return (self._map(m, self.params_flat) - m(prob.theta)).T
-            per_seed = [self._map(m, P) - m(R)[None] for P, R in zip(self.params_flat, self.reference)]
+            per_seed = [self._map(m, P) - m(R)[None] for P,
+                        R in zip(self.params_flat, self.reference)]
             return torch.stack(per_seed).mean(0).T
 
     def output_change(self, test, first_order: bool | None = None, paired: bool = False) -> Tensor:
-        """Change of the test outputs ``f(θ_r, x) − f(θ_ref, x)``, ``[K, n_test, *out]`` (cold: mean over seeds).
+        """Change of the test outputs ``f(θ_r, x) − f(θ_ref, x)``, ``[K, n_test, *out]`` (cold: mean
+        over seeds).
 
         Linearized with ``first_order``: the Jacobian–vector product ``J Δθ``.
         """
@@ -158,11 +181,14 @@ class Response:
                 return self._map(lambda d: jvp(f, (prob.theta,), (d,))[1], self.delta)
             if self.reference is None:
                 return self._map(f, self.params_flat) - f(prob.theta)[None]
-            return torch.stack([self._map(f, P) - f(R)[None] for P, R in zip(self.params_flat, self.reference)]).mean(0)
+            return torch.stack([self._map(f, P) - f(R)[None] for P,
+                                R in zip(self.params_flat, self.reference)]).mean(0)
 
     @property
     def certified(self) -> list[bool]:
-        """Per removal set: the certificate (ρ ≤ threshold, objective not above its start, finite)."""
+        """Per removal set: the certificate (ρ ≤ threshold, objective not above its start,
+        finite).
+        """
         return [bool(d.get("certified", False)) for d in self.diagnostics]
 
 
@@ -180,7 +206,8 @@ def _init_params(prob: Problem, model_init, seed: int) -> Params:
 
 
 def removal_signal(prob: Problem, groups: list[list[int]], weight: float = 1.0) -> Tensor:
-    """The removal's own signal ``(w/N) ||Σ_{m∈r} ∇L_m(θ^s)||`` for every group, ``[K]`` (0 for an empty group).
+    """The removal's own signal ``(w/N) ||Σ_{m∈r} ∇L_m(θ^s)||`` for every group, ``[K]`` (0 for an
+    empty group).
 
     This is the gradient norm of every response objective at θ^s that the removal itself
     contributes; the certificate ρ of a response is its final gradient norm divided by it.
@@ -199,7 +226,8 @@ def _median_signal(signal: Tensor) -> Tensor:
     return positive.median() if positive.numel() else torch.ones((), dtype=signal.dtype)
 
 
-def _run_newton(prob, kind: ResponseKind, groups, damping, recipe, weight, signal, progress, desc, start=None,
+def _run_newton(prob, kind: ResponseKind, groups, damping, recipe, weight, signal, progress, desc,
+                start=None,
                 fallback=None):
     value_fn, gn_fn, shift, make_aux, f_ref = kind.objective(prob, damping)
     K = len(groups)
@@ -209,8 +237,10 @@ def _run_newton(prob, kind: ResponseKind, groups, damping, recipe, weight, signa
         fallback = _median_signal(signal)
     scale = torch.where(scale > 0, scale, torch.as_tensor(fallback).to(scale))
     theta0 = (prob.theta if start is None else start).unsqueeze(0).expand(K, -1).clone()
-    theta, d = newton_optimize(prob, value_fn, gn_fn, shift, theta0, make_aux(prob, groups, weight), scale, recipe,
-                               batch_fn(prob, f_ref), progress, desc, exact_from_start=start is not None)
+    theta, d = newton_optimize(prob, value_fn, gn_fn, shift, theta0,
+                               make_aux(prob, groups, weight), scale, recipe,
+                               batch_fn(prob, f_ref), progress, desc,
+                                   exact_from_start=start is not None)
     rows = [
         {
             "optimizer": "newton",
@@ -233,7 +263,8 @@ def _run_newton(prob, kind: ResponseKind, groups, damping, recipe, weight, signa
 def _continuation(prob, kind, damping, recipe, signal, progress):
     """Warm start / proximal with a NewtonRecipe: the no-removal continuation (the same objective
     without removal, from θ^s), solved once; every removal problem then starts from it, so that
-    each only has to resolve its own O(1/N) effect instead of the whole drift again."""
+    each only has to resolve its own O(1/N) effect instead of the whole drift again.
+    """
     fallback = _median_signal(signal)
     # solved to its round-off floor (a vanishing tolerance; it stops when steps no longer reduce the
     # gradient), so that it does not depend on which removals share its chunk
@@ -243,7 +274,8 @@ def _continuation(prob, kind, damping, recipe, signal, progress):
     return th[0], rows[0], fallback
 
 
-def _optimise_kind(prob, kind: ResponseKind, groups, damping, recipe, weight, chunk_size, progress, init=None,
+def _optimise_kind(prob, kind: ResponseKind, groups, damping, recipe, weight, chunk_size, progress,
+                   init=None,
                    signal=None):
     """Optimise the ``kind`` objective for every group; returns ``(params [K, p], diagnostics)``.
 
@@ -255,11 +287,13 @@ def _optimise_kind(prob, kind: ResponseKind, groups, damping, recipe, weight, ch
         start, ref_row, fallback = _continuation(prob, kind, damping, recipe, signal, progress)
     thetas, diags = [], []
     parts = list(chunks(len(groups), chunk_size))
-    for s in tqdm(parts, desc=f"{kind.name} chunks", disable=not progress or len(parts) == 1, leave=False):
+    for s in tqdm(parts, desc=f"{kind.name} chunks", disable=not progress or len(parts) == 1,
+                  leave=False):
         sub = groups[s]
         desc = f"{kind.name} [{s.start}:{s.stop}]"
         if isinstance(recipe, NewtonRecipe):
-            th, dg = _run_newton(prob, kind, sub, damping, recipe, weight, signal[s], progress, desc, start, fallback)
+            th, dg = _run_newton(prob, kind, sub, damping, recipe, weight, signal[s], progress,
+                                 desc, start, fallback)
             if start is not None:
                 for k, g in enumerate(sub):
                     dg[k]["start"] = "continuation"
@@ -268,7 +302,8 @@ def _optimise_kind(prob, kind: ResponseKind, groups, damping, recipe, weight, ch
         else:
             objective, _, _, make_aux, f_ref = kind.objective(prob, damping)
             start = prob.params if init is None else init
-            th, dg = run_batched(prob, objective, stack(start, len(sub)), make_aux(prob, sub, weight), recipe,
+            th, dg = run_batched(prob, objective, stack(start, len(sub)),
+                                 make_aux(prob, sub, weight), recipe,
                                  f_ref, progress, desc)
         thetas.append(th)
         diags.extend(dg)
@@ -281,7 +316,8 @@ def _certify(row: dict, signal: float, threshold: float) -> dict:
     rho = gn / signal if signal > 0 else (0.0 if gn == 0 else math.inf)
     row["signal"], row["rho"] = float(signal), float(rho)
     not_worse = row.get("objective", math.nan) <= row.get("initial_objective", math.inf)
-    row["certified"] = bool(math.isfinite(rho) and rho <= threshold and not_worse and not row.get("diverged"))
+    ok = math.isfinite(rho) and rho <= threshold and not_worse and not row.get("diverged")
+    row["certified"] = bool(ok)
     return row
 
 
@@ -299,17 +335,23 @@ def _check_args(kind: ResponseKind, seeds, chunk_size, damping, removal_weight):
 def _base_recipe(prob: Problem, recipe, kind: ResponseKind):
     if recipe is not None:
         if not isinstance(recipe, (Recipe, NewtonRecipe)):
-            raise TypeError(f"recipe must be a pbrf.Recipe or pbrf.NewtonRecipe, got {type(recipe).__name__}.")
+            raise TypeError(
+                f"recipe must be a pbrf.Recipe or pbrf.NewtonRecipe, got {type(recipe).__name__}."
+            )
         if isinstance(recipe, NewtonRecipe) and kind.method == "retrain":
-            raise ValueError("cold start is defined by a training recipe: pass recipe=pbrf.Recipe(...), "
-                             "not a NewtonRecipe.")
+            raise ValueError(
+                "cold start is defined by a training recipe: pass "
+                "recipe=pbrf.Recipe(...), "
+                "not a NewtonRecipe."
+            )
         return recipe
     if kind.default_recipe == "newton":
         return NewtonRecipe()
     if getattr(prob, "recipe", None) is not None:
         return prob.recipe
     raise ValueError(
-        f"respond({kind.name!r}) reuses the base training recipe: pass recipe=pbrf.Recipe(...) (the one that "
+        f"respond({kind.name!r}) reuses the base training recipe: pass recipe=pbrf.Recipe(...) "
+        "(the one that "
         "trained θ^s), or build the Problem with recipe=...."
     )
 
@@ -320,7 +362,10 @@ def _apply_changes(recipe, changes: dict):
     valid = set(recipe.to_dict())
     bad = sorted(set(changes) - valid)
     if bad:
-        raise TypeError(f"respond: unknown argument(s) {bad}; {type(recipe).__name__} fields are {sorted(valid)}.")
+        raise TypeError(
+            f"respond: unknown argument(s) {bad}; {type(recipe).__name__} fields are "
+            f"{sorted(valid)}."
+        )
     if isinstance(recipe, Recipe):
         if "steps" in changes and "epochs" not in changes:
             changes = {**changes, "epochs": None}
@@ -351,7 +396,8 @@ def respond(
 
     Args:
         prob: the :class:`~pbrf.Problem` (θ^s, data, weight decay).
-        kind: ``"cold"``, ``"warm"``, ``"proximal"``, ``"pbrf"``, ``"linearized"`` (module docstring)
+        kind: ``"cold"``, ``"warm"``, ``"proximal"``, ``"pbrf"``, ``"linearized"`` (module
+            docstring)
             or any kind registered in :mod:`pbrf.kinds`.
         removals: 1-D LongTensor / list of ints, or list of index lists (groups).
         damping: λ (proximal, PBRF and linearized; ignored by cold and warm).
@@ -364,7 +410,8 @@ def respond(
             :func:`pbrf.models.reinitialize` (every module's ``reset_parameters`` under the seed).
         solver, solver_options, curvature: linearized only: the accurate solve of ``C``.
         removal_weight: scales the removal (``1`` removes the points; ``s`` gives ``ε = −s k/N``).
-        chunk_size: removal problems optimised together (bounds memory; results do not depend on it).
+        chunk_size: removal problems optimised together (bounds memory; results do not depend on
+            it).
         progress: show progress bars.
         paired: warm / proximal: also optimise the no-removal continuation (same objective without
             the removal, same start, recipe and seed) so that ``loss_change(..., paired=True)``
@@ -386,17 +433,23 @@ def respond(
     spec = kinds.get(kind, responses_only=True)
     _check_args(spec, seeds, chunk_size, damping, removal_weight)
     if not (isinstance(rho_threshold, (int, float)) and rho_threshold > 0):
-        raise ValueError(f"rho_threshold must be a positive number (e.g. 1e-2), got {rho_threshold!r}.")
+        raise ValueError(
+            f"rho_threshold must be a positive number (e.g. 1e-2), got {rho_threshold!r}."
+        )
     if paired and "paired" not in spec.arguments:
         takes = [k for k in kinds.response_names() if "paired" in kinds.get(k).arguments]
         raise ValueError(f"paired=True applies to {' and '.join(takes)} responses, not {kind!r}.")
     groups = normalize_removals(removals, prob.n_train)
     if spec.method == "linear":
-        return _linearized(prob, spec, groups, damping, solver, curvature, solver_options, removal_weight)
+        return _linearized(
+            prob, spec, groups, damping, solver, curvature, solver_options, removal_weight
+        )
     rec = _apply_changes(_base_recipe(prob, recipe, spec), recipe_changes)
     signal = removal_signal(prob, groups, removal_weight)
     if spec.method == "retrain":
-        resp = _cold(prob, spec, groups, rec, seeds, model_init, removal_weight, chunk_size, progress)
+        resp = _cold(
+            prob, spec, groups, rec, seeds, model_init, removal_weight, chunk_size, progress
+        )
         for row, sig in zip(resp.diagnostics, signal.tolist()):
             _certify(row, sig, rho_threshold)
         return resp
@@ -404,8 +457,17 @@ def respond(
     run_signal = torch.cat([signal, signal.new_zeros(1)]) if paired else signal
     # the reference is one more problem with an empty removal set; chunking must not split it
     # from a chunk's perspective, so it runs in the last chunk (results do not depend on chunking)
-    th, diags = _optimise_kind(prob, spec, run_groups, damping, rec, removal_weight, chunk_size, progress,
-                               signal=run_signal)
+    th, diags = _optimise_kind(
+        prob,
+        spec,
+        run_groups,
+        damping,
+        rec,
+        removal_weight,
+        chunk_size,
+        progress,
+        signal=run_signal,
+    )
     for row, sig in zip(diags, run_signal.tolist()):
         _certify(row, sig, rho_threshold)
     ref = None
@@ -415,32 +477,48 @@ def respond(
     return Response(kind, groups, prob, th, diagnostics=diags, paired_reference=ref)
 
 
-def _certify_paired(rows: list[dict], ref_row: dict, signals: list[float], threshold: float) -> None:
+def _certify_paired(
+    rows: list[dict], ref_row: dict, signals: list[float], threshold: float
+) -> None:
     """Add ``reference_grad_norm``, ``reference_rho`` and ``paired_certified`` (in place)."""
     for row, sig in zip(rows, signals):
         ref_rho = ref_row["grad_norm"] / sig if sig > 0 else math.inf
         row["reference_grad_norm"], row["reference_rho"] = ref_row["grad_norm"], float(ref_rho)
-        ref_ok = (math.isfinite(ref_rho) and ref_rho <= threshold and not ref_row["diverged"]
-                  and ref_row["objective"] <= ref_row["initial_objective"])
+        ref_ok = (
+            math.isfinite(ref_rho)
+            and ref_rho <= threshold
+            and not ref_row["diverged"]
+            and ref_row["objective"] <= ref_row["initial_objective"]
+        )
         row["paired_certified"] = bool(row["certified"] and ref_ok)
 
 
-def _linearized(prob, spec: ResponseKind, groups, damping, solver, curvature, solver_options, weight) -> Response:
+def _linearized(
+    prob, spec: ResponseKind, groups, damping, solver, curvature, solver_options, weight
+) -> Response:
     """``θ^s + Δθ_IF`` with the accurate solve of ``C`` (one solve per removal set)."""
     d, info = delta_theta(prob, groups, damping, solver, curvature, solver_options, weight)
     extra = {k: v for k, v in info.extra.items() if isinstance(v, (int, float, bool, str))}
     diag = [{**info.to_dict(), "extra": extra} for _ in groups]
-    return Response(spec.name, groups, prob, (prob.theta + d).detach(), diagnostics=diag, first_order=True)
+    return Response(
+        spec.name, groups, prob, (prob.theta + d).detach(), diagnostics=diag, first_order=True
+    )
 
 
-def _cold(prob, spec: ResponseKind, groups, recipe, seeds, model_init, weight, chunk_size, progress) -> Response:
-    """Cold start: per seed, K removal runs plus one full-data run with the same init and batches."""
+def _cold(
+    prob, spec: ResponseKind, groups, recipe, seeds, model_init, weight, chunk_size, progress
+) -> Response:
+    """Cold start: per seed, K removal runs plus one full-data run with the same init and
+    batches.
+    """
     per_seed, refs, diags, ref_diags = [], [], [[] for _ in groups], []
     for seed in seeds:
         init = _init_params(prob, model_init, seed)
         rec = recipe.replace(seed=seed)
         # the full-data reference is one more problem with an empty removal set
-        th, dg = _optimise_kind(prob, spec, groups + [[]], 0.0, rec, weight, chunk_size, progress, init)
+        th, dg = _optimise_kind(
+            prob, spec, groups + [[]], 0.0, rec, weight, chunk_size, progress, init
+        )
         per_seed.append(th[:-1])
         refs.append(th[-1])
         for k, d in enumerate(dg[:-1]):
@@ -458,4 +536,6 @@ def _cold(prob, spec: ResponseKind, groups, recipe, seeds, model_init, weight, c
         }
         for d in diags
     ]
-    return Response(spec.name, groups, prob, torch.stack(per_seed), torch.stack(refs), diagnostics=rows)
+    return Response(
+        spec.name, groups, prob, torch.stack(per_seed), torch.stack(refs), diagnostics=rows
+    )

@@ -82,16 +82,25 @@ class Run:
 
     def training_checkpoints(self) -> list[dict]:
         """The base training's saved checkpoints (``train.checkpoints``): dicts ``{"step", "lr",
-        "params"}`` in step order, parameters in the run's dtype on its device; ``[]`` if none."""
-        from .experiment.pipeline import TRAINING_CHECKPOINTS
+        "params"}`` in step order, parameters in the run's dtype on its device; ``[]`` if none.
+        """
+        from .experiment.inputs import TRAINING_CHECKPOINTS
         from .training import load_checkpoint
 
         folder = self.run_dir / TRAINING_CHECKPOINTS
         out = []
         for path in sorted(folder.glob("step_*.safetensors")) if folder.is_dir() else []:
             params, meta = load_checkpoint(path)
-            out.append({"step": int(meta["step"]), "lr": float(meta["lr"]),
-                        "params": {k: v.to(self.problem.dtype).to(self.problem.device) for k, v in params.items()}})
+            out.append(
+                {
+                    "step": int(meta["step"]),
+                    "lr": float(meta["lr"]),
+                    "params": {
+                        k: v.to(self.problem.dtype).to(self.problem.device)
+                        for k, v in params.items()
+                    },
+                }
+            )
         return sorted(out, key=lambda c: c["step"])
 
 
@@ -141,45 +150,64 @@ def load_run(run_dir: str | Path, device: str | None = None) -> Run:
         ConfigError: not a run directory, or not set up yet (the message names the command).
         pbrf.data.DataError: the run's dataset is not available (``PBRF_DATA``).
     """
+    from .experiment.chunks import influence_settings
     from .experiment.config import ConfigError
-    from .experiment.pipeline import (
+    from .experiment.context import read_config
+    from .experiment.inputs import (
         CHECKPOINT,
-        _groups_from_array,
         _test_data,
         _train_data,
         build_model,
         build_problem,
-        influence_settings,
         prepare_inputs,
-        read_config,
     )
+    from .experiment.selection import _groups_from_array
     from .experiment.store import Store
     from .training import load_checkpoint
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if device is not None:
-        config = type(config).from_dict({**config.to_dict(), "run": {**config.to_dict()["run"], "device": device}})
+        config = type(config).from_dict(
+            {**config.to_dict(), "run": {**config.to_dict()["run"], "device": device}}
+        )
     if not (run_dir / CHECKPOINT).is_file() or not (run_dir / "results.sqlite").is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not set up yet (no θ^s); run `pbrf run --out {run_dir}` first.")
+        raise ConfigError(
+            f"{str(run_dir)!r} is not set up yet (no θ^s); run `pbrf run --out {run_dir}` first."
+        )
     with Store(run_dir, readonly=True) as store:
         index, groups = store.get_array("test_index"), store.get_array("groups")
     if index is None or groups is None:
-        raise ConfigError(f"{str(run_dir)!r} is not set up yet (no removal sets); run `pbrf run --out {run_dir}` first.")
+        raise ConfigError(
+            f"{str(run_dir)!r} is not set up yet (no removal sets); run "
+            f"`pbrf run --out {run_dir}` first."
+        )
     inputs = prepare_inputs(config)
     params, _ = load_checkpoint(run_dir / CHECKPOINT)
     problem = build_problem(inputs, params)
-    model = _model_with(build_model(config, inputs.model_kwargs, seed=config.train.seed).to(config.run.device),
-                        problem.params)
+    model = _model_with(
+        build_model(config, inputs.model_kwargs, seed=config.train.seed).to(config.run.device),
+        problem.params,
+    )
     x_train, y_train = _train_data(inputs)
     dtype = problem.dtype
-    as_run = (lambda t: None if t is None else (t.to(dtype) if t.is_floating_point() else t).to(problem.device))
+    as_run = lambda t: (
+        None if t is None else (t.to(dtype) if t.is_floating_point() else t).to(problem.device)
+    )
     x_test, y_test = _test_data(inputs, index)
     return Run(
-        run_dir=run_dir, config=config, model=model, task=problem.task,
-        train=(as_run(x_train), as_run(y_train)), test=(as_run(x_test), as_run(y_test)),
-        test_index=np.asarray(index), removals=_groups_from_array(groups),
-        damping=config.influence.damping, weight_decay=config.train.weight_decay,
-        curvature=config.influence.curvature, n_train=problem.n_train, problem=problem,
+        run_dir=run_dir,
+        config=config,
+        model=model,
+        task=problem.task,
+        train=(as_run(x_train), as_run(y_train)),
+        test=(as_run(x_test), as_run(y_test)),
+        test_index=np.asarray(index),
+        removals=_groups_from_array(groups),
+        damping=config.influence.damping,
+        weight_decay=config.train.weight_decay,
+        curvature=config.influence.curvature,
+        n_train=problem.n_train,
+        problem=problem,
         influence_settings=influence_settings(config),
     )

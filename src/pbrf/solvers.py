@@ -7,7 +7,8 @@
 * ``exact`` — dense Cholesky solve; refuses above ``max_params``, and reports a curvature that is
   not positive definite as diverged (``allow_indefinite=True`` opts in to an LU solve instead).
 * ``cg`` — conjugate gradients, batched over rows, stopping each row at ``‖CX − B‖/‖B‖ ≤ tol``.
-* ``lissa`` — the stochastic Neumann recursion ``h ← b + h − C_batch h / scale`` (Agarwal et al. 2017),
+* ``lissa`` — the stochastic Neumann recursion ``h ← b + h − C_batch h / scale`` (Agarwal et al.
+  2017),
   ``X = h / scale``; it diverges unless ``scale`` exceeds about half the largest eigenvalue of
   ``C``, which is detected and reported (``diverged=True``), never returned silently; so is a
   result whose relative residual is 1 or more (no better than the zero vector).
@@ -29,8 +30,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["SolveInfo", "SolverDivergedError", "solve", "solve_exact", "solve_cg", "solve_lissa", "SOLVERS",
-           "check_options"]
+__all__ = ["SolveInfo", "SolverDivergedError", "solve", "solve_exact", "solve_cg", "solve_lissa",
+           "SOLVERS",
+           "check_options", "option_names", "EXACT_MAX_PARAMS"]
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,15 @@ class SolveInfo:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The diagnostics as a plain dict."""
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------------------- option values
+#: Default cap on ``p`` for the dense exact solve (``solver_options={"max_params": ...}``).
+EXACT_MAX_PARAMS = 5000
+
+
+# ----------------------------------------------------------------------------------- option values
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -75,23 +82,29 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-#: ``{solver: {option: (check, requirement, example)}}`` for every option with a meaningful range.
+#: ``{solver: {option: (check, requirement, example)}}``: every option of every solver, in the order
+#: of its signature (the one declaration of the options; :func:`check_options` reads it).
 _OPTION_RULES = {
     "exact": {
         "max_params": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", "max_params=5000"),
-        "allow_indefinite": (lambda v: isinstance(v, bool), "true or false", "allow_indefinite=False"),
+        "allow_indefinite": (lambda v: isinstance(v, bool), "true or false",
+                             "allow_indefinite=False"),
     },
     "cg": {
-        "tol": (lambda v: v is None or (_is_real(v) and v >= 0), "a finite number >= 0 or None", "tol=1e-8"),
-        "max_iter": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None", "max_iter=100"),
+        "tol": (lambda v: v is None or (_is_real(v) and v >= 0), "a finite number >= 0 or None",
+                "tol=1e-8"),
+        "max_iter": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None",
+                     "max_iter=100"),
         "x0": (lambda v: v is None or isinstance(v, Tensor), "a tensor [m, p] or None", "x0=None"),
     },
     "lissa": {
-        "scale": (lambda v: v is None or (_is_real(v) and v > 0), "a finite number > 0 or None (estimated)",
+        "scale": (lambda v: v is None or (_is_real(v) and v > 0), "a finite number > 0 or None "
+                                                                  "(estimated)",
                   "scale=None"),
         "depth": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", "depth=1000"),
         "repeats": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", "repeats=1"),
-        "batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None (full batch)",
+        "batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None "
+                                                                       "(full batch)",
                        "batch_size=128"),
         "seed": (lambda v: _is_int(v), "an integer", "seed=0"),
         "tol": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0", "tol=1e-2"),
@@ -99,24 +112,38 @@ _OPTION_RULES = {
 }
 
 
+def option_names(solver: str) -> tuple[str, ...]:
+    """The options of ``solver`` (keyword arguments of its function), in order."""
+    return tuple(_OPTION_RULES[solver])
+
+
 def check_options(solver: str, options: dict) -> None:
-    """Check the *values* of a solver's options (the names are checked by :func:`solve`).
+    """Check a solver's option names and values (the one validation of solver options).
 
     Raises:
-        ValueError: one line naming the first meaningless value, what it must be and an example.
+        ValueError: one line naming the unknown solver or option (with the valid ones), or the
+            first meaningless value, what it must be and an example.
     """
-    rules = _OPTION_RULES.get(solver, {})
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}; choose one of {sorted(SOLVERS)}.")
+    rules = _OPTION_RULES[solver]
+    bad = sorted(set(options) - set(rules))
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not an option of solver {solver!r}; it takes "
+                         f"{', '.join(rules)}.")
     for name, value in options.items():
         if name in rules:
             ok, requirement, example = rules[name]
             if not ok(value):
-                raise ValueError(f"{solver}: option {name}={value!r} is invalid; it must be {requirement} (e.g. {example}).")
+                raise ValueError(f"{solver}: option {name}={value!r} is invalid; it must be "
+                                 f"{requirement} (e.g. {example}).")
 
 
 def _rel_residual(op, X: Tensor, B: Tensor) -> Tensor:
     R = op.matvec(X) - B
     bn = B.norm(dim=1)
-    return torch.where(bn > 0, R.norm(dim=1) / bn.clamp_min(torch.finfo(B.dtype).tiny), R.norm(dim=1))
+    return torch.where(bn > 0, R.norm(dim=1) / bn.clamp_min(torch.finfo(B.dtype).tiny),
+                       R.norm(dim=1))
 
 
 def _finish(op, X: Tensor, B: Tensor, info: SolveInfo, tol: float) -> SolveInfo:
@@ -130,7 +157,8 @@ def _finish(op, X: Tensor, B: Tensor, info: SolveInfo, tol: float) -> SolveInfo:
     return info
 
 
-def solve_exact(op, B: Tensor, max_params: int = 5000, allow_indefinite: bool = False) -> tuple[Tensor, SolveInfo]:
+def solve_exact(op, B: Tensor, max_params: int = EXACT_MAX_PARAMS,
+                allow_indefinite: bool = False) -> tuple[Tensor, SolveInfo]:
     """Dense solve ``C⁻¹ Bᵀ`` by Cholesky.
 
     A damped curvature that is not positive definite (an indefinite Hessian, or a singular one
@@ -166,24 +194,33 @@ def solve_exact(op, B: Tensor, max_params: int = 5000, allow_indefinite: bool = 
     return X, _finish(op, X, B, info, tol=10 * torch.finfo(B.dtype).eps ** 0.5)
 
 
-_EXACT_FIX = "increase damping (e.g. damping=1e-2) or use curvature='ggn' (the Gauss-Newton matrix is positive semi-definite)"
+_EXACT_FIX = ("increase damping (e.g. damping=1e-2) or use curvature='ggn' (the Gauss-Newton "
+              "matrix is positive semi-definite)")
 
 
 def _factorise(C: Tensor, allow_indefinite: bool) -> tuple[str, Any]:
     """``("cholesky", L)``, ``("lu", (LU, pivots))`` or ``("failed", message)``."""
     if not torch.isfinite(C).all():
-        return "failed", f"the damped curvature has non-finite entries (is θ^s finite?); {_EXACT_FIX}"
+        return (
+            "failed",
+            f"the damped curvature has non-finite entries (is θ^s finite?); {_EXACT_FIX}",
+        )
     L, err = torch.linalg.cholesky_ex(C)
     if int(err) == 0:
         return "cholesky", L
     if not allow_indefinite:
         return "failed", (
-            f"the damped curvature is not positive definite (Cholesky failed at order {int(err)}): it is "
-            f"singular or indefinite; {_EXACT_FIX}; or pass solver_options={{'allow_indefinite': True}} to solve it by LU"
+            f"the damped curvature is not positive definite (Cholesky failed at order {int(err)}): "
+            "it is "
+            f"singular or indefinite; {_EXACT_FIX}; or pass "
+            "solver_options={'allow_indefinite': True} to solve it by LU"
         )
     LU, pivots, err = torch.linalg.lu_factor_ex(C)
     if int(err) != 0:
-        return "failed", f"the damped curvature is singular (LU pivot {int(err)} is zero); {_EXACT_FIX}"
+        return (
+            "failed",
+            f"the damped curvature is singular (LU pivot {int(err)} is zero); {_EXACT_FIX}",
+        )
     return "lu", (LU, pivots)
 
 
@@ -200,7 +237,11 @@ def solve_cg(
     """
     check_options("cg", {"tol": tol, "max_iter": max_iter, "x0": x0})
     info = SolveInfo("cg")
-    tol = (1e-10 if B.dtype == torch.float64 else 10 * torch.finfo(B.dtype).eps) if tol is None else float(tol)
+    tol = (
+        (1e-10 if B.dtype == torch.float64 else 10 * torch.finfo(B.dtype).eps)
+        if tol is None
+        else float(tol)
+    )
     max_iter = min(10 * op.n_params, 2000) if max_iter is None else int(max_iter)
     X = torch.zeros_like(B) if x0 is None else x0.reshape(B.shape).clone().to(B)
     R = B - op.matvec(X) if x0 is not None else B.clone()
@@ -208,7 +249,8 @@ def solve_cg(
     bn2 = (B * B).sum(1)
     thresh = (tol**2) * bn2
     it = 0
-    bar = tqdm(total=max_iter, desc="cg", disable=None, leave=False, mininterval=1.0)  # shown on terminals only
+    # shown on terminals only
+    bar = tqdm(total=max_iter, desc="cg", disable=None, leave=False, mininterval=1.0)
     for it in range(1, max_iter + 1):
         bar.update()
         active = rs > thresh
@@ -219,13 +261,19 @@ def solve_cg(
         pAp = (P * AP).sum(1)
         if bool((pAp[active] <= 0).any()):
             info.diverged = True
-            info.message = "non-positive curvature direction met: C is not positive definite; increase damping"
+            info.message = (
+                "non-positive curvature direction met: C is not positive definite; increase damping"
+            )
             break
-        alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rs))
+        alpha = torch.where(
+            active, rs / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rs)
+        )
         X += alpha[:, None] * P
         R -= alpha[:, None] * AP
         rs_new = (R * R).sum(1)
-        beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+        beta = torch.where(
+            active, rs_new / torch.where(active, rs, torch.ones_like(rs)), torch.zeros_like(rs)
+        )
         P = R + beta[:, None] * P
         rs = torch.where(active, rs_new, rs)
     bar.close()
@@ -256,14 +304,18 @@ class _Minibatch:
 
 
 def _lambda_max(op, like: Tensor, batch_size: int | None, seed: int) -> float:
-    """Power-iteration estimate of λ_max(C); with minibatches, the largest over 5 of them (they exceed the full one)."""
+    """Power-iteration estimate of λ_max(C); with minibatches, the largest over 5 of them (they
+    exceed the full one).
+    """
     lam = _power_iteration(op, op.n_params, like, seed=seed)
     n = op.prob.n_train
     if batch_size is not None and batch_size < n:
         gen = torch.Generator(device="cpu").manual_seed(seed + 1)
         for _ in range(5):
             idx = torch.randperm(n, generator=gen)[:batch_size].to(op.prob.device)
-            lam = max(lam, _power_iteration(_Minibatch(op, idx), op.n_params, like, iters=20, seed=seed))
+            lam = max(
+                lam, _power_iteration(_Minibatch(op, idx), op.n_params, like, iters=20, seed=seed)
+            )
     return lam
 
 
@@ -277,7 +329,8 @@ def solve_lissa(
     seed: int = 0,
     tol: float = 1e-2,
 ) -> tuple[Tensor, SolveInfo]:
-    """LiSSA: ``h_{j+1} = b + h_j − C_{B_j} h_j / scale``, estimate ``h_depth / scale``, averaged over repeats.
+    """LiSSA: ``h_{j+1} = b + h_j − C_{B_j} h_j / scale``, estimate ``h_depth / scale``, averaged
+    over repeats.
 
     Args:
         scale: must exceed about half the largest eigenvalue of ``C``; ``None`` estimates
@@ -289,16 +342,28 @@ def solve_lissa(
         seed: minibatch sampling seed.
         tol: residual threshold reported as ``converged`` (LiSSA is an approximation).
     """
-    check_options("lissa", {"scale": scale, "depth": depth, "repeats": repeats, "batch_size": batch_size,
-                            "seed": seed, "tol": tol})
+    check_options(
+        "lissa",
+        {
+            "scale": scale,
+            "depth": depth,
+            "repeats": repeats,
+            "batch_size": batch_size,
+            "seed": seed,
+            "tol": tol,
+        },
+    )
     info = SolveInfo("lissa")
     if scale is None:
         lam = _lambda_max(op, B, batch_size, seed)
-        if not lam > 0:  # reported like any other divergence (influence() raises SolverDivergedError)
+        # reported like any other divergence (influence() raises SolverDivergedError)
+        if not lam > 0:
             info.diverged = True
             info.message = (
-                f"the estimated largest eigenvalue of C is {lam:.3g} (not positive: the Hessian may be "
-                "indefinite); use curvature='ggn', more damping, or pass solver_options={'scale': ...}"
+                f"the estimated largest eigenvalue of C is {lam:.3g} (not positive: the Hessian "
+                "may be "
+                "indefinite); use curvature='ggn', more damping, or pass solver_options={'scale': "
+                "...}"
             )
             return torch.full_like(B, float("nan")), info
         scale = 1.1 * lam
@@ -315,14 +380,26 @@ def solve_lissa(
         h = B.clone()
         for j in range(depth):
             bar.update()
-            idx = None if batch_size is None or batch_size >= n else torch.randperm(n, generator=gen)[:batch_size]
-            h = B + h - op.matvec(h, index=idx.to(op.prob.device) if idx is not None else None) / scale
-            if (j % 10 == 9 or j == depth - 1) and not (torch.isfinite(h).all() and float(h.norm(dim=1).max()) < bound):
+            idx = (
+                None
+                if batch_size is None or batch_size >= n
+                else torch.randperm(n, generator=gen)[:batch_size]
+            )
+            h = (
+                B
+                + h
+                - op.matvec(h, index=idx.to(op.prob.device) if idx is not None else None) / scale
+            )
+            if (j % 10 == 9 or j == depth - 1) and not (
+                torch.isfinite(h).all() and float(h.norm(dim=1).max()) < bound
+            ):
                 info.diverged = True
                 info.iterations += j + 1
                 info.message = (
-                    f"LiSSA diverged at step {j + 1} with scale={scale:.4g}: the scale must exceed half the largest "
-                    "eigenvalue of the damped curvature (leave scale=None to estimate it, or increase it)"
+                    f"LiSSA diverged at step {j + 1} with scale={scale:.4g}: the scale must exceed "
+                    "half the largest "
+                    "eigenvalue of the damped curvature (leave scale=None to estimate it, or "
+                    "increase it)"
                 )
                 bar.close()
                 return torch.full_like(B, float("nan")), info
@@ -331,11 +408,14 @@ def solve_lissa(
     bar.close()
     X = total / repeats
     info = _finish(op, X, B, info, tol)
-    if not info.diverged and not info.residual < 1.0:  # no better than X = 0: not an approximation at all
+    # no better than X = 0: not an approximation at all
+    if not info.diverged and not info.residual < 1.0:
         info.diverged, info.converged = True, False
         info.message = (
-            f"LiSSA did not converge: relative residual {info.residual:.3g} >= 1 (no better than the zero vector) "
-            f"after depth={depth}; the damped curvature is likely indefinite or too ill-conditioned: "
+            f"LiSSA did not converge: relative residual {info.residual:.3g} >= 1 (no better than "
+            "the zero vector) "
+            f"after depth={depth}; the damped curvature is likely indefinite or too "
+            "ill-conditioned: "
             "increase damping, use curvature='ggn', or a larger depth"
         )
         return torch.full_like(B, float("nan")), info
@@ -351,13 +431,8 @@ def solve(op, B: Tensor, solver: str = "cg", **options) -> tuple[Tensor, SolveIn
     Raises:
         ValueError: unknown solver or unknown option (the message lists the valid ones).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"Unknown solver {solver!r}; choose one of {sorted(SOLVERS)}.")
+    check_options(solver, options)
     fn = SOLVERS[solver]
-    valid = fn.__code__.co_varnames[2 : fn.__code__.co_argcount + fn.__code__.co_kwonlyargcount]
-    bad = set(options) - set(valid)
-    if bad:
-        raise ValueError(f"Unknown option(s) {sorted(bad)} for solver {solver!r}; valid options: {list(valid)}.")
     single = B.dim() == 1
     B2 = B.unsqueeze(0) if single else B
     t0 = time.perf_counter()

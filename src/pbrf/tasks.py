@@ -1,6 +1,7 @@
 """Tasks: the loss on network outputs, its output-space curvature and its Bregman divergence.
 
-A task splits "network outputs" from "loss on outputs" (DESIGN §1). Everything that the
+A task splits "network outputs" from "loss on outputs" (``docs/conventions.md`` §2). Everything that
+the
 Gauss–Newton matrix, the PBRF and the measurements need is expressed on outputs ``f``:
 
 * ``loss(f, t)`` — per-example loss, shape ``[B]``;
@@ -37,7 +38,8 @@ class Task:
     def targets(self, x: Tensor, y: Tensor | None) -> Tensor:
         """The target tensor used by :meth:`loss` (``y`` except for reconstruction)."""
         if y is None:
-            raise ValueError(f"{type(self).__name__} needs targets: pass train=(x, y), not (x, None).")
+            raise ValueError(f"{type(self).__name__} needs targets: pass train=(x, y), not (x, "
+                             "None).")
         return y
 
     def loss(self, f: Tensor, t: Tensor) -> Tensor:
@@ -120,20 +122,24 @@ class Classification(Task):
 
 
 class BinaryClassification(Task):
-    """Logistic loss on one logit per example (``f`` of shape ``[B]`` or ``[B, 1]``), ``t ∈ {0, 1}``."""
+    """Logistic loss on one logit per example (``f`` of shape ``[B]`` or ``[B, 1]``), ``t ∈
+    {0, 1}``.
+    """
 
     name = "binary"
 
     def loss(self, f: Tensor, t: Tensor) -> Tensor:
         f = f.reshape(f.shape[0])
-        return F.binary_cross_entropy_with_logits(f, t.reshape(f.shape).to(f.dtype), reduction="none")
+        return F.binary_cross_entropy_with_logits(f, t.reshape(f.shape).to(f.dtype),
+                                                  reduction="none")
 
     def output_hvp(self, f: Tensor, t: Tensor, v: Tensor) -> Tensor:
         s = torch.sigmoid(f)
         return s * (1 - s) * v
 
     def bregman(self, f: Tensor, f_ref: Tensor, t: Tensor) -> Tensor:
-        # KL(Bernoulli(σ(f_ref)) || Bernoulli(σ(f))) = q (log q − log p) + (1−q)(log(1−q) − log(1−p))
+        # KL(Bernoulli(σ(f_ref)) || Bernoulli(σ(f))) = q (log q − log p) + (1−q)(log(1−q) −
+        # log(1−p))
         f, f_ref = f.reshape(f.shape[0]), f_ref.reshape(f.shape[0])
         q = torch.sigmoid(f_ref)
         return q * (F.logsigmoid(f_ref) - F.logsigmoid(f)) + (1 - q) * (
@@ -145,7 +151,8 @@ class BinaryClassification(Task):
 
 
 class LanguageModel(Task):
-    """Token cross-entropy averaged over the ``T`` positions of one sequence (one sequence = one example).
+    """Token cross-entropy averaged over the ``T`` positions of one sequence (one sequence = one
+    example).
 
     ``f``: logits ``[B, T, V]``; ``t``: next-token indices ``[B, T]``. The Bregman divergence is the
     mean over positions of ``KL(softmax(f_ref_t) || softmax(f_t))``.
@@ -180,7 +187,9 @@ TASKS = tuple(_TASKS)
 
 
 def get_task(name: str) -> Task:
-    """Task by name: ``regression``, ``classification``, ``binary``, ``language_model``, ``reconstruction``."""
+    """Task by name: ``regression``, ``classification``, ``binary``, ``language_model``,
+    ``reconstruction``.
+    """
     try:
         return _TASKS[name]()
     except KeyError:

@@ -1,7 +1,8 @@
 """Base training of θ^s with a :class:`~pbrf.Recipe`, and checkpoints (safetensors + JSON).
 
 Training minimises ``J(θ) = (1/N) Σ_i L_i + (wd/2)||θ||²`` (weight decay as an explicit L2 term,
-DESIGN §1) with the same batched engine as the response functions, so a cold-start reference run
+``docs/conventions.md`` §1) with the same batched engine as the response functions, so a cold-start
+reference run
 with the same initialisation and seed reproduces θ^s exactly.
 """
 
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .engine import run_batched, stack
+from .fileio import atomic_write, dumps
+from .objectives import removal_objective
 from .optim import Recipe
 from .problem import Params, Problem
-from .engine import run_batched, stack
-from .objectives import removal_objective
 from .tasks import Task
 
 __all__ = ["train", "TrainResult", "save_checkpoint", "load_checkpoint"]
@@ -37,12 +37,15 @@ class TrainResult:
     weight_decay: float
     diagnostics: dict = field(default_factory=dict)
     checkpoints: list[dict] = field(default_factory=list)
-    """Intermediate parameters when ``train(..., checkpoints=n)``: dicts ``{"step", "lr", "params"}``
+    """Intermediate parameters when ``train(..., checkpoints=n)``: ``{"step", "lr", "params"}``
     at ``n`` evenly spaced steps, the last at the final step (θ^s) — what TracIn sums over."""
 
     def problem(self, task: Task, train, **kwargs) -> Problem:
-        """A :class:`Problem` at the trained parameters that remembers the recipe (for warm/cold starts)."""
-        return Problem(self.model, task, train, weight_decay=self.weight_decay, recipe=self.recipe, **kwargs)
+        """A :class:`Problem` at the trained parameters that remembers the recipe (for warm/cold
+        starts).
+        """
+        return Problem(self.model, task, train, weight_decay=self.weight_decay, recipe=self.recipe,
+                       **kwargs)
 
 
 def train(
@@ -73,18 +76,22 @@ def train(
     prob = Problem(model, task, train, weight_decay=weight_decay)
     aux = {"w": torch.ones(1, prob.n_train, dtype=prob.dtype, device=prob.device)}
     total = recipe.total_steps(prob.n_train)
-    marks = {max(1, round(total * (c + 1) / checkpoints)) for c in range(checkpoints)} if checkpoints else set()
+    marks = set()
+    if checkpoints:
+        marks = {max(1, round(total * (c + 1) / checkpoints)) for c in range(checkpoints)}
     saved: list[dict] = []
 
     def keep(step: int, stacked: Params, lr: float) -> None:
         if step in marks:
-            saved.append({"step": step, "lr": float(lr), "params": {k: v[0].detach().clone() for k, v in stacked.items()}})
+            params = {k: v[0].detach().clone() for k, v in stacked.items()}
+            saved.append({"step": step, "lr": float(lr), "params": params})
 
-    theta, diag = run_batched(prob, removal_objective(prob), stack(prob.params, 1), aux, recipe, None, progress,
-                              "train", callback=keep if checkpoints else None)
+    theta, diag = run_batched(prob, removal_objective(prob), stack(prob.params, 1), aux, recipe,
+                              None, progress, "train", callback=keep if checkpoints else None)
     params = {k: v[0].clone() for k, v in prob.unflatten(theta).items()}
-    if checkpoints and (not saved or saved[-1]["step"] != diag[0]["steps"]):  # stopped early: the end is θ^s
-        saved.append({"step": int(diag[0]["steps"]), "lr": saved[-1]["lr"] if saved else recipe.lr_at(0, total),
+    if checkpoints and (not saved or saved[-1]["step"] != diag[0]["steps"]):  # stopped early
+        last_lr = saved[-1]["lr"] if saved else recipe.lr_at(0, total)
+        saved.append({"step": int(diag[0]["steps"]), "lr": last_lr,
                       "params": {k: v.clone() for k, v in params.items()}})
     trained = copy.deepcopy(model)
     with torch.no_grad():
@@ -93,36 +100,19 @@ def train(
     return TrainResult(trained, params, recipe, float(weight_decay), diag[0], saved)
 
 
-def _temp_path(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)  # mkstemp creates 0600; a checkpoint gets the usual permissions
-    os.close(fd)
-    return tmp
-
-
 def save_checkpoint(path, params: Params, meta: dict | None = None) -> Path:
     """Write ``params`` to ``path`` (safetensors) and ``meta`` to ``path.with_suffix('.json')``.
 
-    Both files are written to temporary files first and then renamed into place (tensors first,
-    then metadata), so a failure leaves the previous checkpoint intact and no temporary files.
+    The metadata is serialised first, then both are written atomically
+    (:func:`pbrf.fileio.atomic_write`; tensors
+    first, then metadata), so a failure leaves no partial file and no temporary files. ``meta`` is
+    written by the JSON policy of :mod:`pbrf.fileio` (NaN/inf as ``null``).
     """
     path = Path(path)
-    text = json.dumps(meta or {}, indent=2)
+    text = dumps(meta or {}, unknown="error", indent=2)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in params.items()}
-    tmps = []
-    try:
-        tmps.append(_temp_path(path))
-        save_file(tensors, tmps[0])
-        tmps.append(_temp_path(path.with_suffix(".json")))
-        Path(tmps[1]).write_text(text)
-        os.replace(tmps[0], path)
-        os.replace(tmps[1], path.with_suffix(".json"))
-    finally:
-        for t in tmps:
-            Path(t).unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path.with_suffix(".json"), text)
     return path
 
 
@@ -130,7 +120,8 @@ def load_checkpoint(path) -> tuple[Params, dict]:
     """Read a checkpoint written by :func:`save_checkpoint`; returns ``(params, meta)``."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train first (pbrf.train) or check the path.")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train first (pbrf.train) or "
+                                "check the path.")
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return load_file(str(path)), meta

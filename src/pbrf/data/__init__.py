@@ -21,8 +21,8 @@ from ._dataset import DataError, Dataset
 from ._files import data_root, download
 from ._prepare import check_seed
 from .images import load_cifar10, load_digits, load_idx_dataset
-from .text import load_shakespeare
 from .synthetic import load_synthetic
+from .text import load_shakespeare
 from .uci import load_uci
 
 __all__ = ["load", "Dataset", "DataError", "download", "data_root", "DATASETS"]
@@ -110,7 +110,8 @@ def load(
         accepted = sorted(allowed) + list(_COMMON)
         raise DataError(f"load({name!r}): unknown option(s) {unknown}; {name} accepts {accepted}.")
     seed = check_seed(seed)
-    ds = _LOADERS[name](name, root=root, verify=bool(verify), n_train=n_train, n_test=n_test, seed=seed, **opts)
+    ds = _LOADERS[name](name, root=root, verify=bool(verify), n_train=n_train, n_test=n_test,
+                        seed=seed, **opts)
     ds.meta.setdefault("seed", seed)
     logger.info("loaded %r", ds)
     return ds

@@ -51,10 +51,12 @@ class Dataset:
         for split in ("train", "val", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if (x is None) != (y is None):
-                raise ValueError(f"Dataset {self.name}: x_{split} and y_{split} must both be set or both None.")
+                raise ValueError(f"Dataset {self.name}: x_{split} and y_{split} must both be set "
+                                 "or both None.")
             if x is not None and len(x) != len(y):
                 raise ValueError(
-                    f"Dataset {self.name}: x_{split} has {len(x)} examples but y_{split} has {len(y)}."
+                    f"Dataset {self.name}: x_{split} has {len(x)} examples but y_{split} has "
+                    f"{len(y)}."
                 )
 
     @property
@@ -74,7 +76,9 @@ class Dataset:
 
     def __repr__(self) -> str:
         def shape(t):
-            return "None" if t is None else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+            return (
+                "None" if t is None else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+            )
 
         parts = [f"x_train={shape(self.x_train)}", f"y_train={shape(self.y_train)}"]
         if self.x_val is not None:

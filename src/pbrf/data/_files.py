@@ -132,14 +132,16 @@ def _umask() -> int:
 
 
 def _part_file(dest: Path) -> tuple[int, Path]:
-    """A new temporary file beside ``dest`` named ``.NAME.PID.XXXX.part``, with the usual permissions.
+    """A new temporary file beside ``dest`` named ``.NAME.PID.XXXX.part``, with the usual
+    permissions.
 
     ``mkstemp`` creates files 0600; the mode is set to ``0666`` minus the umask, as ``open`` would.
     Parts left by processes that no longer exist (a killed download) are deleted first.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_parts(dest)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.",
+                               suffix=".part")
     os.fchmod(fd, 0o666 & ~_umask())
     return fd, Path(tmp)
 
@@ -318,7 +320,8 @@ def _fetch(url: str, dest: Path, progress: bool) -> Path:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                      disable=not progress) as bar:
                 while chunk := resp.read(_CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -349,7 +352,8 @@ def _download_one(rel: str, dest: Path, url: str, expected: str, progress: bool)
         got = _md5_or_reason(tmp, rel)
         if got != expected:
             raise DataError(
-                f"{url}: checksum mismatch for {dest} (expected {expected}, got {got}); nothing was "
+                f"{url}: checksum mismatch for {dest} (expected {expected}, got {got}); nothing "
+                "was "
                 "written. Fix: retry, or pass base_url= of a mirror that serves the original files."
             )
         os.replace(tmp, dest)

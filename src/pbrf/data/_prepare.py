@@ -89,7 +89,8 @@ def choose(pool: np.ndarray, n, seed: int, stream: str, *, option: str, name: st
     return np.asarray(pool)[np.sort(pick)]
 
 
-def resolve_classes(classes, n_classes: int, class_names: Sequence[str] | None, name: str) -> list[int]:
+def resolve_classes(classes, n_classes: int, class_names: Sequence[str] | None,
+                    name: str) -> list[int]:
     """The original labels to keep, in the order given (new label = position).
 
     Args:
@@ -114,7 +115,8 @@ def _class_index(c, n_classes: int, class_names, name: str) -> int:
     if isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < n_classes:
         return int(c)
     names = f" or one of {list(class_names)}" if class_names is not None else ""
-    raise DataError(f"classes: {c!r} is not a class of {name}; use a label in 0..{n_classes - 1}{names}.")
+    raise DataError(f"classes: {c!r} is not a class of {name}; use a label in "
+                    f"0..{n_classes - 1}{names}.")
 
 
 def class_pool(labels: np.ndarray, keep: Sequence[int]) -> np.ndarray:
@@ -154,7 +156,8 @@ def normalise_uint8(raw: np.ndarray, scale: float, mean, std, dtype: torch.dtype
     return torch.from_numpy(out)
 
 
-def standardise(train: np.ndarray, *others: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def standardise(train: np.ndarray, *others: np.ndarray) -> tuple[list[np.ndarray], np.ndarray,
+    np.ndarray]:
     """Column-wise ``(a - mean) / std`` with mean/std of ``train`` (std 0 is replaced by 1).
 
     Returns:
@@ -179,7 +182,8 @@ class Split:
     pixels: Callable[[np.ndarray], np.ndarray]
 
 
-def image_classification(name: str, train: Split, test: Split, *, n_train, n_test, seed, classes=None,
+def image_classification(name: str, train: Split, test: Split, *, n_train, n_test, seed,
+                         classes=None,
                          binary=False, normalize=True, task=None, dtype=torch.float32, scale=255.0,
                          n_classes: int, class_names=None, meta=None) -> Dataset:
     """Subset, select classes, normalise and tensorise an image classification source.
@@ -212,11 +216,14 @@ def image_classification(name: str, train: Split, test: Split, *, n_train, n_tes
     )
 
 
-def labelled(name: str, x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor, y_test: np.ndarray,
+def labelled(name: str, x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor,
+             y_test: np.ndarray,
              *, keep: Sequence[int], binary: bool, task, dtype: torch.dtype, meta: dict) -> Dataset:
     """Build a classification / binary / reconstruction :class:`Dataset` from relabelled targets."""
     if task not in (None, "classification", "reconstruction"):
-        raise DataError(f"task={task!r}: {name} supports task='classification' or 'reconstruction'.")
+        raise DataError(
+            f"task={task!r}: {name} supports task='classification' or 'reconstruction'."
+        )
     if binary and len(keep) != 2:
         raise DataError(
             f"binary=True needs exactly two classes but {name} has {len(keep)} selected; "

@@ -39,9 +39,11 @@ logger = logging.getLogger(__name__)
 DIGITS_FILE = Path(__file__).with_name("digits.csv.gz")
 CIFAR_PICKLE = "cifar10/cifar-10-python.tar.gz"
 CIFAR_JPEG = "cifar10/cifar10-jpeg.tar.gz"
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
 FASHION_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+        "Ankle boot",
 )
 _IDX_DTYPES = {0x08: np.uint8}
 
@@ -50,7 +52,8 @@ _IDX_DTYPES = {0x08: np.uint8}
 # digits
 
 
-def load_digits(name: str, *, root, verify: bool, n_train, n_test, seed: int, classes=None, binary=False,
+def load_digits(name: str, *, root, verify: bool, n_train, n_test, seed: int, classes=None,
+                binary=False,
                 normalize=True, task=None, dtype=torch.float32) -> Dataset:
     """scikit-learn's 8×8 digits (1797 images, embedded): a seeded train/test split.
 
@@ -91,7 +94,8 @@ def read_idx(path: Path) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as err:
-        raise DataError(f"{path}: cannot read as gzip ({err}). Fix: delete it and download it again.") from None
+        raise DataError(f"{path}: cannot read as gzip ({err}). Fix: delete it and download it "
+                        "again.") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DataError(
             f"{path}: not an unsigned-byte IDX file (bad magic). Fix: replace it with the original."
@@ -111,7 +115,8 @@ def _idx_split(images: Path, labels: Path) -> Split:
     x, y = read_idx(images), read_idx(labels)
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
         raise DataError(
-            f"{images}: expected images [N, H, W] matching {labels} [N]; got {x.shape} and {y.shape}. "
+            f"{images}: expected images [N, H, W] matching {labels} [N]; got {x.shape} and "
+            f"{y.shape}. "
             "Fix: replace the files with the originals."
         )
     return Split(y.astype(np.int64), lambda i: x[i][:, None])
@@ -123,16 +128,19 @@ def load_idx_dataset(name: str, *, root, verify: bool, n_train, n_test, seed: in
 
     Returns ``x`` float ``[N, 1, 28, 28]`` normalised with training-split statistics, ``y`` long.
     """
-    rels = [f"{name}/{n}-{k}" for n in ("train", "t10k") for k in ("images-idx3-ubyte.gz", "labels-idx1-ubyte.gz")]
+    rels = [f"{name}/{n}-{k}" for n in ("train", "t10k") for k in ("images-idx3-ubyte.gz",
+        "labels-idx1-ubyte.gz")]
     files = require(name, rels, root, verify_checksums=verify)
     train = _idx_split(files[rels[0]], files[rels[1]])
     test = _idx_split(files[rels[2]], files[rels[3]])
     n_classes = int(max(train.labels.max(), test.labels.max())) + 1
     return image_classification(
-        name, train, test, n_train=n_train, n_test=n_test, seed=seed, classes=classes, binary=binary,
+        name, train, test, n_train=n_train, n_test=n_test, seed=seed, classes=classes,
+            binary=binary,
         normalize=normalize, task=task, dtype=dtype, n_classes=n_classes,
         class_names=FASHION_CLASSES if name == "fashion-mnist" else None,
-        meta={"files": [str(p) for p in files.values()], "n_total": len(train.labels) + len(test.labels)},
+        meta={"files": [str(p) for p in files.values()],
+              "n_total": len(train.labels) + len(test.labels)},
     )
 
 
@@ -140,7 +148,8 @@ def load_idx_dataset(name: str, *, root, verify: bool, n_train, n_test, seed: in
 # CIFAR-10
 
 
-def load_cifar10(name: str, *, root, verify: bool, n_train, n_test, seed: int, source="auto", classes=None,
+def load_cifar10(name: str, *, root, verify: bool, n_train, n_test, seed: int, source="auto",
+                 classes=None,
                  binary=False, normalize=True, task=None, dtype=torch.float32) -> Dataset:
     """CIFAR-10 from the python-pickle tarball or the JPEG image-folder tarball.
 
@@ -157,8 +166,10 @@ def load_cifar10(name: str, *, root, verify: bool, n_train, n_test, seed: int, s
     else:
         train, test, class_names = _jpeg_splits(path)
     return image_classification(
-        name, train, test, n_train=n_train, n_test=n_test, seed=seed, classes=classes, binary=binary,
-        normalize=normalize, task=task, dtype=dtype, n_classes=len(class_names), class_names=class_names,
+        name, train, test, n_train=n_train, n_test=n_test, seed=seed, classes=classes,
+            binary=binary,
+        normalize=normalize, task=task, dtype=dtype, n_classes=len(class_names),
+            class_names=class_names,
         meta={"files": [str(path)], "n_total": len(train.labels) + len(test.labels), "source": rel},
     )
 
@@ -172,7 +183,8 @@ def _cifar_source(source: str, base: Path, name: str) -> str:
     for rel in (CIFAR_PICKLE, CIFAR_JPEG):
         if (base / rel).is_file():
             return rel
-    raise DataError(f"{base / CIFAR_PICKLE}: file missing (nor {base / CIFAR_JPEG}). Fix: {fix_hint(name)}.")
+    raise DataError(f"{base / CIFAR_PICKLE}: file missing (nor {base / CIFAR_JPEG}). Fix: "
+                    f"{fix_hint(name)}.")
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -197,10 +209,12 @@ def _unpickle(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> dict
     except (tarfile.TarError, OSError):
         raise
     except Exception as err:  # noqa: BLE001 - a corrupt pickle fails in many ways (LookupError, struct errors, ...)
-        raise DataError(f"{path}: member {member.name} is not a CIFAR pickle batch ({type(err).__name__}: {err}). "
+        raise DataError(f"{path}: member {member.name} is not a CIFAR pickle batch "
+                        f"({type(err).__name__}: {err}). "
                         "Fix: delete it and download it again.") from None
     if not isinstance(batch, dict):
-        raise DataError(f"{path}: member {member.name} is not a CIFAR pickle batch (a {type(batch).__name__}, "
+        raise DataError(f"{path}: member {member.name} is not a CIFAR pickle batch (a "
+                        f"{type(batch).__name__}, "
                         "not a dict). Fix: delete it and download it again.")
     return batch
 
@@ -210,7 +224,9 @@ def _batch_arrays(batch: dict, member: str, path: Path) -> tuple[np.ndarray, np.
         data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except (KeyError, ValueError) as err:
-        raise DataError(f"{path}: member {member} lacks b'data' [N, 3072] / b'labels' ({err}).") from None
+        raise DataError(
+            f"{path}: member {member} lacks b'data' [N, 3072] / b'labels' ({err})."
+        ) from None
     if len(data) != len(labels):
         raise DataError(f"{path}: member {member} has {len(data)} images but {len(labels)} labels.")
     return data, labels
@@ -224,7 +240,8 @@ def _read_cifar_pickle(path: Path) -> tuple[Split, Split, tuple[str, ...]]:
             names = sorted(batches, key=lambda k: int(k.removeprefix("data_batch_")))
             if not names or "test_batch" not in members:
                 raise DataError(
-                    f"{path}: no data_batch_* / test_batch members; not the CIFAR-10 python tarball."
+                    f"{path}: no data_batch_* / test_batch members; not the CIFAR-10 python "
+                    "tarball."
                 )
             train = [_batch_arrays(_unpickle(tar, members[k], path), k, path) for k in names]
             test = _batch_arrays(_unpickle(tar, members["test_batch"], path), "test_batch", path)
@@ -237,14 +254,20 @@ def _read_cifar_pickle(path: Path) -> tuple[Split, Split, tuple[str, ...]]:
 
 
 def _unreadable(path: Path, err: Exception) -> DataError:
-    return DataError(f"{path}: cannot read the tarball ({err}). Fix: delete it and download it again.")
+    return DataError(
+        f"{path}: cannot read the tarball ({err}). Fix: delete it and download it again."
+    )
 
 
 def _label_names(tar, member, path) -> tuple[str, ...]:
     if member is None:
         return CIFAR_CLASSES
     names = _unpickle(tar, member, path).get(b"label_names")
-    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names) if names else CIFAR_CLASSES
+    return (
+        tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+        if names
+        else CIFAR_CLASSES
+    )
 
 
 _IMAGE_MEMBER = re.compile(r"(?:.*/)?(train|test)/([^/]+)/([^/]+\.(?:jpe?g|png))", re.IGNORECASE)
@@ -260,7 +283,9 @@ class _JpegArchive:
             if raw[:2] == b"\x1f\x8b":
                 raw = gzip.decompress(raw)
             self.tar = tarfile.open(fileobj=io.BytesIO(raw), mode="r:")
-            found = [(m, _IMAGE_MEMBER.fullmatch(m.name)) for m in self.tar.getmembers() if m.isfile()]
+            found = [
+                (m, _IMAGE_MEMBER.fullmatch(m.name)) for m in self.tar.getmembers() if m.isfile()
+            ]
         except (tarfile.TarError, OSError, EOFError) as err:
             raise _unreadable(path, err) from None
         self.members = {"train": [], "test": []}
@@ -269,7 +294,8 @@ class _JpegArchive:
         self.classes = tuple(sorted({c for c, _ in self.members["train"]}))
         if not self.classes or not self.members["test"]:
             raise DataError(
-                f"{path}: no train/<class>/*.jpg and test/<class>/*.jpg members; not an image-folder tarball."
+                f"{path}: no train/<class>/*.jpg and test/<class>/*.jpg members; not an "
+                "image-folder tarball."
             )
 
     def labels(self, split: str) -> np.ndarray:
@@ -277,7 +303,9 @@ class _JpegArchive:
         try:
             return np.array([index[c] for c, _ in self.members[split]], dtype=np.int64)
         except KeyError as err:
-            raise DataError(f"{self.path}: class folder {err} of {split}/ is not in train/.") from None
+            raise DataError(
+                f"{self.path}: class folder {err} of {split}/ is not in train/."
+            ) from None
 
     def decode(self, split: str, indices: np.ndarray) -> np.ndarray:
         """uint8 ``[n, C, H, W]`` of the given members (sorted indices into the split)."""
@@ -286,7 +314,9 @@ class _JpegArchive:
         images = [self._decode_one(members[k][1]) for k in bar]
         shapes = {im.shape for im in images}
         if len(shapes) > 1:
-            raise DataError(f"{self.path}: images of different sizes {sorted(shapes)}; expected one size.")
+            raise DataError(
+                f"{self.path}: images of different sizes {sorted(shapes)}; expected one size."
+            )
         return np.stack(images) if images else np.zeros((0, 3, 32, 32), np.uint8)
 
     def _decode_one(self, member: tarfile.TarInfo) -> np.ndarray:
@@ -294,7 +324,9 @@ class _JpegArchive:
             with Image.open(self.tar.extractfile(member)) as im:
                 return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
         except OSError as err:
-            raise DataError(f"{self.path}: member {member.name} is not a readable image ({err}).") from None
+            raise DataError(
+                f"{self.path}: member {member.name} is not a readable image ({err})."
+            ) from None
 
 
 def _jpeg_cache_file(path: Path, split: str) -> Path:
@@ -330,6 +362,7 @@ def _save_cache(cache: Path, pixels: np.ndarray) -> None:
 def _jpeg_splits(path: Path) -> tuple[Split, Split, tuple[str, ...]]:
     archive = _JpegArchive(path)
     splits = tuple(
-        Split(archive.labels(s), lambda i, s=s: _cached_pixels(archive, s, i)) for s in ("train", "test")
+        Split(archive.labels(s), lambda i, s=s: _cached_pixels(archive, s, i))
+        for s in ("train", "test")
     )
     return splits[0], splits[1], archive.classes

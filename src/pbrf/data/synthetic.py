@@ -45,17 +45,21 @@ def _regression(name, seed, n_train, n_test, n_features, noise, n_outputs, dtype
     n_outputs = _positive_int(n_outputs, "n_outputs")
     w = rng_for(seed, "params").standard_normal((n_features, n_outputs)) / np.sqrt(n_features)
     xs = _inputs(seed, n_train, n_test, n_features)
-    eps = [rng_for(seed, f"noise-{k}").standard_normal((len(x), n_outputs)) for k, x in enumerate(xs)]
+    eps = [rng_for(seed, f"noise-{k}").standard_normal((len(x), n_outputs)) for k,
+           x in enumerate(xs)]
     ys = [x @ w + noise * e for x, e in zip(xs, eps)]
     t = [torch.from_numpy(a).to(dtype) for a in (*xs, *ys)]
-    meta = {"input_shape": (n_features,), "n_outputs": n_outputs, "noise": noise, "weights": w.tolist(),
+    meta = {"input_shape": (n_features,), "n_outputs": n_outputs, "noise": noise,
+            "weights": w.tolist(),
             "n_total": n_train + n_test}
     return Dataset(name, "regression", t[0], t[2], t[1], t[3], meta=meta)
 
 
-def _blobs(seed, n_train, n_test, n_features, n_classes, noise, keep) -> list[tuple[np.ndarray, np.ndarray]]:
+def _blobs(seed, n_train, n_test, n_features, n_classes, noise,
+           keep) -> list[tuple[np.ndarray, np.ndarray]]:
     """Gaussian blobs with labels drawn uniformly from ``keep`` (original labels)."""
-    means = rng_for(seed, "params").standard_normal((n_classes, n_features)) * 2.0 / np.sqrt(n_features)
+    means = rng_for(seed, "params").standard_normal((n_classes,
+                                                     n_features)) * 2.0 / np.sqrt(n_features)
     out = []
     for stream, n in (("train", n_train), ("test", n_test)):
         rng = rng_for(seed, stream)
@@ -82,7 +86,8 @@ def _classification(name, seed, n_train, n_test, n_features, n_classes, noise, c
 def _binary(name, seed, n_train, n_test, n_features, noise, dtype) -> Dataset:
     w = rng_for(seed, "params").standard_normal(n_features) / np.sqrt(n_features)
     xs = _inputs(seed, n_train, n_test, n_features)
-    ys = [(x @ w + noise * rng_for(seed, f"noise-{k}").standard_normal(len(x)) > 0).astype(np.float64)
+    ys = [(x @ w + noise * rng_for(seed,
+                                   f"noise-{k}").standard_normal(len(x)) > 0).astype(np.float64)
           for k, x in enumerate(xs)]
     t = [torch.from_numpy(a).to(dtype) for a in (*xs, *ys)]
     meta = {"input_shape": (n_features,), "n_outputs": 1, "n_classes": 2, "noise": noise,
@@ -90,7 +95,8 @@ def _binary(name, seed, n_train, n_test, n_features, noise, dtype) -> Dataset:
     return Dataset(name, "binary", t[0], t[2], t[1], t[3], meta=meta)
 
 
-def load_synthetic(name: str, *, root, verify: bool, n_train, n_test, seed: int, n_features: int = 5,
+def load_synthetic(name: str, *, root, verify: bool, n_train, n_test, seed: int,
+                   n_features: int = 5,
                    n_classes: int = 3, noise: float | None = None, n_outputs: int = 1, classes=None,
                    binary: bool = False, dtype=torch.float32) -> Dataset:
     """Generate ``synthetic-regression``, ``synthetic-classification`` or ``synthetic-binary``.
@@ -112,7 +118,8 @@ def load_synthetic(name: str, *, root, verify: bool, n_train, n_test, seed: int,
     n_features = _positive_int(n_features, "n_features")
     n_train, n_test = _counts(n_train, n_test, name)
     kind = name.removeprefix("synthetic-")
-    noise = {"regression": 0.1, "classification": 1.0, "binary": 0.5}[kind] if noise is None else float(noise)
+    noise = {"regression": 0.1, "classification": 1.0,
+             "binary": 0.5}[kind] if noise is None else float(noise)
     if noise < 0:
         raise DataError(f"noise={noise}: must be >= 0.")
     if kind != "classification" and (classes is not None or binary):
@@ -121,4 +128,5 @@ def load_synthetic(name: str, *, root, verify: bool, n_train, n_test, seed: int,
         return _regression(name, seed, n_train, n_test, n_features, noise, n_outputs, dtype)
     if kind == "binary":
         return _binary(name, seed, n_train, n_test, n_features, noise, dtype)
-    return _classification(name, seed, n_train, n_test, n_features, n_classes, noise, classes, binary, dtype)
+    return _classification(name, seed, n_train, n_test, n_features, n_classes, noise, classes,
+                           binary, dtype)

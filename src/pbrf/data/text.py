@@ -42,16 +42,28 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err}). Fix: replace it with the original.") from None
+        raise DataError(
+            f"{path}: not UTF-8 text ({err}). Fix: replace it with the original."
+        ) from None
 
 
-def _sequences(tokens: np.ndarray, lo: int, hi: int, n, seq_len: int, seed: int, stream: str,
-               option: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _sequences(
+    tokens: np.ndarray,
+    lo: int,
+    hi: int,
+    n,
+    seq_len: int,
+    seed: int,
+    stream: str,
+    option: str,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` seeded distinct windows with ``lo <= i`` and ``i + seq_len + 1 <= hi``."""
     n_pos = hi - lo - seq_len
     if n_pos < 1:
         raise DataError(
-            f"seq_len={seq_len}: too long for the {hi - lo} characters of the {stream} part of {name}; "
+            f"seq_len={seq_len}: too long for the {hi - lo} characters of the {stream} part of "
+            f"{name}; "
             "pass a smaller seq_len."
         )
     n = check_count(n, n_pos, option, name)
@@ -61,8 +73,9 @@ def _sequences(tokens: np.ndarray, lo: int, hi: int, n, seq_len: int, seed: int,
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
 
-def load_shakespeare(name: str, *, root, verify: bool, n_train, n_test, seed: int,
-                     seq_len: int = 64) -> Dataset:
+def load_shakespeare(
+    name: str, *, root, verify: bool, n_train, n_test, seed: int, seq_len: int = 64
+) -> Dataset:
     """Tiny Shakespeare as next-character prediction.
 
     Args:
@@ -83,7 +96,13 @@ def load_shakespeare(name: str, *, root, verify: bool, n_train, n_test, seed: in
     x_tr, y_tr = _sequences(tokens, 0, cut, n_train, seq_len, seed, "train", "n_train", name)
     x_te, y_te = _sequences(tokens, cut, len(tokens), n_test, seq_len, seed, "test", "n_test", name)
     meta = {
-        "files": [str(path)], "n_total": len(tokens), "vocab": vocab, "vocab_size": len(vocab),
-        "seq_len": seq_len, "n_outputs": len(vocab), "input_shape": (seq_len,), "train_chars": cut,
+        "files": [str(path)],
+        "n_total": len(tokens),
+        "vocab": vocab,
+        "vocab_size": len(vocab),
+        "seq_len": seq_len,
+        "n_outputs": len(vocab),
+        "input_shape": (seq_len,),
+        "train_chars": cut,
     }
     return Dataset(name, "language_model", x_tr, y_tr, x_te, y_te, meta=meta)

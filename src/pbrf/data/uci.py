@@ -37,11 +37,13 @@ def _read_table(path: Path) -> np.ndarray:
         table = np.loadtxt(path, dtype=np.float64, ndmin=2)
     except ValueError as err:
         raise DataError(
-            f"{path}: not a whitespace-separated numeric table ({err}). Fix: replace it with the original."
+            f"{path}: not a whitespace-separated numeric table ({err}). Fix: replace it with the "
+            "original."
         ) from None
     if table.shape[1] <= N_FEATURES or len(table) < 10:
         raise DataError(
-            f"{path}: expected at least 10 rows of {N_FEATURES} feature columns plus a target column; "
+            f"{path}: expected at least 10 rows of {N_FEATURES} feature columns plus a target "
+            "column; "
             f"got shape {table.shape}. Fix: replace it with the original."
         )
     return table
@@ -65,7 +67,8 @@ def load_uci(name: str, *, root, verify: bool, n_train, n_test, seed: int, targe
     path = require(name, [rel], root, verify_checksums=verify)[rel]
     table = _read_table(path)
     if not (isinstance(target, int) and N_FEATURES <= target < table.shape[1]):
-        raise DataError(f"target={target!r}: {path} has target columns {N_FEATURES}..{table.shape[1] - 1}.")
+        raise DataError(f"target={target!r}: {path} has target columns "
+                        f"{N_FEATURES}..{table.shape[1] - 1}.")
     perm = rng_for(seed, "split").permutation(len(table))
     a, b, _ = split_sizes(len(table))
     tr = choose(np.sort(perm[:a]), n_train, seed, "train", option="n_train", name=name)
@@ -73,7 +76,8 @@ def load_uci(name: str, *, root, verify: bool, n_train, n_test, seed: int, targe
     te = choose(np.sort(perm[a + b:]), n_test, seed, "test", option="n_test", name=name)
     x, y = table[:, :N_FEATURES], table[:, [target]]
     xs, ys = [x[tr], x[va], x[te]], [y[tr], y[va], y[te]]
-    meta = {"files": [str(path)], "n_total": len(table), "input_shape": (N_FEATURES,), "n_outputs": 1}
+    meta = {"files": [str(path)], "n_total": len(table), "input_shape": (N_FEATURES,),
+            "n_outputs": 1}
     if normalize:
         xs, meta["x_mean"], meta["x_std"] = standardise(*xs)
         ys, meta["y_mean"], meta["y_std"] = standardise(*ys)

@@ -1,4 +1,5 @@
-"""Decomposition of the influence/LOO mismatch into five gaps, and correlations (DESIGN §1).
+"""Decomposition of the influence/LOO mismatch into five gaps, and correlations
+(``docs/conventions.md`` §6).
 
 Pure numpy. The inputs are the measured changes of one experiment, one array per *kind*::
 
@@ -8,7 +9,8 @@ Pure numpy. The inputs are the measured changes of one experiment, one array per
     df[kind]  float array [n_removals, n_test, *out] Δf = f(θ_r, x) − f(reference, x), as returned
                                                      by ``Response.output_change`` (optional)
 
-with ``kind`` in :data:`KINDS` = response functions 1..6 of DESIGN §1. Sign convention: a positive
+with ``kind`` in :data:`KINDS` = response functions 1..6 of ``docs/conventions.md`` §5. Sign
+convention: a positive
 Δm means that removing the set *increases* the test loss. Any kind may be missing (e.g. the
 cold-start runs were skipped); the statistics that involve it are then ``None``.
 
@@ -191,7 +193,8 @@ def _correlation_entry(scores: np.ndarray, values: np.ndarray) -> dict:
 
 
 def correlations(scores, dm: Mapping) -> dict[str, dict]:
-    """Correlations between influence scores and each kind's measured change (DESIGN §1).
+    """Correlations between influence scores and each kind's measured change
+    (``docs/conventions.md`` §6).
 
     Args:
         scores: influence estimates Δm_IF, shape [n_test, n_removals].
@@ -262,14 +265,16 @@ def _output_gaps(df: dict[str, np.ndarray]) -> dict | None:
 
 def _chain(kinds) -> tuple[str, str] | None:
     """First and last present kinds when they form one contiguous block of :data:`KINDS`
-    (kinds outside the chain are ignored)."""
+    (kinds outside the chain are ignored).
+    """
     idx = [KINDS.index(k) for k in kinds if k in KINDS]
     if len(idx) < 2 or idx != list(range(idx[0], idx[-1] + 1)):
         return None
     return KINDS[idx[0]], KINDS[idx[-1]]
 
 
-def _telescoping_residual(dm: dict[str, np.ndarray], mask: np.ndarray) -> tuple[float | None, list | None]:
+def _telescoping_residual(dm: dict[str, np.ndarray], mask: np.ndarray) -> tuple[float | None,
+    list | None]:
     """max over valid pairs of |Σ_j (Δm_j − Δm_{j+1}) − (Δm_first − Δm_last)|, and [first, last]."""
     chain = _chain(list(dm))
     if chain is None or not mask.any():
@@ -282,7 +287,8 @@ def _telescoping_residual(dm: dict[str, np.ndarray], mask: np.ndarray) -> tuple[
 
 
 def decompose(dm: Mapping, df: Mapping | None = None) -> dict:
-    """The five gaps between consecutive response functions (DESIGN §1), averaged over pairs.
+    """The five gaps between consecutive response functions (``docs/conventions.md`` §6), averaged
+    over pairs.
 
     For gap j between kinds a = ``KINDS[j]`` and b = ``KINDS[j + 1]``:
     ``gaps`` = mean |Δm_a − Δm_b|, ``signed`` = mean (Δm_a − Δm_b), ``output_gaps`` = mean
@@ -325,7 +331,8 @@ def decompose(dm: Mapping, df: Mapping | None = None) -> dict:
         "total_signed": _num(total.mean()) if both else None,
         "telescoping_residual": residual,
         "telescoping_chain": chain,
-        "mean_abs": {k: _num(np.abs(a[mask]).mean()) if mask.any() else None for k, a in arrays.items()},
+        "mean_abs": {k: _num(np.abs(a[mask]).mean()) if mask.any() else None for k,
+                     a in arrays.items()},
         "kinds": list(arrays),
         "n_pairs": int(mask.size),
         "n_valid": int(mask.sum()),
@@ -336,8 +343,11 @@ def decompose(dm: Mapping, df: Mapping | None = None) -> dict:
 # --------------------------------------------------------------------------- summary
 
 
-def _diverged_removals(diverged: Mapping | None, diagnostics: Mapping | None, n_removals: int) -> dict[str, list[int]]:
-    """``{kind: sorted removal indices}`` flagged as diverged (from ``diverged`` or the diagnostics)."""
+def _diverged_removals(diverged: Mapping | None, diagnostics: Mapping | None,
+                       n_removals: int) -> dict[str, list[int]]:
+    """``{kind: sorted removal indices}`` flagged as diverged (from ``diverged`` or the
+    diagnostics).
+    """
     if diverged is None and isinstance(diagnostics, Mapping):
         diverged = {k: v.get("diverged_removals") for k, v in diagnostics.items()
                     if isinstance(v, Mapping) and v.get("diverged_removals")}
@@ -348,7 +358,8 @@ def _diverged_removals(diverged: Mapping | None, diagnostics: Mapping | None, n_
         arr = np.asarray(flags)
         if arr.dtype == bool:
             if arr.shape != (n_removals,):
-                raise ValueError(f"diverged[{kind!r}] has {arr.shape} flags; expected one per removal ({n_removals}).")
+                raise ValueError(f"diverged[{kind!r}] has {arr.shape} flags; expected one per "
+                                 f"removal ({n_removals}).")
             idx = np.flatnonzero(arr)
         else:
             idx = np.unique(arr.astype(np.int64).ravel())
@@ -419,9 +430,11 @@ def summarise(
     }
     if diagnostics is not None:
         summary["diagnostics"] = {k: ({kk: vv for kk, vv in v.items() if kk != "diverged_removals"}
-                                      if isinstance(v, Mapping) else v) for k, v in diagnostics.items()}
+                                      if isinstance(v, Mapping) else v) for k,
+                                          v in diagnostics.items()}
     if excluded:
-        summary["diverged"] = {"counts": {k: len(v) for k, v in excluded.items()}, "removals": excluded}
+        summary["diverged"] = {"counts": {k: len(v) for k, v in excluded.items()},
+                               "removals": excluded}
     return summary
 
 
@@ -449,7 +462,8 @@ def paired_chain(dm: Mapping, paired: Mapping) -> dict:
         deviation from these identities over valid pairs (round-off only).
     """
     arrays = _present(dm, "dm")
-    extra = {k: _as_array(f"paired[{k!r}]", paired[k]) for k in PAIRED_KINDS if paired.get(k) is not None}
+    extra = {k: _as_array(f"paired[{k!r}]",
+                          paired[k]) for k in PAIRED_KINDS if paired.get(k) is not None}
     chain = {**arrays, **extra}
     mask = _valid_mask({**arrays, **{f"{k}_paired": v for k, v in extra.items()}})
     for k in list(chain):  # the same pairs in both chains
@@ -458,7 +472,8 @@ def paired_chain(dm: Mapping, paired: Mapping) -> dict:
     drift, ids = {}, []
     for k, v in extra.items():
         d = (arrays[k] - v)[mask]
-        drift[k] = {"mean_abs": _num(np.abs(d).mean()) if d.size else None, "signed": _num(d.mean()) if d.size else None}
+        drift[k] = {"mean_abs": _num(np.abs(d).mean()) if d.size else None,
+                    "signed": _num(d.mean()) if d.size else None}
     w = arrays.get("warm"), extra.get("warm")
     p = arrays.get("proximal"), extra.get("proximal")
     dw = None if any(a is None for a in w) else w[0] - w[1]
@@ -471,5 +486,7 @@ def paired_chain(dm: Mapping, paired: Mapping) -> dict:
         ids.append((p[0] - arrays["pbrf"]) - ((p[1] - arrays["pbrf"]) + dp))
     residual = max((float(np.abs(r[mask]).max()) for r in ids if mask.any()), default=None)
     scores = arrays.get("influence")
-    corr = correlations(scores, {k: np.where(mask, v, np.nan) for k, v in extra.items()}) if scores is not None else {}
-    return {"decomposition": dec, "correlations": corr, "drift": drift, "literal_residual": residual}
+    corr = correlations(scores, {k: np.where(mask, v, np.nan) for k,
+                                 v in extra.items()}) if scores is not None else {}
+    return {"decomposition": dec, "correlations": corr, "drift": drift,
+            "literal_residual": residual}

@@ -18,7 +18,8 @@ A configuration has one section per stage of an experiment::
 A preset is such a file plus ``[profiles.<name>]`` tables (``quick``, ``paper``, ``tiny``) that are
 deep-merged over the base sections. :func:`apply_overrides` applies ``--set key=value`` pairs
 (dotted paths, values parsed as TOML scalars) and type-checks them against the dataclass fields.
-Every invalid value raises :class:`ConfigError` with a one-line message naming the field and the fix.
+Every invalid value raises :class:`ConfigError` with a one-line message naming the field and the
+fix.
 """
 
 from __future__ import annotations
@@ -32,16 +33,16 @@ import tomllib
 import types
 import typing
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 from pbrf import kinds as _kinds
 from pbrf.curvature import CURVATURES
 from pbrf.newton import NewtonRecipe
-from pbrf.optim import OPTIMIZERS, SCHEDULES, Recipe, RecipeFields, check_recipe
+from pbrf.optim import OPTIMIZERS, Recipe, RecipeFields, check_recipe
 from pbrf.solvers import SOLVERS
 from pbrf.tasks import TASKS
 
@@ -85,7 +86,8 @@ def _check_choice(where: str, value: Any, choices) -> None:
         _fail(where, f"must be one of {', '.join(map(str, choices))}; got {value!r}.")
 
 
-def _check_positive(where: str, value: Any, allow_zero: bool = False, allow_none: bool = False) -> None:
+def _check_positive(where: str, value: Any, allow_zero: bool = False,
+                    allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -105,14 +107,16 @@ def _check_recipe(section: str, build) -> None:
         build()
     except ValueError as err:
         msg = str(err).replace("NewtonRecipe.max_iter", f"{section}.steps")
-        raise ConfigError(msg.replace("NewtonRecipe.", f"{section}.").replace("Recipe.", f"{section}.")) from None
+        raise ConfigError(msg.replace("NewtonRecipe.", f"{section}.").replace("Recipe.",
+            f"{section}.")) from None
 
 
 def _full_batch(section: str, config) -> None:
     """``batch_size = "full"`` is full batch; ``0``, its old spelling, is read as ``"full"``."""
     value = config.batch_size
     if value == 0 and not isinstance(value, bool):
-        warnings.warn(f'{section}.batch_size = 0 is deprecated; write batch_size = "full".', DeprecationWarning,
+        warnings.warn(f'{section}.batch_size = 0 is deprecated; write batch_size = "full".',
+                      DeprecationWarning,
                       stacklevel=5)
         object.__setattr__(config, "batch_size", "full")
     elif isinstance(value, str) and value != "full":
@@ -221,7 +225,8 @@ class ResponsesConfig:
     ``cg_max_iter`` the CG iterations per step, ``tol`` stops a removal once ``ρ ≤ tol`` (``lr``,
     ``momentum``, ``schedule``, ``batch_size`` and ``until_plateau`` are then unused).
     ``optimizer = "sgd" | "adam"`` is a first-order :class:`pbrf.Recipe` (``batch_size = "full"``
-    means full batch). Cold- and warm-start retraining use the base ``[train]`` recipe; ``cold_seeds``
+    means full batch). Cold- and warm-start retraining use the base ``[train]`` recipe;
+    ``cold_seeds``
     are the initialisation seeds averaged over for cold start.
 
     ``rho_threshold``: a response is certified when ``ρ = ||∇F(θ_r)|| / signal ≤ rho_threshold``
@@ -249,7 +254,8 @@ class ResponsesConfig:
         for kind in self.kinds:
             _check_choice("responses.kinds entries", kind, _kinds.names())
         if "influence" not in self.kinds:
-            _fail("responses.kinds", 'must include "influence" (the estimate every response is compared with).')
+            _fail("responses.kinds", 'must include "influence" (the estimate every response is '
+                                     'compared with).')
         if len(set(self.kinds)) != len(self.kinds):
             _fail("responses.kinds", f"has duplicates: {list(self.kinds)}.")
         _check_choice("responses.optimizer", self.optimizer, OPTIMIZERS + (NewtonRecipe.optimizer,))
@@ -258,26 +264,33 @@ class ResponsesConfig:
         _check_recipe("responses", lambda: Recipe(**first_order))
         _check_recipe("responses", lambda: NewtonRecipe(**self._recipe_fields("newton")))
         _check_positive("responses.rho_threshold", self.rho_threshold)
-        if not self.cold_seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.cold_seeds):
-            _fail("responses.cold_seeds", f"must be a non-empty list of ints, e.g. [0, 1]; got {list(self.cold_seeds)}.")
+        if not self.cold_seeds or not all(isinstance(s, int) and not isinstance(s,
+            bool) for s in self.cold_seeds):
+            _fail("responses.cold_seeds", "must be a non-empty list of ints, e.g. [0, 1]; got "
+                                          f"{list(self.cold_seeds)}.")
         for s in self.cold_seeds:
             _check_seed("responses.cold_seeds entries", s)
 
     def recipe_dict(self) -> dict:
         """The recipe keyword arguments of the PBRF / proximal optimisation: ``pbrf.NewtonRecipe``'s
-        (with ``optimizer = "newton"``) or ``pbrf.Recipe``'s."""
+        (with ``optimizer = "newton"``) or ``pbrf.Recipe``'s.
+        """
         return {"optimizer": self.optimizer, **self._recipe_fields(self.optimizer)}
 
     def _recipe_fields(self, optimizer: str) -> dict:
         if optimizer == NewtonRecipe.optimizer:
             return {"max_iter": self.steps, "cg_max_iter": self.cg_max_iter, "tol": self.tol}
         return {
-            "optimizer": optimizer, "lr": self.lr, "momentum": self.momentum, "schedule": self.schedule,
-            "steps": self.steps, "batch_size": _batch(self.batch_size), "until_plateau": self.until_plateau,
+            "optimizer": optimizer, "lr": self.lr, "momentum": self.momentum,
+                "schedule": self.schedule,
+            "steps": self.steps, "batch_size": _batch(self.batch_size),
+                "until_plateau": self.until_plateau,
         }
 
     def ordered_kinds(self) -> tuple[str, ...]:
-        """The configured kinds in registry order, the estimate (influence) first: it is computed first."""
+        """The configured kinds in registry order, the estimate (influence) first: it is
+        computed first.
+        """
         ordered = [k for k in _kinds.names() if k in self.kinds]
         return tuple(sorted(ordered, key=lambda k: _kinds.get(k).is_response))
 
@@ -355,9 +368,11 @@ class LdsConfig:
         object.__setattr__(self, "seeds", tuple(self.seeds))
         _check_positive("lds.subsets", self.subsets, allow_zero=True)
         if self.subsets == 1:
-            _fail("lds.subsets", "must be 0 (off) or at least 2 (a rank correlation needs two subsets); got 1.")
+            _fail("lds.subsets",
+                  "must be 0 (off) or at least 2 (a rank correlation needs two subsets); got 1.")
         if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1):
-            _fail("lds.alpha", f"is the fraction of training points kept; it must lie in (0, 1), got {self.alpha!r}.")
+            _fail("lds.alpha", "is the fraction of training points kept; it must lie in (0, 1), "
+                  f"got {self.alpha!r}.")
         for s in self.seeds:
             _check_seed("lds.seeds", s)
         _check_seed("lds.seed", self.seed)
@@ -378,7 +393,9 @@ TOP_LEVEL = ("name", "description", "profile", "task")
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment. Build with :func:`load_preset`, :func:`load_config` or :meth:`from_dict`."""
+    """A whole experiment. Build with :func:`load_preset`, :func:`load_config` or
+    :meth:`from_dict`.
+    """
 
     name: str = "experiment"
     description: str = ""
@@ -457,8 +474,11 @@ def _build_section(section: str, cls, table: Any):
 
 
 def _typed(where: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against a type hint (int → float allowed; list → tuple); returns the value."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    """Check ``value`` against a type hint (int → float allowed; list → tuple); returns
+    the value.
+    """
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if union else (hint,)
     for opt in options:
         if opt is type(None) and value is None:
             return None
@@ -474,7 +494,9 @@ def _typed(where: str, value: Any, hint: Any) -> Any:
             return tuple(value)
         if opt is dict and isinstance(value, dict):
             return value
-    names = " or ".join("none" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    names = " or ".join(
+        "none" if o is type(None) else getattr(o, "__name__", str(o)) for o in options
+    )
     raise ConfigError(f"{where} must be {_article(names)}; got {value!r} ({_toml_type(value)}).")
 
 
@@ -484,8 +506,15 @@ def _article(names: str) -> str:
 
 
 def _toml_type(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
-            dict: "table", tuple: "array"}.get(type(value), type(value).__name__)
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "float",
+        str: "string",
+        list: "array",
+        dict: "table",
+        tuple: "array",
+    }.get(type(value), type(value).__name__)
 
 
 # ---------------------------------------------------------------------------- files and presets
@@ -499,7 +528,11 @@ def deep_merge(base: dict, over: dict) -> dict:
     """
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and not key.endswith(_REPLACED):
+        if (
+            isinstance(value, dict)
+            and isinstance(out.get(key), dict)
+            and not key.endswith(_REPLACED)
+        ):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -547,29 +580,41 @@ def resolve_profile(raw: dict, profile: str, where: str) -> dict:
         if profile == "quick":  # the base tables are the quick profile unless it says more
             return base | {"profile": profile}
         raise ConfigError(
-            f"{where} has no profile {profile!r}; choose one of {', '.join(profiles) or '(none)'} with --profile."
+            f"{where} has no profile {profile!r}; choose one of {', '.join(profiles) or '(none)'} "
+            "with --profile."
         )
     return deep_merge(base, profiles[profile]) | {"profile": profile}
 
 
-def load_preset(name: str, profile: str = "quick", overrides: list[str] | None = None) -> ExperimentConfig:
+def load_preset(
+    name: str, profile: str = "quick", overrides: list[str] | None = None
+) -> ExperimentConfig:
     """A built-in preset, with one profile applied and ``--set`` overrides."""
     raw = resolve_profile(preset_table(name), profile, f"preset {name!r}")
     raw.setdefault("name", name)
     return ExperimentConfig.from_dict(apply_overrides(raw, overrides or []))
 
 
-def load_config(path: str | Path, profile: str = "quick", overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | Path, profile: str = "quick", overrides: list[str] | None = None
+) -> ExperimentConfig:
     """A TOML config file (preset layout; ``profiles`` optional) with ``--set`` overrides."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass a preset name or an existing .toml file.")
-    raw = resolve_profile(_read_toml(path.read_text(encoding="utf-8"), str(path)), profile, str(path))
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; pass a preset name or an "
+            "existing .toml file."
+        )
+    raw = resolve_profile(
+        _read_toml(path.read_text(encoding="utf-8"), str(path)), profile, str(path)
+    )
     raw.setdefault("name", path.stem)
     return ExperimentConfig.from_dict(apply_overrides(raw, overrides or []))
 
 
-def resolve(spec: str | None, profile: str = "quick", overrides: list[str] | None = None) -> ExperimentConfig:
+def resolve(
+    spec: str | None, profile: str = "quick", overrides: list[str] | None = None
+) -> ExperimentConfig:
     """A preset name or a ``.toml`` path (default preset ``digits-mlp``) → config."""
     spec = spec or "digits-mlp"
     if spec.endswith(".toml") or Path(spec).is_file():
@@ -583,7 +628,9 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {item!r} must look like section.key=value, e.g. --set influence.damping=1e-2.")
+        raise ConfigError(
+            f"--set {item!r} must look like section.key=value, e.g. --set influence.damping=1e-2."
+        )
     text = text.strip()
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -607,7 +654,8 @@ def apply_overrides(raw: dict, items: list[str]) -> dict:
     return raw
 
 
-#: ``--set`` of the key on the left drops the key on the right (a new budget / a new solver's options).
+# : ``--set`` of the key on the left drops the key on the right (a new budget / a new solver's
+# options).
 _RESETS = {
     ("train", "epochs"): "steps",
     ("train", "steps"): "epochs",
@@ -621,18 +669,26 @@ def _check_set_key(raw: dict, path: list[str], value: Any, item: str) -> None:
     head = path[0]
     if len(path) == 1:
         if head not in TOP_LEVEL:
-            raise ConfigError(f"unknown --set key {dotted!r}; use section.key=value with sections {', '.join(SECTIONS)}.")
+            raise ConfigError(
+                f"unknown --set key {dotted!r}; use section.key=value with sections "
+                f"{', '.join(SECTIONS)}."
+            )
         _typed(dotted, value, _field_types(ExperimentConfig)[head])
         return
     if head not in SECTIONS:
-        raise ConfigError(f"unknown --set key {dotted!r}: no section {head!r}; the sections are {', '.join(SECTIONS)}.")
+        raise ConfigError(
+            f"unknown --set key {dotted!r}: no section {head!r}; the sections are "
+            f"{', '.join(SECTIONS)}."
+        )
     cls = SECTIONS[head]
     if head == "model" and path[1] != "name":
         _check_model_key(raw.get("model", {}), path[1:], value, dotted)
         return
     types_ = _field_types(cls)
     if path[1] not in types_:
-        raise ConfigError(f"unknown --set key {dotted!r}; [{head}] takes {', '.join(sorted(types_))}.")
+        raise ConfigError(
+            f"unknown --set key {dotted!r}; [{head}] takes {', '.join(sorted(types_))}."
+        )
     if len(path) > 2:
         if types_[path[1]] is not dict:
             raise ConfigError(f"unknown --set key {dotted!r}: {head}.{path[1]} is not a table.")
@@ -644,21 +700,31 @@ def _check_model_key(model: dict, path: list[str], value: Any, dotted: str) -> N
     """Model keys must be arguments of the model's constructor (or already in the config)."""
     key = path[0]
     if len(path) > 1:
-        raise ConfigError(f"unknown --set key {dotted!r}; model arguments are flat (e.g. model.width=64).")
+        raise ConfigError(
+            f"unknown --set key {dotted!r}; model arguments are flat (e.g. model.width=64)."
+        )
     options = {k: v for k, v in model.items() if k != "name"}
     if key in options:
         current = options[key]
-        if current is not None and not isinstance(value, type(current)) and not (
-            isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool)
+        if (
+            current is not None
+            and not isinstance(value, type(current))
+            and not (
+                isinstance(current, float)
+                and isinstance(value, int)
+                and not isinstance(value, bool)
+            )
         ):
             raise ConfigError(
-                f"{dotted} must be {_article(type(current).__name__)} like the preset's {current!r}; got {value!r}."
+                f"{dotted} must be {_article(type(current).__name__)} like the preset's "
+                f"{current!r}; got {value!r}."
             )
         return
     accepted = _model_arguments(model.get("name", ModelConfig.name))
     if accepted is not None and key not in accepted:
         raise ConfigError(
-            f"unknown --set key {dotted!r}; model {model.get('name')!r} takes {', '.join(sorted(accepted)) or 'no arguments'}."
+            f"unknown --set key {dotted!r}; model {model.get('name')!r} takes "
+            f"{', '.join(sorted(accepted)) or 'no arguments'}."
         )
 
 

@@ -24,7 +24,8 @@ from . import analysis
 from .config import ConfigError
 from .store import Store
 
-__all__ = ["EvaluateError", "load_scores", "map_scores", "run_arrays", "evaluate", "format_correlations", "pairs_line"]
+__all__ = ["EvaluateError", "load_scores", "map_scores", "run_arrays", "evaluate",
+           "format_correlations", "pairs_line"]
 
 #: Pearson correlation with the run's own influence estimate at or below which the sign is suspect.
 SIGN_FLIP_PEARSON = -0.5
@@ -38,7 +39,8 @@ def load_scores(path: str | Path) -> np.ndarray:
     """Read a ``.npy`` or ``.csv`` file of scores as a float64 2-D array."""
     path = Path(path)
     if not path.is_file():
-        raise EvaluateError(f"scores file {str(path)!r} does not exist; pass --scores FILE.npy or FILE.csv.")
+        raise EvaluateError(f"scores file {str(path)!r} does not exist; pass --scores FILE.npy or "
+                            "FILE.csv.")
     try:
         if path.suffix == ".npy":
             arr = np.load(path, allow_pickle=False)
@@ -50,13 +52,16 @@ def load_scores(path: str | Path) -> np.ndarray:
         raise
     except (ValueError, OSError, EOFError) as err:
         reason = str(err) or type(err).__name__
-        raise EvaluateError(f"cannot read scores file {str(path)!r} ({reason}); write it with numpy.save or as CSV.") from None
+        raise EvaluateError(f"cannot read scores file {str(path)!r} ({reason}); write it with "
+                            "numpy.save or as CSV.") from None
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iuf":
         what = f"{arr.dtype} values" if isinstance(arr, np.ndarray) else type(arr).__name__
-        raise EvaluateError(f"scores file {str(path)!r} holds {what}, not real numbers; save a float array [n_test, n_removals].")
+        raise EvaluateError(f"scores file {str(path)!r} holds {what}, not real numbers; save a "
+                            "float array [n_test, n_removals].")
     arr = np.asarray(arr, dtype=np.float64)
     if arr.ndim != 2:
-        raise EvaluateError(f"scores in {str(path)!r} have shape {arr.shape}; expected a 2-D array [n_test, n_removals] or [n_test, n_train].")
+        raise EvaluateError(f"scores in {str(path)!r} have shape {arr.shape}; expected a 2-D array "
+                            "[n_test, n_removals] or [n_test, n_train].")
     return arr
 
 
@@ -73,23 +78,30 @@ def map_scores(scores: np.ndarray, groups: list[list[int]], n_train: int) -> tup
         mapped = np.stack([scores[:, g].sum(axis=1) for g in groups], axis=1)
         return mapped, "train"
     raise EvaluateError(
-        f"scores have shape {scores.shape}; the run needs [{n_test}, {n_removals}] (one column per removal set) "
+        f"scores have shape {scores.shape}; the run needs [{n_test}, {n_removals}] (one column per "
+        "removal set) "
         f"or [{n_test}, {n_train}] (one column per training point)."
     )
 
 
 def run_arrays(run_dir: str | Path) -> dict:
-    """The stored arrays of a finished run: ``dm`` per kind, ``groups``, ``test_index``, ``n_train``."""
-    from .pipeline import _groups_from_array, objective_defined, read_config
+    """The stored arrays of a finished run: ``dm`` per kind, ``groups``, ``test_index``,
+    ``n_train``.
+    """
+    from .context import read_config
+    from .selection import _groups_from_array
+    from .summary import objective_defined
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if not (run_dir / "results.sqlite").is_file():
-        raise EvaluateError(f"{str(run_dir)!r} has no results yet; finish it with `pbrf run --out {run_dir}`.")
+        raise EvaluateError(f"{str(run_dir)!r} has no results yet; finish it with `pbrf run --out "
+                            f"{run_dir}`.")
     with Store(run_dir, readonly=True) as store:
         groups_arr = store.get_array("groups")
         if groups_arr is None:
-            raise EvaluateError(f"{str(run_dir)!r} is not set up yet; finish it with `pbrf run --out {run_dir}`.")
+            raise EvaluateError(f"{str(run_dir)!r} is not set up yet; finish it with `pbrf run "
+                                f"--out {run_dir}`.")
         groups = _groups_from_array(groups_arr)
         n_chunks = math.ceil(len(groups) / config.run.chunk_size)
         dm, diverged, uncertified = {}, {}, {}
@@ -98,18 +110,28 @@ def run_arrays(run_dir: str | Path) -> dict:
                 dm[kind], _, diags = store.gather(kind, n_chunks)
                 diverged[kind] = [i for i, d in enumerate(diags) if d.get("diverged")]
                 if objective_defined(config, kind):
-                    uncertified[kind] = [i for i, d in enumerate(diags)
-                                         if "certified" in d and not d["certified"] and not d.get("diverged")]
+                    uncertified[kind] = [
+                        i for i, d in enumerate(diags)
+                        if "certified" in d and not d["certified"] and not d.get("diverged")
+                    ]
             except KeyError:
                 raise EvaluateError(
-                    f"{str(run_dir)!r} is not finished ({kind} missing); resume it with `pbrf run --out {run_dir}`."
+                    f"{str(run_dir)!r} is not finished ({kind} missing); resume it with `pbrf run "
+                    f"--out {run_dir}`."
                 ) from None
         n_train = store.get_meta("n_train")
         index = store.get_array("test_index")
     diverged = {k: v for k, v in diverged.items() if v}
     uncertified = {k: v for k, v in uncertified.items() if v}
-    return {"config": config, "dm": dm, "groups": groups, "test_index": index, "n_train": n_train, "diverged": diverged,
-            "uncertified": uncertified}
+    return {
+        "config": config,
+        "dm": dm,
+        "groups": groups,
+        "test_index": index,
+        "n_train": n_train,
+        "diverged": diverged,
+        "uncertified": uncertified,
+    }
 
 
 def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
@@ -124,21 +146,28 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
     n_test = arrays["dm"]["influence"].shape[0]
     if raw.shape[0] != n_test:
         raise EvaluateError(
-            f"scores have {raw.shape[0]} rows but the run has {n_test} test points; one row per test point (run order)."
+            f"scores have {raw.shape[0]} rows but the run has {n_test} test points; one row per "
+            "test point (run order)."
         )
     n_train = arrays["n_train"] or -1
     scores, layout = map_scores(raw, arrays["groups"], n_train)
     diverged = arrays.get("diverged") or {}
-    dm = analysis._exclude(arrays["dm"], diverged, axis=1)  # as in the run's report: diverged responses measure nothing
+    # as in the run's report: diverged responses measure nothing
+    dm = analysis._exclude(arrays["dm"], diverged, axis=1)
     uncertified = arrays.get("uncertified") or {}
-    dm = analysis._exclude(dm, uncertified, axis=1)  # and an uncertified PBRF/proximal response is no ground truth
+    # and an uncertified PBRF/proximal response is no ground truth
+    dm = analysis._exclude(dm, uncertified, axis=1)
     corr = analysis.correlations(scores, dm)
     own = analysis.pearson(scores, arrays["dm"]["influence"])
     sign_warning = None
     if math.isfinite(own) and own <= SIGN_FLIP_PEARSON:
-        sign_warning = (f"the scores anti-correlate with the run's own influence estimate (Pearson {own:.3f}); "
-                        "pbrf's sign is positive = removing the set increases the test loss, so negate scores "
-                        "that use the opposite convention.")
+        sign_warning = (
+            "the scores anti-correlate with the run's own influence estimate (Pearson "
+            f"{own:.3f}); "
+            "pbrf's sign is positive = removing the set increases the test loss, so "
+            "negate scores "
+            "that use the opposite convention."
+        )
     return {
         "scores": str(scores_path),
         "run": str(run_dir),
@@ -159,15 +188,25 @@ def pairs_line(result: dict) -> str:
     """How many (test, removal) pairs the correlations use, and how many were left out and why."""
     total, bad = result["n_pairs_total"], result["n_nonfinite_scores"]
     counts = sorted({int(e["n_pairs"]) for e in result["correlations"].values()})
-    used = "n/a" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    used = (
+        "n/a"
+        if not counts
+        else str(counts[0])
+        if len(counts) == 1
+        else f"{counts[0]} to {counts[-1]}"
+    )
     text = f"pairs used: {used} of {total}"
     if bad:
         text += f"; {bad} dropped for non-finite (NaN/inf) scores"
     if result.get("diverged"):
-        named = ", ".join(f"{analysis.KIND_LABELS.get(k, k)} {v}" for k, v in result["diverged"].items())
+        named = ", ".join(
+            f"{analysis.KIND_LABELS.get(k, k)} {v}" for k, v in result["diverged"].items()
+        )
         text += f"; removal sets whose response diverged are excluded ({named})"
     if result.get("uncertified"):
-        named = ", ".join(f"{analysis.KIND_LABELS.get(k, k)} {v}" for k, v in result["uncertified"].items())
+        named = ", ".join(
+            f"{analysis.KIND_LABELS.get(k, k)} {v}" for k, v in result["uncertified"].items()
+        )
         text += f"; uncertified responses are excluded ({named})"
     elif counts and counts[0] < total - bad:
         text += "; more dropped where a response is non-finite (pairs column)"
@@ -179,11 +218,18 @@ def format_correlations(result: dict) -> str:
     header = ["scores vs", "Pearson", "Spearman", "P/test", "S/test", "pairs"]
     rows = []
     for kind, entry in result["correlations"].items():
-        cells = [entry.get(k) for k in ("pearson", "spearman", "pearson_per_test", "spearman_per_test")]
-        rows.append([analysis.KIND_LABELS.get(kind, kind)] + ["n/a" if c is None else f"{c:.3f}" for c in cells]
-                    + [str(entry.get("n_pairs", "n/a"))])
+        cells = [
+            entry.get(k) for k in ("pearson", "spearman", "pearson_per_test", "spearman_per_test")
+        ]
+        rows.append(
+            [analysis.KIND_LABELS.get(kind, kind)]
+            + ["n/a" if c is None else f"{c:.3f}" for c in cells]
+            + [str(entry.get("n_pairs", "n/a"))]
+        )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    fmt = lambda cells: "  ".join(
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )  # noqa: E731
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 

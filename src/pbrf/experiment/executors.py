@@ -1,12 +1,13 @@
 """Executors: who computes the (chunk, kind) tasks of a run.
 
-An executor has one method, ``run(ctx, tasks)``, yielding :class:`~pbrf.experiment.store.ChunkResult`
+An executor has one method, ``run(ctx, tasks)``, yielding
+:class:`~pbrf.experiment.store.ChunkResult`
 objects as they finish (in any order); the driver writes each to the store in its own transaction.
 
 * :class:`LocalExecutor` (default) computes in this process and never imports ray.
-* :class:`RayExecutor` submits each task as a Ray task. The worker rebuilds the problem from the
-  run directory (``config.json`` + θ^s checkpoint + stored removal sets, see
-  :func:`pbrf.experiment.pipeline.load_context`) and returns the arrays; only the driver writes.
+* :class:`RayExecutor` runs the tasks on Ray actors, one per CPU. Each actor rebuilds the context
+  from the run directory once (``config.json`` + θ^s checkpoint + stored removal sets, see
+  :func:`pbrf.experiment.context.load_context`) and returns the arrays; only the driver writes.
   With ``--ray-address`` the workers must see the run directory at the same path (a shared
   filesystem) and have pbrf installed; workers inherit ``PBRF_DATA`` on a local Ray instance.
 
@@ -21,6 +22,8 @@ import os
 import socket
 from collections.abc import Iterator
 
+from .chunks import compute_chunk
+from .context import load_context
 from .store import ChunkResult
 
 __all__ = ["LocalExecutor", "RayExecutor", "get_executor", "check_reachable"]
@@ -38,8 +41,6 @@ class LocalExecutor:
 
     def run(self, ctx, tasks: list[tuple[int, str]]) -> Iterator[ChunkResult]:
         """Yield the result of each ``(chunk, kind)`` task."""
-        from .pipeline import compute_chunk
-
         for chunk, kind in tasks:
             yield compute_chunk(ctx, chunk, kind)
 
@@ -47,21 +48,25 @@ class LocalExecutor:
         """Nothing to release."""
 
 
-def _ray_compute(run_dir: str, chunk: int, kind: str) -> ChunkResult:
-    """Worker side: rebuild the context from ``run_dir`` (cached per worker) and compute one task."""
-    from .pipeline import compute_chunk, load_context
+class _Worker:
+    """Ray actor: the context of one run directory, built once, and the tasks computed on it."""
 
-    return compute_chunk(load_context(run_dir), chunk, kind)
+    def __init__(self, run_dir: str) -> None:
+        self.ctx = load_context(run_dir)
+
+    def compute(self, chunk: int, kind: str) -> ChunkResult:
+        return compute_chunk(self.ctx, chunk, kind)
 
 
 class RayExecutor:
-    """Run tasks as Ray tasks (one CPU each), at most ``max_in_flight`` at a time.
+    """Run tasks on Ray actors (one CPU each), at most ``max_in_flight`` actors at a time.
 
     Args:
         address: a Ray cluster address (``ray.init(address=...)``); ``None`` starts a local
             instance with ``num_cpus`` CPUs and no dashboard.
         num_cpus: CPUs of the local instance.
-        max_in_flight: tasks submitted ahead of the results (bounds driver memory).
+        max_in_flight: actors, hence tasks in flight (bounds driver memory); at most ``num_cpus``
+            for a local instance.
 
     Raises:
         ImportError: ray is not installed (``pip install 'pbrf[ray]'``).
@@ -69,7 +74,8 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_cpus: int = 2, max_in_flight: int = 8) -> None:
+    def __init__(self, address: str | None = None, num_cpus: int = 2,
+                 max_in_flight: int = 8) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
@@ -82,21 +88,29 @@ class RayExecutor:
             else:
                 ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             self.started = True
-        self.remote = ray.remote(num_cpus=1, max_retries=2)(_ray_compute)
-        self.max_in_flight = max_in_flight
+        self.worker = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(_Worker)
+        self.max_in_flight = max_in_flight if address else min(max_in_flight, num_cpus)
 
     def run(self, ctx, tasks: list[tuple[int, str]]) -> Iterator[ChunkResult]:
         """Submit the tasks and yield results as they complete."""
         run_dir = str(ctx.run_dir.resolve())
         queue = list(tasks)
-        pending = []
-        while queue or pending:
-            while queue and len(pending) < self.max_in_flight:
-                chunk, kind = queue.pop(0)
-                pending.append(self.remote.remote(run_dir, chunk, kind))
-            ready, pending = self.ray.wait(pending, num_returns=1)
-            for ref in ready:
-                yield self.ray.get(ref)
+        idle = [self.worker.remote(run_dir) for _ in range(max(1,
+                                                               min(self.max_in_flight,
+                                                                   len(queue))))]
+        pending: dict = {}
+        try:
+            while queue or pending:
+                while queue and idle:
+                    actor, (chunk, kind) = idle.pop(), queue.pop(0)
+                    pending[actor.compute.remote(chunk, kind)] = actor
+                ready, _ = self.ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    idle.append(pending.pop(ref))
+                    yield self.ray.get(ref)
+        finally:
+            for actor in idle + list(pending.values()):
+                self.ray.kill(actor)
 
     def close(self) -> None:
         """Shut Ray down if this executor started it."""
@@ -124,7 +138,8 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
     except OSError as err:
         reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
         raise ConnectionError(
-            f"cannot reach a Ray cluster at {address!r} ({reason}); start one there (`ray start --head`) "
+            f"cannot reach a Ray cluster at {address!r} ({reason}); start one there (`ray start "
+            "--head`) "
             "or drop --ray-address to start a local Ray."
         ) from None
 

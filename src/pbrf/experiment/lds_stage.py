@@ -12,15 +12,9 @@ import time
 import numpy as np
 
 from .config import ExperimentConfig
-from .pipeline import (
-    Context,
-    _groups_array,
-    _groups_from_array,
-    _recipe,
-    all_train_scores,
-    build_model,
-    response_seed,
-)
+from .context import Context
+from .inputs import _recipe, build_model
+from .selection import _groups_array, _groups_from_array, all_train_scores, response_seed
 from .store import ChunkResult, Store
 
 __all__ = ["LDS_KIND", "lds_groups", "run_lds", "lds_actual", "lds_summary"]
@@ -43,7 +37,8 @@ def lds_groups(ctx: Context, store: Store) -> list[list[int]]:
 
 def run_lds(ctx: Context, store: Store, progress: bool = True) -> None:
     """Retrain on ``lds.subsets`` random subsets (cold start, chunks of ``run.chunk_size``,
-    resumable per chunk) and store their test-loss changes as kind ``"lds"``."""
+    resumable per chunk) and store their test-loss changes as kind ``"lds"``.
+    """
     from tqdm.auto import tqdm
 
     from pbrf import lds
@@ -60,18 +55,30 @@ def run_lds(ctx: Context, store: Store, progress: bool = True) -> None:
     todo = [i for i in range(n_chunks) if (LDS_KIND, i) not in done]
     seeds = c.seeds or tuple(config.responses.cold_seeds)
     inputs = ctx.inputs
-    model_init = lambda s: build_model(config, inputs.model_kwargs, seed=int(s)).to(config.run.device)  # noqa: E731
+    model_init = lambda s: build_model(config, inputs.model_kwargs, seed=int(s)).to(
+        config.run.device
+    )  # noqa: E731
     recipe = _recipe(config.train.recipe_dict(), response_seed(config))
     for i in tqdm(todo, desc="LDS retraining", unit="chunk", disable=not progress):
         start = time.perf_counter()
-        dm, diags = lds.retrain(ctx.problem, ctx.test, groups[i * cs : (i + 1) * cs], recipe, seeds, model_init,
-                                chunk_size=cs, measure=ctx.measure_problem)
-        store.put_chunk(ChunkResult(LDS_KIND, i, dm, None, diags, time.perf_counter() - start, None))
+        dm, diags = lds.retrain(
+            ctx.problem,
+            ctx.test,
+            groups[i * cs : (i + 1) * cs],
+            recipe,
+            seeds,
+            model_init,
+            chunk_size=cs,
+            measure=ctx.measure_problem,
+        )
+        store.put_chunk(
+            ChunkResult(LDS_KIND, i, dm, None, diags, time.perf_counter() - start, None)
+        )
     store.set_meta("lds_done", True)
 
 
 def lds_actual(store: Store, config: ExperimentConfig) -> tuple[np.ndarray, list[list[int]]] | None:
-    """The stored LDS ground truth ``(Δm [n_test, K], removal sets)``, or ``None`` if not computed."""
+    """The stored LDS ground truth ``(Δm [n_test, K], removal sets)``, or ``None``."""
     arr = store.get_array("lds_groups")
     if not config.lds.subsets or arr is None:
         return None
@@ -85,7 +92,8 @@ def lds_actual(store: Store, config: ExperimentConfig) -> tuple[np.ndarray, list
 
 def lds_summary(ctx: Context, store: Store) -> dict | None:
     """LDS settings and the LDS of the run's own influence estimate (all training points scored
-    with the practical solver, stored once as ``lds_influence_scores``)."""
+    with the practical solver, stored once as ``lds_influence_scores``).
+    """
     from pbrf import lds
 
     got = lds_actual(store, ctx.config)
@@ -98,5 +106,10 @@ def lds_summary(ctx: Context, store: Store) -> dict | None:
         store.put_arrays({"lds_influence_scores": scores})
     own = lds.lds(lds.group_scores(scores, groups), actual)
     c = ctx.config.lds
-    return {"subsets": len(groups), "alpha": c.alpha, "seeds": list(c.seeds or ctx.config.responses.cold_seeds),
-            "removed_per_subset": len(groups[0]), "influence": {k: own[k] for k in ("lds", "stderr", "n_test")}}
+    return {
+        "subsets": len(groups),
+        "alpha": c.alpha,
+        "seeds": list(c.seeds or ctx.config.responses.cold_seeds),
+        "removed_per_subset": len(groups[0]),
+        "influence": {k: own[k] for k in ("lds", "stderr", "n_test")},
+    }

@@ -30,19 +30,42 @@ import numpy as np
 from . import analysis
 from .config import ConfigError
 
-__all__ = ["TRUTHS", "DEFAULT_METHODS", "run_estimators", "external_row", "score_row", "truths_of", "board_header",
-           "format_leaderboard", "write_leaderboard", "parse_hyperparameters"]
+__all__ = [
+    "TRUTHS",
+    "DEFAULT_METHODS",
+    "run_estimators",
+    "external_row",
+    "score_row",
+    "truths_of",
+    "board_header",
+    "format_leaderboard",
+    "write_leaderboard",
+    "parse_hyperparameters",
+]
 
 #: Ground truths of the leaderboard: (key in Run.responses(), column label).
-TRUTHS = (("pbrf", "PBRF"), ("warm_paired", "warm (paired)"), ("warm", "warm LOO"), ("cold", "cold LOO"))
-DEFAULT_METHODS = ("influence-exact", "influence-cg", "influence-lissa", "arnoldi", "trak", "tracin", "grad-dot",
-                   "grad-cos")
+TRUTHS = (
+    ("pbrf", "PBRF"),
+    ("warm_paired", "warm (paired)"),
+    ("warm", "warm LOO"),
+    ("cold", "cold LOO"),
+)
+DEFAULT_METHODS = (
+    "influence-exact",
+    "influence-cg",
+    "influence-lissa",
+    "arnoldi",
+    "trak",
+    "tracin",
+    "grad-dot",
+    "grad-cos",
+)
 PREFIX = "estimator:"
 FOLDER = "estimators"
 
 
 def parse_hyperparameters(items: list[str]) -> dict[str, dict]:
-    """``["trak.dim=1024", "arnoldi.rank=20"]`` → ``{"trak": {"dim": 1024}, ...}`` (TOML scalars)."""
+    """``["trak.dim=1024"]`` → ``{"trak": {"dim": 1024}}`` (values read as TOML scalars)."""
     import tomllib
 
     out: dict[str, dict] = {}
@@ -66,15 +89,27 @@ def _stored(store, name: str) -> tuple[np.ndarray, dict] | None:
     return got.dm, (got.diagnostics or [{}])[0]
 
 
-def score_row(label: str, removal_scores: np.ndarray, truths: dict, info: dict | None = None,
-              lds_scores: np.ndarray | None = None, lds_truth=None) -> dict:
+def score_row(
+    label: str,
+    removal_scores: np.ndarray,
+    truths: dict,
+    info: dict | None = None,
+    lds_scores: np.ndarray | None = None,
+    lds_truth=None,
+) -> dict:
     """One leaderboard row: correlations of ``removal_scores`` ``[n_test, n_removals]`` with each
-    ground truth, and the LDS of ``lds_scores`` (group scores of the LDS subsets) when given."""
+    ground truth, and the LDS of ``lds_scores`` (group scores of the LDS subsets) when given.
+    """
     from pbrf import lds
 
     info = info or {}
-    row = {"method": label, "seconds": info.get("seconds"), "peak_memory_mb": info.get("peak_memory_mb"),
-           "hyperparameters": info.get("hyperparameters", {}), "correlations": {}}
+    row = {
+        "method": label,
+        "seconds": info.get("seconds"),
+        "peak_memory_mb": info.get("peak_memory_mb"),
+        "hyperparameters": info.get("hyperparameters", {}),
+        "correlations": {},
+    }
     for key, _ in TRUTHS:
         if key in truths:
             row["correlations"][key] = analysis._correlation_entry(removal_scores, truths[key])
@@ -84,17 +119,28 @@ def score_row(label: str, removal_scores: np.ndarray, truths: dict, info: dict |
     return row
 
 
-def _row(name: str, point_scores: np.ndarray, info: dict, removals, truths: dict, lds_truth) -> dict:
+def _row(
+    name: str, point_scores: np.ndarray, info: dict, removals, truths: dict, lds_truth
+) -> dict:
     from pbrf import lds
 
     lds_scores = None if lds_truth is None else lds.group_scores(point_scores, lds_truth[1])
-    return score_row(name, lds.group_scores(point_scores, removals), truths, info, lds_scores, lds_truth)
+    return score_row(
+        name, lds.group_scores(point_scores, removals), truths, info, lds_scores, lds_truth
+    )
 
 
-def external_row(label: str, scores: np.ndarray, removals: list[list[int]], n_train: int, truths: dict,
-                 lds_truth=None) -> dict:
+def external_row(
+    label: str,
+    scores: np.ndarray,
+    removals: list[list[int]],
+    n_train: int,
+    truths: dict,
+    lds_truth=None,
+) -> dict:
     """A row for scores computed elsewhere, ``[n_test, N]`` (also scored on the LDS) or
-    ``[n_test, n_removals]``."""
+    ``[n_test, n_removals]``.
+    """
     from .evaluate import map_scores
 
     info = {"hyperparameters": {"source": "external"}}
@@ -108,28 +154,58 @@ def truths_of(run_dir) -> dict:
     """The leaderboard's ground truths of a finished run (uncertified / diverged removals NaN)."""
     from pbrf.runs import stored_responses
 
-    return {k: v for k, v in stored_responses(run_dir, certified_only=True).items() if k in dict(TRUTHS)}
+    return {
+        k: v for k, v in stored_responses(run_dir, certified_only=True).items() if k in dict(TRUTHS)
+    }
 
 
-def board_header(config, n_train: int, n_params: int | None, n_test: int, n_removals: int, truths: dict,
-                 lds_truth, run_dir) -> dict:
+def board_header(
+    config,
+    n_train: int,
+    n_params: int | None,
+    n_test: int,
+    n_removals: int,
+    truths: dict,
+    lds_truth,
+    run_dir,
+) -> dict:
     """The facts of a leaderboard (everything but its rows)."""
     import torch
 
     return {
-        "run": str(run_dir), "name": config.name, "profile": config.profile,
-        "n_train": n_train, "n_params": n_params, "n_test": n_test, "n_removals": n_removals,
-        "damping": config.influence.damping, "weight_decay": config.train.weight_decay,
+        "run": str(run_dir),
+        "name": config.name,
+        "profile": config.profile,
+        "n_train": n_train,
+        "n_params": n_params,
+        "n_test": n_test,
+        "n_removals": n_removals,
+        "damping": config.influence.damping,
+        "weight_decay": config.train.weight_decay,
         "truths": {k: lbl for k, lbl in TRUTHS if k in truths},
         "excluded_removals": {k: int(np.isnan(v).all(axis=0).sum()) for k, v in truths.items()},
-        "lds": None if lds_truth is None else {"subsets": len(lds_truth[1]), "alpha": config.lds.alpha,
-                                               "seeds": list(config.lds.seeds or config.responses.cold_seeds)},
-        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "rows": [], "skipped": {},
+        "lds": None
+        if lds_truth is None
+        else {
+            "subsets": len(lds_truth[1]),
+            "alpha": config.lds.alpha,
+            "seeds": list(config.lds.seeds or config.responses.cold_seeds),
+        },
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "rows": [],
+        "skipped": {},
     }
 
 
-def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters: dict | None = None,
-                   external: dict[str, np.ndarray] | None = None, progress: bool = True, log=print) -> dict:
+def run_estimators(
+    run_dir: str | Path,
+    methods=DEFAULT_METHODS,
+    hyperparameters: dict | None = None,
+    external: dict[str, np.ndarray] | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Run (or resume) ``methods`` on a finished run; returns the leaderboard dict.
 
     A method that cannot run here (no checkpoints for TracIn, kronfluence not installed, exact
@@ -146,10 +222,14 @@ def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters
     hyperparameters = hyperparameters or {}
     unknown = [m for m in methods if m not in estimators.ESTIMATORS]
     if unknown:
-        raise ConfigError(f"unknown estimator(s) {unknown}; choose from {', '.join(estimators.ESTIMATORS)}.")
+        raise ConfigError(
+            f"unknown estimator(s) {unknown}; choose from {', '.join(estimators.ESTIMATORS)}."
+        )
     for m in hyperparameters:
         if m not in methods:
-            raise ConfigError(f"--hp {m}.*: {m!r} is not among the methods run ({', '.join(methods)}).")
+            raise ConfigError(
+                f"--hp {m}.*: {m!r} is not among the methods run ({', '.join(methods)})."
+            )
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     truths = truths_of(run_dir)
@@ -167,7 +247,9 @@ def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters
                 scores, info = stored
                 log(f"{name}: stored ({info.get('seconds', math.nan):.2f} s)")
             else:
-                want = est.resolved({"damping": run.damping, "curvature": run.curvature, "run": run})
+                want = est.resolved(
+                    {"damping": run.damping, "curvature": run.curvature, "run": run}
+                )
                 log(f"{name}: running ({_hp_text(want)})")
                 try:
                     res = est.scores(run, removals=points)
@@ -177,29 +259,49 @@ def run_estimators(run_dir: str | Path, methods=DEFAULT_METHODS, hyperparameters
                     continue
                 scores = res.scores.detach().cpu().double().numpy()
                 peak = None if res.peak_memory_bytes is None else res.peak_memory_bytes / 2**20
-                info = {"seconds": res.seconds, "peak_memory_mb": peak, "hyperparameters": res.hyperparameters,
-                        "requested": _jsonable(est.hyperparameters), "threads": torch.get_num_threads(),
-                        "device": str(run.measure_problem.device), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-                store.put_chunk(ChunkResult(PREFIX + name, 0, scores, None, [info], res.seconds, None))
+                info = {
+                    "seconds": res.seconds,
+                    "peak_memory_mb": peak,
+                    "hyperparameters": res.hyperparameters,
+                    "requested": _jsonable(est.hyperparameters),
+                    "threads": torch.get_num_threads(),
+                    "device": str(run.measure_problem.device),
+                    "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+                store.put_chunk(
+                    ChunkResult(PREFIX + name, 0, scores, None, [info], res.seconds, None)
+                )
                 log(f"{name}: {res.seconds:.2f} s")
             rows.append(_row(name, scores, info, run.removals, truths, lds_truth))
-        for kind, _ in sorted(store.done()):  # estimators run before, with other --methods, stay on the board
-            name = kind[len(PREFIX):]
+        for kind, _ in sorted(
+            store.done()
+        ):  # estimators run before, with other --methods, stay on the board
+            name = kind[len(PREFIX) :]
             if kind.startswith(PREFIX) and name not in methods:
                 scores, info = _stored(store, name)
                 rows.append(_row(name, scores, info, run.removals, truths, lds_truth))
     for label, arr in (external or {}).items():
         if arr.shape[0] != run.n_test:
-            raise ConfigError(f"--scores {label}: {arr.shape[0]} rows, but the run has {run.n_test} test points.")
+            raise ConfigError(
+                f"--scores {label}: {arr.shape[0]} rows, but the run has {run.n_test} test points."
+            )
         rows.append(external_row(label, arr, run.removals, run.n_train, truths, lds_truth))
-    board = board_header(run.config, run.n_train, run.problem.n_params, run.n_test, len(run.removals), truths,
-                         lds_truth, run_dir)
+    board = board_header(
+        run.config,
+        run.n_train,
+        run.problem.n_params,
+        run.n_test,
+        len(run.removals),
+        truths,
+        lds_truth,
+        run_dir,
+    )
     board.update(rows=rows, skipped=skipped)
     return board
 
 
 def evaluate_board(scores_path, run_dir) -> dict:
-    """``pbrf evaluate``'s scores as a one-row leaderboard (the same format as ``pbrf estimators``)."""
+    """``pbrf evaluate``'s scores as a one-row leaderboard (``pbrf estimators``' format)."""
     from .evaluate import load_scores, run_arrays
     from .lds_stage import lds_actual
     from .store import Store
@@ -210,10 +312,21 @@ def evaluate_board(scores_path, run_dir) -> dict:
     with Store(run_dir, readonly=True) as store:
         lds_truth = lds_actual(store, arrays["config"])
     n_test = arrays["dm"]["influence"].shape[0]
-    board = board_header(arrays["config"], arrays["n_train"], None, n_test, len(arrays["groups"]), truths,
-                         lds_truth, run_dir)
-    board["rows"] = [external_row(Path(scores_path).stem, scores, arrays["groups"], arrays["n_train"], truths,
-                                  lds_truth)]
+    board = board_header(
+        arrays["config"],
+        arrays["n_train"],
+        None,
+        n_test,
+        len(arrays["groups"]),
+        truths,
+        lds_truth,
+        run_dir,
+    )
+    board["rows"] = [
+        external_row(
+            Path(scores_path).stem, scores, arrays["groups"], arrays["n_train"], truths, lds_truth
+        )
+    ]
     return board
 
 
@@ -222,11 +335,16 @@ def _jsonable(d: dict) -> dict:
 
 
 def _hp_text(hp: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in hp.items() if not isinstance(v, (dict, list))) or "defaults"
+    return (
+        ", ".join(f"{k}={v}" for k, v in hp.items() if not isinstance(v, (dict, list)))
+        or "defaults"
+    )
 
 
 def _f(x, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+    return (
+        "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+    )
 
 
 def format_leaderboard(board: dict, markdown: bool = True) -> str:
@@ -255,11 +373,16 @@ def format_leaderboard(board: dict, markdown: bool = True) -> str:
         cells.append(_hp_text(row.get("hyperparameters") or {}))
         lines.append(cells)
     if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header) - 1)) + "|---|"]
+        out = [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header) - 1)) + "|---|",
+        ]
         out += ["| " + " | ".join(c) + " |" for c in lines]
         return "\n".join(out)
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header) - 1)]
-    fmt = lambda cs: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cs, widths)))  # noqa: E731
+    fmt = lambda cs: "  ".join(
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cs, widths))
+    )  # noqa: E731
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines])
 
 
@@ -283,11 +406,21 @@ def _figure(board: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for r in rows:
-            y = (r.get("lds") or {}).get("lds") if key == "lds" else (r["correlations"].get("pbrf") or {}).get("spearman")
+            y = (
+                (r.get("lds") or {}).get("lds")
+                if key == "lds"
+                else (r["correlations"].get("pbrf") or {}).get("spearman")
+            )
             if y is None or not math.isfinite(y):
                 continue
             ax.scatter(r["seconds"], y, s=30)
-            ax.annotate(r["method"], (r["seconds"], y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(
+                r["method"],
+                (r["seconds"], y),
+                fontsize=8,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
         ax.set_xscale("log")
         ax.set_xlabel(f"wall time (s, {_threads(board)})")
         ax.set_ylabel(label)
@@ -299,33 +432,52 @@ def _figure(board: dict, path: Path) -> Path | None:
     return _save_figure(fig, path)
 
 
-def write_leaderboard(board: dict, run_dir: str | Path, command: str | None = None) -> dict[str, Path]:
-    """Write ``leaderboard.md``, ``leaderboard.json`` and ``leaderboard.png`` under ``RUN_DIR/estimators``."""
+def write_leaderboard(
+    board: dict, run_dir: str | Path, command: str | None = None
+) -> dict[str, Path]:
+    """Write ``leaderboard.md``, ``.json`` and ``.png`` under ``RUN_DIR/estimators``."""
     from .store import atomic_write_text
 
     folder = Path(run_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     fig = _figure(board, folder / "leaderboard.png")
-    parts = [f"# Estimator leaderboard: {board['name']} ({board['profile']})", "",
-             f"N = {board['n_train']} training points, p = {board['n_params']} parameters, "
-             f"{board['n_test']} test points × {board['n_removals']} removal sets; damping λ = {board['damping']:g}, "
-             f"weight decay {board['weight_decay']:g}; {_threads(board)}.", ""]
+    parts = [
+        f"# Estimator leaderboard: {board['name']} ({board['profile']})",
+        "",
+        f"N = {board['n_train']} training points, p = {board['n_params']} parameters, "
+        f"{board['n_test']} test points × {board['n_removals']} removal sets; "
+        f"damping λ = {board['damping']:g}, "
+        f"weight decay {board['weight_decay']:g}; {_threads(board)}.",
+        "",
+    ]
     if command:
         parts += ["Regenerate with:", "", "```sh", command, "```", ""]
-    parts += [format_leaderboard(board), "",
-              "P / S: Pearson / Spearman correlation over all (test point, removal) pairs with each ground truth, "
-              "over the removals where it is certified and did not diverge "
-              f"(removals left out: {board['excluded_removals']}). Time and peak memory (resident set above the "
-              "start, sampled) cover scoring all N training points, fitting included."]
+    parts += [
+        format_leaderboard(board),
+        "",
+        "P / S: Pearson / Spearman correlation over all (test point, removal) pairs with each "
+        "ground truth, "
+        "over the removals where it is certified and did not diverge "
+        f"(removals left out: {board['excluded_removals']}). Time and peak memory (resident set "
+        "above the "
+        "start, sampled) cover scoring all N training points, fitting included.",
+    ]
     if board.get("lds"):
         l = board["lds"]  # noqa: E741
-        parts.append(f"LDS: mean over test points of the Spearman correlation across {l['subsets']} random subsets "
-                     f"(each keeping {100 * l['alpha']:.0f}% of the data, retrained from scratch with seeds "
-                     f"{l['seeds']}), ± its standard error.")
+        parts.append(
+            "LDS: mean over test points of the Spearman correlation across "
+            f"{l['subsets']} random subsets "
+            f"(each keeping {100 * l['alpha']:.0f}% of the data, retrained from scratch with seeds "
+            f"{l['seeds']}), ± its standard error."
+        )
     if board.get("skipped"):
         parts += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in board["skipped"].items())]
     if fig is not None:
         parts += ["", f"![fidelity against cost]({fig.name})"]
     atomic_write_text(folder / "leaderboard.md", "\n".join(parts) + "\n")
     atomic_write_text(folder / "leaderboard.json", json.dumps(_jsonable(board), indent=2))
-    return {"markdown": folder / "leaderboard.md", "json": folder / "leaderboard.json", "figure": fig}
+    return {
+        "markdown": folder / "leaderboard.md",
+        "json": folder / "leaderboard.json",
+        "figure": fig,
+    }

@@ -29,12 +29,24 @@ def _metric(task: str, f: Tensor, t: Tensor, train_t: Tensor) -> tuple[str, floa
     """``(name, value, chance)`` of the task's metric."""
     if task in ("classification", "language_model", "binary"):
         if task == "binary":
-            pred, labels, train_labels = (f.reshape(-1) > 0).long(), t.reshape(-1).long(), train_t.reshape(-1).long()
+            pred, labels, train_labels = (
+                (f.reshape(-1) > 0).long(),
+                t.reshape(-1).long(),
+                train_t.reshape(-1).long(),
+            )
         else:
-            pred, labels, train_labels = f.argmax(-1).reshape(-1), t.reshape(-1).long(), train_t.reshape(-1).long()
+            pred, labels, train_labels = (
+                f.argmax(-1).reshape(-1),
+                t.reshape(-1).long(),
+                train_t.reshape(-1).long(),
+            )
         majority = torch.bincount(train_labels).argmax()
         name = "next-token accuracy" if task == "language_model" else "accuracy"
-        return name, float((pred == labels).double().mean()), float((labels == majority).double().mean())
+        return (
+            name,
+            float((pred == labels).double().mean()),
+            float((labels == majority).double().mean()),
+        )
     y = t.reshape(f.shape).to(f.dtype)
     mse = float((f - y).pow(2).mean())
     var = float((y - train_t.reshape(-1, *f.shape[1:]).to(f.dtype).mean(0)).pow(2).mean())
@@ -59,12 +71,24 @@ def base_quality(problem, task_name: str, test: tuple[Tensor, Tensor]) -> dict:
     near = bool(math.isfinite(test_m) and test_m <= test_chance + NEAR_CHANCE * (1 - test_chance))
     warning = None
     if near:
-        warning = (f"θ^s is near chance level (test {name} {test_m:.3f}, chance {test_chance:.3f}): the base model "
-                   "has not learnt the task, so this run measures an untrained network; train longer or with "
-                   "another learning rate (train.epochs, train.lr).")
-    return {"metric": name, "train_loss": train_loss, "test_loss": test_loss, "train_metric": train_m,
-            "test_metric": test_m, "chance": test_chance, "grad_norm": gnorm, "n_test": int(x_test.shape[0]),
-            "near_chance": near, "warning": warning}
+        warning = (
+            f"θ^s is near chance level (test {name} {test_m:.3f}, chance {test_chance:.3f}): "
+            "the base model has not learnt the task, so this run measures an untrained network; "
+            "train longer or with "
+            "another learning rate (train.epochs, train.lr)."
+        )
+    return {
+        "metric": name,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        "train_metric": train_m,
+        "test_metric": test_m,
+        "chance": test_chance,
+        "grad_norm": gnorm,
+        "n_test": int(x_test.shape[0]),
+        "near_chance": near,
+        "warning": warning,
+    }
 
 
 def quality_lines(q: dict | None) -> list[str]:
@@ -72,7 +96,10 @@ def quality_lines(q: dict | None) -> list[str]:
     if not q:
         return []
     m = q["metric"]
-    line = (f"θ^s: train loss {q['train_loss']:.4g}, test loss {q['test_loss']:.4g}; train {m} {q['train_metric']:.3f}, "
-            f"test {m} {q['test_metric']:.3f} (chance {q['chance']:.3f}, {q['n_test']} test examples); "
-            f"‖∇J(θ^s)‖ = {q['grad_norm']:.3e}")
+    line = (
+        f"θ^s: train loss {q['train_loss']:.4g}, test loss {q['test_loss']:.4g}; "
+        f"train {m} {q['train_metric']:.3f}, "
+        f"test {m} {q['test_metric']:.3f} (chance {q['chance']:.3f}, {q['n_test']} test examples); "
+        f"‖∇J(θ^s)‖ = {q['grad_norm']:.3e}"
+    )
     return [line] + ([f"WARNING: {q['warning']}"] if q.get("warning") else [])

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from matplotlib.figure import Figure
 
 from pbrf import kinds as _kinds
 from pbrf.experiment.analysis import GAP_PAIRS, GAPS, KIND_LABELS, KINDS, RESPONSE_KINDS
+from pbrf.fileio import atomic_write, jsonable
 
 __all__ = [
     "KIND_COLORS",
@@ -44,6 +43,9 @@ __all__ = [
 ]
 
 DPI = 120
+#: Columns of the correlation tables (literal and paired chain).
+CORRELATION_HEADER = ("response function", "Pearson", "Spearman", "Pearson (per-test mean)",
+                      "Spearman (per-test mean)")
 NA = "n/a"
 #: One colour per kind, shared by every figure (a live view of the registry, :mod:`pbrf.kinds`).
 KIND_COLORS = _kinds.view("colour")
@@ -77,7 +79,8 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-#: Magnitudes beyond this are not drawn (matplotlib's axis limits overflow near 1e308); they are counted.
+# : Magnitudes beyond this are not drawn (matplotlib's axis limits overflow near 1e308); they are
+# counted.
 PLOT_LIMIT = 1e100
 
 
@@ -108,25 +111,6 @@ def _fmt_config_value(v) -> str:
     return str(v).replace("\n", " ")
 
 
-def _jsonable(obj):
-    """A copy of ``obj`` that ``json.dumps(allow_nan=False)`` accepts (NaN/inf -> None)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return _finite(obj)
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)
-
-
 def _corr(summary: Mapping) -> Mapping:
     """The correlations block of a summary (or the block itself when given directly)."""
     return summary.get("correlations", summary) or {}
@@ -147,36 +131,12 @@ def _get(d: Mapping | None, *keys):
 # --------------------------------------------------------------------------- atomic writes
 
 
-def _atomic_write(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path``; clean up on error.
-
-    The temporary file lives next to ``path`` (same filesystem, so ``os.replace`` is atomic) and
-    is created by ``write`` itself, so it gets the usual permissions (umask), unlike mkstemp's 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _write_text(path: Path, text: str) -> Path:
-    def write(tmp):
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    return _atomic_write(path, write)
+    return atomic_write(path, text)
 
 
 def _save_figure(fig: Figure, path: Path) -> Path:
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 # --------------------------------------------------------------------------- figures
@@ -185,7 +145,8 @@ def _save_figure(fig: Figure, path: Path) -> Path:
 def _log_bars(ax, labels: Sequence[str], values: Sequence, colors: Sequence, ylabel: str) -> None:
     """Bars on a log axis; zeros drawn at a floor and labelled "0", missing values "n/a"."""
     raw = [_finite(v) for v in values]
-    vals = [_plottable(v) for v in raw]  # off-scale values: drawn like missing ones, labelled with their value
+    # off-scale values: drawn like missing ones, labelled with their value
+    vals = [_plottable(v) for v in raw]
     positive = [v for v in vals if v is not None and v > 0]
     floor = min(positive) / 10 if positive else 1e-12
     heights = [max(v, floor) if v is not None else floor for v in vals]
@@ -195,9 +156,10 @@ def _log_bars(ax, labels: Sequence[str], values: Sequence, colors: Sequence, yla
         if v is None or v <= 0:
             bar.set_alpha(0.25)
             bar.set_hatch("//")
-        text = (NA if r is None else f"{r:.2e} (off scale)") if v is None else ("0" if v <= 0 else f"{v:.2e}")
-        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")  # fmt: skip
+        off = NA if r is None else f"{r:.2e} (off scale)"
+        text = off if v is None else ("0" if v <= 0 else f"{v:.2e}")
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                    va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")  # fmt: skip
     ax.set_yscale("log")
     ax.set_xticks(x, [label.replace(" ", "\n") for label in labels], fontsize=9)
     ax.set_ylabel(ylabel)
@@ -213,7 +175,8 @@ def plot_decomposition(summary: Mapping, path) -> Path:
     axes = fig.subplots(1, 2 if output else 1, squeeze=False)[0]
     colors = [GAP_COLORS[g] for g in GAPS]
     gaps = dec.get("gaps") or {}
-    _log_bars(axes[0], GAPS, [gaps.get(g) for g in GAPS], colors, r"mean $|\Delta m_a - \Delta m_b|$")
+    ylabel = r"mean $|\Delta m_a - \Delta m_b|$"
+    _log_bars(axes[0], GAPS, [gaps.get(g) for g in GAPS], colors, ylabel)
     axes[0].set_title("Gaps in the measured test-loss change")
     scale = _plottable(_get(dec, "mean_abs", "pbrf"))
     if scale:
@@ -221,7 +184,8 @@ def plot_decomposition(summary: Mapping, path) -> Path:
         axes[0].axhline(scale, color=KIND_COLORS["pbrf"], ls="--", lw=1, label=label)
         axes[0].legend(fontsize=8, loc="upper right")
     if output:
-        _log_bars(axes[1], GAPS, [output.get(g) for g in GAPS], colors, r"mean $\|\Delta f_a - \Delta f_b\|_2$")
+        ylabel = r"mean $\|\Delta f_a - \Delta f_b\|_2$"
+        _log_bars(axes[1], GAPS, [output.get(g) for g in GAPS], colors, ylabel)
         axes[1].set_title("Gaps in the test outputs")
     return _save_figure(fig, path)
 
@@ -259,7 +223,7 @@ def plot_scatter(summary: Mapping, dm: Mapping, path) -> Path | None:
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, kind in zip(axes, kinds):
         _scatter_panel(ax, x, np.asarray(dm[kind], dtype=np.float64).ravel(), kind, _corr(summary))
-    for ax in axes[len(kinds):]:
+    for ax in axes[len(kinds) :]:
         ax.set_visible(False)
     return _save_figure(fig, path)
 
@@ -280,7 +244,15 @@ def plot_correlations(summary: Mapping, path) -> Path | None:
     for j, (key, label, color) in enumerate(metrics):
         vals = [_finite(corr[k].get(key)) for k in kinds]
         heights = [np.nan if v is None else v for v in vals]
-        ax.bar(x + (j - 1.5) * width, heights, width, label=label, color=color, edgecolor="black", lw=0.4)
+        ax.bar(
+            x + (j - 1.5) * width,
+            heights,
+            width,
+            label=label,
+            color=color,
+            edgecolor="black",
+            lw=0.4,
+        )
     ax.set_xticks(x, [KIND_LABELS[k] for k in kinds], fontsize=9)
     ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.05)
     ax.axhline(0, color="black", lw=0.6)
@@ -304,7 +276,13 @@ def _sweep_x(values: Sequence) -> tuple[np.ndarray, list[str] | None, bool]:
 def _sweep_gap_panel(ax, x: np.ndarray, summaries: Sequence[Mapping], factor: str) -> None:
     for gap in GAPS:
         y = [_plottable(_get(s, "decomposition", "gaps", gap)) for s in summaries]
-        ax.plot(x, [v if v is not None and v > 0 else np.nan for v in y], "o-", color=GAP_COLORS[gap], label=gap)
+        ax.plot(
+            x,
+            [v if v is not None and v > 0 else np.nan for v in y],
+            "o-",
+            color=GAP_COLORS[gap],
+            label=gap,
+        )
     ax.set_yscale("log")
     ax.set_ylabel(r"mean $|\Delta m_a - \Delta m_b|$")
     ax.set_title(f"Gaps vs {factor}")
@@ -340,7 +318,8 @@ def plot_sweep(factor: str, values: Sequence, summaries: Sequence[Mapping], path
     """
     if len(values) != len(summaries):
         raise ValueError(
-            f"plot_sweep needs one summary per value; got {len(values)} values and {len(summaries)} summaries."
+            f"plot_sweep needs one summary per value; got {len(values)} values and "
+            f"{len(summaries)} summaries."
         )
     x, labels, logx = _sweep_x(values)
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -364,7 +343,9 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+def _md_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None
+) -> str:
     """A markdown table; ``align`` has one letter per column, "l" or "r" (default: l, then r)."""
     align = align or "l" + "r" * (len(header) - 1)
     sep = [":---" if a == "l" else "---:" for a in align]
@@ -397,15 +378,23 @@ def _response_kinds(present: Mapping) -> list[str]:
     return list(RESPONSE_KINDS) + extra
 
 
-def _corr_rows(corr: Mapping, kinds: Sequence[str] | None = None, suffix: str = "") -> list[list[str]]:
+def _corr_rows(
+    corr: Mapping, kinds: Sequence[str] | None = None, suffix: str = ""
+) -> list[list[str]]:
     kinds = _response_kinds(corr) if kinds is None else kinds
     keys = ("pearson", "spearman", "pearson_per_test", "spearman_per_test")
-    return [[KIND_LABELS[k] + suffix] + [fmt_corr(_get(corr, k, key)) for key in keys] for k in kinds]
+    return [
+        [KIND_LABELS[k] + suffix] + [fmt_corr(_get(corr, k, key)) for key in keys] for k in kinds
+    ]
 
 
 def _headline_config(config: Mapping) -> dict:
     """The config entries whose last key is one of :data:`HEADLINE_KEYS` (any nesting)."""
-    return {k: v for k, v in _flatten(config or {}) if k.rsplit(".", 1)[-1] in HEADLINE_KEYS and v is not None}
+    return {
+        k: v
+        for k, v in _flatten(config or {})
+        if k.rsplit(".", 1)[-1] in HEADLINE_KEYS and v is not None
+    }
 
 
 def _experiment_section(summary: Mapping, config: Mapping) -> str:
@@ -415,7 +404,9 @@ def _experiment_section(summary: Mapping, config: Mapping) -> str:
         if key in summary:
             facts.setdefault(key, summary[key])
     if summary.get("kinds"):
-        facts.setdefault("response functions", ", ".join(KIND_LABELS.get(k, k) for k in summary["kinds"]))
+        facts.setdefault(
+            "response functions", ", ".join(KIND_LABELS.get(k, k) for k in summary["kinds"])
+        )
     for key, value in _headline_config(config).items():
         if key.rsplit(".", 1)[-1] not in facts:  # e.g. data.n_train when n_train is known
             facts[key] = value
@@ -426,7 +417,7 @@ def _experiment_section(summary: Mapping, config: Mapping) -> str:
 
 
 def _correlation_section(summary: Mapping) -> str:
-    header = ["response function", "Pearson", "Spearman", "Pearson (per-test mean)", "Spearman (per-test mean)"]
+    header = list(CORRELATION_HEADER)
     table = _md_table(header, _corr_rows(_corr(summary)))
     return (
         "## Influence estimate vs response functions\n\n"
@@ -456,7 +447,8 @@ def _gaps_within(first: str, last: str) -> list[str]:
 def _telescoping_text(dec: Mapping) -> str:
     chain, residual = dec.get("telescoping_chain"), _finite(dec.get("telescoping_residual"))
     if not chain or residual is None:
-        return "Telescoping check: n/a (the response functions computed do not form a contiguous chain)."
+        return ("Telescoping check: n/a (the response functions computed do not form a contiguous "
+                "chain).")
     a, b = chain
     signed = [_finite(_get(dec, "signed", g)) for g in _gaps_within(a, b)]
     text = f"Telescoping check ({KIND_LABELS[a]} → {KIND_LABELS[b]}): Σ signed gaps = "
@@ -474,9 +466,14 @@ def _validity_text(dec: Mapping, diverged: Mapping | None = None) -> str:
     text = f"Pairs used: {n_valid} of {n_pairs} (test point, removal) pairs."
     removals = (diverged or {}).get("removals") or {}
     if removals:
-        named = "; ".join(f"{KIND_LABELS.get(k, k)} {len(v)} ({_removal_list(v)})" for k, v in removals.items())
-        text += (f" Diverged responses, excluded from every statistic and plot (removal sets, as numbered in "
-                 f"removals.json): {named}.")
+        named = "; ".join(
+            f"{KIND_LABELS.get(k, k)} {len(v)} ({_removal_list(v)})" for k, v in removals.items()
+        )
+        text += (
+            " Diverged responses, excluded from every statistic and plot (removal sets, as "
+            "numbered in "
+            f"removals.json): {named}."
+        )
     bad = {k: v for k, v in (dec.get("nonfinite") or {}).items() if v}
     if bad:
         counts = ", ".join(f"{KIND_LABELS.get(k, k)} {v}" for k, v in bad.items())
@@ -494,16 +491,27 @@ def _decomposition_section(summary: Mapping) -> str:
     header = ["gap", "between (a → b)", "mean |Δm_a − Δm_b|", "signed mean Δm_a − Δm_b",
               "output-space mean ||Δf_a − Δf_b||"]  # fmt: skip
     table = _md_table(header, _decomposition_rows(dec), align="llrrr")
-    return "\n\n".join(["## Decomposition of the mismatch", table, _telescoping_text(dec),
-                        _validity_text(dec, summary.get("diverged"))])
+    return "\n\n".join(
+        [
+            "## Decomposition of the mismatch",
+            table,
+            _telescoping_text(dec),
+            _validity_text(dec, summary.get("diverged")),
+        ]
+    )
 
 
 def _diagnostics_section(diagnostics) -> str:
     """Per-kind diagnostics as a table (kinds as rows); anything else as a list."""
-    nested = isinstance(diagnostics, Mapping) and all(isinstance(v, Mapping) for v in diagnostics.values())
+    nested = isinstance(diagnostics, Mapping) and all(
+        isinstance(v, Mapping) for v in diagnostics.values()
+    )
     if nested and diagnostics:
         cols = list(dict.fromkeys(c for v in diagnostics.values() for c in v))
-        rows = [[KIND_LABELS.get(k, str(k))] + [_fmt_diag(v.get(c)) for c in cols] for k, v in diagnostics.items()]
+        rows = [
+            [KIND_LABELS.get(k, str(k))] + [_fmt_diag(v.get(c)) for c in cols]
+            for k, v in diagnostics.items()
+        ]
         body = _md_table([""] + cols, rows)
     elif isinstance(diagnostics, Mapping):
         body = "\n".join(f"- `{k}`: {_fmt_diag(v)}" for k, v in diagnostics.items()) or "_none_"
@@ -552,29 +560,47 @@ def _figures_section(figures: Mapping[str, Path | None], run_dir: Path) -> str:
 
 def certificate_lines(summary: Mapping) -> list[str]:
     """One line per optimised kind ("PBRF: certified 48 of 48, max ρ 3e-9"), the exclusions, and
-    the solver residuals (flagged at ≥ 1)."""
+    the solver residuals (flagged at ≥ 1).
+    """
     cert = summary.get("certificates") or {}
     lines = []
     for kind, e in (cert.get("by_kind") or {}).items():
         if "certified" not in e:
             continue
-        text = (f"{KIND_LABELS.get(kind, kind)}: certified {e['certified']} of {cert.get('n_removals')}"
-                f" (ρ ≤ {fmt_value(cert.get('threshold'))}), max ρ {fmt_value(e.get('max_rho'))},"
-                f" median ρ {fmt_value(e.get('median_rho'))}")
+        text = (
+            f"{KIND_LABELS.get(kind, kind)}: certified {e['certified']} of "
+            f"{cert.get('n_removals')}"
+            f" (ρ ≤ {fmt_value(cert.get('threshold'))}), max ρ {fmt_value(e.get('max_rho'))},"
+            f" median ρ {fmt_value(e.get('median_rho'))}"
+        )
         if e.get("diverged"):
             text += f", diverged {e['diverged']}"
         text += "" if e.get("excludes_uncertified") else " (defined by its recipe: not excluded)"
         lines.append(text)
     if cert:
         left = cert.get("n_removals", 0) - cert.get("n_kept", 0)
-        lines.append(f"Removals used in the statistics: {cert.get('n_kept')} of {cert.get('n_removals')}"
-                     + (f" (left out: {left}, uncertified or diverged; indices {cert.get('excluded_removals')})"
-                        if left else ""))
+        lines.append(
+            f"Removals used in the statistics: {cert.get('n_kept')} of "
+            f"{cert.get('n_removals')}"
+            + (
+                f" (left out: {left}, uncertified or diverged; indices "
+                f"{cert.get('excluded_removals')})"
+                if left
+                else ""
+            )
+        )
     for label, e in (summary.get("solvers") or {}).items():
-        text = (f"{label} solve ({e.get('solver')}, {KIND_LABELS.get(e.get('kind'), e.get('kind'))}): "
-                f"max relative residual {fmt_value(e.get('max_residual'))}")
+        text = (
+            f"{label} solve ({e.get('solver')}, "
+            f"{KIND_LABELS.get(e.get('kind'), e.get('kind'))}): "
+            f"max relative residual {fmt_value(e.get('max_residual'))}"
+        )
         if e.get("flagged"):
-            text = "WARNING: " + text + " ≥ 1 — the solve did not reduce the residual; its numbers are unreliable"
+            text = (
+                "WARNING: "
+                + text
+                + " ≥ 1 — the solve did not reduce the residual; its numbers are unreliable"
+            )
         lines.append(text)
     return lines
 
@@ -583,11 +609,18 @@ def _certificate_section(summary: Mapping) -> str:
     lines = certificate_lines(summary)
     if not lines:
         return ""
-    intro = ("Every optimised response carries a certificate ρ = ||∇F(θ_r)|| / signal: the final "
-             "full-batch gradient norm of its objective relative to the removal's own signal "
-             "(1/N)||Σ_{m∈r} ∇L_m(θ^s)||. PBRF, proximal and full-batch warm-start pairs that are "
-             "not certified (or diverged) are left out of every statistic above.")
-    return "## Certificates and solver residuals\n\n" + intro + "\n\n" + "\n".join(f"- {ln}" for ln in lines)
+    intro = (
+        "Every optimised response carries a certificate ρ = ||∇F(θ_r)|| / signal: the final "
+        "full-batch gradient norm of its objective relative to the removal's own signal "
+        "(1/N)||Σ_{m∈r} ∇L_m(θ^s)||. PBRF, proximal and full-batch warm-start pairs that are "
+        "not certified (or diverged) are left out of every statistic above."
+    )
+    return (
+        "## Certificates and solver residuals\n\n"
+        + intro
+        + "\n\n"
+        + "\n".join(f"- {ln}" for ln in lines)
+    )
 
 
 def _paired_section(summary: Mapping) -> str:
@@ -596,24 +629,42 @@ def _paired_section(summary: Mapping) -> str:
         return ""
     corr = paired.get("correlations") or {}
     rows = _corr_rows(corr, list(corr), " (paired)")
-    header = ["response function", "Pearson", "Spearman", "Pearson (per-test mean)", "Spearman (per-test mean)"]
+    header = list(CORRELATION_HEADER)
     dec = paired.get("decomposition") or {}
     drift = paired.get("drift") or {}
     gap_rows = _decomposition_rows(dec)
     for k, d in drift.items():
-        gap_rows.insert(-1, [f"drift ({KIND_LABELS.get(k, k)})", "literal − paired", fmt_value(d.get("mean_abs")),
-                             fmt_value(d.get("signed")), ""])
+        gap_rows.insert(
+            -1,
+            [
+                f"drift ({KIND_LABELS.get(k, k)})",
+                "literal − paired",
+                fmt_value(d.get("mean_abs")),
+                fmt_value(d.get("signed")),
+                "",
+            ],
+        )
     gh = ["gap (paired chain)", "between (a → b)", "mean |Δm_a − Δm_b|", "signed mean Δm_a − Δm_b",
           "output-space mean ||Δf_a − Δf_b||"]  # fmt: skip
-    text = ("## Paired chain (warm start and proximal against a no-removal continuation)\n\n"
-            "The paper measures warm-start and proximal responses from θ^s, so when θ^s is not a "
-            "minimum they include the drift of continued training, the same for every removal. Here "
-            "each is also measured against a no-removal continuation with the same recipe and seed "
-            "(as cold start already is); the drift rows are the difference between the two chains. "
-            "The paired gaps telescope to cold − influence; the literal gaps equal the paired ones "
-            f"plus drift terms (largest deviation {fmt_value(paired.get('literal_residual'))}).")
-    return "\n\n".join([text, _md_table(header, rows) if rows else "", _md_table(gh, gap_rows, align="llrrr"),
-                         _telescoping_text(dec), _validity_text(dec)])
+    text = (
+        "## Paired chain (warm start and proximal against a no-removal continuation)\n\n"
+        "The paper measures warm-start and proximal responses from θ^s, so when θ^s is not a "
+        "minimum they include the drift of continued training, the same for every removal. "
+        "Here "
+        "each is also measured against a no-removal continuation with the same recipe and seed "
+        "(as cold start already is); the drift rows are the difference between the two chains. "
+        "The paired gaps telescope to cold − influence; the literal gaps equal the paired ones "
+        f"plus drift terms (largest deviation {fmt_value(paired.get('literal_residual'))})."
+    )
+    return "\n\n".join(
+        [
+            text,
+            _md_table(header, rows) if rows else "",
+            _md_table(gh, gap_rows, align="llrrr"),
+            _telescoping_text(dec),
+            _validity_text(dec),
+        ]
+    )
 
 
 def _lds_section(summary: Mapping) -> str:
@@ -622,10 +673,12 @@ def _lds_section(summary: Mapping) -> str:
         return ""
     own = lds.get("influence") or {}
     return (f"## Linear datamodeling score (LDS)\n\n{lds['subsets']} subsets, each keeping "
-            f"{100 * lds['alpha']:.0f}% of the training set ({lds['removed_per_subset']} points removed), retrained "
-            f"from scratch with seeds {lds['seeds']}. LDS of the run's influence estimate: "
-            f"**{fmt_corr(own.get('lds'))}** ± {fmt_value(own.get('stderr'))} (standard error over "
-            f"{own.get('n_test')} test points). Score other estimators with `pbrf estimators RUN_DIR`.")
+            f"{100 * lds['alpha']:.0f}% of the training set ({lds['removed_per_subset']} points "
+            f"removed), retrained from scratch with seeds {lds['seeds']}. LDS of the run's "
+            "influence "
+            f"estimate: **{fmt_corr(own.get('lds'))}** ± {fmt_value(own.get('stderr'))} (standard "
+            f"error over {own.get('n_test')} test points). Score other estimators with "
+            "`pbrf estimators RUN_DIR`.")
 
 
 def _theta_s_section(summary: Mapping) -> str:
@@ -645,11 +698,14 @@ def _theta_s_section(summary: Mapping) -> str:
     return text + ("\n\n**" + warning[0] + "**" if warning else "")
 
 
-def render_markdown(summary: Mapping, config: Mapping, title: str, figures: Mapping, run_dir: Path) -> str:
+def render_markdown(
+    summary: Mapping, config: Mapping, title: str, figures: Mapping, run_dir: Path
+) -> str:
     """The text of ``report.md`` (see :func:`write_report`)."""
-    parts = [f"# {title}", _experiment_section(summary, config), _theta_s_section(summary), _correlation_section(summary),
-             _decomposition_section(summary), _certificate_section(summary), _paired_section(summary),
-             _lds_section(summary), _figures_section(figures, run_dir)]  # fmt: skip
+    parts = [f"# {title}", _experiment_section(summary, config), _theta_s_section(summary),
+             _correlation_section(summary), _decomposition_section(summary),
+             _certificate_section(summary), _paired_section(summary), _lds_section(summary),
+             _figures_section(figures, run_dir)]
     if "diagnostics" in summary:
         parts.append(_diagnostics_section(summary["diagnostics"]))
     parts += [HOW_TO_READ, _config_section(config)]
@@ -683,7 +739,7 @@ def write_report(
         The path of ``report.md``.
     """
     run_dir = Path(run_dir)
-    clean = _jsonable(summary)
+    clean = jsonable(summary, nonfinite="null")
     summary_text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
     fig_dir = run_dir / "figures"
     figures = {
@@ -691,7 +747,9 @@ def write_report(
         "scatter": plot_scatter(clean, dm or {}, fig_dir / "scatter.png"),
         "correlations": plot_correlations(clean, fig_dir / "correlations.png"),
     }
-    report = _write_text(run_dir / "report.md", render_markdown(clean, config, title, figures, run_dir))
+    report = _write_text(
+        run_dir / "report.md", render_markdown(clean, config, title, figures, run_dir)
+    )
     _write_text(run_dir / "summary.json", summary_text)
     return report
 
@@ -721,7 +779,8 @@ def format_table(rows: Sequence[tuple[str, Mapping]], kinds: Sequence[str] = TAB
         vs LOO (cold start), warm-start LOO, proximal and PBRF; missing values are ``n/a``.
     """
     body = [[str(name)] + _table_cells(s, kinds) for name, s in rows]
-    note = "P = Pearson, S = Spearman correlation of the influence estimate with each response function."
+    note = ("P = Pearson, S = Spearman correlation of the influence estimate with each response "
+            "function.")
     return _md_table(_table_header(kinds), body) + "\n\n" + note + "\n"
 
 
@@ -729,12 +788,16 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
 
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
-def format_table_text(rows: Sequence[tuple[str, Mapping]], kinds: Sequence[str] = TABLE_KINDS) -> str:
+def format_table_text(
+    rows: Sequence[tuple[str, Mapping]], kinds: Sequence[str] = TABLE_KINDS
+) -> str:
     """Plain-text, column-aligned variant of :func:`format_table` for terminal output."""
     body = [[str(name)] + _table_cells(s, kinds) for name, s in rows]
     return _text_table(_table_header(kinds), body)
@@ -749,11 +812,17 @@ def print_summary(summary: Mapping) -> str:
     kinds = [k for k in _response_kinds(corr) if k in corr]
     corr_rows = _corr_rows(corr, kinds)
     dec = _decomp(summary)
-    gap_rows = [[g, fmt_value(_get(dec, "gaps", g)), fmt_value(_get(dec, "signed", g))] for g in GAPS]
-    gap_rows.append(["total (LOO − influence)", fmt_value(dec.get("total")), fmt_value(dec.get("total_signed"))])
+    gap_rows = [
+        [g, fmt_value(_get(dec, "gaps", g)), fmt_value(_get(dec, "signed", g))] for g in GAPS
+    ]
+    gap_rows.append(
+        ["total (LOO − influence)", fmt_value(dec.get("total")), fmt_value(dec.get("total_signed"))]
+    )
     parts = []
     if corr_rows:
-        parts.append(_text_table(["influence vs", "Pearson", "Spearman", "P/test", "S/test"], corr_rows))
+        parts.append(
+            _text_table(["influence vs", "Pearson", "Spearman", "P/test", "S/test"], corr_rows)
+        )
     parts.append(_text_table(["gap", "mean |Δm|", "signed"], gap_rows))
     parts.append(_validity_text(dec, summary.get("diverged")))
     paired = summary.get("paired") or {}
@@ -771,7 +840,8 @@ def print_summary(summary: Mapping) -> str:
     lds = summary.get("lds")
     if lds:
         own = lds.get("influence") or {}
-        parts.append(f"LDS of the influence estimate: {fmt_corr(own.get('lds'))} ± {fmt_value(own.get('stderr'))} "
+        parts.append(f"LDS of the influence estimate: {fmt_corr(own.get('lds'))} ± "
+                     f"{fmt_value(own.get('stderr'))} "
                      f"({lds['subsets']} subsets keeping {100 * lds['alpha']:.0f}% of the data); "
                      "rank other estimators with `pbrf estimators RUN_DIR`")
     return "\n\n".join(parts)

@@ -32,24 +32,25 @@ import errno
 import io
 import json
 import logging
-import math
-import os
 import sqlite3
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pbrf.fileio import atomic_write, dumps, npy_bytes
+
 from .config import ConfigError, ExperimentConfig
 
-__all__ = ["Store", "StoreError", "ChunkResult", "to_blob", "from_blob", "atomic_write_text", "check_run_dir"]
+__all__ = ["Store", "StoreError", "ChunkResult", "to_blob", "from_blob", "atomic_write_text",
+           "check_run_dir"]
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "results.sqlite"
 CONFIG_NAME = "config.json"
-#: θ^s of a run (written by the pipeline once base training succeeded); without it nothing is computed yet.
+# : θ^s of a run (written by the pipeline once base training succeeded); without it nothing is
+# computed yet.
 CHECKPOINT_NAME = "theta_s.safetensors"
 
 
@@ -72,11 +73,7 @@ CREATE TABLE IF NOT EXISTS chunks (
 """
 
 
-def to_blob(array: np.ndarray) -> bytes:
-    """An array as ``.npy`` bytes (dtype and shape preserved, no pickle)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+to_blob = npy_bytes  #: an array as ``.npy`` bytes (dtype and shape preserved, no pickle)
 
 
 def from_blob(blob: bytes) -> np.ndarray:
@@ -84,50 +81,19 @@ def from_blob(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
-def _jsonable(value: Any) -> Any:
-    """Diagnostics as plain JSON (tensors/arrays → lists, NaN/inf → strings)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (mode 0666 minus the umask)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: name it
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-        raise
+    """Write ``text`` to ``path`` atomically (:func:`pbrf.fileio.atomic_write`)."""
+    atomic_write(path, text)
 
 
 class ChunkResult:
-    """What one (kind, chunk) computation returns: ``dm [n_test, k]``, ``df [k, n_test, *out]``, diagnostics."""
+    """What one (kind, chunk) computation returns: ``dm [n_test, k]``, ``df [k, n_test, *out]``,
+    diagnostics.
+    """
 
     def __init__(self, kind: str, chunk: int, dm: np.ndarray, df: np.ndarray | None,
-                 diagnostics: list[dict], seconds: float = 0.0, extra: np.ndarray | None = None) -> None:
+                 diagnostics: list[dict], seconds: float = 0.0,
+                     extra: np.ndarray | None = None) -> None:
         self.kind, self.chunk = kind, int(chunk)
         self.dm, self.df = np.asarray(dm), None if df is None else np.asarray(df)
         self.diagnostics, self.seconds = list(diagnostics), float(seconds)
@@ -138,13 +104,15 @@ class ChunkResult:
 
 
 def check_run_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> str:
-    """Decide what to do with ``run_dir`` for ``config``: ``"new"``, ``"resume"`` or ``"overwrite"``.
+    """Decide what to do with ``run_dir`` for ``config``: ``"new"``, ``"resume"`` or
+    ``"overwrite"``.
 
     * no directory, or an empty one: ``"new"``;
     * ``overwrite``: ``"overwrite"`` — the run directory is started afresh, whatever it holds
       (also a run of the same config, e.g. with a corrupt store);
     * the same config: ``"resume"``;
-    * a different config, but nothing computed yet (no θ^s: e.g. base training failed): ``"overwrite"``
+    * a different config, but nothing computed yet (no θ^s: e.g. base training failed):
+      ``"overwrite"``
       — nothing of value is lost, so the corrected command needs no ``--overwrite``;
     * a different config with results: refused.
 
@@ -160,7 +128,8 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> s
         raise ConfigError(f"run directory {str(run_dir)!r} is a file; pass another --out DIR.")
     if not cfg_path.is_file():
         if run_dir.is_dir() and any(run_dir.iterdir()):  # never delete a folder pbrf did not make
-            raise ConfigError(f"{str(run_dir)!r} is not empty and is not a pbrf run directory; pass another --out DIR.")
+            raise ConfigError(f"{str(run_dir)!r} is not empty and is not a pbrf run directory; "
+                              "pass another --out DIR.")
         return "new"
     if overwrite:
         return _overwritable(run_dir)
@@ -176,19 +145,22 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> s
         log.info("%s holds a different config but no results yet; replacing it", run_dir)
         return _overwritable(run_dir)
     what = "a run of a different config" if readable else f"an unreadable {CONFIG_NAME}"
-    raise ConfigError(f"{str(run_dir)!r} holds {what}; pass --overwrite to replace it or --out DIR for a new run.")
+    raise ConfigError(f"{str(run_dir)!r} holds {what}; pass --overwrite to replace it or --out DIR "
+                      "for a new run.")
 
 
 def _overwritable(run_dir: Path) -> str:
     """``"overwrite"``, unless the directory holds the current working directory (it is deleted)."""
     here, target = Path.cwd().resolve(), run_dir.resolve()
     if here == target or target in here.parents:
-        raise ConfigError(f"cannot replace {str(run_dir)!r}: it holds the current directory; run pbrf from "
+        raise ConfigError(f"cannot replace {str(run_dir)!r}: it holds the current directory; run "
+                          "pbrf from "
                           "elsewhere or pass another --out DIR.")
     return "overwrite"
 
 
-_SQLITE_ERRNO = {13: errno.ENOSPC, 8: errno.EROFS, 10: errno.EIO, 14: errno.EACCES, 23: errno.EACCES}
+_SQLITE_ERRNO = {13: errno.ENOSPC, 8: errno.EROFS, 10: errno.EIO, 14: errno.EACCES,
+                 23: errno.EACCES}
 
 
 def _corrupt(path: Path, err: Exception) -> StoreError:
@@ -200,7 +172,8 @@ def _corrupt(path: Path, err: Exception) -> StoreError:
 
 @contextlib.contextmanager
 def _sqlite_errors(path: Path, reading: bool = False):
-    """Turn SQLite failures into one-line errors naming the file: StoreError (corrupt) or OSError (disk).
+    """Turn SQLite failures into one-line errors naming the file: StoreError (corrupt) or OSError
+    (disk).
 
     With ``reading``, undecodable stored values (``.npy`` blobs, JSON) count as corruption too.
     """
@@ -212,7 +185,8 @@ def _sqlite_errors(path: Path, reading: bool = False):
             raise _corrupt(path, err) from None
         if code in _SQLITE_ERRNO:
             name = getattr(err, "sqlite_errorname", "")
-            raise OSError(_SQLITE_ERRNO[code], f"{err}{f' ({name})' if name else ''}", str(path)) from None
+            raise OSError(_SQLITE_ERRNO[code], f"{err}{f' ({name})' if name else ''}",
+                          str(path)) from None
         raise
     except (ValueError, EOFError) as err:
         if not reading or isinstance(err, ConfigError):
@@ -235,7 +209,8 @@ class Store:
         with self._errors():
             if readonly:
                 self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
-                self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # a garbage file fails here
+                # a garbage file fails here
+                self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
             else:
                 self.conn = sqlite3.connect(path, timeout=60)
                 self.conn.execute("PRAGMA journal_mode=WAL")
@@ -248,7 +223,9 @@ class Store:
         return _sqlite_errors(self.path, reading)
 
     def _check_integrity(self) -> None:
-        """A cheap structural check (``PRAGMA quick_check``) so that a truncated file fails at open, not mid-run."""
+        """A cheap structural check (``PRAGMA quick_check``) so that a truncated file fails at open,
+        not mid-run.
+        """
         row = self.conn.execute("PRAGMA quick_check(1)").fetchone()
         if row is None or row[0] != "ok":
             raise sqlite3.DatabaseError(f"quick_check: {row[0] if row else 'no answer'}")
@@ -268,7 +245,7 @@ class Store:
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON value under ``key`` (own transaction)."""
         with self._errors(), self.conn:
-            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(_jsonable(value))))
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, dumps(value)))
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         """The JSON value under ``key`` (``default`` if absent)."""
@@ -293,7 +270,7 @@ class Store:
         """Store one (kind, chunk) result atomically (one transaction)."""
         df = None if result.df is None else to_blob(result.df)
         extra = None if result.extra is None else to_blob(result.extra)
-        diag = json.dumps(_jsonable(result.diagnostics))
+        diag = dumps(result.diagnostics)
         with self._errors(), self.conn:
             self.conn.execute(
                 "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -309,16 +286,19 @@ class Store:
         """One stored result (``None`` if absent)."""
         with self._errors(reading=True):
             row = self.conn.execute(
-                "SELECT dm, df, diagnostics, seconds, extra FROM chunks WHERE kind = ? AND chunk = ?", (kind, chunk)
+                "SELECT dm, df, diagnostics, seconds, extra FROM chunks WHERE kind = ? AND chunk = "
+                "?", (kind, chunk)
             ).fetchone()
             if row is None:
                 return None
             df = None if row[1] is None else from_blob(row[1])
             extra = None if row[4] is None else from_blob(row[4])
-            return ChunkResult(kind, chunk, from_blob(row[0]), df, json.loads(row[2]), row[3], extra)
+            return ChunkResult(kind, chunk, from_blob(row[0]), df, json.loads(row[2]), row[3],
+                               extra)
 
     def gather(self, kind: str, n_chunks: int) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
-        """Concatenate the chunks of one kind: ``dm [n_test, K]``, ``df [K, n_test, *out]``, diagnostics.
+        """Concatenate the chunks of one kind: ``dm [n_test, K]``, ``df [K, n_test, *out]``,
+        diagnostics.
 
         Raises:
             KeyError: a chunk is missing (the run is not finished).
@@ -328,7 +308,8 @@ class Store:
         if missing:
             raise KeyError(f"kind {kind!r}: chunks {missing} are not stored yet")
         dm = np.concatenate([p.dm for p in parts], axis=1)
-        df = None if any(p.df is None for p in parts) else np.concatenate([p.df for p in parts], axis=0)
+        df = None if any(p.df is None for p in parts) else np.concatenate([p.df for p in parts],
+            axis=0)
         diags = [d for p in parts for d in p.diagnostics]
         return dm, df, diags
 
@@ -342,4 +323,5 @@ class Store:
     def kind_seconds(self) -> dict[str, float]:
         """Total compute seconds per kind."""
         with self._errors(reading=True):
-            return {k: float(s) for k, s in self.conn.execute("SELECT kind, SUM(seconds) FROM chunks GROUP BY kind")}
+            return {k: float(s) for k, s in self.conn.execute("SELECT kind, SUM(seconds) FROM "
+                                                              "chunks GROUP BY kind")}

@@ -24,7 +24,9 @@ def check_int(name: str, value, minimum: int = 1) -> int:
 
 def check_width_mult(value) -> float:
     """Validate the channel/width multiplier (a finite number > 0)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value,
+                                                 (int,
+                                                  float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"width_mult must be a finite number > 0 (e.g. 0.5), got {value!r}.")
     return float(value)
 
@@ -41,7 +43,8 @@ def check_shape(name: str, value) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,)
     if not isinstance(value, (tuple, list)) or not value:
-        raise ValueError(f"{name} must be a tuple of positive ints without the batch axis, e.g. (1, 8, 8), got {value!r}.")
+        raise ValueError(f"{name} must be a tuple of positive ints without the batch axis, e.g. "
+                         f"(1, 8, 8), got {value!r}.")
     for v in value:
         check_int(f"{name} entries", v)
     return tuple(value)
@@ -69,7 +72,9 @@ def group_count(channels: int) -> int:
 
 
 def norm2d(kind: str, channels: int) -> nn.Module:
-    """A 2-d normalisation layer: ``"group"`` (GroupNorm), ``"batch"`` (BatchNorm2d) or ``"none"``."""
+    """A 2-d normalisation layer: ``"group"`` (GroupNorm), ``"batch"`` (BatchNorm2d) or
+    ``"none"``.
+    """
     check_choice("norm", kind, NORMS)
     if kind == "group":
         return nn.GroupNorm(group_count(channels), channels)
@@ -78,7 +83,10 @@ def norm2d(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
-def conv_bn_act(c_in: int, c_out: int, norm: str, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
-    """``[Conv2d, norm, ReLU]`` with "same" padding; the conv has a bias only when ``norm="none"``."""
+def conv_bn_act(c_in: int, c_out: int, norm: str, kernel: int = 3,
+                stride: int = 1) -> list[nn.Module]:
+    """``[Conv2d, norm, ReLU]`` with "same" padding; the conv has a bias only when
+    ``norm="none"``.
+    """
     conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=norm == "none")
     return [conv, norm2d(norm, c_out), nn.ReLU()]

@@ -35,7 +35,8 @@ def _spatial_after(name: str, input_size: int, steps) -> int:
     return size
 
 
-def lenet(in_channels: int = 3, n_classes: int = 10, input_size: int = 32, width_mult: float = 1.0) -> nn.Sequential:
+def lenet(in_channels: int = 3, n_classes: int = 10, input_size: int = 32,
+          width_mult: float = 1.0) -> nn.Sequential:
     """LeNet-5 (LeCun et al., 1998) with ReLU and max-pooling.
 
     ``conv5x5(6) → pool → conv5x5(16) → pool → FC(120) → FC(84) → FC(n_classes)``, widths times
@@ -50,7 +51,9 @@ def lenet(in_channels: int = 3, n_classes: int = 10, input_size: int = 32, width
     """
     width_mult = _check_common(in_channels, n_classes, width_mult)
     pad = 2 if check_int("input_size", input_size) < 32 else 0
-    size = _spatial_after("lenet", input_size, [lambda s: s + 2 * pad - 4, lambda s: s // 2, lambda s: s - 4, lambda s: s // 2])
+    size = _spatial_after("lenet", input_size,
+                          [lambda s: s + 2 * pad - 4, lambda s: s // 2, lambda s: s - 4,
+                           lambda s: s // 2])
     c1, c2, h1, h2 = (scaled(n, width_mult) for n in (6, 16, 120, 84))
     return nn.Sequential(
         nn.Conv2d(in_channels, c1, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
@@ -62,7 +65,8 @@ def lenet(in_channels: int = 3, n_classes: int = 10, input_size: int = 32, width
     )  # fmt: skip
 
 
-def alexnet(in_channels: int = 3, n_classes: int = 10, input_size: int = 32, width_mult: float = 1.0) -> nn.Sequential:
+def alexnet(in_channels: int = 3, n_classes: int = 10, input_size: int = 32,
+            width_mult: float = 1.0) -> nn.Sequential:
     """The small CIFAR AlexNet of Zhang et al. (2017), without local response normalisation.
 
     ``conv5x5(64) → ReLU → maxpool3x3/2 → conv5x5(64) → ReLU → maxpool3x3/2 → FC(384) → FC(192) →
@@ -89,7 +93,8 @@ def alexnet(in_channels: int = 3, n_classes: int = 10, input_size: int = 32, wid
 
 
 def vgg13(
-    in_channels: int = 3, n_classes: int = 10, input_size: int = 32, width_mult: float = 1.0, norm: str = "group"
+    in_channels: int = 3, n_classes: int = 10, input_size: int = 32, width_mult: float = 1.0,
+        norm: str = "group"
 ) -> nn.Sequential:
     """CIFAR VGG13 (Simonyan & Zisserman, 2015): ten 3x3 convolutions, five max-pools, one FC layer.
 
@@ -138,15 +143,19 @@ class BasicBlock(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
+        """The residual block on ``x`` ``[B, C, H, W]``."""
         out = self.act1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         return self.act2(out + self.shortcut(x))
 
 
 class ResNet20(nn.Module):
-    """CIFAR ResNet-20 (He et al., 2016): a 3x3 stem, 3 stages of 3 basic blocks, global pooling, FC."""
+    """CIFAR ResNet-20 (He et al., 2016): a 3x3 stem, 3 stages of 3 basic blocks, global
+    pooling, FC.
+    """
 
-    def __init__(self, in_channels: int, n_classes: int, widths: tuple[int, int, int], norm: str) -> None:
+    def __init__(self, in_channels: int, n_classes: int, widths: tuple[int, int, int],
+                 norm: str) -> None:
         super().__init__()
         self.stem = nn.Sequential(*conv_bn_act(in_channels, widths[0], norm))
         blocks: list[nn.Module] = []
@@ -165,7 +174,8 @@ class ResNet20(nn.Module):
         return self.fc(out.mean(dim=(2, 3)))
 
 
-def resnet20(in_channels: int = 3, n_classes: int = 10, width_mult: float = 1.0, norm: str = "group") -> ResNet20:
+def resnet20(in_channels: int = 3, n_classes: int = 10, width_mult: float = 1.0,
+             norm: str = "group") -> ResNet20:
     """CIFAR ResNet-20 with option-A shortcuts, 16/32/64 channels times ``width_mult``.
 
     About 0.27 M parameters at ``width_mult=1``: 269,722 with GroupNorm or BatchNorm, 269,034

@@ -7,7 +7,15 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ._layers import ACTIVATIONS, make_activation, check_choice, check_int, check_shape, check_width_mult, scaled
+from ._layers import (
+    ACTIVATIONS,
+    check_choice,
+    check_int,
+    check_shape,
+    check_width_mult,
+    make_activation,
+    scaled,
+)
 
 __all__ = ["logistic", "mlp", "autoencoder", "AUTOENCODER_WIDTHS"]
 
@@ -16,7 +24,9 @@ AUTOENCODER_WIDTHS = (1000, 500, 250, 30)
 
 
 def _dense_stack(widths: Sequence[int], act: str, final_act: bool) -> list[nn.Module]:
-    """``Linear(widths[i], widths[i+1])`` layers with ``act`` between them (and after the last if asked)."""
+    """``Linear(widths[i], widths[i+1])`` layers with ``act`` between them (and after the last if
+    asked).
+    """
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(a, b))
@@ -43,18 +53,21 @@ def logistic(in_shape, n_outputs: int) -> nn.Sequential:
 def _hidden_widths(width, depth: int) -> list[int]:
     if isinstance(width, (list, tuple)):
         if not width:
-            raise ValueError("width must be a positive int or a non-empty list of positive ints, got [].")
+            raise ValueError("width must be a positive int or a non-empty list of positive ints, "
+                             "got [].")
         return [check_int("width entries", w) for w in width]
     return [check_int("width", width)] * check_int("depth", depth, minimum=0)
 
 
-def mlp(in_shape, n_outputs: int, width=128, depth: int = 2, activation: str = "relu") -> nn.Sequential:
+def mlp(in_shape, n_outputs: int, width=128, depth: int = 2,
+        activation: str = "relu") -> nn.Sequential:
     """Multilayer perceptron on flattened inputs.
 
     Args:
         in_shape: input shape without the batch axis.
         n_outputs: output dimension.
-        width: hidden width (int, used ``depth`` times) or a list of hidden widths (``depth`` ignored).
+        width: hidden width (int, used ``depth`` times) or a list of hidden widths (``depth``
+            ignored).
         depth: number of hidden layers when ``width`` is an int (0 gives logistic regression).
         activation: ``"relu"``, ``"tanh"``, ``"gelu"`` or ``"sigmoid"``.
 
@@ -88,11 +101,14 @@ class Autoencoder(nn.Module):
         return self.decoder(self.encoder(x.flatten(1)))
 
 
-def autoencoder(in_features: int = 784, width_mult: float = 1.0, activation: str = "tanh") -> Autoencoder:
-    """The MNIST deep autoencoder of Hinton & Salakhutdinov (2006), Martens (2010), Bae et al. (2022).
+def autoencoder(in_features: int = 784, width_mult: float = 1.0,
+                activation: str = "tanh") -> Autoencoder:
+    """The MNIST deep autoencoder of Hinton & Salakhutdinov (2006), Martens (2010), Bae et al.
+    (2022).
 
     Args:
-        in_features: flattened input size (784 for MNIST; inputs ``[B, 1, 28, 28]`` or ``[B, 784]``).
+        in_features: flattened input size (784 for MNIST; inputs ``[B, 1, 28, 28]`` or ``[B,
+            784]``).
         width_mult: multiplies the hidden widths (1000, 500, 250, 30).
         activation: hidden activation. ``"tanh"`` by default (zero-centred, trains well with
             SGD on the squared-error loss); the original papers used ``"sigmoid"``.

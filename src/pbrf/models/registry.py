@@ -16,7 +16,8 @@ from .transformer import transformer
 
 __all__ = ["MODELS", "build"]
 
-#: Model name → builder function (read-only). ``build(name, **kwargs)`` calls ``MODELS[name](**kwargs)``.
+# : Model name → builder function (read-only). ``build(name, **kwargs)`` calls
+# ``MODELS[name](**kwargs)``.
 MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType(
     {
         "logistic": logistic,
@@ -39,9 +40,14 @@ def _check_kwargs(name: str, kwargs: dict) -> None:
             f"build('{name}'): unknown keyword argument {unknown[0]!r}; "
             f"'{name}' accepts {list(params)} (plus seed and dtype)."
         )
-    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs]
+    missing = [
+        k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs
+    ]
     if missing:
-        raise ValueError(f"build('{name}'): missing required keyword argument {missing[0]!r}; pass {missing[0]}=... .")
+        raise ValueError(
+            f"build('{name}'): missing required keyword argument {missing[0]!r}; pass "
+            f"{missing[0]}=... ."
+        )
 
 
 def build(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
@@ -72,7 +78,9 @@ def build(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **kwa
     if name not in MODELS:
         raise ValueError(f"build: unknown model {name!r}; choose one of {list(MODELS)}.")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"build: dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
+        raise ValueError(
+            f"build: dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}."
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"build: seed must be an int, got {seed!r}.")
     _check_kwargs(name, kwargs)

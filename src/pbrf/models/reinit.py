@@ -23,7 +23,8 @@ def _check_resettable(model: nn.Module) -> None:
         if owns and not callable(getattr(module, "reset_parameters", None)):
             label = name or "<root>"
             raise ValueError(
-                f"reinitialize: module '{label}' ({type(module).__name__}) owns parameters but has no "
+                f"reinitialize: module '{label}' ({type(module).__name__}) owns parameters but has "
+                "no "
                 "reset_parameters() method; add one (re-drawing its own parameters) or move its "
                 "parameters into a submodule that has one (e.g. nn.Linear, nn.Embedding)."
             )

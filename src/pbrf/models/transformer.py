@@ -35,7 +35,9 @@ class CausalSelfAttention(nn.Module):
         return x.reshape(b, t, self.n_heads, self.d_head).transpose(1, 2)  # [B, H, T, d_head]
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[B, T, d_model]`` → ``[B, T, d_model]``; position ``t`` attends to positions ``≤ t``."""
+        """``[B, T, d_model]`` → ``[B, T, d_model]``; position ``t`` attends to positions
+        ``≤ t``.
+        """
         b, t, d = x.shape
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)
@@ -56,14 +58,18 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The pre-norm block on ``x`` ``[B, T, d_model]``."""
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
 
 class Transformer(nn.Module):
-    """Token embedding + learned positional embedding, ``n_layers`` blocks, final LayerNorm, linear head."""
+    """Token embedding + learned positional embedding, ``n_layers`` blocks, final LayerNorm,
+    linear head.
+    """
 
-    def __init__(self, vocab_size: int, seq_len: int, d_model: int, n_layers: int, n_heads: int, d_ff: int) -> None:
+    def __init__(self, vocab_size: int, seq_len: int, d_model: int, n_layers: int, n_heads: int,
+                 d_ff: int) -> None:
         super().__init__()
         self.seq_len = seq_len
         self.tok_emb = nn.Embedding(vocab_size, d_model)
@@ -77,7 +83,8 @@ class Transformer(nn.Module):
         t = tokens.shape[-1]
         if tokens.dim() != 2 or t > self.seq_len:
             raise ValueError(
-                f"Transformer expects long tokens of shape [B, T] with T <= seq_len={self.seq_len}, "
+                "Transformer expects long tokens of shape [B, T] with T <= "
+                f"seq_len={self.seq_len}, "
                 f"got shape {tuple(tokens.shape)}."
             )
         positions = torch.arange(t, device=tokens.device)
@@ -86,7 +93,8 @@ class Transformer(nn.Module):
 
 
 def transformer(
-    vocab_size: int, seq_len: int, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, d_ff: int | None = None
+    vocab_size: int, seq_len: int, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
+        d_ff: int | None = None
 ) -> Transformer:
     """A small causal character-level Transformer language model.
 

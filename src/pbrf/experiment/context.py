@@ -1,0 +1,132 @@
+"""The context of a run: everything a chunk computation needs, built by :func:`setup` (train or
+load θ^s, choose or load the test points and removal sets) or rebuilt from a run directory by
+:func:`load_context` (an executor's worker).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ConfigError, ExperimentConfig
+from .inputs import (
+    CHECKPOINT,
+    Inputs,
+    _test_data,
+    _torch,
+    build_problem,
+    prepare_inputs,
+    train_theta,
+)
+from .selection import (
+    _groups_array,
+    _groups_from_array,
+    all_train_scores,
+    choose_test_points,
+    random_groups,
+    top_influence_groups,
+)
+from .store import CONFIG_NAME, Store
+
+
+def read_config(run_dir: Path) -> ExperimentConfig:
+    """The config stored in a run directory."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a pbrf run directory (no {CONFIG_NAME}); run "
+                          "`pbrf run` first.")
+    return ExperimentConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+# ---------------------------------------------------------------------------- context
+@dataclass
+class Context:
+    """Everything a chunk computation needs, rebuilt identically from the run directory."""
+
+    config: ExperimentConfig
+    run_dir: Path
+    inputs: Inputs
+    problem: Any
+    test: tuple
+    test_index: np.ndarray
+    groups: list[list[int]]
+    train_scores: np.ndarray | None = None
+    _measure: Any = None
+
+    @property
+    def measure_problem(self):
+        """The problem in float64: responses are optimised (PBRF, proximal, linearised, influence)
+        and every Δm, Bregman value and certificate is evaluated in float64, whatever the
+        training dtype.
+        """
+        if self._measure is None:
+            self._measure = self.problem.astype(_torch().float64)
+        return self._measure
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of chunks of ``run.chunk_size`` removal sets."""
+        return math.ceil(len(self.groups) / self.config.run.chunk_size)
+
+    def chunk_groups(self, chunk: int) -> list[list[int]]:
+        """The removal sets (index lists) of one chunk."""
+        cs = self.config.run.chunk_size
+        return self.groups[chunk * cs : (chunk + 1) * cs]
+
+    def removals(self, chunk: int):
+        """The chunk's removal sets in the form ``pbrf`` takes (ints for single points)."""
+        groups = self.chunk_groups(chunk)
+        if all(len(g) == 1 for g in groups):
+            return _torch().tensor([g[0] for g in groups], dtype=_torch().long)
+        return groups
+
+
+def setup(inputs: Inputs, run_dir: Path, store: Store, progress: bool = True) -> Context:
+    """Train (or load) θ^s, choose (or load) test points and removal sets; returns the context."""
+    config = inputs.config
+    params = train_theta(inputs, run_dir, progress)
+    problem = build_problem(inputs, params)
+    test_index = store.get_array("test_index")
+    if test_index is None:
+        test_index = choose_test_points(config, len(inputs.dataset.x_test))
+    test = _test_data(inputs, test_index)
+    groups_arr, scores = store.get_array("groups"), store.get_array("train_scores")
+    if groups_arr is None:
+        if config.removals.strategy == "top-influence":
+            scores = all_train_scores(problem, config, test)
+            groups = top_influence_groups(config, scores)
+        else:
+            groups = random_groups(config, problem.n_train)
+        arrays = {"test_index": test_index, "groups": _groups_array(groups)}
+        if scores is not None:
+            arrays["train_scores"] = scores
+        store.put_arrays(arrays)
+        store.set_meta("n_train", int(problem.n_train))
+        groups_arr = arrays["groups"]
+    return Context(config, Path(run_dir), inputs, problem, test, test_index,
+                   _groups_from_array(groups_arr), scores)
+
+
+def load_context(run_dir: str | Path) -> Context:
+    """Rebuild the context of a prepared run directory (config + checkpoint + stored choices).
+
+    Used by executors' workers (each builds it once, see :mod:`pbrf.experiment.executors`).
+    """
+    import pbrf
+
+    config = read_config(run_dir)
+    inputs = prepare_inputs(config)
+    with Store(run_dir, readonly=True) as store:
+        index, groups = store.get_array("test_index"), store.get_array("groups")
+    if index is None or groups is None:
+        raise RuntimeError(f"{run_dir}: the run is not set up yet (no test points / removal sets "
+                           "stored).")
+    params, _ = pbrf.load_checkpoint(Path(run_dir) / CHECKPOINT)
+    problem = build_problem(inputs, params)
+    return Context(config, Path(run_dir), inputs, problem, _test_data(inputs, index), index,
+                   _groups_from_array(groups))
