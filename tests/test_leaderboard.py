@@ -182,3 +182,27 @@ def test_threads_option_sets_torch_threads(capsys, monkeypatch):
         torch.set_num_threads(before)
     assert cli.main(["estimators", "--list", "--threads", "0"]) == 2
     assert "--threads must be a positive integer" in capsys.readouterr().err
+
+
+def test_lds_stage_resumes_only_what_is_missing(tiny_run, tmp_path):
+    """A run killed during the LDS stage: the finished chunks are kept, the rest recomputed, and
+    the summary equals the uninterrupted run's."""
+    import shutil
+    import sqlite3
+
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    full = json.loads((tiny_run / "summary.json").read_text())["lds"]
+    with Store(copy, readonly=True) as store:
+        kept = store.get_chunk("lds", 0).dm
+    conn = sqlite3.connect(copy / "results.sqlite")
+    with conn:
+        conn.execute("DELETE FROM chunks WHERE kind = 'lds' AND chunk = 1")
+        conn.execute("DELETE FROM meta WHERE key = 'lds_done'")
+    conn.close()
+    config = cfg.load_preset("digits-mlp", "tiny", TINY_SETS)
+    resumed = pipeline.run_experiment(config, copy, progress=False)["lds"]
+    assert resumed == full
+    with Store(copy, readonly=True) as store:
+        assert np.array_equal(store.get_chunk("lds", 0).dm, kept)
+        assert store.get_chunk("lds", 1) is not None
