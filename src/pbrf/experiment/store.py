@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "results.sqlite"
 CONFIG_NAME = "config.json"
-# : θ^s of a run (written by the pipeline once base training succeeded); without it nothing is
-# computed yet.
+#: θ^s of a run (written by the pipeline once base training succeeded); without it nothing is
+#: computed yet.
 CHECKPOINT_NAME = "theta_s.safetensors"
 
 
