@@ -323,5 +323,5 @@ class Store:
     def kind_seconds(self) -> dict[str, float]:
         """Total compute seconds per kind."""
         with self._errors(reading=True):
-            return {k: float(s) for k, s in self.conn.execute("SELECT kind, SUM(seconds) FROM "
-                                                              "chunks GROUP BY kind")}
+            rows = self.conn.execute("SELECT kind, SUM(seconds) FROM chunks GROUP BY kind")
+            return {k: float(s) for k, s in rows}
