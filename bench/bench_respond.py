@@ -23,8 +23,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--kind", default="warm", choices=["warm", "proximal", "pbrf"])
     ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: "
-                                                              "torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

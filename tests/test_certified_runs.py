@@ -119,8 +119,8 @@ def test_paired_gaps_and_drift_telescope():
     # literal gaps = paired gaps ± drift (means over the same pairs)
     lit = analysis.decompose({k: np.where(np.isnan(dm["pbrf"]), np.nan, v) for k, v in dm.items()})
     dw, dp = out["drift"]["warm"]["signed"], out["drift"]["proximal"]["signed"]
-    assert lit["signed"]["warm-start gap"] == pytest.approx(dec["signed"]["warm-start gap"] - dw,
-                                                            abs=1e-12)
+    warm_gap = dec["signed"]["warm-start gap"] - dw
+    assert lit["signed"]["warm-start gap"] == pytest.approx(warm_gap, abs=1e-12)
     expected = dec["signed"]["proximity gap"] + dw - dp
     assert lit["signed"]["proximity gap"] == pytest.approx(expected, abs=1e-12)
     assert lit["signed"]["non-convergence gap"] == pytest.approx(

@@ -88,12 +88,12 @@ def test_presets_lists_every_preset(capsys):
         (["run", "--set", "model.width=2.5"], ["model.width must be an int"]),
         (["run", "--profile", "huge"], ["no profile 'huge'"]),
         (["run", "--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
-        (["sweep", "digits-mlp", "--factor", "width", "--values", "8,x.5"], ["model.width must be "
-                                                                             "an int"]),
+        (["sweep", "digits-mlp", "--factor", "width", "--values", "8,x.5"],
+         ["model.width must be an int"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, args,
-                                                         needles):
+                                                        needles):
     monkeypatch.chdir(tmp_path)
     assert cli.main([*args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

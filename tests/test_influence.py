@@ -38,8 +38,8 @@ REMOVALS = [0, 3, [1, 2, 5], [4, 11], [7]]
 
 
 def removal_sums(G, removals):
-    return torch.stack([G[torch.tensor(r if isinstance(r,
-                                                       list) else [r])].sum(0) for r in removals])
+    rows = [torch.tensor(r if isinstance(r, list) else [r]) for r in removals]
+    return torch.stack([G[idx].sum(0) for idx in rows])
 
 
 def pearson(a, b):
@@ -234,9 +234,8 @@ def test_ridge_regression_scores_equal_closed_form(curvature, damping):
     g = torch.Generator().manual_seed(2)
     n, d, wd = 30, 4, 0.05
     x = torch.randn(n + 6, d, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(d, 1, generator=g, dtype=torch.float64) + 0.3 * torch.randn(n + 6, 1,
-        generator=g,
-                                                                                     dtype=torch.float64)
+    w = torch.randn(d, 1, generator=g, dtype=torch.float64)  # drawn before the noise, as before
+    y = x @ w + 0.3 * torch.randn(n + 6, 1, generator=g, dtype=torch.float64)
     x, y, xt, yt = x[:n], y[:n], x[n:], y[n:]
     # θ^s = argmin (1/N) Σ ½(x̃ᵀθ − y)² + (wd/2)||θ||² (bias penalised too)
     Xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)

@@ -21,8 +21,10 @@ class BlockDiagonalGGN:
         out = prob.outputs_flat(prob.theta, prob.x)
         B, D = out.shape[0], out[0].numel()
         J = torch.func.jacrev(lambda th: prob.outputs_flat(th, prob.x))(prob.theta).reshape(B, D, p)
-        H = torch.func.hessian(lambda f: prob.task.loss(f.reshape(out.shape),
-                                                        prob.t).sum())(out.reshape(B * D))
+        def total_loss(f):
+            return prob.task.loss(f.reshape(out.shape), prob.t).sum()
+
+        H = torch.func.hessian(total_loss)(out.reshape(B * D))
         # per-example output Hessians
         H = H.reshape(B, D, B, D).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         G = torch.einsum("bdp,bde,beq->pq", J, H, J) / prob.n_train

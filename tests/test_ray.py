@@ -11,8 +11,8 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'pbrf[ray]')")
 
-ARGS = ["run", "--profile", "tiny", "--no-progress", "--set", 'responses.kinds=["warm", "pbrf", '
-                                                              '"linearized", "influence"]']
+ARGS = ["run", "--profile", "tiny", "--no-progress", "--set",
+        'responses.kinds=["warm", "pbrf", "linearized", "influence"]']
 
 
 def _run(out, cwd, *extra):

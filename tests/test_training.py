@@ -53,8 +53,8 @@ def test_train_does_not_mutate_model_and_returns_consistent_copy():
     # training decreases the objective J(θ) = (1/N) Σ L + (wd/2)||θ||², and the diagnostics report
     # it exactly
     p_res = pbrf.Problem(res.model, task, data, weight_decay=1e-2)
-    assert float(p_res.objective()) < float(pbrf.Problem(model, task, data,
-                                                         weight_decay=1e-2).objective())
+    before_obj = float(pbrf.Problem(model, task, data, weight_decay=1e-2).objective())
+    assert float(p_res.objective()) < before_obj
     assert res.diagnostics["objective"] == pytest.approx(float(p_res.objective()), rel=1e-12)
     assert res.diagnostics["steps"] == 20 and res.diagnostics["diverged"] is False
     assert res.recipe == MINIBATCH and res.weight_decay == 1e-2

@@ -57,8 +57,8 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------- parser
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="quick", help="preset profile: quick (2 CPU cores, "
-                                                      "default), paper (GPU), tiny (tests)")
+    p.add_argument("--profile", default="quick",
+                   help="preset profile: quick (2 CPU cores, default), paper (GPU), tiny (tests)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted path, e.g. --set influence.damping=1e-2 "
                         "(repeatable)")
@@ -66,8 +66,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="start the output directory afresh, discarding the run it holds (of any "
                         "config; "
                         "without it a run of the same config resumes)")
-    p.add_argument("--executor", choices=("local", "ray"), default="local", help="where chunks run "
-                                                                                 "(default local)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where chunks run (default local)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a "
                                                        "local Ray with 2 CPUs)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override run.device")
@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="one run per value of a factor, then a gaps-vs-factor plot",
                            description="Run a preset once per value of a factor and plot the gaps "
                                        "against it.")
-    sweep.add_argument("spec", metavar="PRESET|CONFIG.toml", help="a built-in preset or a TOML "
-                                                                  "config file")
+    sweep.add_argument("spec", metavar="PRESET|CONFIG.toml",
+                       help="a built-in preset or a TOML config file")
     sweep.add_argument("--factor", required=True, choices=tuple(SWEEP_FACTORS),
                        help="the factor to vary")
     sweep.add_argument("--values", required=True, help="comma-separated values, e.g. 16,32,64")
@@ -111,17 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Print the paper's Table 1 (Pearson/Spearman of influence "
                                        "vs each response) for runs.")
     table.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    table.add_argument("--markdown", action="store_true", help="print markdown instead of aligned "
-                                                               "text")
+    table.add_argument("--markdown", action="store_true",
+                       help="print markdown instead of aligned text")
 
     ev = sub.add_parser("evaluate",
                         help="correlate another library's scores with a run's responses",
-                        description="Correlate external influence scores (.npy/.csv, [n_test, "
-                                    "n_removals] or "
-                                    "[n_test, n_train]) with every response function stored in a "
-                                    "run.")
-    ev.add_argument("--scores", required=True, metavar="FILE", help=".npy or .csv scores, rows = "
-                                                                    "the run's test points")
+                        description="Correlate external influence scores (.npy/.csv, "
+                                    "[n_test, n_removals] or [n_test, n_train]) with every "
+                                    "response function stored in a run.")
+    ev.add_argument("--scores", required=True, metavar="FILE",
+                    help=".npy or .csv scores, rows = the run's test points")
     ev.add_argument("--run", required=True, metavar="DIR", help="a finished run directory")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -145,18 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--json", action="store_true", help="print the leaderboard as JSON")
     est.add_argument("--list", action="store_true", help="list the estimators and exit")
 
-    sub.add_parser("presets", help="list the built-in presets", description="List the built-in "
-                                                                            "presets.")
+    sub.add_parser("presets", help="list the built-in presets",
+                   description="List the built-in presets.")
 
     dl = sub.add_parser("download", help="download a dataset into the data root (verified, atomic)",
                         description="Download a dataset's files into --root (default $PBRF_DATA or "
                                     "~/.cache/pbrf).")
     dl.add_argument("name", help="dataset name, e.g. mnist, fashion-mnist, cifar10, energy, "
                                  "concrete, shakespeare")
-    dl.add_argument("--root", default=None, help="data root (default $PBRF_DATA, else "
-                                                 "~/.cache/pbrf)")
-    dl.add_argument("--base-url", default=None, help="fetch from a mirror: {base-url}/{relative "
-                                                     "path}")
+    dl.add_argument("--root", default=None,
+                    help="data root (default $PBRF_DATA, else ~/.cache/pbrf)")
+    dl.add_argument("--base-url", default=None,
+                    help="fetch from a mirror: {base-url}/{relative path}")
     return parser
 
 

@@ -153,8 +153,8 @@ class CurvatureOperator:
         self.outside = curvature if outside else None
         self.theta = prob.theta if theta is None else theta
         self.cache_key = (id(curvature) if outside else curvature, self.damping, prob.weight_decay)
-        self.factor_cache: dict = _STORES.setdefault(prob,
-                                                     {}) if theta is None and not outside else {}
+        shared = theta is None and not outside
+        self.factor_cache: dict = _STORES.setdefault(prob, {}) if shared else {}
         self.shift = prob.weight_decay + self.damping
         self.n_params = prob.n_params
         self._data_mv: Callable = {"ggn": ggn_matvec,
@@ -192,8 +192,10 @@ class CurvatureOperator:
             )
         eye = torch.eye(self.n_params, dtype=self.theta.dtype, device=self.theta.device)
         if self.outside is not None:
-            data = self.outside.dense() if hasattr(self.outside,
-                                                   "dense") else _outside_matvec(self.outside, eye)
+            if hasattr(self.outside, "dense"):
+                data = self.outside.dense()
+            else:
+                data = _outside_matvec(self.outside, eye)
             return data.to(eye) + self.shift * eye
         build = dense_ggn if self.curvature == "ggn" else dense_hessian
         return build(self.prob, self.theta) + self.shift * eye

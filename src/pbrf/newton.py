@@ -269,8 +269,8 @@ def newton_optimize(
         eta = (gnorm[rows] / gn0[rows].clamp_min(torch.finfo(dt).tiny)).clamp(max=recipe.forcing)
         # exact Hessian near the optimum: a small gradient, or steps below the objective's round-off
         # (where only the gradient can judge a step, and only the exact model reduces it reliably)
-        near = (gnorm[rows] <= recipe.switch * torch.maximum(scale[rows].to(dt),
-                                                             gn0[rows])) | at_roundoff[rows]
+        switch_at = recipe.switch * torch.maximum(scale[rows].to(dt), gn0[rows])
+        near = (gnorm[rows] <= switch_at) | at_roundoff[rows]
         d, Ad, ci = _step(B, recipe.model, shift, rows, th, gr, m, eta * gnorm[rows],
                           recipe.cg_max_iter, near)
         cg_total[rows] += ci

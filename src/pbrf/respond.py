@@ -118,8 +118,9 @@ class Response:
         """The same response measured on ``problem`` (e.g. a float64 copy of the problem:
         parameters are cast to its dtype and device, nothing is re-optimised).
         """
-        cast = lambda t: None if t is None else t.to(dtype=problem.dtype,
-                                                     device=problem.device)  # noqa: E731
+        def cast(t):
+            return None if t is None else t.to(dtype=problem.dtype, device=problem.device)
+
         return dataclasses.replace(self, problem=problem, params_flat=cast(self.params_flat),
                                    reference=cast(self.reference),
                                        paired_reference=cast(self.paired_reference))

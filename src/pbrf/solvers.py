@@ -98,14 +98,12 @@ _OPTION_RULES = {
         "x0": (lambda v: v is None or isinstance(v, Tensor), "a tensor [m, p] or None", "x0=None"),
     },
     "lissa": {
-        "scale": (lambda v: v is None or (_is_real(v) and v > 0), "a finite number > 0 or None "
-                                                                  "(estimated)",
-                  "scale=None"),
+        "scale": (lambda v: v is None or (_is_real(v) and v > 0),
+                  "a finite number > 0 or None (estimated)", "scale=None"),
         "depth": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", "depth=1000"),
         "repeats": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", "repeats=1"),
-        "batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None "
-                                                                       "(full batch)",
-                       "batch_size=128"),
+        "batch_size": (lambda v: v is None or (_is_int(v) and v >= 1),
+                       "an integer >= 1 or None (full batch)", "batch_size=128"),
         "seed": (lambda v: _is_int(v), "an integer", "seed=0"),
         "tol": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0", "tol=1e-2"),
     },

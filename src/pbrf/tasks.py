@@ -130,8 +130,8 @@ class BinaryClassification(Task):
 
     def loss(self, f: Tensor, t: Tensor) -> Tensor:
         f = f.reshape(f.shape[0])
-        return F.binary_cross_entropy_with_logits(f, t.reshape(f.shape).to(f.dtype),
-                                                  reduction="none")
+        target = t.reshape(f.shape).to(f.dtype)
+        return F.binary_cross_entropy_with_logits(f, target, reduction="none")
 
     def output_hvp(self, f: Tensor, t: Tensor, v: Tensor) -> Tensor:
         s = torch.sigmoid(f)

@@ -58,8 +58,8 @@ def _regression(name, seed, n_train, n_test, n_features, noise, n_outputs, dtype
 def _blobs(seed, n_train, n_test, n_features, n_classes, noise,
            keep) -> list[tuple[np.ndarray, np.ndarray]]:
     """Gaussian blobs with labels drawn uniformly from ``keep`` (original labels)."""
-    means = rng_for(seed, "params").standard_normal((n_classes,
-                                                     n_features)) * 2.0 / np.sqrt(n_features)
+    means = rng_for(seed, "params").standard_normal((n_classes, n_features))
+    means = means * 2.0 / np.sqrt(n_features)
     out = []
     for stream, n in (("train", n_train), ("test", n_test)):
         rng = rng_for(seed, stream)

@@ -52,8 +52,10 @@ def _respond_kwargs(ctx: Context, kind: str) -> dict:
         kw["seeds"] = tuple(resp.cold_seeds)
     if "model_init" in args:
         inputs = ctx.inputs
-        kw["model_init"] = lambda s: build_model(config, inputs.model_kwargs,
-                                                 seed=int(s)).to(config.run.device)
+        def model_init(s):
+            return build_model(config, inputs.model_kwargs, seed=int(s)).to(config.run.device)
+
+        kw["model_init"] = model_init
     return kw
 
 

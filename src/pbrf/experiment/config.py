@@ -654,8 +654,8 @@ def apply_overrides(raw: dict, items: list[str]) -> dict:
     return raw
 
 
-# : ``--set`` of the key on the left drops the key on the right (a new budget / a new solver's
-# options).
+#: ``--set`` of the key on the left drops the key on the right (a new budget / a new solver's
+#: options).
 _RESETS = {
     ("train", "epochs"): "steps",
     ("train", "steps"): "epochs",

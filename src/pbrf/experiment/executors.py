@@ -95,9 +95,8 @@ class RayExecutor:
         """Submit the tasks and yield results as they complete."""
         run_dir = str(ctx.run_dir.resolve())
         queue = list(tasks)
-        idle = [self.worker.remote(run_dir) for _ in range(max(1,
-                                                               min(self.max_in_flight,
-                                                                   len(queue))))]
+        n_workers = max(1, min(self.max_in_flight, len(queue)))
+        idle = [self.worker.remote(run_dir) for _ in range(n_workers)]
         pending: dict = {}
         try:
             while queue or pending:

@@ -79,8 +79,8 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-# : Magnitudes beyond this are not drawn (matplotlib's axis limits overflow near 1e308); they are
-# counted.
+#: Magnitudes beyond this are not drawn (matplotlib's axis limits overflow near 1e308); they are
+#: counted.
 PLOT_LIMIT = 1e100
 
 

@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "results.sqlite"
 CONFIG_NAME = "config.json"
-# : θ^s of a run (written by the pipeline once base training succeeded); without it nothing is
-# computed yet.
+#: θ^s of a run (written by the pipeline once base training succeeded); without it nothing is
+#: computed yet.
 CHECKPOINT_NAME = "theta_s.safetensors"
 
 
@@ -323,5 +323,5 @@ class Store:
     def kind_seconds(self) -> dict[str, float]:
         """Total compute seconds per kind."""
         with self._errors(reading=True):
-            return {k: float(s) for k, s in self.conn.execute("SELECT kind, SUM(seconds) FROM "
-                                                              "chunks GROUP BY kind")}
+            rows = self.conn.execute("SELECT kind, SUM(seconds) FROM chunks GROUP BY kind")
+            return {k: float(s) for k, s in rows}

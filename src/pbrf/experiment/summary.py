@@ -31,6 +31,10 @@ def gather(store: Store, ctx: Context) -> tuple[dict, dict, dict]:
 _TIMING_KEYS = ("seconds", "time", "wall_seconds")
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def diagnostics_summary(diags: dict[str, list[dict]]) -> dict:
     """Per kind: number of removals, diverged count, mean of numeric diagnostics."""
     out = {}
@@ -40,13 +44,9 @@ def diagnostics_summary(diags: dict[str, list[dict]]) -> dict:
         # excluded by summarise
         entry["diverged_removals"] = [i for i, r in enumerate(rows) if r.get("diverged")]
         keys = sorted({k for r in rows for k, v in r.items()
-                       if isinstance(v, (int, float)) and not isinstance(v,
-                           bool) and k not in _TIMING_KEYS})
+                       if _number(v) and k not in _TIMING_KEYS})
         for k in keys:
-            vals = [float(r[k]) for r in rows if isinstance(r.get(k),
-                                                            (int,
-                                                             float)) and not isinstance(r.get(k),
-                                                                 bool)]
+            vals = [float(r[k]) for r in rows if _number(r.get(k))]
             vals = [v for v in vals if math.isfinite(v)]
             if vals:
                 entry[f"mean_{k}"] = float(np.mean(vals))

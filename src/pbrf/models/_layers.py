@@ -24,9 +24,8 @@ def check_int(name: str, value, minimum: int = 1) -> int:
 
 def check_width_mult(value) -> float:
     """Validate the channel/width multiplier (a finite number > 0)."""
-    if isinstance(value, bool) or not isinstance(value,
-                                                 (int,
-                                                  float)) or not math.isfinite(value) or value <= 0:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
         raise ValueError(f"width_mult must be a finite number > 0 (e.g. 0.5), got {value!r}.")
     return float(value)
 

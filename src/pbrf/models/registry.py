@@ -16,8 +16,8 @@ from .transformer import transformer
 
 __all__ = ["MODELS", "build"]
 
-# : Model name → builder function (read-only). ``build(name, **kwargs)`` calls
-# ``MODELS[name](**kwargs)``.
+#: Model name → builder function (read-only). ``build(name, **kwargs)`` calls
+#: ``MODELS[name](**kwargs)``.
 MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType(
     {
         "logistic": logistic,
