@@ -286,6 +286,18 @@ def _sweep_markdown(args, values, summaries, rows, figure, out: Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _table_label(run: Path, summary: dict) -> str:
+    """A row label: the run's preset and profile, and the sweep value when the folder is one
+    (``damping=0.01``); the folder name when the summary does not say.
+    """
+    exp = summary.get("experiment") or {}
+    name = exp.get("name")
+    if not name:
+        return run.name
+    label = f"{name} ({exp['profile']})" if exp.get("profile") else name
+    return f"{label} {run.name}" if "=" in run.name else label
+
+
 def cmd_table(args) -> int:
     """``pbrf table``."""
     from .experiment import report
@@ -307,7 +319,7 @@ def cmd_table(args) -> int:
                 "that made the run "
                 f"(same config, --out {run}) to rewrite it from the stored results."
             )
-        rows.append((Path(run).name, summary))
+        rows.append((_table_label(Path(run), summary), summary))
     print(report.format_table(rows) if args.markdown else report.format_table_text(rows))
     return 0
 

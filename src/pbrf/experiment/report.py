@@ -263,13 +263,20 @@ def plot_correlations(summary: Mapping, path) -> Path | None:
     return _save_figure(fig, path)
 
 
-def _sweep_x(values: Sequence) -> tuple[np.ndarray, list[str] | None, bool]:
-    """x positions, tick labels for categorical values (else None), and whether to use log x."""
+#: Factors whose effect is read on a log scale (training time, regularisation strengths).
+LOG_FACTORS = ("epochs", "damping", "weight_decay")
+
+
+def _sweep_x(values: Sequence, factor: str = "") -> tuple[np.ndarray, list[str] | None, bool]:
+    """x positions, tick labels for categorical values (else None), and whether to use log x
+    (always for :data:`LOG_FACTORS` with positive values, else when they span 20× or more).
+    """
     numeric = [_finite(v) for v in values]
     if any(v is None for v in numeric) or any(isinstance(v, (bool, str)) for v in values):
         return np.arange(len(values), dtype=float), [str(v) for v in values], False
     arr = np.array(numeric)
-    log = bool(arr.size > 1 and (arr > 0).all() and arr.max() / arr.min() >= 20)
+    positive = bool(arr.size > 1 and (arr > 0).all())
+    log = positive and (factor in LOG_FACTORS or bool(arr.max() / arr.min() >= 20))
     return arr, None, log
 
 
@@ -321,7 +328,7 @@ def plot_sweep(factor: str, values: Sequence, summaries: Sequence[Mapping], path
             f"plot_sweep needs one summary per value; got {len(values)} values and "
             f"{len(summaries)} summaries."
         )
-    x, labels, logx = _sweep_x(values)
+    x, labels, logx = _sweep_x(values, factor)
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_gap, ax_corr = fig.subplots(1, 2)
     _sweep_gap_panel(ax_gap, x, summaries, factor)
@@ -397,6 +404,21 @@ def _headline_config(config: Mapping) -> dict:
     }
 
 
+def _cold_seeds_note(summary: Mapping, config: Mapping) -> str | None:
+    """Which seeds cold start retrains with, and whether one of them is θ^s's own seed (then
+    that retraining repeats θ^s's initialisation and minibatch order: same-seed retraining).
+    """
+    seeds = list((config.get("responses") or {}).get("cold_seeds") or [])
+    if "cold" not in (summary.get("kinds") or []) or not seeds:
+        return None
+    own = (config.get("train") or {}).get("seed")
+    if own in seeds:
+        other = len(seeds) - 1
+        return (f"{seeds}: includes θ^s's seed {own} (same-seed retraining)"
+                + (f" and {other} other seed{'s' if other != 1 else ''}" if other else " only"))
+    return f"{seeds}: all different from θ^s's seed {own}"
+
+
 def _experiment_section(summary: Mapping, config: Mapping) -> str:
     """Key facts: ``summary["experiment"]``, sizes, kinds computed, headline config values."""
     facts = dict(summary.get("experiment") or {})
@@ -410,6 +432,9 @@ def _experiment_section(summary: Mapping, config: Mapping) -> str:
     for key, value in _headline_config(config).items():
         if key.rsplit(".", 1)[-1] not in facts:  # e.g. data.n_train when n_train is known
             facts[key] = value
+    seeds_note = _cold_seeds_note(summary, config)
+    if seeds_note:
+        facts["cold-start seeds"] = seeds_note
     if not facts:
         return ""
     rows = [(f"`{k}`", _fmt_config_value(v)) for k, v in _flatten(facts)]
