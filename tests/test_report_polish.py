@@ -40,3 +40,34 @@ def test_table_labels_sweep_runs_with_preset_and_value(tmp_path, capsys):
     assert "digits-mlp (tiny) damping=0.01" in out
     assert "digits-mlp (tiny)" in out.splitlines()[-1]
     assert cli._table_label(Path("x"), {}) == "x"
+
+
+def _summary(pbrf_p, pbrf_s, gaps):
+    names = ("warm-start gap", "proximity gap", "non-convergence gap", "linearisation error",
+             "solver error")
+    return {"correlations": {"pbrf": {"pearson": pbrf_p, "spearman": pbrf_s},
+                             "cold": {"pearson": 0.2, "spearman": 0.1}},
+            "decomposition": {"gaps": dict(zip(names, gaps))}}
+
+
+def test_how_to_read_follows_the_measured_numbers():
+    paper = report.how_to_read(_summary(0.98, 0.99, [1e-2, 3e-3, 8e-3, 2e-5, 1e-7]))
+    assert "tracks the PBRF closely" in paper and "the paper's finding" in paper
+    assert "Unlike" not in paper
+    lin = report._measured_reading(_summary(0.95, 0.96, [1e-2, 3e-3, 8e-3, 5e-3, 1e-7]))
+    assert "Unlike the paper's finding" in lin and "linearisation" in lin
+    solver = report._measured_reading(_summary(0.5, 0.4, [1e-2, 3e-3, 8e-3, 2e-3, 4e-3]))
+    assert "does not track the PBRF well" in solver and "not converged enough" in solver
+    ranks = report._measured_reading(_summary(0.6, 0.95, [1e-2, 3e-3, 8e-3, 2e-5, 1e-7]))
+    assert "ranks the removals as the PBRF does" in ranks
+    partial = report._measured_reading({"decomposition": {"gaps": {"proximity gap": 1e-3}}})
+    assert "do not form the whole chain" in partial
+
+
+def test_no_empty_decomposition_figure_when_no_gap_is_measured(tmp_path):
+    import numpy as np
+
+    summary = {"correlations": {}, "decomposition": {"gaps": {"proximity gap": None}}}
+    report.write_report(tmp_path, summary, {"pbrf": np.zeros((2, 3))}, {})
+    assert not (tmp_path / "figures" / "decomposition.png").exists()
+    assert "decomposition" not in (tmp_path / "report.md").read_text().split("## Figures")[-1]

@@ -167,6 +167,12 @@ def _log_bars(ax, labels: Sequence[str], values: Sequence, colors: Sequence, yla
     ax.margins(y=0.15)
 
 
+def _any_gap(summary: Mapping) -> bool:
+    """Whether any gap was measured (else the decomposition figure would be empty)."""
+    gaps = _decomp(summary).get("gaps") or {}
+    return any(_plottable(v) is not None for v in gaps.values())
+
+
 def plot_decomposition(summary: Mapping, path) -> Path:
     """The five gaps as bars on a log scale (and the output-space variant when present)."""
     dec = _decomp(summary)
@@ -573,6 +579,58 @@ warm-start, proximity and non-convergence gaps, not from the influence computati
 error and solver error)."""
 
 
+def _measured_reading(summary: Mapping) -> str:
+    """What this run's numbers say, in words that follow them (not a fixed story)."""
+    gaps = {g: _plottable(v) for g, v in ((_decomp(summary).get("gaps") or {}).items())}
+    corr = _corr(summary)
+    lines = []
+    pbrf = _plottable(_get(corr, "pbrf", "pearson"))
+    rank = _plottable(_get(corr, "pbrf", "spearman"))
+    cold = _plottable(_get(corr, "cold", "pearson"))
+    if pbrf is not None:
+        both = f"Pearson {pbrf:.3f}" + (f", Spearman {rank:.3f}" if rank is not None else "")
+        if pbrf >= 0.9:
+            text = f"Here influence tracks the PBRF closely ({both})"
+        elif rank is not None and rank >= 0.9:
+            text = (f"Here influence ranks the removals as the PBRF does ({both}); the lower "
+                    "Pearson comes from a few large responses (see the scatter plot)")
+        elif pbrf >= 0.7:
+            text = f"Here influence tracks the PBRF only moderately ({both})"
+        else:
+            text = (f"Here influence does not track the PBRF well ({both}): look at the solver "
+                    "residuals, the linearisation error and the certificates above")
+        if cold is not None:
+            text += f"; its Pearson correlation with cold-start LOO is {cold:.3f}"
+        lines.append(text + ".")
+    first = [gaps.get(g) for g in GAPS[:3]]
+    last = [gaps.get(g) for g in GAPS[3:]]
+    if all(v is not None for v in first + last):
+        big, small = max(first), max(last)
+        name = GAPS[first.index(big)]
+        if small > 0 and big >= 10 * small:
+            lines.append(f"The {name} is the largest gap ({fmt_value(big)}); the warm-start, "
+                         "proximity and non-convergence gaps exceed the linearisation and solver "
+                         f"errors by a factor {big / small:.0f} or more, the paper's finding.")
+        else:
+            lines.append(f"Unlike the paper's finding, the linearisation and solver errors are not "
+                         f"small here: the largest of them is {fmt_value(small)}, against "
+                         f"{fmt_value(big)} for the {name}.")
+        lin, solver = gaps.get(GAPS[3]), gaps.get(GAPS[4])
+        if solver > 0.5 * lin and solver > 0.1 * big:
+            lines.append("The solver error is comparable to the linearisation error: the practical "
+                         "solver ([influence] solver) is not converged enough for this comparison.")
+    elif gaps:
+        lines.append("The computed response functions do not form the whole chain, so only some "
+                     "gaps are measured.")
+    return " ".join(lines)
+
+
+def how_to_read(summary: Mapping) -> str:
+    """The "How to read this" section: conventions, then what this run's numbers say."""
+    measured = _measured_reading(summary)
+    return HOW_TO_READ + (f"\n\n**This run.** {measured}" if measured else "")
+
+
 def _figures_section(figures: Mapping[str, Path | None], run_dir: Path) -> str:
     lines = ["## Figures"]
     for name, path in figures.items():
@@ -733,7 +791,7 @@ def render_markdown(
              _figures_section(figures, run_dir)]
     if "diagnostics" in summary:
         parts.append(_diagnostics_section(summary["diagnostics"]))
-    parts += [HOW_TO_READ, _config_section(config)]
+    parts += [how_to_read(summary), _config_section(config)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -768,7 +826,8 @@ def write_report(
     summary_text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
     fig_dir = run_dir / "figures"
     figures = {
-        "decomposition": plot_decomposition(clean, fig_dir / "decomposition.png"),
+        "decomposition": (plot_decomposition(clean, fig_dir / "decomposition.png")
+                          if _any_gap(clean) else None),
         "scatter": plot_scatter(clean, dm or {}, fig_dir / "scatter.png"),
         "correlations": plot_correlations(clean, fig_dir / "correlations.png"),
     }
