@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from pbrf import cli
 from pbrf.experiment import report
 
@@ -71,3 +73,51 @@ def test_no_empty_decomposition_figure_when_no_gap_is_measured(tmp_path):
     report.write_report(tmp_path, summary, {"pbrf": np.zeros((2, 3))}, {})
     assert not (tmp_path / "figures" / "decomposition.png").exists()
     assert "decomposition" not in (tmp_path / "report.md").read_text().split("## Figures")[-1]
+
+
+def _gap_summary(warm, lin=1e-6):
+    names = ("warm-start gap", "proximity gap", "non-convergence gap", "linearisation error",
+             "solver error")
+    return {"decomposition": {"gaps": dict(zip(names, [warm, 1e-3, 1e-3, lin, 1e-8]))},
+            "correlations": {"pbrf": {"pearson": 0.9}, "cold": {"pearson": 0.3}}}
+
+
+def test_sweep_trends_direction_and_error_bar_separation(tmp_path):
+    # three values x three seeds; the warm-start gap grows and its bars separate
+    per_value = [[_gap_summary(w + d) for d in (-1e-4, 0.0, 1e-4)] for w in (1e-3, 2e-3, 4e-3)]
+    t = report.sweep_trends([1, 2, 3], per_value)
+    warm = t["warm-start gap"]
+    assert warm["direction"] == "increases" and warm["separated"] is True
+    assert warm["means"] == pytest.approx([1e-3, 2e-3, 4e-3])
+    assert warm["stds"][0] == pytest.approx(1e-4)
+    # a gap that does not move: non-monotone noise, bars overlap
+    noisy = [[_gap_summary(1e-3, lin=v) for v in vals] for vals in
+             ((1e-6, 3e-6, 2e-6), (2e-6, 1e-6, 3e-6), (1.5e-6, 2.5e-6, 2e-6))]
+    lin = report.sweep_trends([1, 2, 3], noisy)["linearisation error"]
+    assert lin["separated"] is False
+    single = report.sweep_trends([1, 2], [_gap_summary(1e-3), _gap_summary(2e-3)])
+    assert single["warm-start gap"]["separated"] is None
+    assert report.plot_sweep("width", [1, 2, 3], per_value, tmp_path / "s.png").is_file()
+    assert report.plot_sweep("width", [1, 2], [{}, {}], tmp_path / "empty.png").is_file()
+
+
+
+def test_sweep_several_factors_and_seeds(tmp_path):
+    from .test_cli import CHEAP, TINY, pbrf_cmd
+
+    out = tmp_path / "sweep"
+    proc = pbrf_cmd("sweep", "digits-mlp", *TINY, *CHEAP, "--factor", "damping", "--values",
+                    "0.1,1", "--factor", "width", "--values", "8,16", "--seeds", "2",
+                    "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "sweep-damping.png").is_file() and (out / "sweep-width.png").is_file()
+    seeds = sorted(p.name for p in (out / "width=8").iterdir() if p.is_dir())
+    assert seeds == ["seed=0", "seed=1"]
+    cfg = json.loads((out / "width=8" / "seed=1" / "config.json").read_text())
+    assert cfg["train"]["seed"] == 1 and cfg["model"]["options"]["width"] == 8
+    text = (out / "sweep.md").read_text()
+    assert "## damping" in text and "## width" in text and " ± " in text
+    assert "with damping (the error bars" in text
+    bad = pbrf_cmd("sweep", "digits-mlp", *TINY, "--factor", "damping", "--values", "0.1",
+                   "--factor", "width", cwd=tmp_path)
+    assert bad.returncode == 2 and "one --values per --factor" in bad.stderr

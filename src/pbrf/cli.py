@@ -99,11 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "against it.")
     sweep.add_argument("spec", metavar="PRESET|CONFIG.toml",
                        help="a built-in preset or a TOML config file")
-    sweep.add_argument("--factor", required=True, choices=tuple(SWEEP_FACTORS),
-                       help="the factor to vary")
-    sweep.add_argument("--values", required=True, help="comma-separated values, e.g. 16,32,64")
+    sweep.add_argument("--factor", required=True, action="append", choices=tuple(SWEEP_FACTORS),
+                       help="the factor to vary (repeatable, each with its own --values)")
+    sweep.add_argument("--values", required=True, action="append",
+                       help="comma-separated values, e.g. 16,32,64 (one --values per --factor)")
+    sweep.add_argument("--seeds", type=int, default=1,
+                       help="seeds per value (train.seed + 0..N-1): mean ± std error bars "
+                            "(default 1)")
     sweep.add_argument("--out", default=None, help="sweep directory (default "
-                                                   "runs/<name>-sweep-<factor>)")
+                                                   "runs/<name>-sweep-<factor>[-<factor>...])")
     _add_run_options(sweep)
 
     table = sub.add_parser("table",
@@ -229,61 +233,129 @@ def _parse_values(text: str) -> list:
     return [parse_set(f"v={v}")[1] for v in values]
 
 
+def _sweep_plan(args) -> tuple[Path, list[tuple[str, list, list, list[list[Path]]]]]:
+    """Per factor: its values, their configs (one per seed) and run directories.
+
+    Everything is resolved and checked before anything runs.
+    """
+    from .experiment.store import check_run_dir
+
+    if len(args.factor) != len(args.values):
+        raise UsageError(f"pbrf sweep: {len(args.factor)} --factor but {len(args.values)} "
+                         "--values; give one --values per --factor.")
+    if len(set(args.factor)) != len(args.factor):
+        raise UsageError("pbrf sweep: a factor is given twice; list all its values in one "
+                         "--values.")
+    if args.seeds < 1:
+        raise UsageError("pbrf sweep: --seeds must be a positive integer, e.g. --seeds 3.")
+    base = _config_from_args(args)
+    name = f"{base.name}-sweep-{'-'.join(args.factor)}"
+    out = Path(args.out) if args.out else Path("runs") / name
+    plan = []
+    for factor, text in zip(args.factor, args.values):
+        key, values = SWEEP_FACTORS[factor], _parse_values(text)
+        configs, dirs = [], []
+        for v in values:
+            sets = [f"{key}={json.dumps(v)}"]
+            per_seed = [_config_from_args(args, sets + [f"train.seed={base.train.seed + k}"])
+                        for k in range(args.seeds)]
+            folder = out / f"{factor}={v}"
+            configs.append(per_seed)
+            dirs.append([folder] if args.seeds == 1 else [folder / f"seed={base.train.seed + k}"
+                                                          for k in range(args.seeds)])
+        for cfgs, ds in zip(configs, dirs):
+            for cfg, d in zip(cfgs, ds):
+                check_run_dir(d, cfg, args.overwrite)
+        plan.append((factor, values, configs, dirs))
+    return out, plan
+
+
 def cmd_sweep(args) -> int:
-    """``pbrf sweep``: validate every value first, then run them one after the other."""
+    """``pbrf sweep``: validate every value of every factor first, then run them one by one.
+
+    With ``--seeds N`` each value runs N times (``train.seed`` + 0..N-1, i.e. a different θ^s):
+    the figures show mean ± standard deviation over seeds and ``sweep.md`` states, per factor,
+    in which direction each gap moved and whether the error bars separate the values.
+    """
     from .experiment import report
     from .experiment.pipeline import prepare_inputs
-    from .experiment.store import atomic_write_text, check_run_dir
+    from .experiment.store import atomic_write_text
 
-    key = SWEEP_FACTORS[args.factor]
-    values = _parse_values(args.values)
-    configs = [_config_from_args(args, [f"{key}={json.dumps(v)}"]) for v in values]
-    out = Path(args.out) if args.out else Path("runs") / f"{configs[0].name}-sweep-{args.factor}"
-    dirs = [out / f"{args.factor}={v}" for v in values]
-    for cfg, d in zip(configs, dirs):
-        check_run_dir(d, cfg, args.overwrite)
-    inputs = [prepare_inputs(cfg) for cfg in configs]
+    out, plan = _sweep_plan(args)
+    inputs = {id(c): prepare_inputs(c) for _, _, configs, _ in plan for cs in configs for c in cs}
     executor = _executor(args)
-    summaries = []
+    results = []
     try:
-        for cfg, d, inp, v in zip(configs, dirs, inputs, values):
-            print(f"== {args.factor} = {v} ==", file=sys.stderr)
-            try:
-                summaries.append(_run_one(cfg, d, args, executor, inp))
-            except OSError as err:
-                raise _named(err, d) from None
+        for factor, values, configs, dirs in plan:
+            per_value = []
+            for v, cfgs, ds in zip(values, configs, dirs):
+                seeds = []
+                for cfg, d in zip(cfgs, ds):
+                    print(f"== {factor} = {v}, train.seed = {cfg.train.seed} ==", file=sys.stderr)
+                    try:
+                        seeds.append(_run_one(cfg, d, args, executor, inputs[id(cfg)]))
+                    except OSError as err:
+                        raise _named(err, d) from None
+                per_value.append(seeds)
+            results.append((factor, values, per_value))
     finally:
         executor.close()
-    figure = report.plot_sweep(args.factor, values, summaries, out / "sweep.png")
-    rows = [(f"{args.factor}={v}", s) for v, s in zip(values, summaries)]
-    text = _sweep_markdown(args, values, summaries, rows, figure, out)
-    atomic_write_text(out / "sweep.md", text)
-    print(report.format_table_text(rows))
+    sections = []
+    for factor, values, per_value in results:
+        name = "sweep.png" if len(results) == 1 else f"sweep-{factor}.png"
+        figure = report.plot_sweep(factor, values, per_value, out / name)
+        sections.append(_sweep_markdown(factor, values, per_value, figure, out))
+        rows = [(f"{factor}={v}" + (f" seed {k}" if args.seeds > 1 else ""), s)
+                for v, seeds in zip(values, per_value) for k, s in enumerate(seeds)]
+        print(report.format_table_text(rows))
+    title = f"# Sweep of {', '.join(args.factor)} ({args.spec}, profile {args.profile}"
+    title += f", {args.seeds} seeds per value)" if args.seeds > 1 else ")"
+    atomic_write_text(out / "sweep.md", "\n\n".join([title, *sections]) + "\n")
     print(f"\nsweep report: {out / 'sweep.md'}")
     return 0
 
 
-def _sweep_markdown(args, values, summaries, rows, figure, out: Path) -> str:
+def _sweep_markdown(factor: str, values: list, per_value: list, figure, out: Path) -> str:
+    import numpy as np
+
     from .experiment import analysis, report
 
-    gap_rows = ["| " + " | ".join([f"{args.factor}"] + list(analysis.GAPS)) + " |",
-                "|" + "---|" * (len(analysis.GAPS) + 1)]
-    for v, s in zip(values, summaries):
-        gaps = s.get("decomposition", {}).get("gaps", {})
-        cells = [str(v)] + [report.fmt_value(gaps.get(g)) for g in analysis.GAPS]
-        gap_rows.append("| " + " | ".join(cells) + " |")
+    def cell(mean, std, n):
+        if mean is None:
+            return "n/a"
+        return report.fmt_value(mean) + (f" ± {report.fmt_value(std)}" if n > 1 else "")
+
+    n = min(len(s) for s in per_value)
+    trends = report.sweep_trends(values, per_value)
+    gap_rows = [["value"] + list(analysis.GAPS)]
+    for i, v in enumerate(values):
+        gap_rows.append([str(v)] + [cell(trends[g]["means"][i], trends[g]["stds"][i], n)
+                                    for g in analysis.GAPS])
+    corr_rows = [["value", "PBRF Pearson", "cold LOO Pearson"]]
+    for v, seeds in zip(values, per_value):
+        row = [str(v)]
+        for kind in ("pbrf", "cold"):
+            vals = [c for c in (report._plottable(report._get(s, "correlations", kind, "pearson"))
+                                for s in seeds) if c is not None]
+            row.append(cell(float(np.mean(vals)) if vals else None,
+                            float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, n))
+        corr_rows.append(row)
+    lines = []
+    for g in analysis.GAPS:
+        t = trends[g]
+        ends = "the error bars of the smallest and largest value"
+        sep = {None: "one seed per value, no error bars", True: f"{ends} separate",
+               False: f"{ends} overlap"}[t["separated"]]
+        lines.append(f"- {g}: {t['direction']} with {factor} ({sep}).")
     fig = Path(figure).relative_to(out).as_posix() if figure else None
-    parts = [
-        f"# Sweep of {args.factor} ({args.spec}, profile {args.profile})",
-        "## Correlations",
-        report.format_table(rows),
-        "## Mean gaps |Δm|",
-        "\n".join(gap_rows),
-    ]
+    parts = [f"## {factor}", f"Values {values}, {n} seed{'s' if n != 1 else ''} each "
+             + ("(mean ± standard deviation over seeds)." if n > 1 else "."),
+             "### Mean gaps |Δm|", report._md_table(gap_rows[0], gap_rows[1:]),
+             "### Influence vs response", report._md_table(corr_rows[0], corr_rows[1:]),
+             "### How each gap moved", "\n".join(lines)]
     if fig:
-        parts.append(f"![gaps vs {args.factor}]({fig})")
-    parts.append("Runs: " + ", ".join(f"`{args.factor}={v}/`" for v in values))
-    return "\n\n".join(parts) + "\n"
+        parts.append(f"![gaps vs {factor}]({fig})")
+    return "\n\n".join(parts)
 
 
 def _table_label(run: Path, summary: dict) -> str:

@@ -286,41 +286,100 @@ def _sweep_x(values: Sequence, factor: str = "") -> tuple[np.ndarray, list[str] 
     return arr, None, log
 
 
-def _sweep_gap_panel(ax, x: np.ndarray, summaries: Sequence[Mapping], factor: str) -> None:
-    for gap in GAPS:
-        y = [_plottable(_get(s, "decomposition", "gaps", gap)) for s in summaries]
-        ax.plot(
-            x,
-            [v if v is not None and v > 0 else np.nan for v in y],
-            "o-",
-            color=GAP_COLORS[gap],
-            label=gap,
-        )
-    ax.set_yscale("log")
+def _seed_stats(groups: Sequence, get) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over the seeds of each value (NaN where none is finite)."""
+    means, stds = [], []
+    for group in groups:
+        vals = [v for v in (_plottable(get(s)) for s in _as_seeds(group)) if v is not None]
+        means.append(float(np.mean(vals)) if vals else np.nan)
+        stds.append(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
+    return np.array(means), np.array(stds)
+
+
+def _as_seeds(group) -> list:
+    """One value's summaries: a single summary or a sequence of summaries (one per seed)."""
+    return [group] if isinstance(group, Mapping) else list(group)
+
+
+def _sweep_gap_panel(ax, x: np.ndarray, summaries: Sequence, factor: str) -> None:
+    series = [(gap, "o-", GAP_COLORS[gap], lambda s, g=gap: _get(s, "decomposition", "gaps", g))
+              for gap in GAPS]
+    series += [(f"paired-chain drift ({kind})", "x" + style, "0.45",
+                lambda s, k=kind: _get(s, "paired", "drift", k, "mean_abs"))
+               for kind, style in (("warm", ":"), ("proximal", "-."))]
+    drawn = 0
+    for label, fmt, color, get in series:
+        mean, std = _seed_stats(summaries, get)
+        mean = np.where(mean > 0, mean, np.nan)
+        if not np.isfinite(mean).any():  # not measured (the kinds do not form that link)
+            continue
+        ax.errorbar(x, mean, yerr=np.minimum(std, 0.999 * np.nan_to_num(mean)), fmt=fmt,
+                    capsize=3, color=color, label=label)
+        drawn += 1
     ax.set_ylabel(r"mean $|\Delta m_a - \Delta m_b|$")
     ax.set_title(f"Gaps vs {factor}")
-    ax.legend(fontsize=8)
+    if not drawn:
+        ax.text(0.5, 0.5, "no gap measured", ha="center", va="center", transform=ax.transAxes)
+        return
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
 
 
-def _sweep_corr_panel(ax, x: np.ndarray, summaries: Sequence[Mapping], factor: str) -> None:
+def _sweep_corr_panel(ax, x: np.ndarray, summaries: Sequence, factor: str) -> None:
     for kind, style in (("pbrf", "o-"), ("cold", "s--")):
-        y = [_finite(_get(s, "correlations", kind, "pearson")) for s in summaries]
-        y = [np.nan if v is None else v for v in y]
-        ax.plot(x, y, style, color=KIND_COLORS[kind], label=f"influence vs {KIND_LABELS[kind]}")
+        mean, std = _seed_stats(summaries, lambda s, k=kind: _get(s, "correlations", k, "pearson"))
+        if not np.isfinite(mean).any():  # that response was not computed
+            continue
+        ax.errorbar(x, mean, yerr=std, fmt=style, capsize=3, color=KIND_COLORS[kind],
+                    label=f"influence vs {KIND_LABELS[kind]}")
+    if not ax.has_data():
+        ax.text(0.5, 0.5, "PBRF and cold start not computed", ha="center", va="center",
+                transform=ax.transAxes)
+        return
     ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.05)
     ax.set_ylabel("Pearson correlation")
     ax.set_title(f"Correlation vs {factor}")
     ax.legend(fontsize=8)
 
 
-def plot_sweep(factor: str, values: Sequence, summaries: Sequence[Mapping], path) -> Path:
+def sweep_trends(values: Sequence, summaries: Sequence) -> dict[str, dict]:
+    """Per gap: how its mean over seeds moved with the factor, and whether the error bars (mean
+    ± std over seeds) of the smallest and largest value separate.
+
+    Returns ``{gap: {"direction": "increases" | "decreases" | "non-monotone" | "n/a",
+    "separated": bool | None, "means": [...], "stds": [...]}}`` (``separated`` is ``None`` with
+    one seed per value: no error bars).
+    """
+    out = {}
+    n_seeds = min(len(_as_seeds(g)) for g in summaries) if summaries else 0
+    for gap in GAPS:
+        mean, std = _seed_stats(summaries, lambda s, g=gap: _get(s, "decomposition", "gaps", g))
+        ok = np.isfinite(mean)
+        m = mean[ok]
+        if m.size < 2:
+            direction, separated = "n/a", None
+        else:
+            steps = np.diff(m)
+            direction = ("increases" if (steps > 0).all() else "decreases" if (steps < 0).all()
+                         else "non-monotone")
+            lo, hi = int(np.argmin(m)), int(np.argmax(m))
+            s_ok = std[ok]
+            separated = None if n_seeds < 2 else bool(m[hi] - s_ok[hi] > m[lo] + s_ok[lo])
+        out[gap] = {"direction": direction, "separated": separated,
+                    "means": [None if not np.isfinite(v) else float(v) for v in mean],
+                    "stds": [float(v) for v in std]}
+    return out
+
+
+def plot_sweep(factor: str, values: Sequence, summaries: Sequence, path) -> Path:
     """Gaps (log y) and influence-vs-PBRF / vs-LOO Pearson correlation against a factor's value.
 
     Args:
         factor: name of the varied factor (x-axis label), e.g. ``"damping"`` or ``"width"``.
-        values: the factor's values, one per summary: numbers (log x-axis when positive and
-            spanning at least a factor 20) or labels (categorical axis).
-        summaries: :func:`pbrf.experiment.analysis.summarise` results, in the order of ``values``.
+        values: the factor's values, one per summary: numbers (log x-axis for epochs, damping
+            and weight decay, or when positive and spanning at least a factor 20) or labels.
+        summaries: per value, one :func:`pbrf.experiment.analysis.summarise` result or a
+            sequence of them (one per seed: mean ± standard deviation as error bars).
         path: where to write the PNG (written atomically; parent folders created).
 
     Returns:
@@ -342,7 +401,7 @@ def plot_sweep(factor: str, values: Sequence, summaries: Sequence[Mapping], path
     for ax in (ax_gap, ax_corr):
         ax.set_xlabel(factor)
         ax.grid(alpha=0.3)
-        if logx:
+        if logx and ax.has_data():  # a log axis without data has no limits to take
             ax.set_xscale("log")
         if labels is not None:
             ax.set_xticks(x, labels)
