@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a built-in preset (default digits-mlp; see `pbrf presets`) or a TOML "
                           "config file")
     run.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print sizes, budgets and estimates of peak memory and compute "
+                          "(measured probes at the run's sizes); write nothing")
     _add_run_options(run)
 
     sweep = sub.add_parser("sweep",
@@ -203,6 +206,11 @@ def cmd_run(args) -> int:
 
     config = _config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / config.name
+    if args.dry_run:
+        from .experiment.dryrun import dry_run, format_dry_run
+
+        print(format_dry_run(dry_run(config, prepare_inputs(config))))
+        return 0
     check_run_dir(out, config, args.overwrite)
     inputs = prepare_inputs(config)
     executor = _executor(args)

@@ -1,0 +1,168 @@
+"""``pbrf run --dry-run``: what a run will do and roughly what it will cost, before any work.
+
+Nothing is written. The data are loaded and the config validated as for a real run; then the
+model at its initialisation (the costs do not depend on the trained values) is put through one of
+each heavy operation of the run, at the run's sizes, with its peak memory measured:
+
+* a Gauss–Newton product for ``run.chunk_size + 1`` directions over one data chunk (the inner
+  operation of the batched Newton optimiser of the PBRF / proximal responses);
+* one vmapped gradient step of ``run.chunk_size + 1`` stacked models on one minibatch (cold and
+  warm start, the LDS retraining);
+* the per-example gradients of one data chunk (influence);
+* the dense damped curvature, when a solver is ``exact``.
+
+The peak-memory estimate is the process's resident memory after loading (data, model, torch)
+plus the largest probe, plus the Newton state (about twelve ``[K, p]`` vectors). The compute
+estimate multiplies the probes' wall times by the number of such operations; the Newton and CG
+iteration counts are typical values (10 and 20), not the caps, so it is an order of magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .config import ExperimentConfig
+
+__all__ = ["dry_run", "format_dry_run"]
+
+#: Typical Newton (outer) and CG (inner) iterations per response, for the compute estimate.
+TYPICAL_NEWTON, TYPICAL_CG = 10, 20
+#: ``[K, p]`` float64 vectors the Newton optimiser keeps per chunk (θ, gradient, CG state, ...).
+NEWTON_VECTORS = 12
+
+
+def _measure(fn, repeats: int = 3) -> tuple[float, int]:
+    """Peak memory of the first call, and the best wall time of ``repeats`` further calls (the
+    first pays for tracing and allocation, which a long run pays once).
+    """
+    from pbrf.estimators import MemoryMeter
+
+    with MemoryMeter() as meter:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times, default=math.nan), int(meter.peak or 0)
+
+
+def dry_run(config: ExperimentConfig, inputs) -> dict:
+    """Sizes, budgets and measured probes of a run (see the module docstring); writes nothing."""
+    from pbrf import Recipe
+    from pbrf.curvature import CurvatureOperator
+    from pbrf.estimators import MemoryMeter
+    from pbrf.influence import per_example_grads
+
+    from . import report  # noqa: F401 - a run imports it (matplotlib) before it ends: count it
+    from .inputs import build_problem
+    from .selection import random_groups
+
+    model = inputs.initial_model()
+    problem = build_problem(inputs, {k: v.detach() for k, v in model.named_parameters()})
+    measure = problem.astype(torch.float64)
+    base_rss = MemoryMeter.rss() or 0
+    n, p = problem.n_train, problem.n_params
+    rc, run = config.removals, config.run
+    K = min(run.chunk_size, rc.n_removals) + 1
+    kinds = list(config.responses.ordered_kinds())
+    n_chunks = math.ceil(rc.n_removals / run.chunk_size)
+    data_chunk = min(measure.chunk_size, n)
+
+    V = torch.randn(K, p, dtype=measure.dtype, generator=torch.Generator().manual_seed(0))
+    idx = torch.arange(data_chunk)
+    op = CurvatureOperator(measure, config.influence.curvature, config.influence.damping)
+    gn_seconds, gn_peak = _measure(lambda: op.matvec(V, index=idx))
+
+    train = Recipe(**config.train.recipe_dict())
+    batch = min(train.batch_size or n, n)
+    step_seconds, step_peak = _measure(lambda: _stacked_step(problem, K, batch))
+    grad_seconds, grad_peak = _measure(lambda: per_example_grads(
+        measure, measure.x[:data_chunk], measure.t[:data_chunk]))
+
+    dense_peak = 0
+    if "exact" in (config.influence.solver, config.influence.accurate_solver):
+        _, dense_peak = _measure(lambda: op.dense(), repeats=0)  # the exact solves' dense C
+
+    newton_state = NEWTON_VECTORS * K * p * 8
+    peak = base_rss + max(gn_peak + newton_state, step_peak, grad_peak, dense_peak)
+    steps = train.total_steps(n)
+    seeds = len(config.responses.cold_seeds)
+    data_passes = math.ceil(n / data_chunk)
+    newton_kinds = [k for k in ("pbrf", "proximal") if k in kinds]
+    compute = {
+        "base training": steps * step_seconds / K,
+        "cold start": (steps * step_seconds * seeds * n_chunks) if "cold" in kinds else 0.0,
+        "warm start": (steps * step_seconds * n_chunks) if "warm" in kinds else 0.0,
+        "PBRF / proximal (Newton)": (len(newton_kinds) * n_chunks * TYPICAL_NEWTON * TYPICAL_CG
+                                     * data_passes * gn_seconds),
+        "influence": (rc.n_test_points * TYPICAL_CG * data_passes * gn_seconds / K
+                      + data_passes * grad_seconds),
+        "LDS": (steps * step_seconds * math.ceil(config.lds.subsets / run.chunk_size)
+                * len(config.lds.seeds or config.responses.cold_seeds)),
+    }
+    if rc.strategy == "random":
+        random_groups(config, n)  # the choice works (validated again by the run)
+    return {
+        "name": config.name, "profile": config.profile, "dataset": config.data.name, "n_train": n,
+        "n_params": p, "dtype": run.dtype, "device": run.device, "task": inputs.task_name,
+        "n_test_points": rc.n_test_points, "n_removals": rc.n_removals,
+        "group_size": rc.resolved_group_size(n), "chunk_size": run.chunk_size, "n_chunks": n_chunks,
+        "kinds": kinds, "base_steps": steps, "cold_seeds": list(config.responses.cold_seeds),
+        "response_recipe": config.responses.recipe_dict(), "lds_subsets": config.lds.subsets,
+        "baseline_rss_bytes": base_rss, "probe_peak_bytes": {"gauss_newton": gn_peak,
+                                                             "training_step": step_peak,
+                                                             "per_example_grads": grad_peak,
+                                                             "dense_curvature": dense_peak},
+        "newton_state_bytes": newton_state, "estimated_peak_bytes": peak,
+        "probe_seconds": {"gauss_newton": gn_seconds, "training_step": step_seconds,
+                          "per_example_grads": grad_seconds},
+        "estimated_seconds": compute, "estimated_total_seconds": sum(compute.values()),
+    }
+
+
+def _stacked_step(problem, K: int, batch: int) -> None:
+    """One gradient of K stacked copies of the model on one minibatch (vmap, as the engine)."""
+    from torch.func import grad, vmap
+
+    stacked = {k: v.unsqueeze(0).expand(K, *v.shape).clone() for k, v in problem.params.items()}
+    x, t = problem.x[:batch], problem.t[:batch]
+
+    def loss(params):
+        return problem.losses(params, x, t).mean()
+
+    vmap(grad(loss))(stacked)
+
+
+def format_dry_run(d: dict) -> str:
+    """The dry run as text for the terminal."""
+    gib = 2**30
+    lines = [
+        f"dry run of {d['name']} ({d['profile']}): nothing computed, nothing written",
+        f"  data      {d['dataset']}: N = {d['n_train']:,} training points, task {d['task']}",
+        f"  model     {d['n_params']:,} parameters, {d['dtype']} on {d['device']}",
+        f"  work      {d['n_test_points']} test points x {d['n_removals']} removal sets of "
+        f"{d['group_size']} point(s), in {d['n_chunks']} chunk(s) of {d['chunk_size']}",
+        f"  kinds     {', '.join(d['kinds'])}",
+        f"  budgets   base training {d['base_steps']:,} steps; cold-start seeds {d['cold_seeds']}; "
+        f"PBRF/proximal recipe {d['response_recipe']}; LDS subsets {d['lds_subsets']}",
+        f"  memory    about {d['estimated_peak_bytes'] / gib:.2f} GiB peak resident "
+        f"(loaded {d['baseline_rss_bytes'] / gib:.2f} GiB + largest measured probe "
+        f"{max(d['probe_peak_bytes'].values()) / gib:.2f} GiB + Newton state "
+        f"{d['newton_state_bytes'] / gib:.2f} GiB)",
+        f"  compute   roughly {_duration(d['estimated_total_seconds'])} at this machine's speed "
+        "(typical iteration counts; an order of magnitude):",
+    ]
+    lines += [f"              {k}: {_duration(v)}" for k, v in d["estimated_seconds"].items() if v]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

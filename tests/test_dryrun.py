@@ -1,0 +1,46 @@
+"""``pbrf run --dry-run``: writes nothing, and its peak-memory estimate is within 30% of a run's."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .test_cli import TINY, pbrf_cmd
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def test_dry_run_prints_sizes_and_writes_nothing(tmp_path):
+    proc = pbrf_cmd("run", *TINY, "--dry-run", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "nothing written" in out and "parameters" in out
+    assert "5 test points x 8 removal sets" in out
+    assert "GiB peak resident" in out and "compute" in out
+    assert not (tmp_path / "r").exists() and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_dry_run_memory_estimate_within_30_percent_of_the_measured_peak(tmp_path):
+    """Both in fresh processes: the estimate (loaded process + probes) and the real run's peak
+    resident memory (ru_maxrss of the child running `pbrf run`)."""
+    estimate = subprocess.run(
+        [sys.executable, "-c",
+         "import json; from pbrf.experiment import config as c; "
+         "from pbrf.experiment.inputs import prepare_inputs; "
+         "from pbrf.experiment.dryrun import dry_run; "
+         "cfg = c.load_preset('digits-mlp', 'tiny', []); "
+         "print(json.dumps(dry_run(cfg, prepare_inputs(cfg))['estimated_peak_bytes']))"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, check=True)
+    measured = subprocess.run(
+        [sys.executable, "-c",
+         "import resource, subprocess, sys; "
+         "subprocess.run([sys.executable, '-m', 'pbrf.cli', 'run', '--profile', 'tiny', "
+         "'--no-progress', '--out', 'r'], stdout=subprocess.DEVNULL, check=True); "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, check=True)
+    est = json.loads(estimate.stdout.strip().splitlines()[-1])
+    peak = int(measured.stdout.split()[-1])
+    assert abs(est - peak) <= 0.3 * peak, (est / 2**20, peak / 2**20)
