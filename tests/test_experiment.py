@@ -59,6 +59,32 @@ def test_preset_models_build_with_their_kwargs():
         assert set(cfg.model.options) <= set(params), f"{name}: {cfg.model.options}"
 
 
+def test_responses_embed_the_recipe_fields():
+    """``[responses]`` takes every field of pbrf.Recipe and of pbrf.NewtonRecipe (declared there
+    once); ``steps`` is the Newton ``max_iter``, ``responses.seed`` the stream of the response seed.
+    """
+    import dataclasses
+
+    from pbrf.newton import NewtonOptions
+    from pbrf.optim import RecipeFields
+
+    names = {f.name for f in dataclasses.fields(pbrf.experiment.config.ResponsesConfig)}
+    assert {f.name for f in dataclasses.fields(RecipeFields)} <= names
+    assert {f.name for f in dataclasses.fields(NewtonOptions)} <= names
+    cfg = load_preset("digits-binary", "tiny", ["responses.forcing=0.2", "responses.steps=7"])
+    assert cfg.responses.recipe_dict() == {**pbrf.NewtonRecipe(max_iter=7, forcing=0.2).to_dict(),
+                                           "optimizer": "newton"}
+    sets = ["responses.optimizer=adam", "responses.beta2=0.99", "responses.epochs=2"]
+    first = load_preset("digits-binary", "tiny", sets)
+    assert first.responses.recipe_dict()["beta2"] == 0.99
+    assert first.responses.recipe_dict()["epochs"] == 2 and first.responses.steps is None
+    with pytest.raises(ConfigError, match="responses.forcing"):
+        load_preset("digits-binary", "tiny", ["responses.forcing=2.0"])
+    seeds = {pipeline.response_seed(load_preset("digits-binary", "tiny", [f"responses.seed={s}"]))
+             for s in (0, 1)}
+    assert len(seeds) == 2
+
+
 def test_config_json_roundtrip():
     cfg = load_preset("digits-binary", "tiny", ["removals.group_fraction=0.05"])
     back = ExperimentConfig.from_dict(json.loads(cfg.to_json()))

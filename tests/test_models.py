@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from pbrf.models import MODELS, build, count_parameters, reinitialize
+from pbrf.models import DATA_ARGUMENTS, MODELS, build, count_parameters, reinitialize
 
 F64 = torch.float64
 
@@ -97,6 +97,15 @@ CIFAR_DEFAULTS = {
     "vgg13": ({}, 9_413_066),
     "resnet20": ({}, 269_722),
 }
+
+
+def test_every_model_declares_its_dataset_arguments():
+    """``DATA_ARGUMENTS`` names, for every model, arguments its builder takes."""
+    import inspect
+
+    assert set(DATA_ARGUMENTS) == set(MODELS)
+    for name, args in DATA_ARGUMENTS.items():
+        assert set(args) <= set(inspect.signature(MODELS[name]).parameters), name
 
 
 @pytest.mark.parametrize("name", list(CIFAR_DEFAULTS))

@@ -37,13 +37,27 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
-__all__ = ["NewtonRecipe", "newton_optimize", "batched_cg", "MODELS"]
+__all__ = ["NewtonRecipe", "NewtonOptions", "newton_optimize", "batched_cg", "MODELS"]
 
 MODELS = ("auto", "gn", "hessian")
 
 
 @dataclass(frozen=True)
-class NewtonRecipe:
+class NewtonOptions:
+    """The settings of :class:`NewtonRecipe` other than its budget, declared once:
+    :class:`NewtonRecipe` and the experiment config's ``[responses]`` section
+    (:class:`pbrf.experiment.config.ResponsesConfig`, whose ``steps`` is ``max_iter``) extend it.
+    """
+
+    cg_max_iter: int = 500
+    tol: float = 1e-8
+    forcing: float = 0.1
+    model: str = "auto"
+    switch: float = 1e-1
+
+
+@dataclass(frozen=True)
+class NewtonRecipe(NewtonOptions):
     """Settings of the batched Gauss–Newton trust-region optimiser (full batch).
 
     Args:
@@ -62,11 +76,6 @@ class NewtonRecipe:
     """
 
     max_iter: int = 100
-    cg_max_iter: int = 500
-    tol: float = 1e-8
-    forcing: float = 0.1
-    model: str = "auto"
-    switch: float = 1e-1
 
     def __post_init__(self) -> None:
         for name in ("max_iter", "cg_max_iter"):

@@ -19,7 +19,8 @@ is *valid* when every present kind is finite there, and every gap statistic is c
 same valid pairs, so the signed means still telescope exactly. The counts are reported.
 
 Every function returns plain Python floats / ints / lists / ``None`` (non-finite numbers become
-``None``), so the result can be written with ``json.dump(..., allow_nan=False)``.
+``None``), so the result can be written with ``json.dump(..., allow_nan=False)``;
+:func:`decomposition` returns the same as a typed :class:`~pbrf.experiment.results.Decomposition`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import numpy as np
 
 from pbrf import kinds as _kinds
 
+from .results import Decomposition
+
 __all__ = [
     "KINDS",
     "GAPS",
@@ -41,6 +44,7 @@ __all__ = [
     "pearson",
     "spearman",
     "decompose",
+    "decomposition",
     "correlations",
     "summarise",
 ]
@@ -288,7 +292,13 @@ def _telescoping_residual(dm: dict[str, np.ndarray], mask: np.ndarray) -> tuple[
 
 def decompose(dm: Mapping, df: Mapping | None = None) -> dict:
     """The five gaps between consecutive response functions (``docs/conventions.md`` §6), averaged
-    over pairs.
+    over pairs: :meth:`Decomposition.to_dict` of :func:`decomposition`.
+    """
+    return decomposition(dm, df).to_dict()
+
+
+def decomposition(dm: Mapping, df: Mapping | None = None) -> Decomposition:
+    """The five gaps between consecutive response functions, as a typed :class:`Decomposition`.
 
     For gap j between kinds a = ``KINDS[j]`` and b = ``KINDS[j + 1]``:
     ``gaps`` = mean |Δm_a − Δm_b|, ``signed`` = mean (Δm_a − Δm_b), ``output_gaps`` = mean
@@ -299,17 +309,7 @@ def decompose(dm: Mapping, df: Mapping | None = None) -> dict:
         df: optional ``{kind: Δf}``, each [n_removals, n_test, *out].
 
     Returns:
-        A JSON-safe dict::
-
-            {"gaps": {gap: float|None}, "signed": {gap: float|None},
-             "output_gaps": {gap: float|None} | None,
-             "total": mean |Δm_cold − Δm_influence| | None,
-             "total_signed": mean (Δm_cold − Δm_influence) | None,
-             "telescoping_residual": float|None,  # max over pairs, see below
-             "telescoping_chain": [first kind, last kind] | None,
-             "mean_abs": {kind: mean |Δm|}, "kinds": [present kinds],
-             "n_pairs": int, "n_valid": int, "nonfinite": {kind: int}}
-
+        A :class:`~pbrf.experiment.results.Decomposition` (its fields are JSON-safe).
         ``telescoping_residual`` is max over pairs of |Σ signed differences − (Δm_first −
         Δm_last)| over the contiguous chain of present kinds (None if the present kinds are not
         contiguous); it is floating-point round-off (~1e-16 relative) by construction, and
@@ -323,21 +323,21 @@ def decompose(dm: Mapping, df: Mapping | None = None) -> dict:
     residual, chain = _telescoping_residual(arrays, mask)
     both = "cold" in arrays and "influence" in arrays and mask.any()
     total = arrays["cold"][mask] - arrays["influence"][mask] if both else None
-    return {
-        "gaps": absolute,
-        "signed": signed,
-        "output_gaps": _output_gaps(_present(df, "df")),
-        "total": _num(np.abs(total).mean()) if both else None,
-        "total_signed": _num(total.mean()) if both else None,
-        "telescoping_residual": residual,
-        "telescoping_chain": chain,
-        "mean_abs": {k: _num(np.abs(a[mask]).mean()) if mask.any() else None for k,
-                     a in arrays.items()},
-        "kinds": list(arrays),
-        "n_pairs": int(mask.size),
-        "n_valid": int(mask.sum()),
-        "nonfinite": {k: int((~np.isfinite(a)).sum()) for k, a in arrays.items()},
-    }
+    return Decomposition(
+        gaps=absolute,
+        signed=signed,
+        output_gaps=_output_gaps(_present(df, "df")),
+        total=_num(np.abs(total).mean()) if both else None,
+        total_signed=_num(total.mean()) if both else None,
+        telescoping_residual=residual,
+        telescoping_chain=chain,
+        mean_abs={k: _num(np.abs(a[mask]).mean()) if mask.any() else None for k,
+                  a in arrays.items()},
+        kinds=list(arrays),
+        n_pairs=int(mask.size),
+        n_valid=int(mask.sum()),
+        nonfinite={k: int((~np.isfinite(a)).sum()) for k, a in arrays.items()},
+    )
 
 
 # --------------------------------------------------------------------------- summary
@@ -416,7 +416,7 @@ def summarise(
     n_removals = int(shape[1]) if len(shape) > 1 else 1
     excluded = _diverged_removals(diverged, diagnostics, n_removals)
     dm, df = _exclude(present, excluded, axis=1), _exclude(df, excluded, axis=0)
-    decomposition = decompose(dm, df)
+    dec = decompose(dm, df)
     present = _present(dm, "dm")
     if scores is None:
         scores = present.get("influence")
@@ -424,8 +424,8 @@ def summarise(
     summary = {
         "n_test": int(shape[0]),
         "n_removals": n_removals,
-        "kinds": decomposition["kinds"],
-        "decomposition": decomposition,
+        "kinds": dec["kinds"],
+        "decomposition": dec,
         "correlations": corr,
     }
     if diagnostics is not None:

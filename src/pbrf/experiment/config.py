@@ -41,8 +41,8 @@ from typing import Any
 
 from pbrf import kinds as _kinds
 from pbrf.curvature import CURVATURES
-from pbrf.newton import NewtonRecipe
-from pbrf.optim import OPTIMIZERS, Recipe, RecipeFields, check_recipe
+from pbrf.newton import NewtonOptions, NewtonRecipe
+from pbrf.optim import OPTIMIZERS, RecipeFields, check_recipe
 from pbrf.solvers import SOLVERS
 from pbrf.tasks import TASKS
 
@@ -217,34 +217,34 @@ class InfluenceConfig:
 
 
 @dataclass(frozen=True)
-class ResponsesConfig:
+class ResponsesConfig(NewtonOptions, RecipeFields):
     """Which response functions to compute, the PBRF / proximal optimiser, and their certificates.
 
+    The recipe fields are those of :class:`pbrf.Recipe` (:class:`pbrf.optim.RecipeFields`) and of
+    :class:`pbrf.NewtonRecipe` (:class:`pbrf.newton.NewtonOptions`), declared there once, with
+    defaults for the responses: ``optimizer = "newton"``, ``lr = 1e-3``, ``batch_size = "full"``
+    and, unless ``epochs`` is given, ``steps = 100``.
     ``optimizer = "newton"`` (default) is the batched Gauss–Newton / Newton–CG trust-region
-    optimiser (:class:`pbrf.NewtonRecipe`, full batch): ``steps`` caps its outer iterations,
-    ``cg_max_iter`` the CG iterations per step, ``tol`` stops a removal once ``ρ ≤ tol`` (``lr``,
-    ``momentum``, ``schedule``, ``batch_size`` and ``until_plateau`` are then unused).
+    optimiser (:class:`pbrf.NewtonRecipe`, full batch): ``steps`` caps its outer iterations
+    (``max_iter``), ``cg_max_iter`` the CG iterations per step, ``tol`` stops a removal once
+    ``ρ ≤ tol``; ``forcing``, ``model`` and ``switch`` are its other settings (the first-order
+    fields are then unused).
     ``optimizer = "sgd" | "adam"`` is a first-order :class:`pbrf.Recipe` (``batch_size = "full"``
-    means full batch). Cold- and warm-start retraining use the base ``[train]`` recipe;
-    ``cold_seeds``
-    are the initialisation seeds averaged over for cold start.
+    means full batch; the Newton settings are then unused). Cold- and warm-start retraining use the
+    base ``[train]`` recipe; ``cold_seeds`` are the initialisation seeds averaged over for cold
+    start. ``seed`` selects the stream of the one response seed derived from ``train.seed``
+    (minibatch order, LiSSA sampling; 0 by default).
 
     ``rho_threshold``: a response is certified when ``ρ = ||∇F(θ_r)|| / signal ≤ rho_threshold``
     (``signal = (1/N)||Σ_{m∈r} ∇L_m(θ^s)||``). ``paired``: also measure warm start and proximal
     against a no-removal continuation with the same seed and recipe.
     """
 
-    kinds: tuple = KINDS
     optimizer: str = "newton"
     lr: float = 1e-3
-    momentum: float = 0.9
-    schedule: str = "constant"
-    steps: int = 100
     batch_size: int | str = "full"
-    until_plateau: bool = False
+    kinds: tuple = KINDS
     cold_seeds: tuple = (0,)
-    cg_max_iter: int = 500
-    tol: float = 1e-8
     rho_threshold: float = 1e-2
     paired: bool = True
 
@@ -260,9 +260,18 @@ class ResponsesConfig:
             _fail("responses.kinds", f"has duplicates: {list(self.kinds)}.")
         _check_choice("responses.optimizer", self.optimizer, OPTIMIZERS + (NewtonRecipe.optimizer,))
         _full_batch("responses", self)
-        first_order = {k: v for k, v in self._recipe_fields("sgd").items() if k != "optimizer"}
-        _check_recipe("responses", lambda: Recipe(**first_order))
-        _check_recipe("responses", lambda: NewtonRecipe(**self._recipe_fields("newton")))
+        if self.epochs is None and self.steps is None:  # the budget defaults to NewtonRecipe's
+            object.__setattr__(self, "steps", NewtonRecipe.max_iter)
+        _check_seed("responses.seed", self.seed)
+        first_order = {f.name: getattr(self, f.name) for f in dataclasses.fields(RecipeFields)}
+        first_order["optimizer"] = "sgd" if self._newton else self.optimizer
+        _check_recipe("responses",
+                      lambda: check_recipe(types.SimpleNamespace(**first_order), "responses"))
+        if self._newton and self.steps is None:
+            _fail("responses.steps", 'caps the iterations of optimizer = "newton"; give steps, '
+                                     "not epochs.")
+        newton = {**self._newton_fields(), "max_iter": self.steps or NewtonRecipe.max_iter}
+        _check_recipe("responses", lambda: NewtonRecipe(**newton))
         _check_positive("responses.rho_threshold", self.rho_threshold)
         if not self.cold_seeds or not all(isinstance(s, int) and not isinstance(s,
             bool) for s in self.cold_seeds):
@@ -271,21 +280,23 @@ class ResponsesConfig:
         for s in self.cold_seeds:
             _check_seed("responses.cold_seeds entries", s)
 
+    @property
+    def _newton(self) -> bool:
+        return self.optimizer == NewtonRecipe.optimizer
+
+    def _newton_fields(self) -> dict:
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(NewtonOptions)}
+        return {"max_iter": self.steps, **options}
+
     def recipe_dict(self) -> dict:
         """The recipe keyword arguments of the PBRF / proximal optimisation: ``pbrf.NewtonRecipe``'s
         (with ``optimizer = "newton"``) or ``pbrf.Recipe``'s.
         """
-        return {"optimizer": self.optimizer, **self._recipe_fields(self.optimizer)}
-
-    def _recipe_fields(self, optimizer: str) -> dict:
-        if optimizer == NewtonRecipe.optimizer:
-            return {"max_iter": self.steps, "cg_max_iter": self.cg_max_iter, "tol": self.tol}
-        return {
-            "optimizer": optimizer, "lr": self.lr, "momentum": self.momentum,
-                "schedule": self.schedule,
-            "steps": self.steps, "batch_size": _batch(self.batch_size),
-                "until_plateau": self.until_plateau,
-        }
+        if self._newton:
+            return {"optimizer": self.optimizer, **self._newton_fields()}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(RecipeFields)}
+        d["batch_size"] = _batch(self.batch_size)
+        return d
 
     def ordered_kinds(self) -> tuple[str, ...]:
         """The configured kinds in registry order, the estimate (influence) first: it is
@@ -659,6 +670,8 @@ def apply_overrides(raw: dict, items: list[str]) -> dict:
 _RESETS = {
     ("train", "epochs"): "steps",
     ("train", "steps"): "epochs",
+    ("responses", "epochs"): "steps",
+    ("responses", "steps"): "epochs",
     ("influence", "solver"): "solver_options",
     ("influence", "accurate_solver"): "accurate_options",
 }

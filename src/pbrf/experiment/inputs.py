@@ -9,7 +9,6 @@ wraps it in a :class:`pbrf.Problem`.
 from __future__ import annotations
 
 import errno
-import inspect
 import logging
 import math
 import os
@@ -67,33 +66,38 @@ def load_dataset(config: ExperimentConfig):
     return data.load(d.name, n_train=d.n_train, n_test=d.n_test, seed=d.seed, **d.options)
 
 
-def _inferred_model_kwargs(dataset, signature: inspect.Signature) -> dict:
-    """Shape arguments of the model builders, read off the dataset."""
+def dataset_facts(dataset) -> dict:
+    """The facts of a dataset that model builders take (:data:`pbrf.models.DATA_ARGUMENTS`);
+    ``None`` where the dataset has no such fact.
+    """
     meta = dataset.meta
     shape = tuple(meta.get("input_shape") or tuple(dataset.x_train.shape[1:]))
-    n_out = meta.get("n_outputs") or meta.get("n_classes") or 1
-    guess = {
+    n_out = int(meta.get("n_outputs") or meta.get("n_classes") or 1)
+    image = len(shape) == 3
+    return {
         "in_shape": shape,
-        "n_outputs": int(n_out),
-        "in_channels": shape[0] if len(shape) == 3 else None,
-        "n_classes": int(n_out),
-        "input_size": shape[-1] if len(shape) == 3 else None,
+        "n_outputs": n_out,
+        "in_channels": shape[0] if image else None,
+        "n_classes": n_out,
+        "input_size": shape[-1] if image else None,
         "in_features": int(math.prod(shape)),
         "vocab_size": meta.get("vocab_size"),
         "seq_len": meta.get("seq_len") or (shape[0] if len(shape) == 1 else None),
     }
-    return {k: v for k, v in guess.items() if k in signature.parameters and v is not None}
 
 
 def model_kwargs(config: ExperimentConfig, dataset) -> dict:
-    """The builder's keyword arguments: shapes from the data, the rest from ``[model]``."""
+    """The builder's keyword arguments: the dataset facts it declares
+    (:data:`pbrf.models.DATA_ARGUMENTS`), the rest from ``[model]``.
+    """
     from pbrf import models
 
     if config.model.name not in models.MODELS:
         raise ConfigError(f"model.name {config.model.name!r} is unknown; choose one of "
                           f"{', '.join(models.MODELS)}.")
-    sig = inspect.signature(models.MODELS[config.model.name])
-    return {**_inferred_model_kwargs(dataset, sig), **config.model.options}
+    facts = dataset_facts(dataset)
+    taken = {k: facts[k] for k in models.DATA_ARGUMENTS[config.model.name]}
+    return {**{k: v for k, v in taken.items() if v is not None}, **config.model.options}
 
 
 def build_model(config: ExperimentConfig, kwargs: dict, seed: int):

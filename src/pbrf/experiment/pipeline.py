@@ -129,6 +129,13 @@ def run_experiment(
 ) -> dict:
     """Run (or resume) one experiment end to end; returns the summary.
 
+    The run directory is checked twice, and both checks are needed: the read-only check before
+    the data load refuses a mismatched directory early and writes nothing (not even the lock file
+    beside it, so a refused or failed run leaves its parent folder untouched); the decisive check
+    is made again under the run's lock (:func:`open_run`), since another process may have changed
+    the directory between the two. Taking the lock before the data load would make one check
+    enough, but would write the lock file for runs that then fail on their data.
+
     Args:
         config: the experiment.
         run_dir: its run directory (created; a different config there is refused).
@@ -138,7 +145,6 @@ def run_experiment(
         progress: show progress bars.
         inputs: already prepared :class:`Inputs` (else prepared here, after a read-only check of
             ``run_dir``; a caller that passes them has made that check, as ``pbrf run`` does).
-            The decisive check is made under the run's lock (:func:`open_run`).
 
     Raises:
         ConfigError: invalid config or run-directory mismatch (nothing written); another process

@@ -111,5 +111,6 @@ def _groups_from_array(arr: np.ndarray) -> list[list[int]]:
 def response_seed(config: ExperimentConfig) -> int:
     """The one seed of every response optimisation in a run (minibatch order, LiSSA sampling):
     identical for every removal whatever the chunk, so results do not depend on ``run.chunk_size``.
+    ``responses.seed`` (default 0) selects its stream.
     """
-    return chunk_seed(config.train.seed, 0)
+    return chunk_seed(config.train.seed, 0, config.responses.seed)

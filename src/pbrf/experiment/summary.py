@@ -16,6 +16,7 @@ from . import analysis
 from .config import ExperimentConfig
 from .context import Context
 from .inputs import CHECKPOINT
+from .results import Summary
 from .store import Store
 
 
@@ -135,43 +136,25 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
     Statistics use the certified, non-diverged removals only (see :func:`exclusions`): the gaps
     over the removals where every kind is, each correlation over those where its kind is; the
     summary says how many were left out and why. The paired chain (warm start and proximal against
-    their no-removal continuation) is summarised next to the paper-literal one.
+    their no-removal continuation) is summarised next to the paper-literal one. Returns the
+    :class:`~pbrf.experiment.results.Summary`'s ``to_dict()``, which ``summary.json`` holds.
     """
     from . import report
 
     dm, df, diags = gather(store, ctx)
     excl = exclusions(ctx.config, diags)
     keep, own = excl.pop("keep"), excl.pop("own")
-    summary = analysis.summarise(_masked(dm, keep), {k: v for k, v in df.items() if v is not None},
-                                 diagnostics=diagnostics_summary(diags))
-    summary["correlations"] = _own_correlations(dm, own)
+    base = analysis.summarise(_masked(dm, keep), {k: v for k, v in df.items() if v is not None},
+                              diagnostics=diagnostics_summary(diags))
+    base["correlations"] = _own_correlations(dm, own)
     excl["excluded_removals"] = [int(i) for i in np.flatnonzero(~keep)]
-    summary["certificates"] = excl
-    summary["solvers"] = _solver_report(diags)
-    paired = {k: store.gather_extra(k, ctx.n_chunks) for k in dm if kinds.get(k).continuation}
-    paired = {k: v for k, v in paired.items() if v is not None}
-    if paired:
-        pexcl = exclusions(ctx.config, diags, certified_key="paired_certified")
-        pkeep = pexcl.pop("keep")
-        pexcl.pop("own")
-        summary["paired"] = analysis.paired_chain(_masked(dm, pkeep), _masked(paired, pkeep))
-        summary["paired"]["certificates"] = pexcl
-    summary["experiment"] = _experiment_info(ctx, store)
-    summary["theta_s"] = theta_s_quality(ctx)
     from .lds_stage import lds_summary
 
-    lds_info = lds_summary(ctx, store)
-    if lds_info is not None:
-        summary["lds"] = lds_info
-    actual = store.gather_extra("linearized", ctx.n_chunks) if "linearized" in dm else None
-    if actual is not None:
-        summary["linearized_actual"] = {
-            "description": ("m(θ^s + Δθ_IF) − m(θ^s) with the accurate solver, vs the first-order "
-                            "Δm"),
-            "pearson_vs_first_order": analysis.pearson(actual, dm["linearized"]),
-            "pearson_vs_influence": analysis.pearson(actual, dm["influence"]),
-            "mean_abs_difference": float(np.mean(np.abs(actual - dm["linearized"]))),
-        }
+    summary = Summary(**base, certificates=excl, solvers=_solver_report(diags),
+                      paired=_paired_summary(ctx, store, dm, diags),
+                      experiment=_experiment_info(ctx, store), theta_s=theta_s_quality(ctx),
+                      lds=lds_summary(ctx, store),
+                      linearized_actual=_linearized_actual(ctx, store, dm)).to_dict()
     report.write_report(
         ctx.run_dir,
         summary,
@@ -181,6 +164,34 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
     )
     _write_inputs_for_evaluate(ctx, dm["influence"])
     return summary
+
+
+def _paired_summary(ctx: Context, store: Store, dm: dict, diags: dict) -> dict | None:
+    """The paired chain (warm start and proximal against their no-removal continuations)."""
+    paired = {k: store.gather_extra(k, ctx.n_chunks) for k in dm if kinds.get(k).continuation}
+    paired = {k: v for k, v in paired.items() if v is not None}
+    if not paired:
+        return None
+    pexcl = exclusions(ctx.config, diags, certified_key="paired_certified")
+    pkeep = pexcl.pop("keep")
+    pexcl.pop("own")
+    out = analysis.paired_chain(_masked(dm, pkeep), _masked(paired, pkeep))
+    out["certificates"] = pexcl
+    return out
+
+
+def _linearized_actual(ctx: Context, store: Store, dm: dict) -> dict | None:
+    """The actual change ``m(θ^s + Δθ_IF) − m(θ^s)`` against the first-order one."""
+    actual = store.gather_extra("linearized", ctx.n_chunks) if "linearized" in dm else None
+    if actual is None:
+        return None
+    return {
+        "description": ("m(θ^s + Δθ_IF) − m(θ^s) with the accurate solver, vs the first-order "
+                        "Δm"),
+        "pearson_vs_first_order": analysis.pearson(actual, dm["linearized"]),
+        "pearson_vs_influence": analysis.pearson(actual, dm["influence"]),
+        "mean_abs_difference": float(np.mean(np.abs(actual - dm["linearized"]))),
+    }
 
 
 def _write_inputs_for_evaluate(ctx: Context, scores: np.ndarray) -> None:

@@ -42,12 +42,13 @@ default initialisers), called in module order under a forked RNG seeded with ``s
 
 from .conv import alexnet, lenet, resnet20, vgg13
 from .mlp import autoencoder, logistic, mlp
-from .registry import MODELS, build
+from .registry import DATA_ARGUMENTS, MODELS, build
 from .reinit import count_parameters, reinitialize
 from .transformer import transformer
 
 __all__ = [
     "MODELS",
+    "DATA_ARGUMENTS",
     "build",
     "count_parameters",
     "reinitialize",

@@ -14,7 +14,7 @@ from .mlp import autoencoder, logistic, mlp
 from .reinit import reset_parameters_
 from .transformer import transformer
 
-__all__ = ["MODELS", "build"]
+__all__ = ["MODELS", "DATA_ARGUMENTS", "build"]
 
 #: Model name → builder function (read-only). ``build(name, **kwargs)`` calls
 #: ``MODELS[name](**kwargs)``.
@@ -28,6 +28,23 @@ MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType(
         "resnet20": resnet20,
         "autoencoder": autoencoder,
         "transformer": transformer,
+    }
+)
+
+#: Model name → the builder's arguments that are facts of the dataset, not choices of the model
+#: (the experiment config reads them off the data: ``in_shape``, ``n_outputs``, ``in_channels``,
+#: ``n_classes``, ``input_size``, ``in_features``, ``vocab_size``, ``seq_len``; see
+#: :func:`pbrf.experiment.inputs.dataset_facts`). Every other argument comes from ``[model]``.
+DATA_ARGUMENTS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "logistic": ("in_shape", "n_outputs"),
+        "mlp": ("in_shape", "n_outputs"),
+        "lenet": ("in_channels", "n_classes", "input_size"),
+        "alexnet": ("in_channels", "n_classes", "input_size"),
+        "vgg13": ("in_channels", "n_classes", "input_size"),
+        "resnet20": ("in_channels", "n_classes"),
+        "autoencoder": ("in_features",),
+        "transformer": ("vocab_size", "seq_len"),
     }
 )
 
