@@ -198,6 +198,52 @@ def board_header(
     }
 
 
+def _check_methods(methods, hyperparameters: dict) -> None:
+    from pbrf import estimators
+
+    unknown = [m for m in methods if m not in estimators.ESTIMATORS]
+    if unknown:
+        raise ConfigError(
+            f"unknown estimator(s) {unknown}; choose from {', '.join(estimators.ESTIMATORS)}."
+        )
+    for m in hyperparameters:
+        if m not in methods:
+            raise ConfigError(
+                f"--hp {m}.*: {m!r} is not among the methods run ({', '.join(methods)})."
+            )
+
+
+def _score(store, run, name: str, est, log) -> tuple[np.ndarray, dict]:
+    """One estimator's ``[n_test, N]`` scores and cost: stored ones when the requested
+    hyperparameters are unchanged, else computed and stored (raises EstimatorUnavailable).
+    """
+    import torch
+
+    from .store import ChunkResult
+
+    stored = _stored(store, name)
+    if stored is not None and stored[1].get("requested") == _jsonable(est.hyperparameters):
+        log(f"{name}: stored ({stored[1].get('seconds', math.nan):.2f} s)")
+        return stored
+    want = est.resolved({"damping": run.damping, "curvature": run.curvature, "run": run})
+    log(f"{name}: running ({_hp_text(want)})")
+    res = est.scores(run, removals=torch.arange(run.n_train))
+    scores = res.scores.detach().cpu().double().numpy()
+    peak = None if res.peak_memory_bytes is None else res.peak_memory_bytes / 2**20
+    info = {
+        "seconds": res.seconds,
+        "peak_memory_mb": peak,
+        "hyperparameters": res.hyperparameters,
+        "requested": _jsonable(est.hyperparameters),
+        "threads": torch.get_num_threads(),
+        "device": str(run.measure_problem.device),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    store.put_chunk(ChunkResult(PREFIX + name, 0, scores, None, [info], res.seconds, None))
+    log(f"{name}: {res.seconds:.2f} s")
+    return scores, info
+
+
 def run_estimators(
     run_dir: str | Path,
     methods=DEFAULT_METHODS,
@@ -209,93 +255,47 @@ def run_estimators(
     """Run (or resume) ``methods`` on a finished run; returns the leaderboard dict.
 
     A method that cannot run here (no checkpoints for TracIn, kronfluence not installed, exact
-    influence above its size limit) is listed under ``"skipped"`` with the reason.
+    influence above its size limit) is listed under ``"skipped"`` with the reason. Estimators
+    stored by earlier invocations stay on the board.
     """
-    import torch
-
     from pbrf import estimators, load_run
 
     from .lds_stage import lds_actual
     from .pipeline import _exclusive
-    from .store import ChunkResult, Store
+    from .store import Store
 
     hyperparameters = hyperparameters or {}
-    unknown = [m for m in methods if m not in estimators.ESTIMATORS]
-    if unknown:
-        raise ConfigError(
-            f"unknown estimator(s) {unknown}; choose from {', '.join(estimators.ESTIMATORS)}."
-        )
-    for m in hyperparameters:
-        if m not in methods:
-            raise ConfigError(
-                f"--hp {m}.*: {m!r} is not among the methods run ({', '.join(methods)})."
-            )
+    _check_methods(methods, hyperparameters)
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     truths = truths_of(run_dir)
     rows, skipped = [], {}
     with _exclusive(run_dir), Store(run_dir) as store:
         lds_truth = lds_actual(store, run.config)
-        points = torch.arange(run.n_train)
         for name in methods:
             try:
                 est = estimators.get(name, **hyperparameters.get(name, {}))
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"{name}: {err}") from None
-            stored = _stored(store, name)
-            if stored is not None and stored[1].get("requested") == _jsonable(est.hyperparameters):
-                scores, info = stored
-                log(f"{name}: stored ({info.get('seconds', math.nan):.2f} s)")
-            else:
-                want = est.resolved(
-                    {"damping": run.damping, "curvature": run.curvature, "run": run}
-                )
-                log(f"{name}: running ({_hp_text(want)})")
-                try:
-                    res = est.scores(run, removals=points)
-                except (estimators.EstimatorUnavailable, ValueError) as err:
-                    skipped[name] = str(err).splitlines()[0]
-                    log(f"{name}: skipped — {skipped[name]}")
-                    continue
-                scores = res.scores.detach().cpu().double().numpy()
-                peak = None if res.peak_memory_bytes is None else res.peak_memory_bytes / 2**20
-                info = {
-                    "seconds": res.seconds,
-                    "peak_memory_mb": peak,
-                    "hyperparameters": res.hyperparameters,
-                    "requested": _jsonable(est.hyperparameters),
-                    "threads": torch.get_num_threads(),
-                    "device": str(run.measure_problem.device),
-                    "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-                }
-                store.put_chunk(
-                    ChunkResult(PREFIX + name, 0, scores, None, [info], res.seconds, None)
-                )
-                log(f"{name}: {res.seconds:.2f} s")
+            try:
+                scores, info = _score(store, run, name, est, log)
+            except (estimators.EstimatorUnavailable, ValueError) as err:
+                skipped[name] = str(err).splitlines()[0]
+                log(f"{name}: skipped — {skipped[name]}")
+                continue
             rows.append(_row(name, scores, info, run.removals, truths, lds_truth))
-        for kind, _ in sorted(
-            store.done()
-        ):  # estimators run before, with other --methods, stay on the board
-            name = kind[len(PREFIX) :]
-            if kind.startswith(PREFIX) and name not in methods:
-                scores, info = _stored(store, name)
-                rows.append(_row(name, scores, info, run.removals, truths, lds_truth))
+        earlier = [k[len(PREFIX):] for k, _ in sorted(store.done()) if k.startswith(PREFIX)]
+        for name in (n for n in earlier if n not in methods):
+            scores, info = _stored(store, name)
+            rows.append(_row(name, scores, info, run.removals, truths, lds_truth))
     for label, arr in (external or {}).items():
         if arr.shape[0] != run.n_test:
             raise ConfigError(
                 f"--scores {label}: {arr.shape[0]} rows, but the run has {run.n_test} test points."
             )
         rows.append(external_row(label, arr, run.removals, run.n_train, truths, lds_truth))
-    board = board_header(
-        run.config,
-        run.n_train,
-        run.problem.n_params,
-        run.n_test,
-        len(run.removals),
-        truths,
-        lds_truth,
-        run_dir,
-    )
+    board = board_header(run.config, run.n_train, run.problem.n_params, run.n_test,
+                         len(run.removals), truths, lds_truth, run_dir)
     board.update(rows=rows, skipped=skipped)
     return board
 
