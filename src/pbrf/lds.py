@@ -98,29 +98,6 @@ def group_scores(point_scores: np.ndarray | Tensor, groups: list[list[int]]) -> 
     return np.stack([s[:, g].sum(axis=1) for g in groups], axis=1)
 
 
-def _ranks(a: np.ndarray) -> np.ndarray:
-    order = np.argsort(a, kind="stable")
-    ranks = np.empty(len(a), dtype=np.float64)
-    ranks[order] = np.arange(len(a), dtype=np.float64)
-    vals = a[order]  # average ranks over ties
-    start = 0
-    for i in range(1, len(a) + 1):
-        if i == len(a) or vals[i] != vals[start]:
-            ranks[order[start:i]] = (start + i - 1) / 2.0
-            start = i
-    return ranks
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3:
-        return math.nan
-    ra, rb = _ranks(a[ok]), _ranks(b[ok])
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / den) if den > 0 else math.nan
-
-
 def lds(scores: np.ndarray, actual: np.ndarray) -> dict:
     """LDS of group scores ``[n_test, K]`` against the retrained ``Δm`` ``[n_test, K]``.
 
@@ -133,7 +110,9 @@ def lds(scores: np.ndarray, actual: np.ndarray) -> dict:
             f"lds: scores {scores.shape} and actual changes {actual.shape} must have the same "
             "shape."
         )
-    per = np.array([_spearman(scores[t], actual[t]) for t in range(scores.shape[0])])
+    from .experiment.analysis import spearman  # average ranks for ties, finite pairs only
+
+    per = np.array([spearman(scores[t], actual[t]) for t in range(scores.shape[0])])
     ok = np.isfinite(per)
     n = int(ok.sum())
     mean = float(per[ok].mean()) if n else math.nan

@@ -128,7 +128,9 @@ def _stacked_step(problem, K: int, batch: int) -> None:
     """One gradient of K stacked copies of the model on one minibatch (vmap, as the engine)."""
     from torch.func import grad, vmap
 
-    stacked = {k: v.unsqueeze(0).expand(K, *v.shape).clone() for k, v in problem.params.items()}
+    from pbrf.engine import stack
+
+    stacked = stack(problem.params, K)
     x, t = problem.x[:batch], problem.t[:batch]
 
     def loss(params):
