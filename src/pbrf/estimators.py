@@ -149,8 +149,15 @@ class Estimator:
     summary = ""
     #: whether the default damping / curvature of a run apply (False for methods without C)
     uses_curvature = True
+    #: the hyperparameters the method takes (``damping`` and ``curvature`` added with curvature)
+    options: tuple[str, ...] = ()
 
     def __init__(self, **hyperparameters) -> None:
+        allowed = set(self.options) | ({"damping", "curvature"} if self.uses_curvature else set())
+        unknown = sorted(set(hyperparameters) - allowed)
+        if unknown:
+            raise ValueError(f"{self.name} has no hyperparameter {', '.join(unknown)}; it takes "
+                             f"{', '.join(sorted(allowed)) or 'none'}.")
         self.hyperparameters = dict(hyperparameters)
 
     def point_scores(
@@ -268,6 +275,7 @@ def get(name: str, **hyperparameters) -> Estimator:
 
 # ---------------------------------------------------------------------------- influence
 class _Influence(Estimator):
+    options = ("solver_options",)
     solver = "exact"
 
     def resolved(self, context: dict) -> dict:
@@ -366,6 +374,7 @@ class Arnoldi(Estimator):
     """
 
     summary = "influence in the top-rank eigenspace of C, by Lanczos (rank, iterations, seed)"
+    options = ("rank", "iterations", "seed")
 
     def __init__(self, rank: int = 50, iterations: int | None = None, seed: int = 0, **hp) -> None:
         if not (isinstance(rank, int) and rank > 0):
@@ -434,6 +443,7 @@ class TracIn(Estimator):
     """
 
     summary = "TracIn-CP over the base training checkpoints (train.checkpoints; lr_weighted)"
+    options = ("lr_weighted",)
 
     uses_curvature = False
 
@@ -481,6 +491,7 @@ class Trak(Estimator):
     summary = (
         "TRAK-style: random projection, Gauss-Newton in the projected space (dim, ensemble, seed)"
     )
+    options = ("dim", "ensemble", "seed")
 
     def __init__(self, dim: int = 512, ensemble: int = 1, seed: int = 0, **hp) -> None:
         if not (isinstance(dim, int) and dim > 0) or not (
@@ -528,6 +539,7 @@ def _blocks(n: int, size: int):
 
 # ---------------------------------------------------------------------------- kronfluence
 class _Kronfluence(Estimator):
+    options = ("seed",)
     strategy = "ekfac"
 
     def __init__(self, seed: int = 0, **hp) -> None:

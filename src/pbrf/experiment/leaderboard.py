@@ -266,17 +266,24 @@ def run_estimators(
 
     hyperparameters = hyperparameters or {}
     _check_methods(methods, hyperparameters)
+    chosen = {}
+    for name in methods:  # every estimator and hyperparameter checked before any is computed
+        try:
+            chosen[name] = estimators.get(name, **hyperparameters.get(name, {}))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{name}: {err}") from None
     run_dir = Path(run_dir)
     run = load_run(run_dir)
+    for label, arr in (external or {}).items():
+        if arr.shape[0] != run.n_test:
+            raise ConfigError(
+                f"--scores {label}: {arr.shape[0]} rows, but the run has {run.n_test} test points."
+            )
     truths = truths_of(run_dir)
     rows, skipped = [], {}
     with _exclusive(run_dir), Store(run_dir) as store:
         lds_truth = lds_actual(store, run.config)
-        for name in methods:
-            try:
-                est = estimators.get(name, **hyperparameters.get(name, {}))
-            except (TypeError, ValueError) as err:
-                raise ConfigError(f"{name}: {err}") from None
+        for name, est in chosen.items():
             try:
                 scores, info = _score(store, run, name, est, log)
             except (estimators.EstimatorUnavailable, ValueError) as err:
@@ -289,10 +296,6 @@ def run_estimators(
             scores, info = _stored(store, name)
             rows.append(_row(name, scores, info, run.removals, truths, lds_truth))
     for label, arr in (external or {}).items():
-        if arr.shape[0] != run.n_test:
-            raise ConfigError(
-                f"--scores {label}: {arr.shape[0]} rows, but the run has {run.n_test} test points."
-            )
         rows.append(external_row(label, arr, run.removals, run.n_train, truths, lds_truth))
     board = board_header(run.config, run.n_train, run.problem.n_params, run.n_test,
                          len(run.removals), truths, lds_truth, run_dir)
