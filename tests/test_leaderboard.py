@@ -117,6 +117,12 @@ def test_estimators_command_errors(tiny_run, tmp_path, capsys):
     assert "not among the methods" in capsys.readouterr().err
     assert cli.main(["estimators", str(tiny_run), "--methods", "trak", "--hp", "trak.dim=-1"]) == 2
     assert "dim" in capsys.readouterr().err
+    # a typo in a hyperparameter is refused before any estimator runs
+    args = ["estimators", str(tiny_run), "--methods", "grad-cos,trak", "--hp", "trak.rank=3"]
+    assert cli.main(args) == 2
+    assert "trak has no hyperparameter rank" in capsys.readouterr().err
+    with Store(tiny_run, readonly=True) as store:
+        assert store.get_chunk("estimator:grad-cos", 0) is None
     assert cli.main(["estimators", str(tmp_path)]) == 2
     assert "pbrf run" in capsys.readouterr().err
 
@@ -206,3 +212,14 @@ def test_lds_stage_resumes_only_what_is_missing(tiny_run, tmp_path):
     with Store(copy, readonly=True) as store:
         assert np.array_equal(store.get_chunk("lds", 0).dm, kept)
         assert store.get_chunk("lds", 1) is not None
+
+
+def test_lds_retraining_reports_how_far_from_converged(tiny_run):
+    """The LDS retrainings carry ρ = ‖∇J‖ / signal like every trained response; the report shows
+    it."""
+    lds = json.loads((tiny_run / "summary.json").read_text())["lds"]
+    conv = lds["convergence"]
+    with Store(tiny_run, readonly=True) as store:
+        rho = [d["rho"] for c in (0, 1) for d in store.get_chunk("lds", c).diagnostics]
+    assert conv["max_rho"] == pytest.approx(max(rho)) and conv["diverged"] == 0
+    assert "ρ = ‖∇J‖ / signal" in (tiny_run / "report.md").read_text()

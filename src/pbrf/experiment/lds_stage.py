@@ -105,6 +105,8 @@ def lds_summary(ctx: Context, store: Store) -> dict | None:
         scores = all_train_scores(ctx.measure_problem, ctx.config, ctx.test)
         store.put_arrays({"lds_influence_scores": scores})
     own = lds.lds(lds.group_scores(scores, groups), actual)
+    _, _, diags = store.gather(LDS_KIND, math.ceil(len(groups) / ctx.config.run.chunk_size))
+    rho = np.array([d.get("rho", math.nan) for d in diags], dtype=float)
     c = ctx.config.lds
     return {
         "subsets": len(groups),
@@ -112,4 +114,9 @@ def lds_summary(ctx: Context, store: Store) -> dict | None:
         "seeds": list(c.seeds or ctx.config.responses.cold_seeds),
         "removed_per_subset": len(groups[0]),
         "influence": {k: own[k] for k in ("lds", "stderr", "n_test")},
+        # how far each retraining is from a stationary point, relative to the removal's signal
+        # (the recipe defines the response, as for cold start; shown, not used to exclude)
+        "convergence": {"max_rho": float(np.nanmax(rho)) if np.isfinite(rho).any() else None,
+                        "median_rho": float(np.nanmedian(rho)) if np.isfinite(rho).any() else None,
+                        "diverged": int(sum(bool(d.get("diverged")) for d in diags))},
     }

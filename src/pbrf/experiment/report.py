@@ -823,8 +823,17 @@ def _lds_section(summary: Mapping) -> str:
             f"removed), retrained from scratch with seeds {lds['seeds']}. LDS of the run's "
             "influence "
             f"estimate: **{fmt_corr(own.get('lds'))}** ± {fmt_value(own.get('stderr'))} (standard "
-            f"error over {own.get('n_test')} test points). Score other estimators with "
-            "`pbrf estimators RUN_DIR`.")
+            f"error over {own.get('n_test')} test points).{_lds_convergence(lds)} Score other "
+            "estimators with `pbrf estimators RUN_DIR`.")
+
+
+def _lds_convergence(lds: Mapping) -> str:
+    conv = lds.get("convergence") or {}
+    if not conv:
+        return ""
+    return (f" Retraining is defined by the base recipe: ρ = ‖∇J‖ / signal after it is "
+            f"{fmt_value(conv.get('median_rho'))} (median), {fmt_value(conv.get('max_rho'))} "
+            f"(max); {conv.get('diverged', 0)} diverged.")
 
 
 def _theta_s_section(summary: Mapping) -> str:
@@ -989,5 +998,6 @@ def print_summary(summary: Mapping) -> str:
         parts.append(f"LDS of the influence estimate: {fmt_corr(own.get('lds'))} ± "
                      f"{fmt_value(own.get('stderr'))} "
                      f"({lds['subsets']} subsets keeping {100 * lds['alpha']:.0f}% of the data); "
-                     "rank other estimators with `pbrf estimators RUN_DIR`")
+                     "rank other estimators with `pbrf estimators RUN_DIR`."
+                     f"{_lds_convergence(lds)}")
     return "\n\n".join(parts)
