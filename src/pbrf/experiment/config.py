@@ -12,7 +12,7 @@ A configuration has one section per stage of an experiment::
     [influence]   damping, curvature, solver (practical) + solver_options, accurate_solver + options
     [responses]   kinds, the PBRF/proximal recipe (newton | sgd | adam, steps, ...), cold_seeds
     [removals]    n_test_points, n_removals, strategy, group_fraction | group_size, seed
-    [run]         chunk_size, device, dtype
+    [run]         chunk_size, device, dtype, seeds (θ^s per run: mean ± std over them)
     [lds]         subsets (0 = off), alpha, seeds, seed: the LDS ground truth for `pbrf estimators`
 
 A preset is such a file plus ``[profiles.<name>]`` tables (``quick``, ``paper``, ``tiny``) that are
@@ -347,14 +347,20 @@ class RemovalsConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Execution: removals per chunk (the unit of work and of resumption), device and dtype."""
+    """Execution: removals per chunk (the unit of work and of resumption), device and dtype, and
+    ``seeds``: how many θ^s (``train.seed + 0 .. seeds-1``) the run trains and measures, each in
+    its own ``seed=K`` folder, the correlations and gaps reported as mean ± std over them
+    (:mod:`pbrf.experiment.seeds`).
+    """
 
     chunk_size: int = 16
     device: str = "cpu"
     dtype: str = "float32"
+    seeds: int = 1
 
     def __post_init__(self) -> None:
         _check_positive("run.chunk_size", self.chunk_size)
+        _check_positive("run.seeds", self.seeds)
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             _fail("run.device", f'must be "cpu" or "cuda" (or "cuda:N"); got {self.device!r}.')
         _check_choice("run.dtype", self.dtype, ("float32", "float64"))

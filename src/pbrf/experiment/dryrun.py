@@ -106,12 +106,15 @@ def dry_run(config: ExperimentConfig, inputs) -> dict:
     }
     if rc.strategy == "random":
         random_groups(config, n)  # the choice works (validated again by the run)
+    n_seeds = config.run.seeds  # one whole run per θ^s seed, one after another
+    compute = {k: v * n_seeds for k, v in compute.items()}
     return {
         "name": config.name, "profile": config.profile, "dataset": config.data.name, "n_train": n,
         "n_params": p, "dtype": run.dtype, "device": run.device, "task": inputs.task_name,
         "n_test_points": rc.n_test_points, "n_removals": rc.n_removals,
         "group_size": rc.resolved_group_size(n), "chunk_size": run.chunk_size, "n_chunks": n_chunks,
-        "kinds": kinds, "base_steps": steps, "cold_seeds": list(config.responses.cold_seeds),
+        "kinds": kinds, "seeds": n_seeds, "train_seed": config.train.seed, "base_steps": steps,
+        "cold_seeds": list(config.responses.cold_seeds),
         "response_recipe": config.responses.recipe_dict(), "lds_subsets": config.lds.subsets,
         "baseline_rss_bytes": base_rss, "probe_peak_bytes": {"gauss_newton": gn_peak,
                                                              "training_step": step_peak,
@@ -149,6 +152,10 @@ def format_dry_run(d: dict) -> str:
         f"  work      {d['n_test_points']} test points x {d['n_removals']} removal sets of "
         f"{d['group_size']} point(s), in {d['n_chunks']} chunk(s) of {d['chunk_size']}",
         f"  kinds     {', '.join(d['kinds'])}",
+        *([f"  seeds     {d['seeds']} base models θ^s (train.seed {d['train_seed']}.."
+            f"{d['train_seed'] + d['seeds'] - 1}), each a whole run, one after another: "
+            "the compute below is their total, the memory that of one"] if d.get("seeds", 1) > 1
+          else []),
         f"  budgets   base training {d['base_steps']:,} steps; cold-start seeds {d['cold_seeds']}; "
         f"PBRF/proximal recipe {d['response_recipe']}; LDS subsets {d['lds_subsets']}",
         f"  memory    about {d['estimated_peak_bytes'] / gib:.2f} GiB peak resident "

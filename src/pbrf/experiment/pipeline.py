@@ -136,6 +136,9 @@ def run_experiment(
     the directory between the two. Taking the lock before the data load would make one check
     enough, but would write the lock file for runs that then fail on their data.
 
+    With ``run.seeds = S > 1`` it runs one such run per θ^s seed in ``run_dir/seed=K`` and
+    returns their aggregate (:mod:`pbrf.experiment.seeds`).
+
     Args:
         config: the experiment.
         run_dir: its run directory (created; a different config there is refused).
@@ -153,6 +156,10 @@ def run_experiment(
         OSError: the disk refused a write (the same command resumes once the cause is fixed).
     """
     run_dir = Path(run_dir)
+    if config.run.seeds > 1:  # one run per θ^s seed in run_dir/seed=K, then their aggregate
+        from .seeds import run_seeds
+
+        return run_seeds(config, run_dir, executor, overwrite, progress, inputs)
     if inputs is None:  # refuse a mismatched run directory before the (slow) data load; a caller
         check_run_dir(run_dir, config, overwrite)  # that prepared the inputs checked it already
         inputs = prepare_inputs(config)

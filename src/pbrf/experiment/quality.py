@@ -91,6 +91,12 @@ def base_quality(problem, task_name: str, test: tuple[Tensor, Tensor]) -> dict:
     }
 
 
+def _std(q: dict, key: str) -> str:
+    """`` ± std`` of a mean over seeds (a multi-seed run's θ^s), else nothing."""
+    std = q.get(f"{key}_std")
+    return f" ± {std:.3f}" if isinstance(std, float) else ""
+
+
 def quality_lines(q: dict | None) -> list[str]:
     """One line on θ^s (and its warning) for the terminal and the report."""
     if not q:
@@ -99,7 +105,8 @@ def quality_lines(q: dict | None) -> list[str]:
     line = (
         f"θ^s: train loss {q['train_loss']:.4g}, test loss {q['test_loss']:.4g}; "
         f"train {m} {q['train_metric']:.3f}, "
-        f"test {m} {q['test_metric']:.3f} (chance {q['chance']:.3f}, {q['n_test']} test examples); "
+        f"test {m} {q['test_metric']:.3f}{_std(q, 'test_metric')} "
+        f"(chance {q['chance']:.3f}, {q['n_test']} test examples); "
         f"‖∇J(θ^s)‖ = {q['grad_norm']:.3e}"
     )
     return [line] + ([f"WARNING: {q['warning']}"] if q.get("warning") else [])

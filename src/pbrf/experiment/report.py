@@ -40,6 +40,8 @@ __all__ = [
     "format_table_text",
     "plot_sweep",
     "print_summary",
+    "fmt_ms",
+    "write_seeds_report",
 ]
 
 DPI = 120
@@ -100,6 +102,19 @@ def fmt_value(x) -> str:
     """A magnitude in scientific notation (``1.234e-03``), or ``n/a`` for None/NaN/inf."""
     x = _finite(x)
     return NA if x is None else f"{x:.3e}"
+
+
+def fmt_ms(value, std, fmt=fmt_corr) -> str:
+    """``fmt(value)``, followed by ``± fmt(std)`` when ``std`` is a finite number (a mean over the
+    seeds of a multi-seed run, see :mod:`pbrf.experiment.seeds`).
+    """
+    text = fmt(value)
+    return text + f" ± {fmt(std)}" if text != NA and _finite(std) is not None else text
+
+
+def _fmt_key(d: Mapping | None, key: str, fmt=fmt_corr) -> str:
+    """``d[key]`` with its ``d[key + "_std"]`` (mean ± std over seeds) when present."""
+    return fmt_ms(_get(d, key), _get(d, f"{key}_std"), fmt)
 
 
 def _fmt_config_value(v) -> str:
@@ -460,7 +475,7 @@ def _corr_rows(
     kinds = _response_kinds(corr) if kinds is None else kinds
     keys = ("pearson", "spearman", "pearson_per_test", "spearman_per_test")
     return [
-        [KIND_LABELS[k] + suffix] + [fmt_corr(_get(corr, k, key)) for key in keys] for k in kinds
+        [KIND_LABELS[k] + suffix] + [_fmt_key(_get(corr, k), key) for key in keys] for k in kinds
     ]
 
 
@@ -526,10 +541,11 @@ def _decomposition_rows(dec: Mapping) -> list[list[str]]:
     for gap in GAPS:
         a, b = GAP_PAIRS[gap]
         between = f"{KIND_LABELS[a]} → {KIND_LABELS[b]}"
-        vals = [_get(dec, key, gap) for key in ("gaps", "signed", "output_gaps")]
-        rows.append([gap, between] + [fmt_value(v) for v in vals])
-    total = ["**total**", f"{KIND_LABELS['cold']} → influence", fmt_value(dec.get("total")),
-             fmt_value(dec.get("total_signed")), ""]  # fmt: skip
+        vals = [fmt_ms(_get(dec, key, gap), _get(dec, f"{key}_std", gap), fmt_value)
+                for key in ("gaps", "signed", "output_gaps")]
+        rows.append([gap, between] + vals)
+    total = ["**total**", f"{KIND_LABELS['cold']} → influence", _fmt_key(dec, "total", fmt_value),
+             _fmt_key(dec, "total_signed", fmt_value), ""]  # fmt: skip
     return rows + [total]
 
 
@@ -785,8 +801,8 @@ def _paired_section(summary: Mapping) -> str:
             [
                 f"drift ({KIND_LABELS.get(k, k)})",
                 "literal − paired",
-                fmt_value(d.get("mean_abs")),
-                fmt_value(d.get("signed")),
+                _fmt_key(d, "mean_abs", fmt_value),
+                _fmt_key(d, "signed", fmt_value),
                 "",
             ],
         )
@@ -844,7 +860,7 @@ def _theta_s_section(summary: Mapping) -> str:
         return ""
     m = q["metric"]
     rows = [["loss", fmt_value(q["train_loss"]), fmt_value(q["test_loss"])],
-            [m, f"{q['train_metric']:.3f}", f"{q['test_metric']:.3f}"]]
+            [m, _fmt_key(q, "train_metric"), _fmt_key(q, "test_metric")]]
     text = (f"## The base model θ^s\n\n{_md_table(['', 'train', 'test'], rows, align='lrr')}\n\n"
             f"Chance level ({m} of always predicting the most frequent training label, or R² = 0): "
             f"{q['chance']:.3f}; full-batch gradient norm ‖∇J(θ^s)‖ = {q['grad_norm']:.3e}; "
@@ -909,12 +925,62 @@ def write_report(
     return report
 
 
+def _seeds_section(summary: Mapping, per_seed: Sequence[Mapping]) -> str:
+    """Which θ^s seeds the run aggregates, each one's quality and a link to its own report."""
+    info = summary.get("seeds") or {}
+    rows = []
+    for seed, folder, s in zip(info.get("train_seeds", []), info.get("runs", []), per_seed):
+        q = s.get("theta_s") or {}
+        m = q.get("metric", "metric")
+        rows.append([str(seed), f"[{folder}]({folder}/report.md)",
+                     f"{m} {q['test_metric']:.3f}" if "test_metric" in q else NA,
+                     fmt_value(q.get("grad_norm")), fmt_corr(_get(s, "correlations", "pbrf",
+                                                                   "pearson")),
+                     fmt_corr(_get(s, "correlations", "cold", "pearson"))])
+    table = _md_table(["train.seed", "run", "θ^s test", "‖∇J(θ^s)‖", "PBRF Pearson",
+                       "cold LOO Pearson"], rows, align="llrrrr")
+    return (f"## Seeds\n\nEvery number below is the mean ± sample standard deviation over "
+            f"{info.get('n')} base models θ^s trained with `train.seed` = "
+            f"{info.get('train_seeds')}; each is a complete run of its own (linked). Counts "
+            "(certified, diverged, pairs used) add up over the seeds.\n\n" + table)
+
+
+def write_seeds_report(run_dir, summary: Mapping, per_seed: Sequence[Mapping],
+                       config: Mapping) -> Path:
+    """``report.md``, ``figures/decomposition.png`` and ``summary.json`` of a multi-seed run.
+
+    Args:
+        run_dir: the multi-seed run directory (its seeds' runs are in ``seed=K`` folders).
+        summary: :func:`pbrf.experiment.seeds.aggregate` of the seeds' summaries.
+        per_seed: the seeds' summaries, in the order of ``summary["seeds"]``.
+        config: the run's configuration.
+
+    Returns:
+        The path of ``report.md`` (``summary.json`` is written last).
+    """
+    run_dir = Path(run_dir)
+    clean = jsonable(summary, nonfinite="null")
+    figures = {"decomposition (means over seeds)":
+               plot_decomposition(clean, run_dir / "figures" / "decomposition.png")}
+    rows = [(f"train.seed {seed}", s) for seed, s in zip(clean["seeds"]["train_seeds"], per_seed)]
+    rows.append(("mean ± std", clean))
+    parts = [f"# pbrf run: {config.get('name', 'experiment')} ({len(per_seed)} seeds)",
+             _seeds_section(clean, per_seed), _experiment_section(clean, config),
+             _theta_s_section(clean), _correlation_section(clean), "### Per seed\n\n"
+             + format_table(rows), _decomposition_section(clean), _certificate_section(clean),
+             _paired_section(clean), _figures_section(figures, run_dir), how_to_read(clean),
+             _config_section(config)]
+    report = _write_text(run_dir / "report.md", "\n\n".join(p for p in parts if p) + "\n")
+    _write_text(run_dir / "summary.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    return report
+
+
 # --------------------------------------------------------------------------- tables across runs
 
 
 def _table_cells(summary: Mapping, kinds: Sequence[str]) -> list[str]:
     corr = _corr(summary)
-    return [fmt_corr(_get(corr, k, key)) for k in kinds for key in ("pearson", "spearman")]
+    return [_fmt_key(_get(corr, k), key) for k in kinds for key in ("pearson", "spearman")]
 
 
 def _table_header(kinds: Sequence[str]) -> list[str]:
@@ -968,11 +1034,11 @@ def print_summary(summary: Mapping) -> str:
     corr_rows = _corr_rows(corr, kinds)
     dec = _decomp(summary)
     gap_rows = [
-        [g, fmt_value(_get(dec, "gaps", g)), fmt_value(_get(dec, "signed", g))] for g in GAPS
+        [g] + [fmt_ms(_get(dec, key, g), _get(dec, f"{key}_std", g), fmt_value)
+               for key in ("gaps", "signed")] for g in GAPS
     ]
-    gap_rows.append(
-        ["total (LOO − influence)", fmt_value(dec.get("total")), fmt_value(dec.get("total_signed"))]
-    )
+    gap_rows.append(["total (LOO − influence)", _fmt_key(dec, "total", fmt_value),
+                     _fmt_key(dec, "total_signed", fmt_value)])
     parts = []
     if corr_rows:
         parts.append(
