@@ -23,22 +23,34 @@ def test_dry_run_prints_sizes_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_memory_estimate_within_30_percent_of_the_measured_peak(tmp_path):
+@pytest.mark.parametrize("preset", ["digits-mlp", "cifar10-lenet", "cifar10-resnet20"])
+def test_dry_run_memory_estimate_within_30_percent_of_the_measured_peak(tmp_path, preset):
     """Both in fresh processes: the estimate (loaded process + probes) and the real run's peak
-    resident memory (ru_maxrss of the child running `pbrf run`)."""
+    resident memory (ru_maxrss of the child running `pbrf run`), on the tiny profiles (one seed)
+    of the default, LeNet and ResNet-20 (the CIFAR ones need $PBRF_DATA)."""
+    if preset.startswith("cifar10"):
+        pytest.importorskip("pbrf.data")
+        from pbrf.data import DataError, load
+
+        try:
+            load("cifar10", n_train=2, n_test=2)
+        except DataError as err:
+            pytest.skip(f"CIFAR-10 is not available: {err}")
+    sets = ["run.seeds=1"]
     estimate = subprocess.run(
         [sys.executable, "-c",
          "import json; from pbrf.experiment import config as c; "
          "from pbrf.experiment.inputs import prepare_inputs; "
          "from pbrf.experiment.dryrun import dry_run; "
-         "cfg = c.load_preset('digits-mlp', 'tiny', []); "
+         f"cfg = c.load_preset({preset!r}, 'tiny', {sets!r}); "
          "print(json.dumps(dry_run(cfg, prepare_inputs(cfg))['estimated_peak_bytes']))"],
         cwd=tmp_path, env=ENV, capture_output=True, text=True, check=True)
     measured = subprocess.run(
         [sys.executable, "-c",
          "import resource, subprocess, sys; "
-         "subprocess.run([sys.executable, '-m', 'pbrf.cli', 'run', '--profile', 'tiny', "
-         "'--no-progress', '--out', 'r'], stdout=subprocess.DEVNULL, check=True); "
+         f"subprocess.run([sys.executable, '-m', 'pbrf.cli', 'run', {preset!r}, '--profile', "
+         "'tiny', '--set', 'run.seeds=1', '--no-progress', '--out', 'r'], "
+         "stdout=subprocess.DEVNULL, check=True); "
          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"],
         cwd=tmp_path, env=ENV, capture_output=True, text=True, check=True)
     est = json.loads(estimate.stdout.strip().splitlines()[-1])
