@@ -6,6 +6,7 @@
              [--overwrite] [--executor local|ray] [--ray-address ADDR] [--device cpu|cuda]
              [--no-progress]
     pbrf sweep PRESET --factor width|depth|epochs|weight_decay|damping|fraction --values v1,v2,...
+               [--seeds N] [--out DIR] (and the options of ``pbrf run``)
     pbrf table RUN_DIR [RUN_DIR ...] [--markdown]
     pbrf evaluate --scores FILE --run DIR [--json]
     pbrf presets
@@ -29,19 +30,11 @@ import sys
 from pathlib import Path
 
 from .experiment.config import ConfigError, list_presets, resolve
+from .experiment.sweep import SWEEP_FACTORS
 
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger(__name__)
-
-SWEEP_FACTORS = {
-    "width": "model.width",
-    "depth": "model.depth",
-    "epochs": "train.epochs",
-    "weight_decay": "train.weight_decay",
-    "damping": "influence.damping",
-    "fraction": "removals.group_fraction",
-}
 
 
 class UsageError(Exception):
@@ -167,11 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------- commands
-def _config_from_args(args, extra_sets: list[str] | None = None):
-    sets = list(args.sets) + list(extra_sets or [])
-    if args.device:
-        sets.append(f"run.device={json.dumps(args.device)}")
-    return resolve(args.spec, args.profile, sets)
+def _config_from_args(args):
+    return resolve(args.spec, args.profile, list(args.sets) + _device_sets(args))
 
 
 def _executor(args):
@@ -227,9 +217,9 @@ def cmd_run(args) -> int:
 
 def _named(err: OSError, where: Path) -> OSError:
     """``err``, naming ``where`` (the run directory) when the failed call named no file."""
-    if err.filename is not None or isinstance(err, BrokenPipeError):
-        return err
-    return type(err)(err.errno, err.strerror or str(err), f"{where}{os.sep}")
+    from .fileio import name_os_error
+
+    return name_os_error(err, where)
 
 
 def _parse_values(text: str) -> list:
@@ -241,12 +231,20 @@ def _parse_values(text: str) -> list:
     return [parse_set(f"v={v}")[1] for v in values]
 
 
-def _sweep_plan(args) -> tuple[Path, list[tuple[str, list, list, list[list[Path]]]]]:
-    """Per factor: its values, their configs (one per seed) and run directories.
+def _device_sets(args) -> list[str]:
+    return [f"run.device={json.dumps(args.device)}"] if args.device else []
 
-    Everything is resolved and checked before anything runs.
+
+def cmd_sweep(args) -> int:
+    """``pbrf sweep``: validate every value of every factor first, then run them one by one.
+
+    With ``--seeds N`` each value runs N times (``train.seed`` + 0..N-1, i.e. a different θ^s):
+    the figures show mean ± standard deviation over seeds and ``sweep.md`` states, per factor,
+    in which direction each gap moved and whether the error bars separate the values
+    (:mod:`pbrf.experiment.sweep`).
     """
-    from .experiment.store import check_run_dir
+    from .experiment import report, sweep
+    from .experiment.pipeline import prepare_inputs
 
     if len(args.factor) != len(args.values):
         raise UsageError(f"pbrf sweep: {len(args.factor)} --factor but {len(args.values)} "
@@ -256,114 +254,22 @@ def _sweep_plan(args) -> tuple[Path, list[tuple[str, list, list, list[list[Path]
                          "--values.")
     if args.seeds < 1:
         raise UsageError("pbrf sweep: --seeds must be a positive integer, e.g. --seeds 3.")
-    base = _config_from_args(args)
-    name = f"{base.name}-sweep-{'-'.join(args.factor)}"
-    out = Path(args.out) if args.out else Path("runs") / name
-    plan = []
-    for factor, text in zip(args.factor, args.values):
-        key, values = SWEEP_FACTORS[factor], _parse_values(text)
-        configs, dirs = [], []
-        for v in values:
-            sets = [f"{key}={json.dumps(v)}"]
-            per_seed = [_config_from_args(args, sets + [f"train.seed={base.train.seed + k}"])
-                        for k in range(args.seeds)]
-            folder = out / f"{factor}={v}"
-            configs.append(per_seed)
-            dirs.append([folder] if args.seeds == 1 else [folder / f"seed={base.train.seed + k}"
-                                                          for k in range(args.seeds)])
-        for cfgs, ds in zip(configs, dirs):
-            for cfg, d in zip(cfgs, ds):
-                check_run_dir(d, cfg, args.overwrite)
-        plan.append((factor, values, configs, dirs))
-    return out, plan
-
-
-def cmd_sweep(args) -> int:
-    """``pbrf sweep``: validate every value of every factor first, then run them one by one.
-
-    With ``--seeds N`` each value runs N times (``train.seed`` + 0..N-1, i.e. a different θ^s):
-    the figures show mean ± standard deviation over seeds and ``sweep.md`` states, per factor,
-    in which direction each gap moved and whether the error bars separate the values.
-    """
-    from .experiment import report
-    from .experiment.pipeline import prepare_inputs
-    from .experiment.store import atomic_write_text
-
-    out, plan = _sweep_plan(args)
-    inputs = {id(c): prepare_inputs(c) for _, _, configs, _ in plan for cs in configs for c in cs}
+    factors = [(f, _parse_values(text)) for f, text in zip(args.factor, args.values)]
+    plan = sweep.plan_sweep(args.spec, args.profile, factors, sets=args.sets + _device_sets(args),
+                            seeds=args.seeds, out=args.out, overwrite=args.overwrite)
+    inputs = {id(c): prepare_inputs(c) for c in plan.configs()}
     executor = _executor(args)
-    results = []
     try:
-        for factor, values, configs, dirs in plan:
-            per_value = []
-            for v, cfgs, ds in zip(values, configs, dirs):
-                seeds = []
-                for cfg, d in zip(cfgs, ds):
-                    print(f"== {factor} = {v}, train.seed = {cfg.train.seed} ==", file=sys.stderr)
-                    try:
-                        seeds.append(_run_one(cfg, d, args, executor, inputs[id(cfg)]))
-                    except OSError as err:
-                        raise _named(err, d) from None
-                per_value.append(seeds)
-            results.append((factor, values, per_value))
+        results = sweep.run_sweep(plan, executor=executor, overwrite=args.overwrite,
+                                  progress=not args.no_progress, inputs=inputs)
     finally:
         executor.close()
-    sections = []
-    for factor, values, per_value in results:
-        name = "sweep.png" if len(results) == 1 else f"sweep-{factor}.png"
-        figure = report.plot_sweep(factor, values, per_value, out / name)
-        sections.append(_sweep_markdown(factor, values, per_value, figure, out))
-        rows = [(f"{factor}={v}" + (f" seed {k}" if args.seeds > 1 else ""), s)
-                for v, seeds in zip(values, per_value) for k, s in enumerate(seeds)]
-        print(report.format_table_text(rows))
-    title = f"# Sweep of {', '.join(args.factor)} ({args.spec}, profile {args.profile}"
-    title += f", {args.seeds} seeds per value)" if args.seeds > 1 else ")"
-    atomic_write_text(out / "sweep.md", "\n\n".join([title, *sections]) + "\n")
-    print(f"\nsweep report: {out / 'sweep.md'}")
+    sweep.write_sweep(plan.out, results,
+                      sweep.sweep_title(args.factor, args.spec, args.profile, args.seeds))
+    for result in results:
+        print(report.format_table_text(sweep.sweep_table_rows(result, args.seeds)))
+    print(f"\nsweep report: {plan.out / 'sweep.md'}")
     return 0
-
-
-def _sweep_markdown(factor: str, values: list, per_value: list, figure, out: Path) -> str:
-    import numpy as np
-
-    from .experiment import analysis, report
-
-    def cell(mean, std, n):
-        if mean is None:
-            return "n/a"
-        return report.fmt_value(mean) + (f" ± {report.fmt_value(std)}" if n > 1 else "")
-
-    n = min(len(s) for s in per_value)
-    trends = report.sweep_trends(values, per_value)
-    gap_rows = [["value"] + list(analysis.GAPS)]
-    for i, v in enumerate(values):
-        gap_rows.append([str(v)] + [cell(trends[g]["means"][i], trends[g]["stds"][i], n)
-                                    for g in analysis.GAPS])
-    corr_rows = [["value", "PBRF Pearson", "cold LOO Pearson"]]
-    for v, seeds in zip(values, per_value):
-        row = [str(v)]
-        for kind in ("pbrf", "cold"):
-            vals = [c for c in (report._plottable(report._get(s, "correlations", kind, "pearson"))
-                                for s in seeds) if c is not None]
-            row.append(cell(float(np.mean(vals)) if vals else None,
-                            float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, n))
-        corr_rows.append(row)
-    lines = []
-    for g in analysis.GAPS:
-        t = trends[g]
-        ends = "the error bars of the smallest and largest value"
-        sep = {None: "one seed per value, no error bars", True: f"{ends} separate",
-               False: f"{ends} overlap"}[t["separated"]]
-        lines.append(f"- {g}: {t['direction']} with {factor} ({sep}).")
-    fig = Path(figure).relative_to(out).as_posix() if figure else None
-    parts = [f"## {factor}", f"Values {values}, {n} seed{'s' if n != 1 else ''} each "
-             + ("(mean ± standard deviation over seeds)." if n > 1 else "."),
-             "### Mean gaps |Δm|", report._md_table(gap_rows[0], gap_rows[1:]),
-             "### Influence vs response", report._md_table(corr_rows[0], corr_rows[1:]),
-             "### How each gap moved", "\n".join(lines)]
-    if fig:
-        parts.append(f"![gaps vs {factor}]({fig})")
-    return "\n\n".join(parts)
 
 
 def _table_label(run: Path, summary: dict) -> str:
