@@ -7,10 +7,17 @@
              [--no-progress]
     pbrf sweep PRESET --factor width|depth|epochs|weight_decay|damping|fraction --values v1,v2,...
                [--seeds N] [--out DIR] (and the options of ``pbrf run``)
+    pbrf reproduce [--profile cpu|paper|tiny] [--only table|factors] [--out DIR] [--report PATH]
+                   [--threads N] [--executor local|ray] [--ray-address ADDR] [--device cpu|cuda]
+                   [--overwrite] [--no-progress]
     pbrf table RUN_DIR [RUN_DIR ...] [--markdown]
     pbrf evaluate --scores FILE --run DIR [--json]
     pbrf presets
     pbrf download NAME [--root DIR]
+
+``pbrf reproduce`` runs the paper's main table (five architectures) and its six factor studies
+(:mod:`pbrf.experiment.reproduce`), resumably: the same command again computes only what is
+missing; it records the wall time of each part in ``OUT/reproduce.json`` and writes a report.
 
 Errors in the input (unknown preset, bad ``--set``, missing data, a run directory holding another
 config) print one line on stderr and exit with status 2, without a traceback and without writing
@@ -105,6 +112,34 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default=None, help="sweep directory (default "
                                                    "runs/<name>-sweep-<factor>[-<factor>...])")
     _add_run_options(sweep)
+
+    rep = sub.add_parser(
+        "reproduce", help="the paper's main table and six factor studies, then a report",
+        description="Run the five architectures of the paper's Table 1 and its six factor "
+                    "studies (resumable: rerun the same command to compute what is missing), "
+                    "record the wall time of each part (OUT/reproduce.json) and write a "
+                    "reproduction report.")
+    rep.add_argument("--profile", choices=("cpu", "paper", "tiny"), default="cpu",
+                     help="cpu (a few CPU cores, default), paper (one large GPU), tiny (tests)")
+    rep.add_argument("--only", choices=("table", "factors"), default=None,
+                     help="run one part only (default both)")
+    rep.add_argument("--out", default=None,
+                     help="output folder (default runs/reproduce-<profile>)")
+    rep.add_argument("--report", default=None,
+                     help="report path (default OUT/reproduction.md); figures go to "
+                          "<its folder>/img/reproduction/")
+    rep.add_argument("--overwrite", action="store_true",
+                     help="start every run directory afresh")
+    rep.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="where chunks run (default local)")
+    rep.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a "
+                                                         "local Ray with 2 CPUs)")
+    rep.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                     help="override run.device of every run")
+    rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    rep.add_argument("--threads", type=int, default=None,
+                     help="torch intra-op threads (default: torch's choice)")
+    rep.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
 
     table = sub.add_parser("table",
                            help="correlation table (paper Table 1 layout) of finished runs",
@@ -272,6 +307,39 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _reproduce_command(args) -> str:
+    """The command line of ``pbrf reproduce``, as the report states it."""
+    parts = ["pbrf reproduce", "--profile", args.profile]
+    for flag, value in (("--only", args.only), ("--out", args.out), ("--report", args.report),
+                        ("--threads", args.threads), ("--device", args.device),
+                        ("--ray-address", args.ray_address)):
+        if value is not None:
+            parts += [flag, shlex.quote(str(value))]
+    if args.executor != "local":
+        parts += ["--executor", args.executor]
+    return " ".join(parts + (["--overwrite"] if args.overwrite else []))
+
+
+def cmd_reproduce(args) -> int:
+    """``pbrf reproduce``: validate every run first, run what is missing, write the report."""
+    from .experiment import reproduce
+
+    plan = reproduce.plan_reproduction(args.profile, args.out, only=args.only,
+                                       device=args.device, overwrite=args.overwrite)
+    report_path = Path(args.report) if args.report else plan.out / "reproduction.md"
+    command = _reproduce_command(args)
+    executor = _executor(args)
+    try:
+        results = reproduce.run_reproduction(plan, executor=executor,
+                                             progress=not args.no_progress, command=command)
+    finally:
+        executor.close()
+    path = reproduce.write_reproduction_report(plan, results, report_path, command)
+    print(f"wall times: {plan.out / reproduce.RECORD_NAME}")
+    print(f"reproduction report: {path}")
+    return 0
+
+
 def _table_label(run: Path, summary: dict) -> str:
     """A row label: the run's preset and profile, and the sweep value when the folder is one
     (``damping=0.01``); the folder name when the summary does not say.
@@ -403,6 +471,7 @@ def cmd_download(args) -> int:
 COMMANDS = {
     "run": cmd_run,
     "sweep": cmd_sweep,
+    "reproduce": cmd_reproduce,
     "table": cmd_table,
     "evaluate": cmd_evaluate,
     "estimators": cmd_estimators,
