@@ -234,6 +234,7 @@ def _real_tiny_profiles_missing() -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 5 architectures and 36 factor-study runs, tiny
 @pytest.mark.skipif(_real_tiny_profiles_missing() is not None,
                     reason=str(_real_tiny_profiles_missing()))
 def test_reproduce_tiny_with_the_real_tables(tmp_path):
