@@ -89,7 +89,7 @@ def test_reproduce_writes_table_factors_figures_and_times(smoke):
     assert all(e["seconds"] > 0 for e in record["table"].values())
     assert set(record["factors"]) == {"width", "damping"}
     assert len(record["factors"]["width"]["runs"]) == 6
-    assert reproduce.part_seconds(record["factors"]["width"]) > 0
+    assert reproduce.part_seconds(record["factors"]["width"]) > 0 and record["total_seconds"] > 0
     assert len(_time_lines(text)) == 5 and "n/a" not in "".join(_time_lines(text))
     # the sweep's own outputs
     assert (smoke / "factors" / "sweep.md").is_file()

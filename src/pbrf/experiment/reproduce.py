@@ -10,7 +10,8 @@ training epochs, weight decay, damping, fraction of data removed). This module r
    nothing is written, and a mistake raises ``ConfigError`` / ``DataError``;
 2. :func:`run_reproduction` — run them (``OUT/table/<row>``, ``OUT/factors/<factor>=<value>/...``;
    each run resumes, so rerunning computes only what is missing) and record the seconds each part
-   took in ``OUT/reproduce.json`` (a part complete before the command keeps its recorded time);
+   took in ``OUT/reproduce.json`` (a part complete before the command keeps its recorded time; a
+   run interrupted and resumed counts the time of the command that finished it);
 3. :func:`write_reproduction_report` — the report: the table in the paper's layout (mean ± std
    over seeds), θ^s accuracy against the acceptance thresholds, certification counts, the settings
    of each row (read from its ``config.json``), a decomposition figure per architecture and a
@@ -358,6 +359,8 @@ def run_reproduction(
 
         factors = run_sweep(plan.sweep, executor=executor, overwrite=plan.overwrite,
                             progress=progress, run=sweep_run, on_factor=announce)
+    parts = [part_seconds(e) for e in [*record["table"].values(), *record["factors"].values()]]
+    record["total_seconds"] = float(sum(x for x in parts if x is not None))
     _write_record(plan.out, record)
     return {"table": table, "factors": factors, "record": record}
 
