@@ -257,3 +257,17 @@ def test_help(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--only" in out and "--report" in out and "cpu" in out
+
+
+def test_record_keeps_only_the_planned_runs(tmp_path, monkeypatch):
+    _tiny_tables(monkeypatch)
+    plan = reproduce.plan_reproduction("tiny", tmp_path / "out", check_data=False)
+    entry = {"seconds": 2.0}
+    record = {"table": {"digits-mlp": entry, "gone": entry},
+              "factors": {"width": {"runs": {"width=8/seed=0": entry, "width=99/seed=0": entry}},
+                          "depth": {"runs": {"depth=1/seed=0": entry}}}}
+    kept = reproduce._current(plan, record)
+    assert kept["table"] == {"digits-mlp": entry}
+    assert kept["factors"] == {"width": {"runs": {"width=8/seed=0": entry}}}
+    assert reproduce.part_seconds(kept["factors"]["width"]) == 2.0
+    assert not (tmp_path / "out").exists()  # planning writes nothing

@@ -285,6 +285,24 @@ def part_seconds(entry: dict | None) -> float | None:
     return entry.get("seconds")
 
 
+def _current(plan: ReproductionPlan, record: dict) -> dict:
+    """The record without entries of runs that are not in the plan (e.g. of other values)."""
+    rows = {row for row, _, _ in plan.rows}
+    record["table"] = {k: v for k, v in record["table"].items() if k in rows}
+    if plan.sweep is not None:
+        root = plan.sweep.out
+        planned = {fp.factor: {Path(d).relative_to(root).as_posix() for _, _, d in fp.runs()}
+                   for fp in plan.sweep.factors}
+        factors = {}
+        for factor, entry in record["factors"].items():
+            runs = {k: v for k, v in (entry.get("runs") or {}).items()
+                    if k in planned.get(factor, ())}
+            if runs:
+                factors[factor] = {**entry, "runs": runs}
+        record["factors"] = factors
+    return record
+
+
 # ---------------------------------------------------------------------------- run
 def _default_run(config, run_dir, **kwargs) -> dict:
     from .pipeline import run_experiment
@@ -317,7 +335,7 @@ def run_reproduction(
     from pbrf.fileio import name_os_error
 
     run = run or _default_run
-    record = read_record(plan.out)
+    record = _current(plan, read_record(plan.out))
     record.update(profile=plan.profile, command=command, updated=_now())
     plan.out.mkdir(parents=True, exist_ok=True)
 
@@ -488,11 +506,13 @@ def write_reproduction_report(
     path = Path(path)
     img = path.parent / "img" / "reproduction"
     img.mkdir(parents=True, exist_ok=True)
-    record = results.get("record") or read_record(plan.out)
+    record = results.get("record") or _current(plan, read_record(plan.out))
     table, factors = _available(plan, results)
     machine = _machine(plan)
-    row_secs = {row: part_seconds(record["table"].get(row)) for row, _, _ in plan.rows}
-    factor_secs = {f: part_seconds(record["factors"].get(f))
+    finished = {r.factor for r in factors}  # an unfinished part has no time yet
+    row_secs = {row: part_seconds(record["table"].get(row)) if row in table else None
+                for row, _, _ in plan.rows}
+    factor_secs = {f: part_seconds(record["factors"].get(f)) if f in finished else None
                    for f in (FACTOR_STUDIES[plan.profile]["values"])}
     known = [s for s in [*row_secs.values(), *factor_secs.values()] if s is not None]
 
