@@ -6,10 +6,18 @@
              [--overwrite] [--executor local|ray] [--ray-address ADDR] [--device cpu|cuda]
              [--no-progress]
     pbrf sweep PRESET --factor width|depth|epochs|weight_decay|damping|fraction --values v1,v2,...
+               [--seeds N] [--out DIR] (and the options of ``pbrf run``)
+    pbrf reproduce [--profile cpu|paper|tiny] [--only table|factors] [--out DIR] [--report PATH]
+                   [--threads N] [--executor local|ray] [--ray-address ADDR] [--device cpu|cuda]
+                   [--overwrite] [--no-progress]
     pbrf table RUN_DIR [RUN_DIR ...] [--markdown]
     pbrf evaluate --scores FILE --run DIR [--json]
     pbrf presets
     pbrf download NAME [--root DIR]
+
+``pbrf reproduce`` runs the paper's main table (five architectures) and its six factor studies
+(:mod:`pbrf.experiment.reproduce`), resumably: the same command again computes only what is
+missing; it records the wall time of each part in ``OUT/reproduce.json`` and writes a report.
 
 Errors in the input (unknown preset, bad ``--set``, missing data, a run directory holding another
 config) print one line on stderr and exit with status 2, without a traceback and without writing
@@ -29,19 +37,11 @@ import sys
 from pathlib import Path
 
 from .experiment.config import ConfigError, list_presets, resolve
+from .experiment.sweep import SWEEP_FACTORS
 
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger(__name__)
-
-SWEEP_FACTORS = {
-    "width": "model.width",
-    "depth": "model.depth",
-    "epochs": "train.epochs",
-    "weight_decay": "train.weight_decay",
-    "damping": "influence.damping",
-    "fraction": "removals.group_fraction",
-}
 
 
 class UsageError(Exception):
@@ -113,6 +113,34 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "runs/<name>-sweep-<factor>[-<factor>...])")
     _add_run_options(sweep)
 
+    rep = sub.add_parser(
+        "reproduce", help="the paper's main table and six factor studies, then a report",
+        description="Run the five architectures of the paper's Table 1 and its six factor "
+                    "studies (resumable: rerun the same command to compute what is missing), "
+                    "record the wall time of each part (OUT/reproduce.json) and write a "
+                    "reproduction report.")
+    rep.add_argument("--profile", choices=("cpu", "paper", "tiny"), default="cpu",
+                     help="cpu (a few CPU cores, default), paper (one large GPU), tiny (tests)")
+    rep.add_argument("--only", choices=("table", "factors"), default=None,
+                     help="run one part only (default both)")
+    rep.add_argument("--out", default=None,
+                     help="output folder (default runs/reproduce-<profile>)")
+    rep.add_argument("--report", default=None,
+                     help="report path (default OUT/reproduction.md); figures go to "
+                          "<its folder>/img/reproduction/")
+    rep.add_argument("--overwrite", action="store_true",
+                     help="start every run directory afresh")
+    rep.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="where chunks run (default local)")
+    rep.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a "
+                                                         "local Ray with 2 CPUs)")
+    rep.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                     help="override run.device of every run")
+    rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    rep.add_argument("--threads", type=int, default=None,
+                     help="torch intra-op threads (default: torch's choice)")
+    rep.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+
     table = sub.add_parser("table",
                            help="correlation table (paper Table 1 layout) of finished runs",
                            description="Print the paper's Table 1 (Pearson/Spearman of influence "
@@ -167,11 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------- commands
-def _config_from_args(args, extra_sets: list[str] | None = None):
-    sets = list(args.sets) + list(extra_sets or [])
-    if args.device:
-        sets.append(f"run.device={json.dumps(args.device)}")
-    return resolve(args.spec, args.profile, sets)
+def _config_from_args(args):
+    return resolve(args.spec, args.profile, list(args.sets) + _device_sets(args))
 
 
 def _executor(args):
@@ -227,9 +252,9 @@ def cmd_run(args) -> int:
 
 def _named(err: OSError, where: Path) -> OSError:
     """``err``, naming ``where`` (the run directory) when the failed call named no file."""
-    if err.filename is not None or isinstance(err, BrokenPipeError):
-        return err
-    return type(err)(err.errno, err.strerror or str(err), f"{where}{os.sep}")
+    from .fileio import name_os_error
+
+    return name_os_error(err, where)
 
 
 def _parse_values(text: str) -> list:
@@ -241,12 +266,20 @@ def _parse_values(text: str) -> list:
     return [parse_set(f"v={v}")[1] for v in values]
 
 
-def _sweep_plan(args) -> tuple[Path, list[tuple[str, list, list, list[list[Path]]]]]:
-    """Per factor: its values, their configs (one per seed) and run directories.
+def _device_sets(args) -> list[str]:
+    return [f"run.device={json.dumps(args.device)}"] if args.device else []
 
-    Everything is resolved and checked before anything runs.
+
+def cmd_sweep(args) -> int:
+    """``pbrf sweep``: validate every value of every factor first, then run them one by one.
+
+    With ``--seeds N`` each value runs N times (``train.seed`` + 0..N-1, i.e. a different θ^s):
+    the figures show mean ± standard deviation over seeds and ``sweep.md`` states, per factor,
+    in which direction each gap moved and whether the error bars separate the values
+    (:mod:`pbrf.experiment.sweep`).
     """
-    from .experiment.store import check_run_dir
+    from .experiment import report, sweep
+    from .experiment.pipeline import prepare_inputs
 
     if len(args.factor) != len(args.values):
         raise UsageError(f"pbrf sweep: {len(args.factor)} --factor but {len(args.values)} "
@@ -256,114 +289,55 @@ def _sweep_plan(args) -> tuple[Path, list[tuple[str, list, list, list[list[Path]
                          "--values.")
     if args.seeds < 1:
         raise UsageError("pbrf sweep: --seeds must be a positive integer, e.g. --seeds 3.")
-    base = _config_from_args(args)
-    name = f"{base.name}-sweep-{'-'.join(args.factor)}"
-    out = Path(args.out) if args.out else Path("runs") / name
-    plan = []
-    for factor, text in zip(args.factor, args.values):
-        key, values = SWEEP_FACTORS[factor], _parse_values(text)
-        configs, dirs = [], []
-        for v in values:
-            sets = [f"{key}={json.dumps(v)}"]
-            per_seed = [_config_from_args(args, sets + [f"train.seed={base.train.seed + k}"])
-                        for k in range(args.seeds)]
-            folder = out / f"{factor}={v}"
-            configs.append(per_seed)
-            dirs.append([folder] if args.seeds == 1 else [folder / f"seed={base.train.seed + k}"
-                                                          for k in range(args.seeds)])
-        for cfgs, ds in zip(configs, dirs):
-            for cfg, d in zip(cfgs, ds):
-                check_run_dir(d, cfg, args.overwrite)
-        plan.append((factor, values, configs, dirs))
-    return out, plan
-
-
-def cmd_sweep(args) -> int:
-    """``pbrf sweep``: validate every value of every factor first, then run them one by one.
-
-    With ``--seeds N`` each value runs N times (``train.seed`` + 0..N-1, i.e. a different θ^s):
-    the figures show mean ± standard deviation over seeds and ``sweep.md`` states, per factor,
-    in which direction each gap moved and whether the error bars separate the values.
-    """
-    from .experiment import report
-    from .experiment.pipeline import prepare_inputs
-    from .experiment.store import atomic_write_text
-
-    out, plan = _sweep_plan(args)
-    inputs = {id(c): prepare_inputs(c) for _, _, configs, _ in plan for cs in configs for c in cs}
+    factors = [(f, _parse_values(text)) for f, text in zip(args.factor, args.values)]
+    plan = sweep.plan_sweep(args.spec, args.profile, factors, sets=args.sets + _device_sets(args),
+                            seeds=args.seeds, out=args.out, overwrite=args.overwrite)
+    inputs = {id(c): prepare_inputs(c) for c in plan.configs()}
     executor = _executor(args)
-    results = []
     try:
-        for factor, values, configs, dirs in plan:
-            per_value = []
-            for v, cfgs, ds in zip(values, configs, dirs):
-                seeds = []
-                for cfg, d in zip(cfgs, ds):
-                    print(f"== {factor} = {v}, train.seed = {cfg.train.seed} ==", file=sys.stderr)
-                    try:
-                        seeds.append(_run_one(cfg, d, args, executor, inputs[id(cfg)]))
-                    except OSError as err:
-                        raise _named(err, d) from None
-                per_value.append(seeds)
-            results.append((factor, values, per_value))
+        results = sweep.run_sweep(plan, executor=executor, overwrite=args.overwrite,
+                                  progress=not args.no_progress, inputs=inputs)
     finally:
         executor.close()
-    sections = []
-    for factor, values, per_value in results:
-        name = "sweep.png" if len(results) == 1 else f"sweep-{factor}.png"
-        figure = report.plot_sweep(factor, values, per_value, out / name)
-        sections.append(_sweep_markdown(factor, values, per_value, figure, out))
-        rows = [(f"{factor}={v}" + (f" seed {k}" if args.seeds > 1 else ""), s)
-                for v, seeds in zip(values, per_value) for k, s in enumerate(seeds)]
-        print(report.format_table_text(rows))
-    title = f"# Sweep of {', '.join(args.factor)} ({args.spec}, profile {args.profile}"
-    title += f", {args.seeds} seeds per value)" if args.seeds > 1 else ")"
-    atomic_write_text(out / "sweep.md", "\n\n".join([title, *sections]) + "\n")
-    print(f"\nsweep report: {out / 'sweep.md'}")
+    sweep.write_sweep(plan.out, results,
+                      sweep.sweep_title(args.factor, args.spec, args.profile, args.seeds))
+    for result in results:
+        print(report.format_table_text(sweep.sweep_table_rows(result, args.seeds)))
+    print(f"\nsweep report: {plan.out / 'sweep.md'}")
     return 0
 
 
-def _sweep_markdown(factor: str, values: list, per_value: list, figure, out: Path) -> str:
-    import numpy as np
+def _reproduce_command(args) -> str:
+    """The command line of ``pbrf reproduce``, as the report states it."""
+    parts = ["pbrf reproduce", "--profile", args.profile]
+    for flag, value in (("--only", args.only), ("--out", args.out), ("--report", args.report),
+                        ("--threads", args.threads), ("--device", args.device),
+                        ("--ray-address", args.ray_address)):
+        if value is not None:
+            parts += [flag, shlex.quote(str(value))]
+    if args.executor != "local":
+        parts += ["--executor", args.executor]
+    return " ".join(parts + (["--overwrite"] if args.overwrite else []))
 
-    from .experiment import analysis, report
 
-    def cell(mean, std, n):
-        if mean is None:
-            return "n/a"
-        return report.fmt_value(mean) + (f" ± {report.fmt_value(std)}" if n > 1 else "")
+def cmd_reproduce(args) -> int:
+    """``pbrf reproduce``: validate every run first, run what is missing, write the report."""
+    from .experiment import reproduce
 
-    n = min(len(s) for s in per_value)
-    trends = report.sweep_trends(values, per_value)
-    gap_rows = [["value"] + list(analysis.GAPS)]
-    for i, v in enumerate(values):
-        gap_rows.append([str(v)] + [cell(trends[g]["means"][i], trends[g]["stds"][i], n)
-                                    for g in analysis.GAPS])
-    corr_rows = [["value", "PBRF Pearson", "cold LOO Pearson"]]
-    for v, seeds in zip(values, per_value):
-        row = [str(v)]
-        for kind in ("pbrf", "cold"):
-            vals = [c for c in (report._plottable(report._get(s, "correlations", kind, "pearson"))
-                                for s in seeds) if c is not None]
-            row.append(cell(float(np.mean(vals)) if vals else None,
-                            float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, n))
-        corr_rows.append(row)
-    lines = []
-    for g in analysis.GAPS:
-        t = trends[g]
-        ends = "the error bars of the smallest and largest value"
-        sep = {None: "one seed per value, no error bars", True: f"{ends} separate",
-               False: f"{ends} overlap"}[t["separated"]]
-        lines.append(f"- {g}: {t['direction']} with {factor} ({sep}).")
-    fig = Path(figure).relative_to(out).as_posix() if figure else None
-    parts = [f"## {factor}", f"Values {values}, {n} seed{'s' if n != 1 else ''} each "
-             + ("(mean ± standard deviation over seeds)." if n > 1 else "."),
-             "### Mean gaps |Δm|", report._md_table(gap_rows[0], gap_rows[1:]),
-             "### Influence vs response", report._md_table(corr_rows[0], corr_rows[1:]),
-             "### How each gap moved", "\n".join(lines)]
-    if fig:
-        parts.append(f"![gaps vs {factor}]({fig})")
-    return "\n\n".join(parts)
+    plan = reproduce.plan_reproduction(args.profile, args.out, only=args.only,
+                                       device=args.device, overwrite=args.overwrite)
+    report_path = Path(args.report) if args.report else plan.out / "reproduction.md"
+    command = _reproduce_command(args)
+    executor = _executor(args)
+    try:
+        results = reproduce.run_reproduction(plan, executor=executor,
+                                             progress=not args.no_progress, command=command)
+    finally:
+        executor.close()
+    path = reproduce.write_reproduction_report(plan, results, report_path, command)
+    print(f"wall times: {plan.out / reproduce.RECORD_NAME}")
+    print(f"reproduction report: {path}")
+    return 0
 
 
 def _table_label(run: Path, summary: dict) -> str:
@@ -497,6 +471,7 @@ def cmd_download(args) -> int:
 COMMANDS = {
     "run": cmd_run,
     "sweep": cmd_sweep,
+    "reproduce": cmd_reproduce,
     "table": cmd_table,
     "evaluate": cmd_evaluate,
     "estimators": cmd_estimators,

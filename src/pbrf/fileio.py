@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "jsonable", "dumps", "npy_bytes"]
+__all__ = ["atomic_write", "jsonable", "dumps", "npy_bytes", "name_os_error"]
 
 
 def _umask() -> int:
@@ -61,6 +61,13 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
             raise type(err)(err.errno, err.strerror or str(err), str(path)) from None
         raise
     return path
+
+
+def name_os_error(err: OSError, where: str | Path) -> OSError:
+    """``err``, naming ``where`` (e.g. a run directory) when the failed call named no file."""
+    if err.filename is not None or isinstance(err, BrokenPipeError):
+        return err
+    return type(err)(err.errno, err.strerror or str(err), f"{where}{os.sep}")
 
 
 def jsonable(obj: Any, nonfinite: str = "string", unknown: str = "str") -> Any:

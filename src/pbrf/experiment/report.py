@@ -31,6 +31,8 @@ __all__ = [
     "TABLE_KINDS",
     "fmt_corr",
     "fmt_value",
+    "fmt_mean_std",
+    "mean_std",
     "write_report",
     "render_markdown",
     "plot_decomposition",
@@ -115,6 +117,30 @@ def fmt_ms(value, std, fmt=fmt_corr) -> str:
 def _fmt_key(d: Mapping | None, key: str, fmt=fmt_corr) -> str:
     """``d[key]`` with its ``d[key + "_std"]`` (mean ± std over seeds) when present."""
     return fmt_ms(_get(d, key), _get(d, f"{key}_std"), fmt)
+def mean_std(mapping: Mapping | None, key: str) -> tuple[float | None, float | None]:
+    """The value at the dotted ``key`` of a summary and its standard deviation over seeds.
+
+    A summary aggregated over seeds (``run.seeds > 1``) gives every mean a sibling ``<key>_std``
+    (``correlations.pbrf.pearson_std``) or, for a block of means, a sibling block ``<block>_std``
+    (``decomposition.gaps_std.<gap>``); a single-seed summary has neither, and the std is None.
+    Non-finite or missing numbers are None.
+    """
+    *path, last = key.split(".")
+    parent = _get(mapping, *path) if path else mapping
+    mean = _finite(_get(parent, last))
+    std = _finite(_get(parent, f"{last}_std"))
+    if std is None and path:
+        std = _finite(_get(_get(mapping, *path[:-1]) if path[:-1] else mapping,
+                           f"{path[-1]}_std", last))
+    return mean, std
+
+
+def fmt_mean_std(mapping: Mapping | None, key: str, fmt=None) -> str:
+    """``mean ± std`` of the dotted ``key`` (see :func:`mean_std`), or the plain value when the
+    summary has no ``_std`` for it, or ``n/a``; numbers formatted by ``fmt`` (default
+    :func:`fmt_corr`).
+    """
+    return fmt_ms(*mean_std(mapping, key), fmt or fmt_corr)
 
 
 def _fmt_config_value(v) -> str:

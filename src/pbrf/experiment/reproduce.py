@@ -1,0 +1,629 @@
+"""``pbrf reproduce``: the paper's main table and its six factor studies, resumably, and a report.
+
+Bae et al. (2022) compare influence estimates with cold-start LOO, warm-start LOO and the PBRF on
+five architectures (their Table 1) and study how the gaps move with six factors (width, depth,
+training epochs, weight decay, damping, fraction of data removed). This module runs both:
+
+1. :func:`plan_reproduction` — resolve every table row's config (:data:`TABLE_ROWS`, preset profile
+   from :data:`TABLE_PROFILES`) and every factor-study run (:data:`FACTOR_STUDIES`, through
+   :func:`pbrf.experiment.sweep.plan_sweep`), check every run directory and that the data load;
+   nothing is written, and a mistake raises ``ConfigError`` / ``DataError``;
+2. :func:`run_reproduction` — run them (``OUT/table/<row>``, ``OUT/factors/<factor>=<value>/...``;
+   each run resumes, so rerunning computes only what is missing) and record the seconds each part
+   took in ``OUT/reproduce.json`` (a part complete before the command keeps its recorded time; a
+   run interrupted and resumed counts the time of the command that finished it);
+3. :func:`write_reproduction_report` — the report: the table in the paper's layout (mean ± std
+   over seeds), θ^s accuracy against the acceptance thresholds, certification counts, the settings
+   of each row (read from its ``config.json``), a decomposition figure per architecture and a
+   figure plus "how each gap moved" per factor.
+
+The plan lives in data (:data:`TABLE_ROWS`, :data:`TABLE_PROFILES`, :data:`ACCEPTANCE`,
+:data:`FACTOR_STUDIES`): changing what is run means editing those tables only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, ExperimentConfig, load_preset
+from .sweep import SWEEP_FACTORS, FactorResult, SweepPlan, plan_sweep, run_sweep, write_sweep
+
+__all__ = [
+    "TABLE_ROWS",
+    "TABLE_PROFILES",
+    "ACCEPTANCE",
+    "ARCHITECTURES",
+    "FACTOR_STUDIES",
+    "PROFILES",
+    "PARTS",
+    "RECORD_NAME",
+    "ReproductionPlan",
+    "plan_reproduction",
+    "run_reproduction",
+    "write_reproduction_report",
+    "reproduce",
+]
+
+#: The rows of the paper's Table 1, one preset each.
+TABLE_ROWS = ("mnist-mlp", "cifar10-lenet", "cifar10-alexnet", "cifar10-vgg13", "cifar10-resnet20")
+
+#: The profiles of ``pbrf reproduce``.
+PROFILES = ("cpu", "paper", "tiny")
+
+#: The parts that ``--only`` can choose.
+PARTS = ("table", "factors")
+
+#: Per profile of ``pbrf reproduce``: the preset profile the table rows run with, and ``--set``
+#: overrides applied to every row.
+TABLE_PROFILES = {
+    "cpu": {"profile": "cpu", "sets": ()},
+    "paper": {"profile": "paper", "sets": ()},
+    "tiny": {"profile": "tiny", "sets": ()},
+}
+
+#: Minimum test accuracy of θ^s per row (the base model must be a reasonable classifier).
+ACCEPTANCE = {
+    "mnist-mlp": 0.95,
+    "cifar10-lenet": 0.40,
+    "cifar10-alexnet": 0.45,
+    "cifar10-vgg13": 0.45,
+    "cifar10-resnet20": 0.50,
+}
+
+#: The row labels of the report's table.
+ARCHITECTURES = {
+    "mnist-mlp": "MLP (MNIST)",
+    "cifar10-lenet": "LeNet (CIFAR-10)",
+    "cifar10-alexnet": "AlexNet (CIFAR-10)",
+    "cifar10-vgg13": "VGG13 (CIFAR-10)",
+    "cifar10-resnet20": "ResNet-20 (CIFAR-10)",
+}
+
+#: Per profile: the preset and preset profile of the factor studies, the seeds per value,
+#: optional ``--set`` overrides (``"sets"``) and the values of each of the six factors.
+FACTOR_STUDIES = {
+    "tiny": {
+        "preset": "digits-mlp", "profile": "tiny", "seeds": 2, "sets": ("removals.n_removals=4",),
+        "values": {"width": [8, 16, 32], "depth": [1, 2, 3], "epochs": [10, 20, 40],
+                   "weight_decay": [1e-4, 1e-3, 1e-2], "damping": [1e-2, 1e-1, 1.0],
+                   "fraction": [0.01, 0.02, 0.05]},
+    },
+    "cpu": {
+        "preset": "digits-mlp", "profile": "factors", "seeds": 3,
+        "values": {"width": [8, 32, 128], "depth": [1, 2, 3], "epochs": [10, 40, 160],
+                   "weight_decay": [1e-4, 1e-3, 1e-2], "damping": [1e-3, 1e-2, 1e-1],
+                   "fraction": [0.005, 0.02, 0.08]},
+    },
+    "paper": {
+        "preset": "mnist-mlp", "profile": "paper", "seeds": 3,
+        "values": {"width": [16, 64, 256, 1024], "depth": [1, 2, 3, 4],
+                   "epochs": [10, 40, 160, 640], "weight_decay": [1e-5, 1e-4, 1e-3, 1e-2],
+                   "damping": [1e-4, 1e-3, 1e-2, 1e-1], "fraction": [0.001, 0.005, 0.02, 0.08]},
+    },
+}
+
+#: The record of wall times, in the output folder.
+RECORD_NAME = "reproduce.json"
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+@dataclass
+class ReproductionPlan:
+    """A validated reproduction: what runs where; nothing written yet."""
+
+    profile: str
+    out: Path
+    parts: tuple[str, ...]
+    rows: list[tuple[str, ExperimentConfig | None, Path]] = field(default_factory=list)
+    sweep: SweepPlan | None = None
+    overwrite: bool = False
+    #: run directories (as strings) already finished, with the same config, when planned
+    finished: set = field(default_factory=set)
+
+    def configs(self, one_seed: bool = False) -> list[ExperimentConfig]:
+        """Every config that this plan runs (with ``one_seed``, one per factor value)."""
+        out = [c for _, c, _ in self.rows] if "table" in self.parts else []
+        if "factors" in self.parts and self.sweep is not None:
+            out += ([cfgs[0] for fp in self.sweep.factors for cfgs in fp.configs] if one_seed
+                    else self.sweep.configs())
+        return out
+
+
+# ---------------------------------------------------------------------------- plan
+def _finished(config: ExperimentConfig, run_dir: Path, overwrite: bool) -> bool:
+    """Whether ``run_dir`` already holds a finished run of ``config`` (read only)."""
+    from .store import check_run_dir
+
+    if overwrite or not (run_dir / "summary.json").is_file():
+        return False
+    try:
+        return check_run_dir(run_dir, config, False) == "resume"
+    except ConfigError:
+        return False
+
+
+def _row_config(row: str, profile: str, sets: Sequence[str]) -> ExperimentConfig:
+    table = TABLE_PROFILES[profile]
+    return load_preset(row, table["profile"], list(table.get("sets", ())) + list(sets))
+
+
+def _factor_plan(profile: str, out: Path, sets: Sequence[str], overwrite: bool) -> SweepPlan:
+    study = FACTOR_STUDIES[profile]
+    factors = [(f, list(study["values"][f])) for f in SWEEP_FACTORS if f in study["values"]]
+    return plan_sweep(study["preset"], study["profile"], factors,
+                      sets=list(study.get("sets", ())) + list(sets), seeds=int(study["seeds"]),
+                      out=out / "factors", overwrite=overwrite)
+
+
+def plan_reproduction(
+    profile: str = "cpu",
+    out: str | Path | None = None,
+    *,
+    only: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    check_data: bool = True,
+) -> ReproductionPlan:
+    """Resolve and check everything a reproduction runs; nothing is written.
+
+    Args:
+        profile: one of :data:`PROFILES`.
+        out: the output folder (default ``runs/reproduce-<profile>``).
+        only: ``"table"`` or ``"factors"`` to run one part (default both).
+        device: ``"cpu"`` or ``"cuda"``: ``run.device`` of every run.
+        overwrite: start every run directory afresh.
+        check_data: load each run's data and build its model (:func:`prepare_inputs`, then
+            dropped) so that missing data or a model too big stop the command before any run.
+
+    Returns:
+        The :class:`ReproductionPlan`.
+
+    Raises:
+        ConfigError: unknown profile or part, a config that does not resolve, a run directory
+            that holds another config.
+        pbrf.data.DataError: missing or corrupt data.
+    """
+    from .store import check_run_dir
+
+    if profile not in PROFILES:
+        raise ConfigError(f"pbrf reproduce: unknown profile {profile!r}; choose one of "
+                          f"{', '.join(PROFILES)}.")
+    if only is not None and only not in PARTS:
+        raise ConfigError(f"pbrf reproduce: --only {only!r} is not a part; choose one of "
+                          f"{', '.join(PARTS)}.")
+    out = Path(out) if out else Path("runs") / f"reproduce-{profile}"
+    sets = [f"run.device={json.dumps(device)}"] if device else []
+    parts = (only,) if only else PARTS
+    plan = ReproductionPlan(profile, out, parts, overwrite=overwrite)
+    for row in TABLE_ROWS:
+        run_dir = out / "table" / row
+        if "table" in parts:
+            config = _row_config(row, profile, sets)
+            check_run_dir(run_dir, config, overwrite)
+        else:  # only reported, when already finished
+            try:
+                config = _row_config(row, profile, sets)
+            except ConfigError:
+                config = None
+        plan.rows.append((row, config, run_dir))
+    if "factors" in parts:
+        plan.sweep = _factor_plan(profile, out, sets, overwrite)
+    else:
+        try:
+            plan.sweep = _factor_plan(profile, out, sets, False)
+        except ConfigError:
+            plan.sweep = None
+    if check_data:
+        from .inputs import prepare_inputs
+
+        # the seeds of a value differ only in train.seed: one check per value
+        for config in plan.configs(one_seed=True):
+            prepare_inputs(config)  # raises on missing data; the inputs are not kept
+    for _, config, run_dir in plan.rows:
+        if config is not None and _finished(config, run_dir, overwrite):
+            plan.finished.add(str(run_dir))
+    if plan.sweep is not None:
+        for fp in plan.sweep.factors:
+            for _, config, run_dir in fp.runs():
+                if _finished(config, run_dir, overwrite):
+                    plan.finished.add(str(run_dir))
+    return plan
+
+
+# ---------------------------------------------------------------------------- record
+def read_record(out: Path) -> dict:
+    """``OUT/reproduce.json`` (an empty record when absent or unreadable)."""
+    try:
+        record = json.loads((Path(out) / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    record.setdefault("table", {})
+    record.setdefault("factors", {})
+    return record
+
+
+def _write_record(out: Path, record: dict) -> None:
+    from pbrf.fileio import atomic_write, dumps
+
+    atomic_write(Path(out) / RECORD_NAME, dumps(record, nonfinite="null", indent=2) + "\n")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _timed_entry(previous: dict | None, seconds: float, was_finished: bool) -> dict:
+    """A run's record: kept when it was finished before this command and has a recorded time."""
+    if was_finished and previous and previous.get("seconds") is not None:
+        return previous
+    return {"seconds": seconds, "recorded": _now(),
+            # finished before this command, with no recorded time: ``seconds`` is only the read
+            "finished_before_record": was_finished}
+
+
+def part_seconds(entry: dict | None) -> float | None:
+    """The seconds a part took: its own (a table row) or the sum over its runs (a factor)."""
+    if not entry:
+        return None
+    if "runs" in entry:
+        secs = [r.get("seconds") for r in entry["runs"].values()]
+        return float(sum(secs)) if secs and None not in secs else None
+    return entry.get("seconds")
+
+
+def _current(plan: ReproductionPlan, record: dict) -> dict:
+    """The record without entries of runs that are not in the plan (e.g. of other values)."""
+    rows = {row for row, _, _ in plan.rows}
+    record["table"] = {k: v for k, v in record["table"].items() if k in rows}
+    if plan.sweep is not None:
+        root = plan.sweep.out
+        planned = {fp.factor: {Path(d).relative_to(root).as_posix() for _, _, d in fp.runs()}
+                   for fp in plan.sweep.factors}
+        factors = {}
+        for factor, entry in record["factors"].items():
+            runs = {k: v for k, v in (entry.get("runs") or {}).items()
+                    if k in planned.get(factor, ())}
+            if runs:
+                factors[factor] = {**entry, "runs": runs}
+        record["factors"] = factors
+    return record
+
+
+# ---------------------------------------------------------------------------- run
+def _default_run(config, run_dir, **kwargs) -> dict:
+    from .pipeline import run_experiment
+
+    return run_experiment(config, run_dir, **kwargs)
+
+
+def run_reproduction(
+    plan: ReproductionPlan,
+    *,
+    executor=None,
+    progress: bool = True,
+    run: Callable[..., dict] | None = None,
+    command: str | None = None,
+) -> dict:
+    """Run the planned parts (each run resumes) and record their wall times.
+
+    Args:
+        plan: from :func:`plan_reproduction`.
+        executor: passed to every :func:`~pbrf.experiment.pipeline.run_experiment`.
+        progress: show progress bars.
+        run: ``run(config, run_dir, executor=..., overwrite=..., progress=..., inputs=...)``
+            returning the summary (default ``run_experiment``).
+        command: the command line, stored in the record.
+
+    Returns:
+        ``{"table": {row: summary}, "factors": [FactorResult, ...], "record": record}`` for the
+        parts run.
+    """
+    from pbrf.fileio import name_os_error
+
+    run = run or _default_run
+    record = _current(plan, read_record(plan.out))
+    record.update(profile=plan.profile, command=command, updated=_now())
+    plan.out.mkdir(parents=True, exist_ok=True)
+
+    def timed(config, run_dir, entry_of, **kwargs):
+        t0 = time.perf_counter()
+        summary = run(config, run_dir, **kwargs)
+        seconds = time.perf_counter() - t0
+        was = str(run_dir) in plan.finished
+        holder, key = entry_of()
+        holder[key] = _timed_entry(holder.get(key), seconds, was)
+        _write_record(plan.out, record)
+        return summary
+
+    table = {}
+    if "table" in plan.parts:
+        for i, (row, config, run_dir) in enumerate(plan.rows, 1):
+            print(f"== table row {i}/{len(plan.rows)}: {row} ==", file=sys.stderr)
+            try:
+                table[row] = timed(config, run_dir, lambda r=row: (record["table"], r),
+                                   executor=executor, overwrite=plan.overwrite,
+                                   progress=progress, inputs=None)
+            except OSError as err:
+                raise name_os_error(err, run_dir) from None
+    factors = []
+    if "factors" in plan.parts and plan.sweep is not None:
+        root = plan.sweep.out
+
+        def sweep_run(config, run_dir, **kwargs):
+            key = Path(run_dir).relative_to(root).as_posix()
+            factor = key.split("=", 1)[0]
+
+            def entry_of():
+                return record["factors"].setdefault(factor, {"runs": {}})["runs"], key
+
+            return timed(config, run_dir, entry_of, **kwargs)
+
+        def announce(i, n, fp):
+            print(f"== factor {i}/{n}: {fp.factor} ==", file=sys.stderr)
+
+        factors = run_sweep(plan.sweep, executor=executor, overwrite=plan.overwrite,
+                            progress=progress, run=sweep_run, on_factor=announce)
+    parts = [part_seconds(e) for e in [*record["table"].values(), *record["factors"].values()]]
+    record["total_seconds"] = float(sum(x for x in parts if x is not None))
+    _write_record(plan.out, record)
+    return {"table": table, "factors": factors, "record": record}
+
+
+# ---------------------------------------------------------------------------- report
+def _load_summary(config: ExperimentConfig | None, run_dir: Path) -> dict | None:
+    """A finished run's summary (same config), else None."""
+    if config is None or not _finished(config, run_dir, False):
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _available(plan: ReproductionPlan, results: dict) -> tuple[dict, list[FactorResult]]:
+    """Summaries of every finished part: those run now and those finished before."""
+    table = dict(results.get("table") or {})
+    for row, config, run_dir in plan.rows:
+        if row not in table:
+            summary = _load_summary(config, run_dir)
+            if summary is not None:
+                table[row] = summary
+    done = {r.factor: r for r in results.get("factors") or []}
+    factors = []
+    for fp in plan.sweep.factors if plan.sweep is not None else []:
+        if fp.factor in done:
+            factors.append(done[fp.factor])
+            continue
+        per_value = [[_load_summary(c, d) for c, d in zip(cfgs, ds)]
+                     for cfgs, ds in zip(fp.configs, fp.dirs)]
+        if all(s is not None for seeds in per_value for s in seeds):
+            factors.append(FactorResult(fp.factor, fp.values, per_value))
+    return table, factors
+
+
+def _stored_config(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _settings_row(row: str, config: dict) -> list[str]:
+    """The key settings of a row, from its stored ``config.json``."""
+    from . import report
+
+    def get(*keys):
+        v = report._get(config, *keys)
+        return "—" if v is None else report._fmt_config_value(v)
+
+    model = config.get("model") or {}
+    opts = model.get("options") or {}
+    size = ", ".join(f"{k} {report._fmt_config_value(opts[k])}" for k in ("width", "width_mult",
+                                                                           "depth") if k in opts)
+    removals = config.get("removals") or {}
+    group = removals.get("group_fraction") or 0
+    what = (f" (groups of {100 * group:g}% of N)" if group
+            else f" (groups of {removals['group_size']})" if removals.get("group_size", 1) != 1
+            else "")
+    return [ARCHITECTURES.get(row, row), get("data", "n_train"),
+            f"{model.get('name', '—')}" + (f" ({size})" if size else ""), get("train", "epochs"),
+            get("influence", "damping"), get("train", "weight_decay"),
+            f"{get('removals', 'n_test_points')} × {get('removals', 'n_removals')}{what}",
+            get("responses", "cold_seeds"), get("run", "seeds") if report._get(
+                config, "run", "seeds") is not None else "1",
+            get("responses", "tol")]
+
+
+_TABLE_COLUMNS = (
+    ("cold-start LOO", "correlations.cold"),
+    ("warm-start LOO", "correlations.warm"),
+    ("PBRF", "correlations.pbrf"),
+    ("warm-start (paired)", "paired.correlations.warm"),
+    ("proximal", "correlations.proximal"),
+)
+
+
+def _seconds(x) -> str:
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if x < 120:
+        return f"{x:.1f} s"
+    return f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.2f} h"
+
+
+def _certified(summary: dict, kind: str) -> str:
+    cert = summary.get("certificates") or {}
+    entry = (cert.get("by_kind") or {}).get(kind) or {}
+    if "certified" not in entry:
+        return "n/a"
+    return f"{entry['certified']} of {cert.get('n_removals', 'n/a')}"
+
+
+def _machine(plan: ReproductionPlan) -> dict:
+    import torch
+
+    devices = sorted({c.run.device for c in plan.configs() if c is not None}) or ["cpu"]
+    gpu = any(d.startswith("cuda") for d in devices) and torch.cuda.is_available()
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "devices": devices, "gpu": torch.cuda.get_device_name(0) if gpu else None,
+            "platform": f"{platform.system()} {platform.machine()}",
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def _rel(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
+
+
+def write_reproduction_report(
+    plan: ReproductionPlan, results: dict, path: str | Path, command: str,
+) -> Path:
+    """Write the reproduction report (markdown) and its figures; returns its path.
+
+    Figures go to ``<report dir>/img/reproduction/`` and are linked relatively. Parts finished by
+    an earlier command are included; parts not run yet are listed as such.
+    """
+    import pbrf
+
+    from . import analysis, report
+    from .sweep import sweep_markdown, sweep_title
+
+    path = Path(path)
+    img = path.parent / "img" / "reproduction"
+    img.mkdir(parents=True, exist_ok=True)
+    record = results.get("record") or _current(plan, read_record(plan.out))
+    table, factors = _available(plan, results)
+    machine = _machine(plan)
+    finished = {r.factor for r in factors}  # an unfinished part has no time yet
+    row_secs = {row: part_seconds(record["table"].get(row)) if row in table else None
+                for row, _, _ in plan.rows}
+    factor_secs = {f: part_seconds(record["factors"].get(f)) if f in finished else None
+                   for f in (FACTOR_STUDIES[plan.profile]["values"])}
+    known = [s for s in [*row_secs.values(), *factor_secs.values()] if s is not None]
+
+    lines = [f"# Reproduction of Bae et al. (2022), profile `{plan.profile}`", "",
+             f"Produced by `{command}` on {_now()} with pbrf {pbrf.__version__} "
+             f"(torch {machine['torch']}, Python {machine['python']}).", "",
+             f"Machine: {machine['cpus']} CPUs ({machine['platform']}), "
+             f"{machine['torch_threads']} torch threads, device "
+             f"{', '.join(machine['devices'])}.", "",
+             (f"GPU: used ({machine['gpu']})." if machine["gpu"]
+              else "GPU: not used (every run on the CPU)."), ""]
+    if plan.profile != "paper":
+        lines += [f"The `paper` profile (sized for one large GPU) was not run here; these are the "
+                  f"`{plan.profile}` profile's numbers.", ""]
+    lines += [f"Total wall time of the computation: {_seconds(sum(known)) if known else 'n/a'} "
+              "(each part's time is the time it took when it was computed; a part finished by "
+              "an earlier command keeps that time).", ""]
+    time_rows = [[f"table: {ARCHITECTURES.get(r, r)}", _seconds(s)] for r, s in row_secs.items()]
+    time_rows += [[f"factor: {f}", _seconds(s)] for f, s in factor_secs.items()]
+    lines += [report._md_table(["part", "wall time"], time_rows), ""]
+
+    # --- the table
+    lines += ["## Influence vs the response functions (the paper's Table 1)", ""]
+    header = ["architecture"] + [f"{label} {m}" for label, _ in _TABLE_COLUMNS
+                                 for m in ("P", "S")]
+    body, quality, certs, settings, figures = [], [], [], [], []
+    for row, _, run_dir in plan.rows:
+        name = ARCHITECTURES.get(row, row)
+        s = table.get(row)
+        if s is None:
+            body.append([name] + ["not run"] * (len(header) - 1))
+            continue
+        body.append([name] + [report.fmt_mean_std(s, f"{key}.{m}") for _, key in _TABLE_COLUMNS
+                              for m in ("pearson", "spearman")])
+        acc, _ = report.mean_std(s, "theta_s.test_metric")
+        threshold = ACCEPTANCE.get(row)
+        verdict = ("—" if threshold is None or acc is None
+                   else "met" if acc >= threshold else "NOT met")
+        quality.append([name, report.fmt_mean_std(s, "theta_s.test_metric", fmt=_percent),
+                        "—" if threshold is None else f"≥ {_percent(threshold)}", verdict])
+        certs.append([name, _certified(s, "pbrf"), _certified(s, "proximal")])
+        settings.append(_settings_row(row, _stored_config(run_dir)))
+        fig = report.plot_decomposition(s, img / f"decomposition-{row}.png")
+        figures += [f"#### {name}", "", f"![decomposition of {name}]({_rel(fig, path.parent)})",
+                    ""]
+    lines += [report._md_table(header, body), "",
+              "P = Pearson, S = Spearman correlation of the influence estimate with each response "
+              "function over the certified (test point, removal) pairs; mean ± standard deviation "
+              "over seeds where a row ran several. The first three response functions are the "
+              "paper's columns; \"warm-start (paired)\" is measured against the no-removal "
+              "continuation (the removal's own effect), \"proximal\" is the literal chain's.", ""]
+    if quality:
+        lines += ["### Quality of θ^s", "", report._md_table(
+            ["architecture", "test accuracy of θ^s", "acceptance", "verdict"], quality), ""]
+        lines += ["### Certified responses", "",
+                  report._md_table(["architecture", "PBRF certified", "proximal certified"],
+                                   certs), "",
+                  "Counts of removals whose optimised response is certified (ρ ≤ threshold), "
+                  "summed over seeds where a row ran several.", ""]
+        lines += ["### Settings", "", report._md_table(
+            ["architecture", "N", "model", "epochs", "damping", "weight decay",
+             "test points × removals", "cold seeds", "seeds", "responses.tol"], settings),
+            "", "Read from each run's `config.json`.", ""]
+        lines += ["### Decomposition of the mismatch", "", *figures]
+
+    # --- the factor studies
+    study = FACTOR_STUDIES[plan.profile]
+    lines += [f"## Factor studies ({study['preset']}, profile {study['profile']}, "
+              f"{study['seeds']} seeds per value)", ""]
+    swept = {}
+    if plan.sweep is not None and factors:
+        swept = write_sweep(plan.sweep.out, factors, sweep_title(
+            [r.factor for r in factors], study["preset"], study["profile"], int(study["seeds"])))
+    done = {r.factor for r in factors}
+    for r in factors:
+        copied = _copy(swept[r.factor], img / f"factor-{r.factor}.png")
+        lines += [sweep_markdown(r.factor, r.values, r.per_value, copied, path.parent,
+                                 heading="###"), ""]
+    missing = [f for f in study["values"] if f not in done]
+    if missing:
+        lines += [f"Not run yet: {', '.join(missing)} (`pbrf reproduce --profile {plan.profile}` "
+                  "computes what is missing).", ""]
+    lines += ["Gaps: " + ", ".join(analysis.GAPS) + " (see the README's conventions).", ""]
+
+    from pbrf.fileio import atomic_write
+
+    atomic_write(path, "\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def reproduce(
+    profile: str = "cpu",
+    out: str | Path | None = None,
+    *,
+    only: str | None = None,
+    report: str | Path | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    executor=None,
+    progress: bool = True,
+    command: str | None = None,
+) -> Path:
+    """Plan, run and report a reproduction in one call; returns the report's path."""
+    plan = plan_reproduction(profile, out, only=only, device=device, overwrite=overwrite)
+    command = command or f"pbrf reproduce --profile {profile}"
+    results = run_reproduction(plan, executor=executor, progress=progress, command=command)
+    return write_reproduction_report(plan, results, report or plan.out / "reproduction.md",
+                                     command)

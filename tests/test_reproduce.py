@@ -1,0 +1,273 @@
+"""``pbrf reproduce``: the paper's table and factor studies end to end (on tiny stand-in tables),
+resume without recomputation, ``--only``, validation before anything is written, the report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import pbrf
+from pbrf import cli
+from pbrf.experiment import ConfigError, load_preset, pipeline, report, reproduce
+
+TABLE_SETS = ('responses.kinds=["cold", "warm", "pbrf", "linearized", "influence"]',
+              "removals.n_removals=4")
+FACTOR_SETS = ('responses.kinds=["pbrf", "linearized", "influence"]', "removals.n_removals=4",
+               "train.epochs=10")
+TINY_STUDY = {"preset": "digits-mlp", "profile": "tiny", "seeds": 2, "sets": FACTOR_SETS,
+              "values": {"width": [8, 12, 16], "damping": [0.1, 0.3, 1.0]}}
+
+
+def _tiny_tables(mp) -> None:
+    """Stand-in tables on presets whose tiny profiles exist (digits), few removals."""
+    mp.setattr(reproduce, "TABLE_ROWS", ("digits-mlp", "digits-binary"))
+    mp.setitem(reproduce.TABLE_PROFILES, "tiny", {"profile": "tiny", "sets": TABLE_SETS})
+    mp.setitem(reproduce.FACTOR_STUDIES, "tiny", TINY_STUDY)
+
+
+def _command(out: Path, *extra: str) -> list[str]:
+    return ["reproduce", "--profile", "tiny", "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One ``pbrf reproduce --profile tiny`` on the stand-in tables (2 rows, 2 factors x 3 values
+    x 2 seeds).
+    """
+    out = tmp_path_factory.mktemp("reproduce") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        _tiny_tables(mp)
+        assert cli.main(_command(out)) == 0
+    return out
+
+
+def _figure_links(text: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+
+
+def _time_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith(("| table:", "| factor:"))
+            or ln.startswith("Total wall time")]
+
+
+def test_reproduce_writes_table_factors_figures_and_times(smoke):
+    path = smoke / "reproduction.md"
+    text = path.read_text()
+    assert f"`pbrf reproduce --profile tiny --out {smoke}`" in text
+    assert f"pbrf {pbrf.__version__}" in text and "GPU: not used" in text
+    assert "The `paper` profile" in text
+    # the table in the paper's layout, one row per architecture, all columns
+    assert "## Influence vs the response functions (the paper's Table 1)" in text
+    header = next(ln for ln in text.splitlines() if ln.startswith("| architecture | cold"))
+    for col in ("cold-start LOO P", "warm-start LOO S", "PBRF P", "warm-start (paired) S",
+                "proximal P"):
+        assert col in header
+    rows = [ln for ln in text.splitlines() if ln.startswith(("| digits-mlp |",
+                                                             "| digits-binary |"))]
+    assert len(rows) >= 2 and "not run" not in rows[0]
+    summary = json.loads((smoke / "table" / "digits-mlp" / "summary.json").read_text())
+    assert report.fmt_corr(summary["correlations"]["pbrf"]["pearson"]) in rows[0]
+    assert "4 of 4" in text  # certification counts
+    assert "| digits-mlp | 200 | mlp (width 16, depth 2) |" in text  # settings from config.json
+    # the factor studies: one section, figure and trend text per factor
+    for factor in ("width", "damping"):
+        assert f"### {factor}" in text
+        assert f"with {factor} (the error bars" in text
+        assert f"img/reproduction/factor-{factor}.png" in text
+    links = _figure_links(text)
+    assert len(links) == 4  # two decompositions, two factors
+    for link in links:
+        assert not Path(link).is_absolute()
+        assert (path.parent / link).is_file(), link
+    # the wall times
+    record = json.loads((smoke / "reproduce.json").read_text())
+    assert set(record["table"]) == {"digits-mlp", "digits-binary"}
+    assert all(e["seconds"] > 0 for e in record["table"].values())
+    assert set(record["factors"]) == {"width", "damping"}
+    assert len(record["factors"]["width"]["runs"]) == 6
+    assert reproduce.part_seconds(record["factors"]["width"]) > 0 and record["total_seconds"] > 0
+    assert len(_time_lines(text)) == 5 and "n/a" not in "".join(_time_lines(text))
+    # the sweep's own outputs
+    assert (smoke / "factors" / "sweep.md").is_file()
+    seeds = json.loads((smoke / "factors" / "width=8" / "seed=1" / "config.json").read_text())
+    assert seeds["train"]["seed"] == 1 and seeds["model"]["options"]["width"] == 8
+
+
+def test_second_invocation_recomputes_nothing_and_keeps_the_times(smoke, monkeypatch):
+    record = json.loads((smoke / "reproduce.json").read_text())
+    before = _time_lines((smoke / "reproduction.md").read_text())
+    tasks, trained, runs = [], [], []
+    real_tasks, real_train = pipeline._run_tasks, pbrf.train
+    real_run = reproduce._default_run
+
+    def count_tasks(executor, ctx, todo, store, progress):
+        tasks.append(len(todo))
+        return real_tasks(executor, ctx, todo, store, progress)
+
+    def count_train(*args, **kwargs):
+        trained.append(1)
+        return real_train(*args, **kwargs)
+
+    def count_runs(config, run_dir, **kwargs):
+        runs.append(run_dir)
+        return real_run(config, run_dir, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_run_tasks", count_tasks)
+    monkeypatch.setattr(pbrf, "train", count_train)
+    monkeypatch.setattr(reproduce, "_default_run", count_runs)
+    _tiny_tables(monkeypatch)
+    assert cli.main(_command(smoke)) == 0
+    assert len(runs) == 2 + 2 * 3 * 2  # every run is visited (and resumes)
+    assert not trained and not any(tasks)  # ... but nothing is computed
+    again = json.loads((smoke / "reproduce.json").read_text())
+    assert again["table"] == record["table"] and again["factors"] == record["factors"]
+    assert _time_lines((smoke / "reproduction.md").read_text()) == before
+
+
+def test_only_table_runs_no_sweep(smoke, tmp_path, monkeypatch):
+    _tiny_tables(monkeypatch)
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("--only table ran the factor studies")
+
+    monkeypatch.setattr(reproduce, "run_sweep", no_sweep)
+    # a finished folder: the report still shows the factor studies computed earlier
+    assert cli.main(_command(smoke, "--only", "table", "--report",
+                             str(tmp_path / "doc" / "r.md"))) == 0
+    text = (tmp_path / "doc" / "r.md").read_text()
+    assert "### width" in text and "--only table" in text
+    assert all((tmp_path / "doc" / link).is_file() for link in _figure_links(text))
+    # a fresh folder: only the table rows run, no factors folder
+    canned = json.loads((smoke / "table" / "digits-mlp" / "summary.json").read_text())
+    calls = []
+    monkeypatch.setattr(reproduce, "_default_run",
+                        lambda config, run_dir, **kw: calls.append(run_dir) or canned)
+    fresh = tmp_path / "fresh"
+    assert cli.main(_command(fresh, "--only", "table")) == 0
+    assert [Path(c).name for c in calls] == ["digits-mlp", "digits-binary"]
+    assert not (fresh / "factors").exists()
+    record = json.loads((fresh / "reproduce.json").read_text())
+    assert set(record["table"]) == {"digits-mlp", "digits-binary"} and not record["factors"]
+    assert "Not run yet: width, damping" in (fresh / "reproduction.md").read_text()
+
+
+def _one_line_error(capsys, *needles) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for needle in needles:
+        assert needle in err[0], err[0]
+    return err[0]
+
+
+def test_unknown_only_value_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(_command(out, "--only", "figures")) == 2
+    _one_line_error(capsys, "--only", "figures")
+    assert cli.main(["reproduce", "--profile", "laptop", "--out", str(out)]) == 2
+    _one_line_error(capsys, "--profile")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_missing_dataset_exits_2_before_anything_runs(tmp_path, capsys, monkeypatch):
+    _tiny_tables(monkeypatch)
+    monkeypatch.setattr(reproduce, "TABLE_ROWS", ("digits-mlp", "mnist-mlp"))
+    monkeypatch.setitem(reproduce.TABLE_PROFILES, "tiny", {"profile": "quick", "sets": ()})
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("PBRF_DATA", str(empty))
+    monkeypatch.setattr(reproduce, "_default_run", lambda *a, **k: pytest.fail("a run started"))
+    out = tmp_path / "out"
+    assert cli.main(_command(out)) == 2
+    _one_line_error(capsys, "mnist")
+    assert not out.exists()
+
+
+def test_a_run_directory_of_another_config_is_refused_first(smoke, tmp_path, capsys,
+                                                            monkeypatch):
+    _tiny_tables(monkeypatch)
+    other = dict(TINY_STUDY, sets=FACTOR_SETS + ("train.lr=0.04",))
+    monkeypatch.setitem(reproduce.FACTOR_STUDIES, "tiny", other)
+    monkeypatch.setattr(reproduce, "_default_run", lambda *a, **k: pytest.fail("a run started"))
+    record = (smoke / "reproduce.json").read_text()
+    assert cli.main(_command(smoke)) == 2
+    _one_line_error(capsys, "--overwrite")
+    assert (smoke / "reproduce.json").read_text() == record
+
+
+def test_fmt_mean_std_with_and_without_seeds():
+    single = {"correlations": {"pbrf": {"pearson": 0.91234}},
+              "decomposition": {"gaps": {"solver error": 1e-3}}}
+    assert report.fmt_mean_std(single, "correlations.pbrf.pearson") == "0.912"
+    assert report.fmt_mean_std(single, "correlations.cold.pearson") == "n/a"
+    many = {"correlations": {"pbrf": {"pearson": 0.9, "pearson_std": 0.05}},
+            "decomposition": {"gaps": {"solver error": 1e-3},
+                              "gaps_std": {"solver error": 2e-4}},
+            "theta_s": {"test_metric": 0.5, "test_metric_std": 0.01}}
+    assert report.fmt_mean_std(many, "correlations.pbrf.pearson") == "0.900 ± 0.050"
+    assert report.fmt_mean_std(many, "decomposition.gaps.solver error",
+                               report.fmt_value) == "1.000e-03 ± 2.000e-04"
+    assert report.mean_std(many, "theta_s.test_metric") == (0.5, 0.01)
+
+
+def test_the_plan_is_data():
+    assert reproduce.TABLE_ROWS == ("mnist-mlp", "cifar10-lenet", "cifar10-alexnet",
+                                    "cifar10-vgg13", "cifar10-resnet20")
+    assert set(reproduce.ACCEPTANCE) == set(reproduce.TABLE_ROWS)
+    for profile in reproduce.PROFILES:
+        study = reproduce.FACTOR_STUDIES[profile]
+        assert set(study["values"]) == set(cli.SWEEP_FACTORS)
+        assert all(len(v) >= 3 for v in study["values"].values()) and study["seeds"] >= 2
+        assert profile in reproduce.TABLE_PROFILES
+
+
+def _real_tiny_profiles_missing() -> str | None:
+    try:
+        load_preset("cifar10-lenet", "tiny")
+    except ConfigError as err:
+        return f"the presets have no tiny profile for the table rows yet ({err})"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # 5 architectures and 36 factor-study runs, tiny
+@pytest.mark.skipif(_real_tiny_profiles_missing() is not None,
+                    reason=str(_real_tiny_profiles_missing()))
+def test_reproduce_tiny_with_the_real_tables(tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(_command(out)) == 0
+    text = (out / "reproduction.md").read_text()
+    for row in reproduce.TABLE_ROWS:
+        assert f"| {reproduce.ARCHITECTURES[row]} |" in text
+        assert (out / "table" / row / "summary.json").is_file()
+    for factor in cli.SWEEP_FACTORS:
+        assert f"### {factor}" in text
+    assert all((out / link).is_file() for link in _figure_links(text))
+    record = json.loads((out / "reproduce.json").read_text())
+    assert set(record["factors"]) == set(cli.SWEEP_FACTORS)
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["reproduce", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--only" in out and "--report" in out and "cpu" in out
+
+
+def test_record_keeps_only_the_planned_runs(tmp_path, monkeypatch):
+    _tiny_tables(monkeypatch)
+    plan = reproduce.plan_reproduction("tiny", tmp_path / "out", check_data=False)
+    entry = {"seconds": 2.0}
+    record = {"table": {"digits-mlp": entry, "gone": entry},
+              "factors": {"width": {"runs": {"width=8/seed=0": entry, "width=99/seed=0": entry}},
+                          "depth": {"runs": {"depth=1/seed=0": entry}}}}
+    kept = reproduce._current(plan, record)
+    assert kept["table"] == {"digits-mlp": entry}
+    assert kept["factors"] == {"width": {"runs": {"width=8/seed=0": entry}}}
+    assert reproduce.part_seconds(kept["factors"]["width"]) == 2.0
+    assert not (tmp_path / "out").exists()  # planning writes nothing
