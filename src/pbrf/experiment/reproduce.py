@@ -344,9 +344,15 @@ def run_reproduction(
         summary = run(config, run_dir, **kwargs)
         seconds = time.perf_counter() - t0
         was = str(run_dir) in plan.finished
-        holder, key = entry_of()
+        holder, key = entry_of(record)
         holder[key] = _timed_entry(holder.get(key), seconds, was)
-        _write_record(plan.out, record)
+        # another command may run the other part at the same time (--only table next to --only
+        # factors): add this entry to the record as it is on disk now, not to the one read at start
+        fresh = read_record(plan.out)
+        fresh_holder, _ = entry_of(fresh)
+        fresh_holder[key] = holder[key]
+        _write_record(plan.out, {**fresh, "profile": plan.profile, "command": command,
+                                 "updated": _now()})
         return summary
 
     table = {}
@@ -354,7 +360,7 @@ def run_reproduction(
         for i, (row, config, run_dir) in enumerate(plan.rows, 1):
             print(f"== table row {i}/{len(plan.rows)}: {row} ==", file=sys.stderr)
             try:
-                table[row] = timed(config, run_dir, lambda r=row: (record["table"], r),
+                table[row] = timed(config, run_dir, lambda rec, r=row: (rec["table"], r),
                                    executor=executor, overwrite=plan.overwrite,
                                    progress=progress, inputs=None)
             except OSError as err:
@@ -367,8 +373,8 @@ def run_reproduction(
             key = Path(run_dir).relative_to(root).as_posix()
             factor = key.split("=", 1)[0]
 
-            def entry_of():
-                return record["factors"].setdefault(factor, {"runs": {}})["runs"], key
+            def entry_of(rec):
+                return rec["factors"].setdefault(factor, {"runs": {}})["runs"], key
 
             return timed(config, run_dir, entry_of, **kwargs)
 
@@ -377,6 +383,8 @@ def run_reproduction(
 
         factors = run_sweep(plan.sweep, executor=executor, overwrite=plan.overwrite,
                             progress=progress, run=sweep_run, on_factor=announce)
+    record = _current(plan, read_record(plan.out)) | {"profile": plan.profile,
+                                                       "command": command, "updated": _now()}
     parts = [part_seconds(e) for e in [*record["table"].values(), *record["factors"].values()]]
     record["total_seconds"] = float(sum(x for x in parts if x is not None))
     _write_record(plan.out, record)
