@@ -271,3 +271,28 @@ def test_record_keeps_only_the_planned_runs(tmp_path, monkeypatch):
     assert kept["factors"] == {"width": {"runs": {"width=8/seed=0": entry}}}
     assert reproduce.part_seconds(kept["factors"]["width"]) == 2.0
     assert not (tmp_path / "out").exists()  # planning writes nothing
+
+
+def test_table_and_factors_run_side_by_side_keep_each_others_times(tmp_path, monkeypatch):
+    """``--only table`` and ``--only factors`` in two processes share ``reproduce.json``: each
+    adds its entries to the record as it is on disk, not to the one it read at its start.
+    """
+    _tiny_tables(monkeypatch)
+    out = tmp_path / "out"
+    factors = reproduce.plan_reproduction("tiny", out, only="factors", check_data=False)
+    table = reproduce.plan_reproduction("tiny", out, only="table", check_data=False)
+    calls = []
+
+    def fake(config, run_dir, **kwargs):
+        if not calls:  # the other command finishes its part while this one runs
+            reproduce.run_reproduction(table, run=lambda *a, **k: {})
+        calls.append(run_dir)
+        return {}
+
+    reproduce.run_reproduction(factors, run=fake)
+    record = reproduce.read_record(out)
+    assert set(record["table"]) == set(reproduce.TABLE_ROWS)
+    assert set(record["factors"]) == set(TINY_STUDY["values"])
+    assert record["total_seconds"] == pytest.approx(sum(
+        reproduce.part_seconds(e) for e in [*record["table"].values(),
+                                            *record["factors"].values()]))

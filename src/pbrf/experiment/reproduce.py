@@ -92,7 +92,9 @@ ARCHITECTURES = {
 #: optional ``--set`` overrides (``"sets"``) and the values of each of the six factors.
 FACTOR_STUDIES = {
     "tiny": {
-        "preset": "digits-mlp", "profile": "tiny", "seeds": 2, "sets": ("removals.n_removals=4",),
+        "preset": "digits-mlp", "profile": "tiny", "seeds": 2,
+        "sets": ("data.n_train=60", "removals.n_removals=2", "removals.n_test_points=2",
+                 "run.chunk_size=2"),
         "values": {"width": [8, 16, 32], "depth": [1, 2, 3], "epochs": [10, 20, 40],
                    "weight_decay": [1e-4, 1e-3, 1e-2], "damping": [1e-2, 1e-1, 1.0],
                    "fraction": [0.01, 0.02, 0.05]},
@@ -104,7 +106,7 @@ FACTOR_STUDIES = {
                    "fraction": [0.005, 0.02, 0.08]},
     },
     "paper": {
-        "preset": "mnist-mlp", "profile": "paper", "seeds": 3,
+        "preset": "mnist-mlp", "profile": "paper", "seeds": 3, "sets": ("run.seeds=1",),
         "values": {"width": [16, 64, 256, 1024], "depth": [1, 2, 3, 4],
                    "epochs": [10, 40, 160, 640], "weight_decay": [1e-5, 1e-4, 1e-3, 1e-2],
                    "damping": [1e-4, 1e-3, 1e-2, 1e-1], "fraction": [0.001, 0.005, 0.02, 0.08]},
