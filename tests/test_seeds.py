@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+import pbrf
 from pbrf import cli
 from pbrf.experiment import config as cfg_mod
 from pbrf.experiment import pipeline, seeds
@@ -127,6 +128,15 @@ def test_multi_seed_run_end_to_end_resume_and_table(tmp_path, capsys, monkeypatc
     assert pending[4:] == [0, 0, 2]
     three = json.loads((out / "summary.json").read_text())
     assert three["seeds"]["n"] == 3 and math.isfinite(three["correlations"]["pbrf"]["pearson"])
+
+    # the multi-seed folder is not itself a run: evaluate / load_run name a seed's folder
+    capsys.readouterr()
+    np.save(tmp_path / "s.npy", np.zeros((3, 4)))
+    assert cli.main(["evaluate", "--scores", str(tmp_path / "s.npy"), "--run", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seed=0" in err[0] and "one per θ^s seed" in err[0]
+    with pytest.raises(cfg_mod.ConfigError, match="seed=0"):
+        pbrf.load_run(out)
 
 
 def test_multi_seed_run_refuses_a_single_seed_run_directory(tmp_path, capsys):

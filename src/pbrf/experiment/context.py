@@ -40,7 +40,13 @@ def read_config(run_dir: Path) -> ExperimentConfig:
     if not path.is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a pbrf run directory (no {CONFIG_NAME}); run "
                           "`pbrf run` first.")
-    return ExperimentConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    config = ExperimentConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    if config.run.seeds > 1:  # the aggregate of several runs, not a run
+        first = Path(run_dir) / f"seed={config.train.seed}"
+        raise ConfigError(f"{str(run_dir)!r} holds {config.run.seeds} runs, one per θ^s seed "
+                          f"(run.seeds = {config.run.seeds}); pass one of them, e.g. "
+                          f"{str(first)!r}.")
+    return config
 
 
 # ---------------------------------------------------------------------------- context
