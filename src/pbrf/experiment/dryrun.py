@@ -83,12 +83,18 @@ def dry_run(config: ExperimentConfig, inputs) -> dict:
     grad_seconds, grad_peak = _measure(lambda: per_example_grads(
         measure, measure.x[:data_chunk], measure.t[:data_chunk]))
 
+    hess_peak = 0
+    if config.responses.optimizer == "newton" and config.responses.model != "gn" and (
+            {"pbrf", "proximal"} & set(kinds)):
+        _, hess_peak = _measure(lambda: _newton_hessian(measure, K, data_chunk))
+
     dense_peak = 0
     if "exact" in (config.influence.solver, config.influence.accurate_solver):
         _, dense_peak = _measure(lambda: op.dense(), repeats=0)  # the exact solves' dense C
 
     newton_state = NEWTON_VECTORS * K * p * 8
-    peak = base_rss + max(gn_peak + newton_state, step_peak, grad_peak, dense_peak)
+    peak = base_rss + max(max(gn_peak, hess_peak) + newton_state, step_peak, grad_peak,
+                          dense_peak)
     steps = train.total_steps(n)
     seeds = len(config.responses.cold_seeds)
     data_passes = math.ceil(n / data_chunk)
@@ -119,12 +125,32 @@ def dry_run(config: ExperimentConfig, inputs) -> dict:
         "baseline_rss_bytes": base_rss, "probe_peak_bytes": {"gauss_newton": gn_peak,
                                                              "training_step": step_peak,
                                                              "per_example_grads": grad_peak,
+                                                             "newton_hessian": hess_peak,
                                                              "dense_curvature": dense_peak},
         "newton_state_bytes": newton_state, "estimated_peak_bytes": peak,
         "probe_seconds": {"gauss_newton": gn_seconds, "training_step": step_seconds,
                           "per_example_grads": grad_seconds},
         "estimated_seconds": compute, "estimated_total_seconds": sum(compute.values()),
     }
+
+
+def _newton_hessian(measure, K: int, n: int) -> None:
+    """Exact Hessian products of K problems, each at its own parameters, on one data chunk: what
+    the Newton optimiser of the PBRF and proximal responses computes near their optima (``model =
+    "auto"``; K forward-over-reverse passes, more memory than K Gauss–Newton products at one θ).
+    """
+    from torch.func import grad, jvp, vmap
+
+    x, t = measure.x[:n], measure.t[:n]
+    theta = measure.flatten(measure.params).detach()
+    stacked = theta.expand(K, -1).clone()
+    V = torch.randn(stacked.shape, dtype=stacked.dtype,
+                    generator=torch.Generator().manual_seed(1)).to(stacked.device)
+
+    def loss(flat):
+        return measure.losses(measure.unflatten(flat), x, t).mean()
+
+    vmap(lambda th, v: jvp(grad(loss), (th,), (v,))[1])(stacked, V)
 
 
 def _stacked_step(problem, K: int, batch: int) -> None:
