@@ -279,10 +279,8 @@ def sweep_markdown(factor: str, values: list, per_value: list, figure, out: Path
 
     from . import analysis, report
 
-    def cell(mean, std, n):
-        if mean is None:
-            return "n/a"
-        return report.fmt_value(mean) + (f" ± {report.fmt_value(std)}" if n > 1 else "")
+    def cell(mean, std, n, fmt=report.fmt_value):
+        return report.fmt_ms(mean, std if n > 1 else None, fmt)
 
     n = min(len(s) for s in per_value)
     trends = report.sweep_trends(values, per_value)
@@ -297,7 +295,8 @@ def sweep_markdown(factor: str, values: list, per_value: list, figure, out: Path
             vals = [c for c in (report._plottable(report._get(s, "correlations", kind, "pearson"))
                                 for s in seeds) if c is not None]
             row.append(cell(float(np.mean(vals)) if vals else None,
-                            float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, n))
+                            float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, n,
+                            report.fmt_corr))
         corr_rows.append(row)
     fig = Path(figure).relative_to(out).as_posix() if figure else None
     sub = heading + "#"
