@@ -590,8 +590,12 @@ def write_reproduction_report(
         fig = report.plot_decomposition(s, img / f"decomposition-{row}.png")
         figures += [f"#### {name}", "", f"![decomposition of {name}]({_rel(fig, path.parent)})",
                     ""]
-    lines += [report._md_table(header, body), "",
-              "P = Pearson, S = Spearman correlation of the influence estimate with each response "
+    not_run = [ARCHITECTURES.get(r, r) for r, _, _ in plan.rows if r not in table]
+    lines += [report._md_table(header, body), ""]
+    if not_run:
+        lines += [f"Not run yet: {', '.join(not_run)} (`pbrf reproduce --profile {plan.profile}` "
+                  "computes what is missing).", ""]
+    lines += ["P = Pearson, S = Spearman correlation of the influence estimate with each response "
               "function over the certified (test point, removal) pairs; mean ± standard deviation "
               "over seeds where a row ran several. The first three response functions are the "
               "paper's columns; \"warm-start (paired)\" is measured against the no-removal "
