@@ -102,13 +102,18 @@ def open_run(config: ExperimentConfig, run_dir: Path, overwrite: bool = False) -
     mode = check_run_dir(run_dir, config, overwrite)
     _remove_trash(run_dir)
     if mode == "overwrite":
-        trash = run_dir.parent / f".{run_dir.name}.deleting-{os.getpid()}-{time.monotonic_ns()}"
-        os.rename(run_dir, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        discard(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if mode != "resume":
         atomic_write_text(run_dir / CONFIG_NAME, config.to_json() + "\n")
     return mode
+
+
+def discard(run_dir: Path) -> None:
+    """Delete ``run_dir``: renamed aside first, so a kill in between leaves it whole or gone."""
+    trash = run_dir.parent / f".{run_dir.name}.deleting-{os.getpid()}-{time.monotonic_ns()}"
+    os.rename(run_dir, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _remove_trash(run_dir: Path) -> None:

@@ -114,9 +114,6 @@ def fmt_ms(value, std, fmt=fmt_corr) -> str:
     return text + f" ± {fmt(std)}" if text != NA and _finite(std) is not None else text
 
 
-def _fmt_key(d: Mapping | None, key: str, fmt=fmt_corr) -> str:
-    """``d[key]`` with its ``d[key + "_std"]`` (mean ± std over seeds) when present."""
-    return fmt_ms(_get(d, key), _get(d, f"{key}_std"), fmt)
 def mean_std(mapping: Mapping | None, key: str) -> tuple[float | None, float | None]:
     """The value at the dotted ``key`` of a summary and its standard deviation over seeds.
 
@@ -501,7 +498,8 @@ def _corr_rows(
     kinds = _response_kinds(corr) if kinds is None else kinds
     keys = ("pearson", "spearman", "pearson_per_test", "spearman_per_test")
     return [
-        [KIND_LABELS[k] + suffix] + [_fmt_key(_get(corr, k), key) for key in keys] for k in kinds
+        [KIND_LABELS[k] + suffix] + [fmt_mean_std(_get(corr, k), key) for key in keys]
+        for k in kinds
     ]
 
 
@@ -567,11 +565,12 @@ def _decomposition_rows(dec: Mapping) -> list[list[str]]:
     for gap in GAPS:
         a, b = GAP_PAIRS[gap]
         between = f"{KIND_LABELS[a]} → {KIND_LABELS[b]}"
-        vals = [fmt_ms(_get(dec, key, gap), _get(dec, f"{key}_std", gap), fmt_value)
+        vals = [fmt_mean_std(dec, f"{key}.{gap}", fmt_value)
                 for key in ("gaps", "signed", "output_gaps")]
         rows.append([gap, between] + vals)
-    total = ["**total**", f"{KIND_LABELS['cold']} → influence", _fmt_key(dec, "total", fmt_value),
-             _fmt_key(dec, "total_signed", fmt_value), ""]  # fmt: skip
+    total = ["**total**", f"{KIND_LABELS['cold']} → influence",
+             fmt_mean_std(dec, "total", fmt_value), fmt_mean_std(dec, "total_signed", fmt_value),
+             ""]  # fmt: skip
     return rows + [total]
 
 
@@ -827,8 +826,8 @@ def _paired_section(summary: Mapping) -> str:
             [
                 f"drift ({KIND_LABELS.get(k, k)})",
                 "literal − paired",
-                _fmt_key(d, "mean_abs", fmt_value),
-                _fmt_key(d, "signed", fmt_value),
+                fmt_mean_std(d, "mean_abs", fmt_value),
+                fmt_mean_std(d, "signed", fmt_value),
                 "",
             ],
         )
@@ -886,7 +885,7 @@ def _theta_s_section(summary: Mapping) -> str:
         return ""
     m = q["metric"]
     rows = [["loss", fmt_value(q["train_loss"]), fmt_value(q["test_loss"])],
-            [m, _fmt_key(q, "train_metric"), _fmt_key(q, "test_metric")]]
+            [m, fmt_mean_std(q, "train_metric"), fmt_mean_std(q, "test_metric")]]
     text = (f"## The base model θ^s\n\n{_md_table(['', 'train', 'test'], rows, align='lrr')}\n\n"
             f"Chance level ({m} of always predicting the most frequent training label, or R² = 0): "
             f"{q['chance']:.3f}; full-batch gradient norm ‖∇J(θ^s)‖ = {q['grad_norm']:.3e}; "
@@ -1006,7 +1005,7 @@ def write_seeds_report(run_dir, summary: Mapping, per_seed: Sequence[Mapping],
 
 def _table_cells(summary: Mapping, kinds: Sequence[str]) -> list[str]:
     corr = _corr(summary)
-    return [_fmt_key(_get(corr, k), key) for k in kinds for key in ("pearson", "spearman")]
+    return [fmt_mean_std(_get(corr, k), key) for k in kinds for key in ("pearson", "spearman")]
 
 
 def _table_header(kinds: Sequence[str]) -> list[str]:
@@ -1060,11 +1059,11 @@ def print_summary(summary: Mapping) -> str:
     corr_rows = _corr_rows(corr, kinds)
     dec = _decomp(summary)
     gap_rows = [
-        [g] + [fmt_ms(_get(dec, key, g), _get(dec, f"{key}_std", g), fmt_value)
-               for key in ("gaps", "signed")] for g in GAPS
+        [g] + [fmt_mean_std(dec, f"{key}.{g}", fmt_value) for key in ("gaps", "signed")]
+        for g in GAPS
     ]
-    gap_rows.append(["total (LOO − influence)", _fmt_key(dec, "total", fmt_value),
-                     _fmt_key(dec, "total_signed", fmt_value)])
+    gap_rows.append(["total (LOO − influence)", fmt_mean_std(dec, "total", fmt_value),
+                     fmt_mean_std(dec, "total_signed", fmt_value)])
     parts = []
     if corr_rows:
         parts.append(

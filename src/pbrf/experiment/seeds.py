@@ -16,10 +16,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +111,7 @@ def run_seeds(config: ExperimentConfig, run_dir: str | Path, executor=None,
 
 def _run_seeds(config: ExperimentConfig, run_dir: Path, executor, overwrite: bool,
                progress: bool, inputs) -> dict:
-    from .pipeline import run_experiment
+    from .pipeline import discard, run_experiment
     from .store import check_run_dir
 
     _check_top(config, run_dir, overwrite)
@@ -124,9 +121,7 @@ def _run_seeds(config: ExperimentConfig, run_dir: Path, executor, overwrite: boo
             check_run_dir(d, cfg, False)
     per_seed_inputs = prepare_seed_inputs(config, inputs)
     if overwrite and run_dir.is_dir():
-        trash = run_dir.parent / f".{run_dir.name}.deleting-{os.getpid()}-{time.monotonic_ns()}"
-        os.rename(run_dir, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        discard(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_NAME, config.to_json() + "\n")
     summaries = []
