@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 import pbrf
-from pbrf.experiment import pipeline
-from pbrf.experiment.store import Store
+from pbrf.experiment.run import driver as pipeline
+from pbrf.experiment.run.store import Store
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import time
 import torch
 
 import pbrf
-from pbrf.experiment import pipeline
+from pbrf.experiment.run import driver as pipeline
 from pbrf.experiment.config import load_preset
 
 

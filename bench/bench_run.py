@@ -37,7 +37,7 @@ def main() -> int:
             return proc.returncode
         run_dir = Path(tmp) / "runs" / "digits-mlp"
         summary = json.loads((run_dir / "summary.json").read_text())
-        from pbrf.experiment.store import Store
+        from pbrf.experiment.run.store import Store
 
         with Store(run_dir, readonly=True) as store:
             seconds = store.kind_seconds()

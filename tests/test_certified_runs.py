@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import pbrf
-from pbrf.experiment import analysis, pipeline
+from pbrf.experiment import analysis
+from pbrf.experiment.run import driver as pipeline
 from pbrf.experiment.config import load_preset
-from pbrf.experiment.store import Store
+from pbrf.experiment.run.store import Store
 
 KINDS = ("influence", "cold", "warm", "proximal", "pbrf", "linearized")
 

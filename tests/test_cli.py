@@ -229,7 +229,7 @@ def test_evaluate_maps_train_layout_and_reads_csv(default_run, tmp_path, capsys)
     """
     _, run_dir, _ = default_run
     own = np.load(run_dir / "influence_scores.npy")
-    from pbrf.experiment.store import Store
+    from pbrf.experiment.run.store import Store
 
     with Store(run_dir, readonly=True) as store:
         groups = store.get_array("groups")[:, 0]

@@ -45,8 +45,8 @@ def test_dry_run_memory_estimate_within_30_percent_of_the_measured_peak(tmp_path
     estimate = subprocess.run(
         [sys.executable, "-c",
          "import json; from pbrf.experiment import config as c; "
-         "from pbrf.experiment.inputs import prepare_inputs; "
-         "from pbrf.experiment.dryrun import dry_run; "
+         "from pbrf.experiment.run.inputs import prepare_inputs; "
+         "from pbrf.experiment.run.dryrun import dry_run; "
          f"cfg = c.load_preset({preset!r}, 'tiny', {sets!r}); "
          "print(json.dumps(dry_run(cfg, prepare_inputs(cfg))['estimated_peak_bytes']))"],
         cwd=tmp_path, env=ENV, capture_output=True, text=True, check=True)

@@ -13,7 +13,7 @@ import torch
 
 import pbrf
 import pbrf.models
-from pbrf.experiment import pipeline
+from pbrf.experiment.run import driver as pipeline
 from pbrf.experiment.config import (
     KINDS,
     ConfigError,
@@ -23,8 +23,8 @@ from pbrf.experiment.config import (
     load_preset,
     resolve,
 )
-from pbrf.experiment.executors import LocalExecutor
-from pbrf.experiment.store import Store
+from pbrf.experiment.run.executors import LocalExecutor
+from pbrf.experiment.run.store import Store
 
 PRESETS = (
     "digits-mlp", "mnist-mlp", "fashion-mnist-mlp", "concrete-mlp", "energy-mlp", "cifar10-lenet",
@@ -372,7 +372,7 @@ def test_unknown_solver_option_is_a_config_error_before_writing(tmp_path):
 
 
 def test_evaluate_maps_train_scores_onto_groups():
-    from pbrf.experiment.evaluate import EvaluateError, map_scores
+    from pbrf.experiment.bench.evaluate import EvaluateError, map_scores
 
     scores = np.arange(12, dtype=float).reshape(2, 6)
     mapped, layout = map_scores(scores, [[0, 2], [5]], n_train=6)

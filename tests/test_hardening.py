@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 
 from pbrf import cli
-from pbrf.experiment import analysis, pipeline, report
+from pbrf.experiment import analysis, report
+from pbrf.experiment.run import driver as pipeline
 
 from .test_cli import CHEAP, TINY, pbrf_cmd
 
@@ -361,7 +362,7 @@ def test_file_size_limit_is_one_line_and_the_run_resumes(tmp_path, cheap_referen
 _DISK_FULL_DRIVER = """
 import errno, os, sys
 from pbrf import cli
-from pbrf.experiment.store import Store
+from pbrf.experiment.run.store import Store
 
 real, calls = Store.put_chunk, []
 

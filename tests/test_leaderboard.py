@@ -9,8 +9,8 @@ import torch
 import pbrf
 from pbrf import cli
 from pbrf.experiment import config as cfg
-from pbrf.experiment import pipeline
-from pbrf.experiment.store import Store
+from pbrf.experiment.run import driver as pipeline
+from pbrf.experiment.run.store import Store
 
 TINY_SETS = ["lds.subsets=6", "train.checkpoints=3"]
 
@@ -159,7 +159,7 @@ def test_readme_scoring_another_library_example_runs(tiny_run, tmp_path, monkeyp
     import re
     from pathlib import Path
 
-    from pbrf.experiment import leaderboard
+    from pbrf.experiment.bench import leaderboard
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"## Scoring another library.*?```python\n(.*?)```", text, re.S)

@@ -7,7 +7,7 @@ import torch
 
 import pbrf
 from pbrf.experiment import report
-from pbrf.experiment.quality import base_quality, quality_lines
+from pbrf.experiment.run.quality import base_quality, quality_lines
 
 from .conftest import tiny_problem
 

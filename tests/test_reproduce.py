@@ -12,7 +12,9 @@ import pytest
 
 import pbrf
 from pbrf import cli
-from pbrf.experiment import ConfigError, load_preset, pipeline, report, reproduce
+from pbrf.experiment import ConfigError, load_preset, report
+from pbrf.experiment.run import driver as pipeline
+from pbrf.experiment.studies import reproduce
 
 TABLE_SETS = ('responses.kinds=["cold", "warm", "pbrf", "linearized", "influence"]',
               "removals.n_removals=4")

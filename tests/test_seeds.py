@@ -10,7 +10,8 @@ import pytest
 import pbrf
 from pbrf import cli
 from pbrf.experiment import config as cfg_mod
-from pbrf.experiment import pipeline, seeds
+from pbrf.experiment.run import driver as pipeline
+from pbrf.experiment.run import seeds
 
 GAPS = ("warm-start gap", "proximity gap")
 

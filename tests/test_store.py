@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pbrf.experiment.config import ConfigError, load_preset
-from pbrf.experiment.store import (
+from pbrf.experiment.run.store import (
     ChunkResult,
     Store,
     atomic_write_text,

@@ -16,7 +16,7 @@
     pbrf download NAME [--root DIR]
 
 ``pbrf reproduce`` runs the paper's main table (five architectures) and its six factor studies
-(:mod:`pbrf.experiment.reproduce`), resumably: the same command again computes only what is
+(:mod:`pbrf.experiment.studies.reproduce`), resumably: the same command again computes only what is
 missing; it records the wall time of each part in ``OUT/reproduce.json`` and writes a report.
 
 Errors in the input (unknown preset, bad ``--set``, missing data, a run directory holding another
@@ -36,8 +36,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from .experiment.config import ConfigError, list_presets, resolve
-from .experiment.sweep import SWEEP_FACTORS
+from pbrf.experiment.config import ConfigError, list_presets, resolve
+from pbrf.experiment.studies.sweep import SWEEP_FACTORS
 
 __all__ = ["main", "build_parser"]
 
@@ -200,7 +200,7 @@ def _config_from_args(args):
 
 
 def _executor(args):
-    from .experiment.executors import get_executor
+    from pbrf.experiment.run.executors import get_executor
 
     if args.executor == "ray":
         try:
@@ -217,7 +217,7 @@ def _executor(args):
 
 
 def _run_one(config, out: Path, args, executor, inputs=None) -> dict:
-    from .experiment.pipeline import run_experiment
+    from pbrf.experiment.run.driver import run_experiment
 
     return run_experiment(config, out, executor=executor, overwrite=args.overwrite,
                           progress=not args.no_progress, inputs=inputs)
@@ -225,14 +225,14 @@ def _run_one(config, out: Path, args, executor, inputs=None) -> dict:
 
 def cmd_run(args) -> int:
     """``pbrf run``."""
-    from .experiment import report
-    from .experiment.pipeline import prepare_inputs
-    from .experiment.store import check_run_dir
+    from pbrf.experiment import report
+    from pbrf.experiment.run.driver import prepare_inputs
+    from pbrf.experiment.run.store import check_run_dir
 
     config = _config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / config.name
     if args.dry_run:
-        from .experiment.dryrun import dry_run, format_dry_run
+        from pbrf.experiment.run.dryrun import dry_run, format_dry_run
 
         print(format_dry_run(dry_run(config, prepare_inputs(config))))
         return 0
@@ -258,7 +258,7 @@ def _named(err: OSError, where: Path) -> OSError:
 
 
 def _parse_values(text: str) -> list:
-    from .experiment.config import parse_set
+    from pbrf.experiment.config import parse_set
 
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
@@ -276,10 +276,11 @@ def cmd_sweep(args) -> int:
     With ``--seeds N`` each value runs N times (``train.seed`` + 0..N-1, i.e. a different θ^s):
     the figures show mean ± standard deviation over seeds and ``sweep.md`` states, per factor,
     in which direction each gap moved and whether the error bars separate the values
-    (:mod:`pbrf.experiment.sweep`).
+    (:mod:`pbrf.experiment.studies.sweep`).
     """
-    from .experiment import report, sweep
-    from .experiment.pipeline import prepare_inputs
+    from pbrf.experiment import report
+    from pbrf.experiment.studies import sweep
+    from pbrf.experiment.run.driver import prepare_inputs
 
     if len(args.factor) != len(args.values):
         raise UsageError(f"pbrf sweep: {len(args.factor)} --factor but {len(args.values)} "
@@ -322,7 +323,7 @@ def _reproduce_command(args) -> str:
 
 def cmd_reproduce(args) -> int:
     """``pbrf reproduce``: validate every run first, run what is missing, write the report."""
-    from .experiment import reproduce
+    from pbrf.experiment.studies import reproduce
 
     plan = reproduce.plan_reproduction(args.profile, args.out, only=args.only,
                                        device=args.device, overwrite=args.overwrite)
@@ -354,7 +355,7 @@ def _table_label(run: Path, summary: dict) -> str:
 
 def cmd_table(args) -> int:
     """``pbrf table``."""
-    from .experiment import report
+    from pbrf.experiment import report
 
     rows = []
     for run in args.runs:
@@ -380,7 +381,8 @@ def cmd_table(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """``pbrf evaluate``."""
-    from .experiment import evaluate, leaderboard
+    from pbrf.experiment.bench import evaluate
+    from pbrf.experiment.bench import leaderboard
 
     result = evaluate.evaluate(args.scores, args.run)
     if result.get("sign_warning"):
@@ -404,7 +406,8 @@ def cmd_evaluate(args) -> int:
 def cmd_estimators(args) -> int:
     """``pbrf estimators``."""
     from . import estimators
-    from .experiment import evaluate, leaderboard
+    from pbrf.experiment.bench import evaluate
+    from pbrf.experiment.bench import leaderboard
 
     if args.list:
         for name, cls in estimators.ESTIMATORS.items():

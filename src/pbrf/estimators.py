@@ -180,7 +180,7 @@ class Estimator:
         """Scores of ``removals`` on ``test`` and their cost.
 
         Args:
-            run_or_problem: a :class:`~pbrf.runs.Run` (its float64 problem, test points, removal
+            run_or_problem: a :class:`~pbrf.experiment.run.load.Run` (its float64 problem, test points, removal
                 sets and damping are the defaults) or a :class:`~pbrf.Problem`.
             test: ``(x, y)``; default the run's test points.
             removals: single points or groups as in :func:`pbrf.influence`; default the run's.

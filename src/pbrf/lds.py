@@ -110,7 +110,7 @@ def lds(scores: np.ndarray, actual: np.ndarray) -> dict:
             f"lds: scores {scores.shape} and actual changes {actual.shape} must have the same "
             "shape."
         )
-    from .experiment.analysis import spearman  # average ranks for ties, finite pairs only
+    from pbrf.stats import spearman  # average ranks for ties, finite pairs only
 
     per = np.array([spearman(scores[t], actual[t]) for t in range(scores.shape[0])])
     ok = np.isfinite(per)

@@ -1,10 +1,10 @@
 """Experiments: configs and presets, the run pipeline, its SQLite store, executors and reports.
 
-``pbrf run`` is :func:`pbrf.experiment.pipeline.run_experiment` on a config from
+``pbrf run`` is :func:`pbrf.experiment.run.driver.run_experiment` on a config from
 :func:`pbrf.experiment.config.resolve`. Importing this package is cheap (no torch, no ray).
 """
 
-from .config import (
+from pbrf.experiment.config import (
     KINDS,
     ConfigError,
     ExperimentConfig,

@@ -34,7 +34,7 @@ MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType(
 #: Model name → the builder's arguments that are facts of the dataset, not choices of the model
 #: (the experiment config reads them off the data: ``in_shape``, ``n_outputs``, ``in_channels``,
 #: ``n_classes``, ``input_size``, ``in_features``, ``vocab_size``, ``seq_len``; see
-#: :func:`pbrf.experiment.inputs.dataset_facts`). Every other argument comes from ``[model]``.
+#: :func:`pbrf.experiment.run.inputs.dataset_facts`). Every other argument comes from ``[model]``.
 DATA_ARGUMENTS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
     {
         "logistic": ("in_shape", "n_outputs"),

@@ -1,7 +1,7 @@
 """Typed results of an experiment: :class:`Decomposition` and :class:`Summary`.
 
 Each is a frozen dataclass that declares its schema once; ``to_dict()`` is its JSON-facing form:
-what :func:`pbrf.experiment.analysis.decompose` and :func:`pbrf.experiment.summary.finish` return
+what :func:`pbrf.experiment.analysis.decompose` and :func:`pbrf.experiment.run.summary.finish` return
 and what ``summary.json`` holds (written through :func:`pbrf.fileio.jsonable`, the one JSON
 policy: NaN/inf become ``null`` there). Optional sections of a summary that do not apply to a run
 are ``None`` and left out of ``to_dict()``, so the file holds exactly the sections that apply.
@@ -58,7 +58,7 @@ class Decomposition:
 @dataclass(frozen=True, kw_only=True)
 class Summary:
     """The summary of one run (``summary.json``, its sections in field order), built by
-    :func:`pbrf.experiment.summary.finish`.
+    :func:`pbrf.experiment.run.summary.finish`.
 
     Attributes:
         n_test: test points.
@@ -69,7 +69,7 @@ class Summary:
         diagnostics: per-kind solver / optimiser diagnostics, when given.
         diverged: ``{"counts", "removals"}`` of diverged responses, when any diverged.
         certificates: which removals were left out of the statistics and why
-            (:func:`pbrf.experiment.summary.exclusions`).
+            (:func:`pbrf.experiment.run.summary.exclusions`).
         solvers: the practical and accurate solvers' worst residuals.
         paired: the paired chain (warm start and proximal against their continuations).
         experiment: identifying facts of the run (name, dataset, model, sizes, ...).

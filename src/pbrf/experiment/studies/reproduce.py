@@ -6,7 +6,7 @@ training epochs, weight decay, damping, fraction of data removed). This module r
 
 1. :func:`plan_reproduction` — resolve every table row's config (:data:`TABLE_ROWS`, preset profile
    from :data:`TABLE_PROFILES`) and every factor-study run (:data:`FACTOR_STUDIES`, through
-   :func:`pbrf.experiment.sweep.plan_sweep`), check every run directory and that the data load;
+   :func:`pbrf.experiment.studies.sweep.plan_sweep`), check every run directory and that the data load;
    nothing is written, and a mistake raises ``ConfigError`` / ``DataError``;
 2. :func:`run_reproduction` — run them (``OUT/table/<row>``, ``OUT/factors/<factor>=<value>/...``;
    each run resumes, so rerunning computes only what is missing) and record the seconds each part
@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, ExperimentConfig, load_preset
-from .sweep import SWEEP_FACTORS, FactorResult, SweepPlan, plan_sweep, run_sweep, write_sweep
+from pbrf.experiment.config import ConfigError, ExperimentConfig, load_preset
+from pbrf.experiment.studies.sweep import SWEEP_FACTORS, FactorResult, SweepPlan, plan_sweep, run_sweep, write_sweep
 
 __all__ = [
     "TABLE_ROWS",
@@ -166,7 +166,7 @@ class ReproductionPlan:
 # ---------------------------------------------------------------------------- plan
 def _finished(config: ExperimentConfig, run_dir: Path, overwrite: bool) -> bool:
     """Whether ``run_dir`` already holds a finished run of ``config`` (read only)."""
-    from .store import check_run_dir
+    from pbrf.experiment.run.store import check_run_dir
 
     if overwrite or not (run_dir / "summary.json").is_file():
         return False
@@ -217,7 +217,7 @@ def plan_reproduction(
             that holds another config.
         pbrf.data.DataError: missing or corrupt data.
     """
-    from .store import check_run_dir
+    from pbrf.experiment.run.store import check_run_dir
 
     if profile not in PROFILES:
         raise ConfigError(f"pbrf reproduce: unknown profile {profile!r}; choose one of "
@@ -248,7 +248,7 @@ def plan_reproduction(
         except ConfigError:
             plan.sweep = None
     if check_data:
-        from .inputs import prepare_inputs
+        from pbrf.experiment.run.inputs import prepare_inputs
 
         # the seeds of a value differ only in train.seed: one check per value
         for config in plan.configs(one_seed=True):
@@ -327,7 +327,7 @@ def _current(plan: ReproductionPlan, record: dict) -> dict:
 
 # ---------------------------------------------------------------------------- run
 def _default_run(config, run_dir, **kwargs) -> dict:
-    from .pipeline import run_experiment
+    from pbrf.experiment.run.driver import run_experiment
 
     return run_experiment(config, run_dir, **kwargs)
 
@@ -344,7 +344,7 @@ def run_reproduction(
 
     Args:
         plan: from :func:`plan_reproduction`.
-        executor: passed to every :func:`~pbrf.experiment.pipeline.run_experiment`.
+        executor: passed to every :func:`~pbrf.experiment.run.driver.run_experiment`.
         progress: show progress bars.
         run: ``run(config, run_dir, executor=..., overwrite=..., progress=..., inputs=...)``
             returning the summary (default ``run_experiment``).
@@ -455,7 +455,7 @@ def _stored_config(run_dir: Path) -> dict:
 
 def _settings_row(row: str, config: dict) -> list[str]:
     """The key settings of a row, from its stored ``config.json``."""
-    from . import report
+    from pbrf.experiment import report
 
     def get(*keys):
         v = report._get(config, *keys)
@@ -530,8 +530,8 @@ def write_reproduction_report(
     """
     import pbrf
 
-    from . import analysis, report
-    from .sweep import sweep_markdown, sweep_title
+    from pbrf.experiment import analysis, report
+    from pbrf.experiment.studies.sweep import sweep_markdown, sweep_title
 
     path = Path(path)
     img = path.parent / "img" / "reproduction"

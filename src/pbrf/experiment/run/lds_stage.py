@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 
-from .config import ExperimentConfig
-from .context import Context
-from .inputs import _recipe, build_model
-from .selection import _groups_array, _groups_from_array, all_train_scores, response_seed
-from .store import ChunkResult, Store
+from pbrf.experiment.config import ExperimentConfig
+from pbrf.experiment.run.context import Context
+from pbrf.experiment.run.inputs import _recipe, build_model
+from pbrf.experiment.run.selection import _groups_array, _groups_from_array, all_train_scores, response_seed
+from pbrf.experiment.run.store import ChunkResult, Store
 
 __all__ = ["LDS_KIND", "lds_groups", "run_lds", "lds_actual", "lds_summary"]
 

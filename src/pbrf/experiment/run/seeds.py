@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, ExperimentConfig
-from .store import CONFIG_NAME, atomic_write_text
+from pbrf.experiment.config import ConfigError, ExperimentConfig
+from pbrf.experiment.run.store import CONFIG_NAME, atomic_write_text
 
 __all__ = ["seed_runs", "seed_config", "run_seeds", "aggregate", "is_multi_seed", "SEED_DIR"]
 
@@ -86,8 +86,8 @@ def _check_top(config: ExperimentConfig, run_dir: Path, overwrite: bool) -> None
 
 
 def prepare_seed_inputs(config: ExperimentConfig, inputs=None) -> list:
-    """The :class:`~pbrf.experiment.inputs.Inputs` of every seed, sharing one loaded dataset."""
-    from .inputs import Inputs, prepare_inputs
+    """The :class:`~pbrf.experiment.run.inputs.Inputs` of every seed, sharing one loaded dataset."""
+    from pbrf.experiment.run.inputs import Inputs, prepare_inputs
 
     first = inputs if inputs is not None else prepare_inputs(seed_config(config,
                                                                          config.train.seed))
@@ -100,9 +100,9 @@ def run_seeds(config: ExperimentConfig, run_dir: str | Path, executor=None,
     """Run (or resume) every seed of a multi-seed run, then write the aggregate; returns it.
 
     Every seed's run directory is checked before any is written; ``overwrite`` replaces the whole
-    multi-seed folder. See :func:`pbrf.experiment.pipeline.run_experiment` for the arguments.
+    multi-seed folder. See :func:`pbrf.experiment.run.driver.run_experiment` for the arguments.
     """
-    from .pipeline import _exclusive
+    from pbrf.experiment.run.driver import _exclusive
 
     run_dir = Path(run_dir)
     with _exclusive(run_dir):
@@ -111,8 +111,8 @@ def run_seeds(config: ExperimentConfig, run_dir: str | Path, executor=None,
 
 def _run_seeds(config: ExperimentConfig, run_dir: Path, executor, overwrite: bool,
                progress: bool, inputs) -> dict:
-    from .pipeline import discard, run_experiment
-    from .store import check_run_dir
+    from pbrf.experiment.run.driver import discard, run_experiment
+    from pbrf.experiment.run.store import check_run_dir
 
     _check_top(config, run_dir, overwrite)
     runs = seed_runs(config, run_dir)
@@ -131,7 +131,7 @@ def _run_seeds(config: ExperimentConfig, run_dir: Path, executor, overwrite: boo
         summaries.append(run_experiment(cfg, d, executor=executor, overwrite=False,
                                         progress=progress, inputs=inp))
     summary = aggregate(summaries, [s for s, _, _ in runs], [d.name for _, _, d in runs])
-    from .report import write_seeds_report
+    from pbrf.experiment.report import write_seeds_report
 
     write_seeds_report(run_dir, summary, summaries, config.to_dict())
     return summary

@@ -40,7 +40,7 @@ import numpy as np
 
 from pbrf.fileio import atomic_write, dumps, npy_bytes
 
-from .config import ConfigError, ExperimentConfig
+from pbrf.experiment.config import ConfigError, ExperimentConfig
 
 __all__ = ["Store", "StoreError", "ChunkResult", "to_blob", "from_blob", "atomic_write_text",
            "check_run_dir"]

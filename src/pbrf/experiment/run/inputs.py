@@ -20,8 +20,8 @@ import numpy as np
 
 from pbrf.fileio import jsonable
 
-from .config import ConfigError, ExperimentConfig
-from .selection import choose_test_points, random_groups
+from pbrf.experiment.config import ConfigError, ExperimentConfig
+from pbrf.experiment.run.selection import choose_test_points, random_groups
 
 log = logging.getLogger(__name__)
 

@@ -1,22 +1,22 @@
 """The experiment pipeline behind ``pbrf run``: the resumable driver.
 
-Stages (each resumable; see :mod:`pbrf.experiment.store`), one module each:
+Stages (each resumable; see :mod:`pbrf.experiment.run.store`), one module each:
 
-1. :mod:`~pbrf.experiment.inputs` — :func:`prepare_inputs`: load the data and build the model
+1. :mod:`~pbrf.experiment.run.inputs` — :func:`prepare_inputs`: load the data and build the model
    (config errors surface here, before anything is written); train θ^s (cached as
    ``theta_s.safetensors``);
 2. :func:`open_run` (here) — create or resume the run directory (a different config is refused);
-3. :mod:`~pbrf.experiment.selection` and :mod:`~pbrf.experiment.context` — :func:`setup`: choose
+3. :mod:`~pbrf.experiment.run.selection` and :mod:`~pbrf.experiment.run.context` — :func:`setup`: choose
    the test points and the removal sets (random or top-|influence|, single points or groups), store
    them, and hold everything a chunk needs in a :class:`Context`;
-4. :mod:`~pbrf.experiment.chunks` — :func:`compute_chunk`: for one chunk of removal sets and one
+4. :mod:`~pbrf.experiment.run.chunks` — :func:`compute_chunk`: for one chunk of removal sets and one
    kind, Δm ``[n_test, k]``, Δf ``[k, n_test, *out]`` and per-removal diagnostics; run by an
    executor, stored by the driver;
-5. :mod:`~pbrf.experiment.summary` — :func:`finish`: gather the arrays, :func:`analysis.summarise`,
+5. :mod:`~pbrf.experiment.run.summary` — :func:`finish`: gather the arrays, :func:`analysis.summarise`,
    :func:`report.write_report`.
 
 Determinism: every random choice is seeded from the config and the chunk index
-(:func:`~pbrf.experiment.selection.chunk_seed`), never from global RNG state, so a resumed run and
+(:func:`~pbrf.experiment.run.selection.chunk_seed`), never from global RNG state, so a resumed run and
 an uninterrupted one end with the same numbers. The names of the stages are re-exported here.
 """
 
@@ -32,11 +32,11 @@ from pathlib import Path
 
 from pbrf.solvers import SolverDivergedError
 
-from .chunks import compute_chunk, influence_settings, pending_tasks
-from .config import ConfigError, ExperimentConfig
-from .context import Context, load_context, read_config, setup
-from .executors import LocalExecutor
-from .inputs import (
+from pbrf.experiment.run.chunks import compute_chunk, influence_settings, pending_tasks
+from pbrf.experiment.config import ConfigError, ExperimentConfig
+from pbrf.experiment.run.context import Context, load_context, read_config, setup
+from pbrf.experiment.run.executors import LocalExecutor
+from pbrf.experiment.run.inputs import (
     CHECKPOINT,
     TRAINING_CHECKPOINTS,
     Inputs,
@@ -45,8 +45,8 @@ from .inputs import (
     prepare_inputs,
     train_theta,
 )
-from .lds_stage import run_lds
-from .selection import (
+from pbrf.experiment.run.lds_stage import run_lds
+from pbrf.experiment.run.selection import (
     all_train_scores,
     choose_test_points,
     chunk_seed,
@@ -54,8 +54,8 @@ from .selection import (
     response_seed,
     top_influence_groups,
 )
-from .store import CONFIG_NAME, Store, atomic_write_text, check_run_dir
-from .summary import exclusions, finish, objective_defined
+from pbrf.experiment.run.store import CONFIG_NAME, Store, atomic_write_text, check_run_dir
+from pbrf.experiment.run.summary import exclusions, finish, objective_defined
 
 __all__ = [
     "Context",
@@ -142,12 +142,12 @@ def run_experiment(
     enough, but would write the lock file for runs that then fail on their data.
 
     With ``run.seeds = S > 1`` it runs one such run per θ^s seed in ``run_dir/seed=K`` and
-    returns their aggregate (:mod:`pbrf.experiment.seeds`).
+    returns their aggregate (:mod:`pbrf.experiment.run.seeds`).
 
     Args:
         config: the experiment.
         run_dir: its run directory (created; a different config there is refused).
-        executor: a :mod:`pbrf.experiment.executors` executor (default: local).
+        executor: a :mod:`pbrf.experiment.run.executors` executor (default: local).
         overwrite: start ``run_dir`` afresh, discarding whatever run it holds (also one of the
             same config); without it a run of the same config resumes.
         progress: show progress bars.
@@ -162,7 +162,7 @@ def run_experiment(
     """
     run_dir = Path(run_dir)
     if config.run.seeds > 1:  # one run per θ^s seed in run_dir/seed=K, then their aggregate
-        from .seeds import run_seeds
+        from pbrf.experiment.run.seeds import run_seeds
 
         return run_seeds(config, run_dir, executor, overwrite, progress, inputs)
     if inputs is None:  # refuse a mismatched run directory before the (slow) data load; a caller

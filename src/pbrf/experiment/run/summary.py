@@ -12,12 +12,12 @@ import numpy as np
 from pbrf import kinds
 from pbrf.fileio import atomic_write, dumps, npy_bytes
 
-from . import analysis
-from .config import ExperimentConfig
-from .context import Context
-from .inputs import CHECKPOINT
-from .results import Summary
-from .store import Store
+from pbrf.experiment import analysis
+from pbrf.experiment.config import ExperimentConfig
+from pbrf.experiment.run.context import Context
+from pbrf.experiment.run.inputs import CHECKPOINT
+from pbrf.experiment.analysis.results import Summary
+from pbrf.experiment.run.store import Store
 
 
 # ---------------------------------------------------------------------------- summary and report
@@ -137,9 +137,9 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
     over the removals where every kind is, each correlation over those where its kind is; the
     summary says how many were left out and why. The paired chain (warm start and proximal against
     their no-removal continuation) is summarised next to the paper-literal one. Returns the
-    :class:`~pbrf.experiment.results.Summary`'s ``to_dict()``, which ``summary.json`` holds.
+    :class:`~pbrf.experiment.analysis.results.Summary`'s ``to_dict()``, which ``summary.json`` holds.
     """
-    from . import report
+    from pbrf.experiment import report
 
     dm, df, diags = gather(store, ctx)
     excl = exclusions(ctx.config, diags)
@@ -148,7 +148,7 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
                               diagnostics=diagnostics_summary(diags))
     base["correlations"] = _own_correlations(dm, own)
     excl["excluded_removals"] = [int(i) for i in np.flatnonzero(~keep)]
-    from .lds_stage import lds_summary
+    from pbrf.experiment.run.lds_stage import lds_summary
 
     summary = Summary(**base, certificates=excl, solvers=_solver_report(diags),
                       paired=_paired_summary(ctx, store, dm, diags),
@@ -227,7 +227,7 @@ def _write_inputs_for_evaluate(ctx: Context, scores: np.ndarray) -> None:
 
 def theta_s_quality(ctx: Context) -> dict:
     """Train/test loss and metric of θ^s (the whole test split), ‖∇J(θ^s)‖, near-chance warning."""
-    from .quality import base_quality
+    from pbrf.experiment.run.quality import base_quality
 
     ds = ctx.inputs.dataset
     y = None if ctx.inputs.task_name == "reconstruction" else ds.y_test

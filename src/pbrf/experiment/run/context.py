@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, ExperimentConfig
-from .inputs import (
+from pbrf.experiment.config import ConfigError, ExperimentConfig
+from pbrf.experiment.run.inputs import (
     CHECKPOINT,
     Inputs,
     _test_data,
@@ -23,7 +23,7 @@ from .inputs import (
     prepare_inputs,
     train_theta,
 )
-from .selection import (
+from pbrf.experiment.run.selection import (
     _groups_array,
     _groups_from_array,
     all_train_scores,
@@ -31,7 +31,7 @@ from .selection import (
     random_groups,
     top_influence_groups,
 )
-from .store import CONFIG_NAME, Store
+from pbrf.experiment.run.store import CONFIG_NAME, Store
 
 
 def read_config(run_dir: Path) -> ExperimentConfig:
@@ -121,7 +121,7 @@ def setup(inputs: Inputs, run_dir: Path, store: Store, progress: bool = True) ->
 def load_context(run_dir: str | Path) -> Context:
     """Rebuild the context of a prepared run directory (config + checkpoint + stored choices).
 
-    Used by executors' workers (each builds it once, see :mod:`pbrf.experiment.executors`).
+    Used by executors' workers (each builds it once, see :mod:`pbrf.experiment.run.executors`).
     """
     import pbrf
 

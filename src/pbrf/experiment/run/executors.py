@@ -1,13 +1,13 @@
 """Executors: who computes the (chunk, kind) tasks of a run.
 
 An executor has one method, ``run(ctx, tasks)``, yielding
-:class:`~pbrf.experiment.store.ChunkResult`
+:class:`~pbrf.experiment.run.store.ChunkResult`
 objects as they finish (in any order); the driver writes each to the store in its own transaction.
 
 * :class:`LocalExecutor` (default) computes in this process and never imports ray.
 * :class:`RayExecutor` runs the tasks on Ray actors, one per CPU. Each actor rebuilds the context
   from the run directory once (``config.json`` + θ^s checkpoint + stored removal sets, see
-  :func:`pbrf.experiment.context.load_context`) and returns the arrays; only the driver writes.
+  :func:`pbrf.experiment.run.context.load_context`) and returns the arrays; only the driver writes.
   With ``--ray-address`` the workers must see the run directory at the same path (a shared
   filesystem) and have pbrf installed; workers inherit ``PBRF_DATA`` on a local Ray instance.
 
@@ -22,9 +22,9 @@ import os
 import socket
 from collections.abc import Iterator
 
-from .chunks import compute_chunk
-from .context import load_context
-from .store import ChunkResult
+from pbrf.experiment.run.chunks import compute_chunk
+from pbrf.experiment.run.context import load_context
+from pbrf.experiment.run.store import ChunkResult
 
 __all__ = ["LocalExecutor", "RayExecutor", "get_executor", "check_reachable"]
 

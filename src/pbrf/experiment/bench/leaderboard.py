@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import analysis
-from .config import ConfigError
+from pbrf.experiment import analysis
+from pbrf.experiment.config import ConfigError
 
 __all__ = [
     "TRUTHS",
@@ -141,7 +141,7 @@ def external_row(
     """A row for scores computed elsewhere, ``[n_test, N]`` (also scored on the LDS) or
     ``[n_test, n_removals]``.
     """
-    from .evaluate import map_scores
+    from pbrf.experiment.bench.evaluate import map_scores
 
     info = {"hyperparameters": {"source": "external"}}
     if scores.shape[1] == n_train:
@@ -152,7 +152,7 @@ def external_row(
 
 def truths_of(run_dir) -> dict:
     """The leaderboard's ground truths of a finished run (uncertified / diverged removals NaN)."""
-    from pbrf.runs import stored_responses
+    from pbrf.experiment.run.load import stored_responses
 
     return {
         k: v for k, v in stored_responses(run_dir, certified_only=True).items() if k in dict(TRUTHS)
@@ -219,7 +219,7 @@ def _score(store, run, name: str, est, log) -> tuple[np.ndarray, dict]:
     """
     import torch
 
-    from .store import ChunkResult
+    from pbrf.experiment.run.store import ChunkResult
 
     stored = _stored(store, name)
     if stored is not None and stored[1].get("requested") == _jsonable(est.hyperparameters):
@@ -260,9 +260,9 @@ def run_estimators(
     """
     from pbrf import estimators, load_run
 
-    from .lds_stage import lds_actual
-    from .pipeline import _exclusive
-    from .store import Store
+    from pbrf.experiment.run.lds_stage import lds_actual
+    from pbrf.experiment.run.driver import _exclusive
+    from pbrf.experiment.run.store import Store
 
     hyperparameters = hyperparameters or {}
     _check_methods(methods, hyperparameters)
@@ -305,9 +305,9 @@ def run_estimators(
 
 def evaluate_board(scores_path, run_dir) -> dict:
     """``pbrf evaluate``'s scores as a one-row leaderboard (``pbrf estimators``' format)."""
-    from .evaluate import load_scores, run_arrays
-    from .lds_stage import lds_actual
-    from .store import Store
+    from pbrf.experiment.bench.evaluate import load_scores, run_arrays
+    from pbrf.experiment.run.lds_stage import lds_actual
+    from pbrf.experiment.run.store import Store
 
     arrays = run_arrays(run_dir)
     scores = load_scores(scores_path)
@@ -430,7 +430,7 @@ def _figure(board: dict, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{board['name']} ({board['profile']}): fidelity against cost")
     fig.tight_layout()
-    from .report import _save_figure
+    from pbrf.experiment.report import _save_figure
 
     return _save_figure(fig, path)
 
@@ -439,7 +439,7 @@ def write_leaderboard(
     board: dict, run_dir: str | Path, command: str | None = None
 ) -> dict[str, Path]:
     """Write ``leaderboard.md``, ``.json`` and ``.png`` under ``RUN_DIR/estimators``."""
-    from .store import atomic_write_text
+    from pbrf.experiment.run.store import atomic_write_text
 
     folder = Path(run_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)

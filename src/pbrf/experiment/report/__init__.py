@@ -108,7 +108,7 @@ def fmt_value(x) -> str:
 
 def fmt_ms(value, std, fmt=fmt_corr) -> str:
     """``fmt(value)``, followed by ``± fmt(std)`` when ``std`` is a finite number (a mean over the
-    seeds of a multi-seed run, see :mod:`pbrf.experiment.seeds`).
+    seeds of a multi-seed run, see :mod:`pbrf.experiment.run.seeds`).
     """
     text = fmt(value)
     return text + f" ± {fmt(std)}" if text != NA and _finite(std) is not None else text
@@ -878,7 +878,7 @@ def _lds_convergence(lds: Mapping) -> str:
 
 
 def _theta_s_section(summary: Mapping) -> str:
-    from .quality import quality_lines
+    from pbrf.experiment.run.quality import quality_lines
 
     q = summary.get("theta_s")
     if not q:
@@ -976,7 +976,7 @@ def write_seeds_report(run_dir, summary: Mapping, per_seed: Sequence[Mapping],
 
     Args:
         run_dir: the multi-seed run directory (its seeds' runs are in ``seed=K`` folders).
-        summary: :func:`pbrf.experiment.seeds.aggregate` of the seeds' summaries.
+        summary: :func:`pbrf.experiment.run.seeds.aggregate` of the seeds' summaries.
         per_seed: the seeds' summaries, in the order of ``summary["seeds"]``.
         config: the run's configuration.
 
@@ -1079,7 +1079,7 @@ def print_summary(summary: Mapping) -> str:
     lines = certificate_lines(summary)
     if lines:
         parts.append("\n".join(lines))
-    from .quality import quality_lines
+    from pbrf.experiment.run.quality import quality_lines
 
     if summary.get("theta_s"):
         parts.insert(0, "\n".join(quality_lines(summary["theta_s"])))

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import analysis
-from .config import ConfigError
-from .store import Store
+from pbrf.experiment import analysis
+from pbrf.experiment.config import ConfigError
+from pbrf.experiment.run.store import Store
 
 __all__ = ["EvaluateError", "load_scores", "map_scores", "run_arrays", "evaluate",
            "format_correlations", "pairs_line"]
@@ -88,9 +88,9 @@ def run_arrays(run_dir: str | Path) -> dict:
     """The stored arrays of a finished run: ``dm`` per kind, ``groups``, ``test_index``,
     ``n_train``.
     """
-    from .context import read_config
-    from .selection import _groups_from_array
-    from .summary import objective_defined
+    from pbrf.experiment.run.context import read_config
+    from pbrf.experiment.run.selection import _groups_from_array
+    from pbrf.experiment.run.summary import objective_defined
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)

@@ -5,7 +5,7 @@
 1. :func:`plan_sweep` — resolve every value's config (one per seed) and check every run directory,
    before anything runs (``ConfigError`` on a mistake; nothing written);
 2. :func:`run_sweep` — run them one by one (resumable: each is a
-   :func:`~pbrf.experiment.pipeline.run_experiment` run directory);
+   :func:`~pbrf.experiment.run.driver.run_experiment` run directory);
 3. :func:`write_sweep` — one figure per factor (mean ± std over seeds) and ``sweep.md``, whose
    sections (:func:`sweep_markdown`) say in which direction each gap moved and whether the error
    bars separate.
@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, ExperimentConfig, resolve
+from pbrf.experiment.config import ConfigError, ExperimentConfig, resolve
 
 __all__ = [
     "SWEEP_FACTORS",
@@ -119,7 +119,7 @@ def plan_sweep(
         ConfigError: unknown or repeated factor, no values, ``seeds < 1``, a config that does not
             resolve, or a run directory that holds another config.
     """
-    from .store import check_run_dir
+    from pbrf.experiment.run.store import check_run_dir
 
     names = [f for f, _ in factors]
     unknown = [f for f in names if f not in SWEEP_FACTORS]
@@ -160,7 +160,7 @@ def plan_sweep(
 
 
 def _default_run(config: ExperimentConfig, run_dir: Path, inputs=None, **kwargs) -> dict:
-    from .pipeline import run_experiment
+    from pbrf.experiment.run.driver import run_experiment
 
     return run_experiment(config, run_dir, inputs=inputs, **kwargs)
 
@@ -180,12 +180,12 @@ def run_sweep(
 
     Args:
         plan: from :func:`plan_sweep`.
-        executor: passed to :func:`~pbrf.experiment.pipeline.run_experiment`.
+        executor: passed to :func:`~pbrf.experiment.run.driver.run_experiment`.
         overwrite: start each run directory afresh.
         progress: show progress bars.
         inputs: prepared inputs by ``id(config)`` (else each run prepares its own).
         run: ``run(config, run_dir, inputs=..., executor=..., overwrite=..., progress=...)``
-            returning the summary (default :func:`~pbrf.experiment.pipeline.run_experiment`).
+            returning the summary (default :func:`~pbrf.experiment.run.driver.run_experiment`).
         factors: run only these factors of the plan (default all).
         on_factor: called as ``on_factor(i, n, factor_plan)`` before each factor (1-based ``i``).
 
@@ -234,8 +234,8 @@ def figure_name(factor: str, n_factors: int) -> str:
 
 def write_sweep(out: Path, results: Sequence[FactorResult], title: str) -> dict[str, Path]:
     """Write one figure per factor and ``out/sweep.md``; returns ``{factor: figure path}``."""
-    from . import report
-    from .store import atomic_write_text
+    from pbrf.experiment import report
+    from pbrf.experiment.run.store import atomic_write_text
 
     out = Path(out)
     figures, sections = {}, []
@@ -257,7 +257,7 @@ def sweep_table_rows(result: FactorResult, seeds: int) -> list[tuple[str, dict]]
 
 def sweep_gap_lines(factor: str, values: Sequence, per_value: Sequence) -> list[str]:
     """Per gap: "- gap: increases with factor (the error bars ... separate)."."""
-    from . import analysis, report
+    from pbrf.experiment import analysis, report
 
     trends = report.sweep_trends(values, per_value)
     lines = []
@@ -277,7 +277,7 @@ def sweep_markdown(factor: str, values: list, per_value: list, figure, out: Path
     """
     import numpy as np
 
-    from . import analysis, report
+    from pbrf.experiment import analysis, report
 
     def cell(mean, std, n, fmt=report.fmt_value):
         return report.fmt_ms(mean, std if n > 1 else None, fmt)

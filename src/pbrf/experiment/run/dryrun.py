@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from .config import ExperimentConfig
+from pbrf.experiment.config import ExperimentConfig
 
 __all__ = ["dry_run", "format_dry_run"]
 
@@ -57,9 +57,9 @@ def dry_run(config: ExperimentConfig, inputs) -> dict:
     from pbrf.estimators import MemoryMeter
     from pbrf.influence import per_example_grads
 
-    from . import report  # noqa: F401 - a run imports it (matplotlib) before it ends: count it
-    from .inputs import build_problem
-    from .selection import random_groups
+    from pbrf.experiment import report  # noqa: F401 - a run imports it matplotlib before it ends: count it
+    from pbrf.experiment.run.inputs import build_problem
+    from pbrf.experiment.run.selection import random_groups
 
     model = inputs.initial_model()
     problem = build_problem(inputs, {k: v.detach() for k, v in model.named_parameters()})

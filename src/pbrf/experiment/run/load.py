@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .problem import Params, Problem
-from .tasks import Task
+from pbrf.problem import Params, Problem
+from pbrf.tasks import Task
 
 __all__ = ["Run", "load_run", "stored_responses"]
 
@@ -84,8 +84,8 @@ class Run:
         """The base training's saved checkpoints (``train.checkpoints``): dicts ``{"step", "lr",
         "params"}`` in step order, parameters in the run's dtype on its device; ``[]`` if none.
         """
-        from .experiment.inputs import TRAINING_CHECKPOINTS
-        from .training import load_checkpoint
+        from pbrf.experiment.run.inputs import TRAINING_CHECKPOINTS
+        from pbrf.training import load_checkpoint
 
         folder = self.run_dir / TRAINING_CHECKPOINTS
         out = []
@@ -111,8 +111,8 @@ def stored_responses(run_dir: str | Path, certified_only: bool = True) -> dict[s
     With ``certified_only`` the removals whose response diverged or (for an optimised kind) is
     not certified are NaN, as every statistic of the run leaves them out.
     """
-    from .experiment.evaluate import run_arrays
-    from .experiment.store import Store
+    from pbrf.experiment.bench.evaluate import run_arrays
+    from pbrf.experiment.run.store import Store
 
     arrays = run_arrays(run_dir)
     out = {k: v.copy() for k, v in arrays["dm"].items()}
@@ -150,10 +150,10 @@ def load_run(run_dir: str | Path, device: str | None = None) -> Run:
         ConfigError: not a run directory, or not set up yet (the message names the command).
         pbrf.data.DataError: the run's dataset is not available (``PBRF_DATA``).
     """
-    from .experiment.chunks import influence_settings
-    from .experiment.config import ConfigError
-    from .experiment.context import read_config
-    from .experiment.inputs import (
+    from pbrf.experiment.run.chunks import influence_settings
+    from pbrf.experiment.config import ConfigError
+    from pbrf.experiment.run.context import read_config
+    from pbrf.experiment.run.inputs import (
         CHECKPOINT,
         _test_data,
         _train_data,
@@ -161,9 +161,9 @@ def load_run(run_dir: str | Path, device: str | None = None) -> Run:
         build_problem,
         prepare_inputs,
     )
-    from .experiment.selection import _groups_from_array
-    from .experiment.store import Store
-    from .training import load_checkpoint
+    from pbrf.experiment.run.selection import _groups_from_array
+    from pbrf.experiment.run.store import Store
+    from pbrf.training import load_checkpoint
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)

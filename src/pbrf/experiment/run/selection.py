@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import ConfigError, ExperimentConfig
+from pbrf.experiment.config import ConfigError, ExperimentConfig
 
 
 # ---------------------------------------------------------------------------- seeds

@@ -14,11 +14,11 @@ import numpy as np
 
 from pbrf import kinds
 
-from .config import ExperimentConfig
-from .context import Context
-from .inputs import _recipe, build_model
-from .selection import _solver_options, response_seed
-from .store import ChunkResult
+from pbrf.experiment.config import ExperimentConfig
+from pbrf.experiment.run.context import Context
+from pbrf.experiment.run.inputs import _recipe, build_model
+from pbrf.experiment.run.selection import _solver_options, response_seed
+from pbrf.experiment.run.store import ChunkResult
 
 
 # ---------------------------------------------------------------------------- chunks

@@ -350,7 +350,7 @@ class RunConfig:
     """Execution: removals per chunk (the unit of work and of resumption), device and dtype, and
     ``seeds``: how many θ^s (``train.seed + 0 .. seeds-1``) the run trains and measures, each in
     its own ``seed=K`` folder, the correlations and gaps reported as mean ± std over them
-    (:mod:`pbrf.experiment.seeds`).
+    (:mod:`pbrf.experiment.run.seeds`).
     """
 
     chunk_size: int = 16

@@ -1,0 +1,1 @@
+"""A run: its directory, store, stages and driver (``pbrf run``)."""

@@ -1,0 +1,1 @@
+"""Studies made of several runs: parameter sweeps and the paper's reproduction."""
