@@ -33,7 +33,7 @@ def main() -> None:
         stored = {k: store.gather(k, ctx.n_chunks)[0] for k in ("pbrf", "proximal")}
         paired = store.gather_extra("proximal", ctx.n_chunks)
     fields = cfg.responses.recipe_dict()
-    base = pipeline._recipe(fields, 0)
+    base = pipeline.make_recipe(fields, 0)
     doubled = base.replace(max_iter=2 * base.max_iter, cg_max_iter=2 * base.cg_max_iter,
                            tol=base.tol / 100)
     print(f"{args.run_dir}: {len(ctx.groups)} removals; budget {base} -> {doubled}")

@@ -11,8 +11,8 @@ import torch
 
 import pbrf
 from pbrf.experiment import analysis
-from pbrf.experiment.run import driver as pipeline
 from pbrf.experiment.config import load_preset
+from pbrf.experiment.run import driver as pipeline
 from pbrf.experiment.run.store import Store
 
 KINDS = ("influence", "cold", "warm", "proximal", "pbrf", "linearized")

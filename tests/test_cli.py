@@ -5,6 +5,7 @@ evaluate, table, sweep.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -49,6 +50,37 @@ def default_run(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------- run
+REFERENCE = Path(__file__).parent / "data" / "tiny_digits_summary.json"
+
+
+def _numbers_differ(a, b, path="summary"):
+    """Paths where two JSON trees differ: structure exactly, numbers to 1e-6 relative."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(a.keys() ^ b.keys())}"]
+        return [d for k in a for d in _numbers_differ(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _numbers_differ(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) or isinstance(b, float):
+        ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(
+            a, b, rel_tol=1e-6, abs_tol=1e-10)
+        return [] if ok else [f"{path}: {a!r} != {b!r}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def test_default_tiny_run_matches_the_stored_reference(default_run):
+    """The default run's numbers are those of main before the experiment layer was reorganised
+    (``tests/data/tiny_digits_summary.json``, written by ``pbrf run --profile tiny`` at d9b3fc0).
+    """
+    _, run_dir, _ = default_run
+    got = json.loads((run_dir / "summary.json").read_text())
+    want = json.loads(REFERENCE.read_text())
+    assert _numbers_differ(got, want) == []
+    assert _numbers_differ(want, {**want, "x": 1}) != []  # the comparison can fail
+
+
 def test_console_script_is_declared():
     eps = metadata.entry_points(group="console_scripts")
     assert any(ep.name == "pbrf" and ep.value == "pbrf.cli:main" for ep in eps)

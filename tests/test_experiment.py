@@ -13,7 +13,6 @@ import torch
 
 import pbrf
 import pbrf.models
-from pbrf.experiment.run import driver as pipeline
 from pbrf.experiment.config import (
     KINDS,
     ConfigError,
@@ -23,6 +22,7 @@ from pbrf.experiment.config import (
     load_preset,
     resolve,
 )
+from pbrf.experiment.run import driver as pipeline
 from pbrf.experiment.run.executors import LocalExecutor
 from pbrf.experiment.run.store import Store
 

@@ -10,6 +10,7 @@ import pytest
 import pbrf
 from pbrf import cli
 from pbrf.experiment import config as cfg_mod
+from pbrf.experiment.analysis.aggregate import aggregate
 from pbrf.experiment.run import driver as pipeline
 from pbrf.experiment.run import seeds
 
@@ -31,7 +32,7 @@ def _fake(p, gap, certified, n_test=50, rho=1e-9, warn=False):
 
 def test_aggregate_means_stds_counts_and_maxima():
     a, b, c = _fake(0.9, 1e-2, 8), _fake(0.7, 3e-2, 6, rho=5e-3, warn=True), _fake(0.8, 2e-2, 7)
-    out = seeds.aggregate([a, b, c], [0, 1, 2], ["seed=0", "seed=1", "seed=2"])
+    out = aggregate([a, b, c], [0, 1, 2], ["seed=0", "seed=1", "seed=2"])
     vals = [0.9, 0.7, 0.8]
     assert out["correlations"]["pbrf"]["pearson"] == pytest.approx(np.mean(vals))
     assert out["correlations"]["pbrf"]["pearson_std"] == pytest.approx(np.std(vals, ddof=1))
@@ -52,7 +53,7 @@ def test_aggregate_means_stds_counts_and_maxima():
 
 
 def test_aggregate_ignores_non_finite_seeds():
-    out = seeds.aggregate([_fake(float("nan"), 1e-2, 8), _fake(0.5, 1e-2, 8)], [0, 1], ["a", "b"])
+    out = aggregate([_fake(float("nan"), 1e-2, 8), _fake(0.5, 1e-2, 8)], [0, 1], ["a", "b"])
     assert out["correlations"]["pbrf"]["pearson"] == 0.5
     assert "pearson_std" not in out["correlations"]["pbrf"]  # one finite value: no spread
 

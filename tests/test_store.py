@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from pbrf.experiment.config import ConfigError, load_preset
+from pbrf.experiment.run.rundir import check_run_dir
 from pbrf.experiment.run.store import (
     ChunkResult,
     Store,
     atomic_write_text,
-    check_run_dir,
     from_blob,
     to_blob,
 )

@@ -36,8 +36,20 @@ import shlex
 import sys
 from pathlib import Path
 
-from pbrf.experiment.config import ConfigError, list_presets, resolve
+import torch
+
+from pbrf import data, estimators
+from pbrf.data import DataError
+from pbrf.experiment import report
+from pbrf.experiment.bench import evaluate, leaderboard
+from pbrf.experiment.config import ConfigError, list_presets, parse_set, resolve
+from pbrf.experiment.run.driver import prepare_inputs, run_experiment
+from pbrf.experiment.run.dryrun import dry_run, format_dry_run
+from pbrf.experiment.run.executors import get_executor
+from pbrf.experiment.run.rundir import check_run_dir
+from pbrf.experiment.studies import reproduce, sweep
 from pbrf.experiment.studies.sweep import SWEEP_FACTORS
+from pbrf.fileio import name_os_error
 
 __all__ = ["main", "build_parser"]
 
@@ -200,8 +212,6 @@ def _config_from_args(args):
 
 
 def _executor(args):
-    from pbrf.experiment.run.executors import get_executor
-
     if args.executor == "ray":
         try:
             import ray  # noqa: F401
@@ -217,23 +227,15 @@ def _executor(args):
 
 
 def _run_one(config, out: Path, args, executor, inputs=None) -> dict:
-    from pbrf.experiment.run.driver import run_experiment
-
     return run_experiment(config, out, executor=executor, overwrite=args.overwrite,
                           progress=not args.no_progress, inputs=inputs)
 
 
 def cmd_run(args) -> int:
     """``pbrf run``."""
-    from pbrf.experiment import report
-    from pbrf.experiment.run.driver import prepare_inputs
-    from pbrf.experiment.run.store import check_run_dir
-
     config = _config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / config.name
     if args.dry_run:
-        from pbrf.experiment.run.dryrun import dry_run, format_dry_run
-
         print(format_dry_run(dry_run(config, prepare_inputs(config))))
         return 0
     check_run_dir(out, config, args.overwrite)
@@ -252,14 +254,10 @@ def cmd_run(args) -> int:
 
 def _named(err: OSError, where: Path) -> OSError:
     """``err``, naming ``where`` (the run directory) when the failed call named no file."""
-    from .fileio import name_os_error
-
     return name_os_error(err, where)
 
 
 def _parse_values(text: str) -> list:
-    from pbrf.experiment.config import parse_set
-
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
         raise ConfigError("--values must list at least one value, e.g. --values 16,32,64.")
@@ -278,10 +276,6 @@ def cmd_sweep(args) -> int:
     in which direction each gap moved and whether the error bars separate the values
     (:mod:`pbrf.experiment.studies.sweep`).
     """
-    from pbrf.experiment import report
-    from pbrf.experiment.studies import sweep
-    from pbrf.experiment.run.driver import prepare_inputs
-
     if len(args.factor) != len(args.values):
         raise UsageError(f"pbrf sweep: {len(args.factor)} --factor but {len(args.values)} "
                          "--values; give one --values per --factor.")
@@ -323,8 +317,6 @@ def _reproduce_command(args) -> str:
 
 def cmd_reproduce(args) -> int:
     """``pbrf reproduce``: validate every run first, run what is missing, write the report."""
-    from pbrf.experiment.studies import reproduce
-
     plan = reproduce.plan_reproduction(args.profile, args.out, only=args.only,
                                        device=args.device, overwrite=args.overwrite)
     report_path = Path(args.report) if args.report else plan.out / "reproduction.md"
@@ -355,8 +347,6 @@ def _table_label(run: Path, summary: dict) -> str:
 
 def cmd_table(args) -> int:
     """``pbrf table``."""
-    from pbrf.experiment import report
-
     rows = []
     for run in args.runs:
         path = Path(run) / "summary.json"
@@ -381,9 +371,6 @@ def cmd_table(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """``pbrf evaluate``."""
-    from pbrf.experiment.bench import evaluate
-    from pbrf.experiment.bench import leaderboard
-
     result = evaluate.evaluate(args.scores, args.run)
     if result.get("sign_warning"):
         print(f"pbrf: warning: {result['sign_warning']}", file=sys.stderr)
@@ -405,10 +392,6 @@ def cmd_evaluate(args) -> int:
 
 def cmd_estimators(args) -> int:
     """``pbrf estimators``."""
-    from . import estimators
-    from pbrf.experiment.bench import evaluate
-    from pbrf.experiment.bench import leaderboard
-
     if args.list:
         for name, cls in estimators.ESTIMATORS.items():
             print(f"{name.ljust(18)}  {cls.summary}")
@@ -454,8 +437,6 @@ def cmd_presets(args) -> int:
 
 def cmd_download(args) -> int:
     """``pbrf download``."""
-    from . import data
-
     if args.name not in data.DATASETS:
         raise ConfigError(
             f"unknown dataset {args.name!r}; choose one of {', '.join(data.DATASETS)}."
@@ -495,8 +476,6 @@ def _setup_logging(verbose: bool) -> None:
 def _expected_errors() -> tuple:
     errors: list[type] = [ConfigError, UsageError]
     try:
-        from .data import DataError
-
         errors.append(DataError)
     except ImportError:  # pragma: no cover - the data package is part of pbrf
         pass
@@ -523,7 +502,6 @@ def _set_threads(n: int | None) -> None:
         return
     if n < 1:
         raise UsageError("pbrf: --threads must be a positive integer, e.g. --threads 2.")
-    import torch
 
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)

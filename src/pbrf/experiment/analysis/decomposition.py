@@ -31,9 +31,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from pbrf import kinds as _kinds
-
 from pbrf.experiment.analysis.results import Decomposition
-from pbrf.stats import finite_pairs, pearson, pearson_finite, rankdata, spearman
+from pbrf.stats import pearson, rankdata, spearman
 
 __all__ = [
     "KINDS",

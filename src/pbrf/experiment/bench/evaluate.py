@@ -22,7 +22,10 @@ import numpy as np
 
 from pbrf.experiment import analysis
 from pbrf.experiment.config import ConfigError
+from pbrf.experiment.run.context import read_config
+from pbrf.experiment.run.selection import groups_from_array
 from pbrf.experiment.run.store import Store
+from pbrf.experiment.run.summary import objective_defined
 
 __all__ = ["EvaluateError", "load_scores", "map_scores", "run_arrays", "evaluate",
            "format_correlations", "pairs_line"]
@@ -88,10 +91,6 @@ def run_arrays(run_dir: str | Path) -> dict:
     """The stored arrays of a finished run: ``dm`` per kind, ``groups``, ``test_index``,
     ``n_train``.
     """
-    from pbrf.experiment.run.context import read_config
-    from pbrf.experiment.run.selection import _groups_from_array
-    from pbrf.experiment.run.summary import objective_defined
-
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if not (run_dir / "results.sqlite").is_file():
@@ -102,7 +101,7 @@ def run_arrays(run_dir: str | Path) -> dict:
         if groups_arr is None:
             raise EvaluateError(f"{str(run_dir)!r} is not set up yet; finish it with `pbrf run "
                                 f"--out {run_dir}`.")
-        groups = _groups_from_array(groups_arr)
+        groups = groups_from_array(groups_arr)
         n_chunks = math.ceil(len(groups) / config.run.chunk_size)
         dm, diverged, uncertified = {}, {}, {}
         for kind in config.responses.ordered_kinds():

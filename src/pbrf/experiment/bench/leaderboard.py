@@ -23,12 +23,23 @@ import json
 import math
 import os
 import time
+import tomllib
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
+from pbrf import estimators, lds, load_run
 from pbrf.experiment import analysis
+from pbrf.experiment.bench.evaluate import load_scores, map_scores, run_arrays
 from pbrf.experiment.config import ConfigError
+from pbrf.experiment.report import _save_figure
+from pbrf.experiment.run.lds_stage import lds_actual
+from pbrf.experiment.run.load import stored_responses
+from pbrf.experiment.run.rundir import exclusive
+from pbrf.experiment.run.store import ChunkResult, Store, atomic_write_text
 
 __all__ = [
     "TRUTHS",
@@ -66,8 +77,6 @@ FOLDER = "estimators"
 
 def parse_hyperparameters(items: list[str]) -> dict[str, dict]:
     """``["trak.dim=1024"]`` → ``{"trak": {"dim": 1024}}`` (values read as TOML scalars)."""
-    import tomllib
-
     out: dict[str, dict] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -100,8 +109,6 @@ def score_row(
     """One leaderboard row: correlations of ``removal_scores`` ``[n_test, n_removals]`` with each
     ground truth, and the LDS of ``lds_scores`` (group scores of the LDS subsets) when given.
     """
-    from pbrf import lds
-
     info = info or {}
     row = {
         "method": label,
@@ -122,8 +129,6 @@ def score_row(
 def _row(
     name: str, point_scores: np.ndarray, info: dict, removals, truths: dict, lds_truth
 ) -> dict:
-    from pbrf import lds
-
     lds_scores = None if lds_truth is None else lds.group_scores(point_scores, lds_truth[1])
     return score_row(
         name, lds.group_scores(point_scores, removals), truths, info, lds_scores, lds_truth
@@ -141,8 +146,6 @@ def external_row(
     """A row for scores computed elsewhere, ``[n_test, N]`` (also scored on the LDS) or
     ``[n_test, n_removals]``.
     """
-    from pbrf.experiment.bench.evaluate import map_scores
-
     info = {"hyperparameters": {"source": "external"}}
     if scores.shape[1] == n_train:
         return _row(label, scores, info, removals, truths, lds_truth)
@@ -152,8 +155,6 @@ def external_row(
 
 def truths_of(run_dir) -> dict:
     """The leaderboard's ground truths of a finished run (uncertified / diverged removals NaN)."""
-    from pbrf.experiment.run.load import stored_responses
-
     return {
         k: v for k, v in stored_responses(run_dir, certified_only=True).items() if k in dict(TRUTHS)
     }
@@ -170,8 +171,6 @@ def board_header(
     run_dir,
 ) -> dict:
     """The facts of a leaderboard (everything but its rows)."""
-    import torch
-
     return {
         "run": str(run_dir),
         "name": config.name,
@@ -199,8 +198,6 @@ def board_header(
 
 
 def _check_methods(methods, hyperparameters: dict) -> None:
-    from pbrf import estimators
-
     unknown = [m for m in methods if m not in estimators.ESTIMATORS]
     if unknown:
         raise ConfigError(
@@ -217,9 +214,6 @@ def _score(store, run, name: str, est, log) -> tuple[np.ndarray, dict]:
     """One estimator's ``[n_test, N]`` scores and cost: stored ones when the requested
     hyperparameters are unchanged, else computed and stored (raises EstimatorUnavailable).
     """
-    import torch
-
-    from pbrf.experiment.run.store import ChunkResult
 
     stored = _stored(store, name)
     if stored is not None and stored[1].get("requested") == _jsonable(est.hyperparameters):
@@ -258,12 +252,6 @@ def run_estimators(
     influence above its size limit) is listed under ``"skipped"`` with the reason. Estimators
     stored by earlier invocations stay on the board.
     """
-    from pbrf import estimators, load_run
-
-    from pbrf.experiment.run.lds_stage import lds_actual
-    from pbrf.experiment.run.driver import _exclusive
-    from pbrf.experiment.run.store import Store
-
     hyperparameters = hyperparameters or {}
     _check_methods(methods, hyperparameters)
     chosen = {}
@@ -281,7 +269,7 @@ def run_estimators(
             )
     truths = truths_of(run_dir)
     rows, skipped = [], {}
-    with _exclusive(run_dir), Store(run_dir) as store:
+    with exclusive(run_dir), Store(run_dir) as store:
         lds_truth = lds_actual(store, run.config)
         for name, est in chosen.items():
             try:
@@ -305,10 +293,6 @@ def run_estimators(
 
 def evaluate_board(scores_path, run_dir) -> dict:
     """``pbrf evaluate``'s scores as a one-row leaderboard (``pbrf estimators``' format)."""
-    from pbrf.experiment.bench.evaluate import load_scores, run_arrays
-    from pbrf.experiment.run.lds_stage import lds_actual
-    from pbrf.experiment.run.store import Store
-
     arrays = run_arrays(run_dir)
     scores = load_scores(scores_path)
     truths = truths_of(run_dir)
@@ -397,10 +381,7 @@ def _threads(board: dict) -> str:
 
 
 def _figure(board: dict, path: Path) -> Path | None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = [r for r in board["rows"] if r.get("seconds")]
     if not rows:
@@ -430,7 +411,6 @@ def _figure(board: dict, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{board['name']} ({board['profile']}): fidelity against cost")
     fig.tight_layout()
-    from pbrf.experiment.report import _save_figure
 
     return _save_figure(fig, path)
 
@@ -439,8 +419,6 @@ def write_leaderboard(
     board: dict, run_dir: str | Path, command: str | None = None
 ) -> dict[str, Path]:
     """Write ``leaderboard.md``, ``.json`` and ``.png`` under ``RUN_DIR/estimators``."""
-    from pbrf.experiment.run.store import atomic_write_text
-
     folder = Path(run_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     fig = _figure(board, folder / "leaderboard.png")

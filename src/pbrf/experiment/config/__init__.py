@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pbrf import kinds as _kinds
+from pbrf import models
 from pbrf.curvature import CURVATURES
 from pbrf.newton import NewtonOptions, NewtonRecipe
 from pbrf.optim import OPTIMIZERS, RecipeFields, check_recipe
@@ -749,10 +750,6 @@ def _check_model_key(model: dict, path: list[str], value: Any, dotted: str) -> N
 
 def _model_arguments(name: str) -> set[str] | None:
     """Keyword arguments accepted by ``pbrf.models`` for ``name`` (``None`` if unknown)."""
-    try:
-        from pbrf import models
-    except Exception:  # noqa: BLE001 - the model zoo is optional for config checking
-        return None
     registry = getattr(models, "MODELS", None)
     ctor = registry.get(name) if isinstance(registry, Mapping) else None
     if ctor is None:

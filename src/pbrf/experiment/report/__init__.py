@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 
 from pbrf import kinds as _kinds
 from pbrf.experiment.analysis import GAP_PAIRS, GAPS, KIND_LABELS, KINDS, RESPONSE_KINDS
+from pbrf.experiment.run.quality import quality_lines
 from pbrf.fileio import atomic_write, jsonable
 
 __all__ = [
@@ -878,8 +879,6 @@ def _lds_convergence(lds: Mapping) -> str:
 
 
 def _theta_s_section(summary: Mapping) -> str:
-    from pbrf.experiment.run.quality import quality_lines
-
     q = summary.get("theta_s")
     if not q:
         return ""
@@ -1079,7 +1078,6 @@ def print_summary(summary: Mapping) -> str:
     lines = certificate_lines(summary)
     if lines:
         parts.append("\n".join(lines))
-    from pbrf.experiment.run.quality import quality_lines
 
     if summary.get("theta_s"):
         parts.insert(0, "\n".join(quality_lines(summary["theta_s"])))

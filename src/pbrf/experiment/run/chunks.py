@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
+import pbrf
 from pbrf import kinds
-
 from pbrf.experiment.config import ExperimentConfig
 from pbrf.experiment.run.context import Context
-from pbrf.experiment.run.inputs import _recipe, build_model
-from pbrf.experiment.run.selection import _solver_options, response_seed
+from pbrf.experiment.run.inputs import build_model, make_recipe
+from pbrf.experiment.run.selection import response_seed, solver_options_for
 from pbrf.experiment.run.store import ChunkResult
 
 
@@ -42,7 +42,7 @@ def _respond_kwargs(ctx: Context, kind: str) -> dict:
     kw: dict[str, Any] = {"damping": inf.damping, "rho_threshold": resp.rho_threshold,
                           "curvature": inf.curvature}
     if spec.config_recipe:
-        kw["recipe"] = _recipe(_config_recipe(config, spec.config_recipe), response_seed(config))
+        kw["recipe"] = make_recipe(_config_recipe(config, spec.config_recipe), response_seed(config))
     args = set(spec.arguments)
     if "solver" in args:
         kw.update(solver=inf.accurate_solver, solver_options=dict(inf.accurate_options))
@@ -60,8 +60,6 @@ def _respond_kwargs(ctx: Context, kind: str) -> dict:
 
 
 def _respond(ctx: Context, chunk: int, kind: str):
-    import pbrf
-
     kw = _respond_kwargs(ctx, kind)
     prob = ctx.measure_problem if kinds.get(kind).float64 else ctx.problem
     resp = pbrf.respond(prob, kind, removals=ctx.removals(chunk), progress=False, **kw)
@@ -72,8 +70,6 @@ def _influence_chunk(ctx: Context, chunk: int) -> tuple[np.ndarray, list[dict]]:
     """The run's influence estimate: :func:`pbrf.influence` (one solve per test point, practical
     solver) on the float64 problem; ``pbrf.influence`` with the run's settings reproduces it.
     """
-    import pbrf
-
     scores, info = pbrf.influence_with_info(ctx.measure_problem, test=ctx.test,
                                             removals=ctx.removals(chunk),
                                             **influence_settings(ctx.config))
@@ -89,7 +85,7 @@ def influence_settings(config: ExperimentConfig) -> dict:
     """
     inf = config.influence
     return {"damping": inf.damping, "solver": inf.solver, "curvature": inf.curvature,
-            "solver_options": _solver_options(inf.solver, inf.solver_options,
+            "solver_options": solver_options_for(inf.solver, inf.solver_options,
                                               response_seed(config))}
 
 
@@ -122,8 +118,6 @@ def compute_chunk(ctx: Context, chunk: int, kind: str) -> ChunkResult:
 
 def _influence_output_change(ctx: Context, chunk: int) -> np.ndarray:
     """Δf of the influence estimate, ``J Δθ`` with the practical solver (one solve per removal)."""
-    import pbrf
-
     resp = pbrf.respond(ctx.measure_problem, "linearized", removals=ctx.removals(chunk),
                         progress=False,
                         **influence_settings(ctx.config))

@@ -13,21 +13,22 @@ from typing import Any
 
 import numpy as np
 
+import pbrf
 from pbrf.experiment.config import ConfigError, ExperimentConfig
 from pbrf.experiment.run.inputs import (
     CHECKPOINT,
     Inputs,
-    _test_data,
-    _torch,
     build_problem,
     prepare_inputs,
+    test_data,
+    torch,
     train_theta,
 )
 from pbrf.experiment.run.selection import (
-    _groups_array,
-    _groups_from_array,
     all_train_scores,
     choose_test_points,
+    groups_from_array,
+    groups_to_array,
     random_groups,
     top_influence_groups,
 )
@@ -71,7 +72,7 @@ class Context:
         training dtype.
         """
         if self._measure is None:
-            self._measure = self.problem.astype(_torch().float64)
+            self._measure = self.problem.astype(torch.float64)
         return self._measure
 
     @property
@@ -88,7 +89,7 @@ class Context:
         """The chunk's removal sets in the form ``pbrf`` takes (ints for single points)."""
         groups = self.chunk_groups(chunk)
         if all(len(g) == 1 for g in groups):
-            return _torch().tensor([g[0] for g in groups], dtype=_torch().long)
+            return torch.tensor([g[0] for g in groups], dtype=torch.long)
         return groups
 
 
@@ -100,7 +101,7 @@ def setup(inputs: Inputs, run_dir: Path, store: Store, progress: bool = True) ->
     test_index = store.get_array("test_index")
     if test_index is None:
         test_index = choose_test_points(config, len(inputs.dataset.x_test))
-    test = _test_data(inputs, test_index)
+    test = test_data(inputs, test_index)
     groups_arr, scores = store.get_array("groups"), store.get_array("train_scores")
     if groups_arr is None:
         if config.removals.strategy == "top-influence":
@@ -108,14 +109,14 @@ def setup(inputs: Inputs, run_dir: Path, store: Store, progress: bool = True) ->
             groups = top_influence_groups(config, scores)
         else:
             groups = random_groups(config, problem.n_train)
-        arrays = {"test_index": test_index, "groups": _groups_array(groups)}
+        arrays = {"test_index": test_index, "groups": groups_to_array(groups)}
         if scores is not None:
             arrays["train_scores"] = scores
         store.put_arrays(arrays)
         store.set_meta("n_train", int(problem.n_train))
         groups_arr = arrays["groups"]
     return Context(config, Path(run_dir), inputs, problem, test, test_index,
-                   _groups_from_array(groups_arr), scores)
+                   groups_from_array(groups_arr), scores)
 
 
 def load_context(run_dir: str | Path) -> Context:
@@ -123,8 +124,6 @@ def load_context(run_dir: str | Path) -> Context:
 
     Used by executors' workers (each builds it once, see :mod:`pbrf.experiment.run.executors`).
     """
-    import pbrf
-
     config = read_config(run_dir)
     inputs = prepare_inputs(config)
     with Store(run_dir, readonly=True) as store:
@@ -134,5 +133,5 @@ def load_context(run_dir: str | Path) -> Context:
                            "stored).")
     params, _ = pbrf.load_checkpoint(Path(run_dir) / CHECKPOINT)
     problem = build_problem(inputs, params)
-    return Context(config, Path(run_dir), inputs, problem, _test_data(inputs, index), index,
-                   _groups_from_array(groups))
+    return Context(config, Path(run_dir), inputs, problem, test_data(inputs, index), index,
+                   groups_from_array(groups))

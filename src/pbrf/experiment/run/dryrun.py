@@ -23,8 +23,19 @@ import math
 import time
 
 import torch
+from torch.func import grad, jvp, vmap
 
+from pbrf import Recipe
+from pbrf.curvature import CurvatureOperator
+from pbrf.engine import stack
+from pbrf.estimators import MemoryMeter
+from pbrf.experiment import (
+    report,  # noqa: F401 - a run imports it matplotlib before it ends: count it
+)
 from pbrf.experiment.config import ExperimentConfig
+from pbrf.experiment.run.inputs import build_problem
+from pbrf.experiment.run.selection import random_groups
+from pbrf.influence import per_example_grads
 
 __all__ = ["dry_run", "format_dry_run"]
 
@@ -38,8 +49,6 @@ def _measure(fn, repeats: int = 3) -> tuple[float, int]:
     """Peak memory of the first call, and the best wall time of ``repeats`` further calls (the
     first pays for tracing and allocation, which a long run pays once).
     """
-    from pbrf.estimators import MemoryMeter
-
     with MemoryMeter() as meter:
         fn()
     times = []
@@ -52,15 +61,6 @@ def _measure(fn, repeats: int = 3) -> tuple[float, int]:
 
 def dry_run(config: ExperimentConfig, inputs) -> dict:
     """Sizes, budgets and measured probes of a run (see the module docstring); writes nothing."""
-    from pbrf import Recipe
-    from pbrf.curvature import CurvatureOperator
-    from pbrf.estimators import MemoryMeter
-    from pbrf.influence import per_example_grads
-
-    from pbrf.experiment import report  # noqa: F401 - a run imports it matplotlib before it ends: count it
-    from pbrf.experiment.run.inputs import build_problem
-    from pbrf.experiment.run.selection import random_groups
-
     model = inputs.initial_model()
     problem = build_problem(inputs, {k: v.detach() for k, v in model.named_parameters()})
     measure = problem.astype(torch.float64)
@@ -139,8 +139,6 @@ def _newton_hessian(measure, K: int, n: int) -> None:
     the Newton optimiser of the PBRF and proximal responses computes near their optima (``model =
     "auto"``; K forward-over-reverse passes, more memory than K Gauss–Newton products at one θ).
     """
-    from torch.func import grad, jvp, vmap
-
     x, t = measure.x[:n], measure.t[:n]
     theta = measure.flatten(measure.params).detach()
     stacked = theta.expand(K, -1).clone()
@@ -155,9 +153,6 @@ def _newton_hessian(measure, K: int, n: int) -> None:
 
 def _stacked_step(problem, K: int, batch: int) -> None:
     """One gradient of K stacked copies of the model on one minibatch (vmap, as the engine)."""
-    from torch.func import grad, vmap
-
-    from pbrf.engine import stack
 
     stacked = stack(problem.params, K)
     x, t = problem.x[:batch], problem.t[:batch]

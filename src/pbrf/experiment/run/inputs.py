@@ -17,23 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors import SafetensorError
 
-from pbrf.fileio import jsonable
-
+import pbrf
+from pbrf import data, models, solvers
 from pbrf.experiment.config import ConfigError, ExperimentConfig
 from pbrf.experiment.run.selection import choose_test_points, random_groups
+from pbrf.fileio import jsonable
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "theta_s.safetensors"
 #: Folder of the base training's intermediate checkpoints (``train.checkpoints``; for TracIn).
 TRAINING_CHECKPOINTS = "checkpoints"
-
-
-def _torch():
-    import torch
-
-    return torch
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -60,8 +57,6 @@ class Inputs:
 
 def load_dataset(config: ExperimentConfig):
     """``pbrf.data.load`` with the config's data section (``DataError`` propagates)."""
-    from pbrf import data
-
     d = config.data
     return data.load(d.name, n_train=d.n_train, n_test=d.n_test, seed=d.seed, **d.options)
 
@@ -90,8 +85,6 @@ def model_kwargs(config: ExperimentConfig, dataset) -> dict:
     """The builder's keyword arguments: the dataset facts it declares
     (:data:`pbrf.models.DATA_ARGUMENTS`), the rest from ``[model]``.
     """
-    from pbrf import models
-
     if config.model.name not in models.MODELS:
         raise ConfigError(f"model.name {config.model.name!r} is unknown; choose one of "
                           f"{', '.join(models.MODELS)}.")
@@ -102,9 +95,6 @@ def model_kwargs(config: ExperimentConfig, dataset) -> dict:
 
 def build_model(config: ExperimentConfig, kwargs: dict, seed: int):
     """``pbrf.models.build`` in the config's dtype (on the CPU; moved later)."""
-    from pbrf import models
-
-    torch = _torch()
     return models.build(config.model.name, seed=seed, dtype=getattr(torch, config.run.dtype),
                         **kwargs)
 
@@ -129,7 +119,7 @@ def prepare_inputs(config: ExperimentConfig) -> Inputs:
         raise ConfigError(f"model: cannot build {config.model.name!r} {config.model.options} "
                           f"({_first_line(err)}); "
                           "make it smaller (e.g. a lower model.width).") from None
-    if config.run.device.startswith("cuda") and not _torch().cuda.is_available():
+    if config.run.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("run.device is cuda but no CUDA device is available; pass --device cpu.")
     check_task(config, dataset, task_name, model)
     check_sizes(config, len(dataset.x_train), len(dataset.x_test))
@@ -166,7 +156,6 @@ def check_model_size(config: ExperimentConfig, kwargs: dict) -> int:
     """Build the model on the meta device (no memory) and check its parameters fit; returns
     their count.
     """
-    torch = _torch()
     try:
         with torch.device("meta"):
             meta = build_model(config, kwargs, seed=config.train.seed)
@@ -192,8 +181,6 @@ def check_model_size(config: ExperimentConfig, kwargs: dict) -> int:
 
 def check_task(config: ExperimentConfig, dataset, task_name: str, model) -> None:
     """The task must fit the data and the model: a Problem on two training and two test examples."""
-    import pbrf
-
     try:
         task = pbrf.tasks.get_task(task_name)
     except ValueError as err:
@@ -220,8 +207,6 @@ def check_solver_options(config: ExperimentConfig, n_params: int | None = None) 
     (``pbrf.solvers``);
     the dense ``exact`` solver must fit ``max_params``.
     """
-    from pbrf import solvers
-
     inf = config.influence
     for field_, key, solver, options in (
         ("solver_options", "solver", inf.solver, inf.solver_options),
@@ -276,10 +261,8 @@ def check_sizes(config: ExperimentConfig, n_train: int, n_test: int) -> None:
         )
 
 
-def _recipe(fields: dict, seed: int):
+def make_recipe(fields: dict, seed: int):
     """A ``pbrf.Recipe`` (seeded) or, for ``optimizer = "newton"``, a ``pbrf.NewtonRecipe``."""
-    import pbrf
-
     if fields.get("optimizer") == "newton":
         return pbrf.NewtonRecipe(**{k: v for k, v in fields.items() if k != "optimizer"})
     return pbrf.Recipe(**{**fields, "seed": seed})
@@ -293,20 +276,17 @@ def train_theta(inputs: Inputs, run_dir: Path, progress: bool = True) -> dict:
             the run directory without ``--overwrite``), or the stored checkpoint is unreadable or
             not finite (the fix is ``--overwrite``).
     """
-    from safetensors import SafetensorError
-
-    import pbrf
 
     config = inputs.config
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         task = pbrf.tasks.get_task(inputs.task_name)
         log.info("training theta_s (%s)", config.train)
-        recipe = _recipe(config.train.recipe_dict(), config.train.seed)
+        recipe = make_recipe(config.train.recipe_dict(), config.train.seed)
         result = pbrf.train(
             inputs.initial_model(),
             task,
-            train=_train_data(inputs),
+            train=train_data(inputs),
             recipe=recipe,
             weight_decay=config.train.weight_decay,
             progress=progress,
@@ -334,7 +314,7 @@ def train_theta(inputs: Inputs, run_dir: Path, progress: bool = True) -> dict:
             f"{str(path)!r} is unreadable ({_first_line(err)}); pass --overwrite to "
             "start this run again."
         ) from None
-    if not all(bool(_torch().isfinite(v).all()) for v in params.values()):
+    if not all(bool(torch.isfinite(v).all()) for v in params.values()):
         raise ConfigError(
             f"{str(path)!r} holds non-finite parameters; pass --overwrite to start this run again."
         )
@@ -344,7 +324,7 @@ def train_theta(inputs: Inputs, run_dir: Path, progress: bool = True) -> dict:
 def _check_trained(config: ExperimentConfig, result) -> None:
     """Refuse a diverged base training before anything of it is saved."""
     diag = result.diagnostics or {}
-    finite = all(bool(_torch().isfinite(v).all()) for v in result.params.values())
+    finite = all(bool(torch.isfinite(v).all()) for v in result.params.values())
     if finite and not diag.get("diverged"):
         return
     tr = config.train
@@ -357,7 +337,7 @@ def _check_trained(config: ExperimentConfig, result) -> None:
     )
 
 
-def _train_data(inputs: Inputs) -> tuple:
+def train_data(inputs: Inputs) -> tuple:
     ds = inputs.dataset
     y = None if inputs.task_name == "reconstruction" else ds.y_train
     return ds.x_train, y
@@ -365,22 +345,20 @@ def _train_data(inputs: Inputs) -> tuple:
 
 def build_problem(inputs: Inputs, params: dict):
     """The :class:`pbrf.Problem` at θ^s on the run's device."""
-    import pbrf
-
     config = inputs.config
     params = {k: v.to(config.run.device) for k, v in params.items()}
     task = pbrf.tasks.get_task(inputs.task_name)
     return pbrf.Problem(
         inputs.initial_model(),
         task,
-        train=_train_data(inputs),
+        train=train_data(inputs),
         weight_decay=config.train.weight_decay,
         params=params,
     )
 
 
-def _test_data(inputs: Inputs, index: np.ndarray) -> tuple:
+def test_data(inputs: Inputs, index: np.ndarray) -> tuple:
     ds = inputs.dataset
-    idx = _torch().as_tensor(index, dtype=_torch().long)
+    idx = torch.as_tensor(index, dtype=torch.long)
     y = None if inputs.task_name == "reconstruction" else ds.y_test[idx]
     return ds.x_test[idx], y

@@ -10,11 +10,18 @@ import math
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from pbrf import lds
 from pbrf.experiment.config import ExperimentConfig
 from pbrf.experiment.run.context import Context
-from pbrf.experiment.run.inputs import _recipe, build_model
-from pbrf.experiment.run.selection import _groups_array, _groups_from_array, all_train_scores, response_seed
+from pbrf.experiment.run.inputs import build_model, make_recipe
+from pbrf.experiment.run.selection import (
+    all_train_scores,
+    groups_from_array,
+    groups_to_array,
+    response_seed,
+)
 from pbrf.experiment.run.store import ChunkResult, Store
 
 __all__ = ["LDS_KIND", "lds_groups", "run_lds", "lds_actual", "lds_summary"]
@@ -24,24 +31,19 @@ LDS_KIND = "lds"
 
 def lds_groups(ctx: Context, store: Store) -> list[list[int]]:
     """The LDS removal sets (complements of the random subsets), chosen once and stored."""
-    from pbrf import lds
-
     arr = store.get_array("lds_groups")
     if arr is None:
         c = ctx.config.lds
         groups = lds.subsets(ctx.problem.n_train, c.subsets, c.alpha, seed=c.seed)
-        store.put_arrays({"lds_groups": _groups_array(groups)})
+        store.put_arrays({"lds_groups": groups_to_array(groups)})
         return groups
-    return _groups_from_array(arr)
+    return groups_from_array(arr)
 
 
 def run_lds(ctx: Context, store: Store, progress: bool = True) -> None:
     """Retrain on ``lds.subsets`` random subsets (cold start, chunks of ``run.chunk_size``,
     resumable per chunk) and store their test-loss changes as kind ``"lds"``.
     """
-    from tqdm.auto import tqdm
-
-    from pbrf import lds
 
     c, config = ctx.config.lds, ctx.config
     if not c.subsets:
@@ -58,7 +60,7 @@ def run_lds(ctx: Context, store: Store, progress: bool = True) -> None:
     model_init = lambda s: build_model(config, inputs.model_kwargs, seed=int(s)).to(
         config.run.device
     )  # noqa: E731
-    recipe = _recipe(config.train.recipe_dict(), response_seed(config))
+    recipe = make_recipe(config.train.recipe_dict(), response_seed(config))
     for i in tqdm(todo, desc="LDS retraining", unit="chunk", disable=not progress):
         start = time.perf_counter()
         dm, diags = lds.retrain(
@@ -82,7 +84,7 @@ def lds_actual(store: Store, config: ExperimentConfig) -> tuple[np.ndarray, list
     arr = store.get_array("lds_groups")
     if not config.lds.subsets or arr is None:
         return None
-    groups = _groups_from_array(arr)
+    groups = groups_from_array(arr)
     try:
         dm, _, _ = store.gather(LDS_KIND, math.ceil(len(groups) / config.run.chunk_size))
     except KeyError:
@@ -94,8 +96,6 @@ def lds_summary(ctx: Context, store: Store) -> dict | None:
     """LDS settings and the LDS of the run's own influence estimate (all training points scored
     with the practical solver, stored once as ``lds_influence_scores``).
     """
-    from pbrf import lds
-
     got = lds_actual(store, ctx.config)
     if got is None:
         return None

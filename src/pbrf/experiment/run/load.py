@@ -23,8 +23,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from pbrf.experiment.bench.evaluate import run_arrays
+from pbrf.experiment.config import ConfigError
+from pbrf.experiment.run.chunks import influence_settings
+from pbrf.experiment.run.context import read_config
+from pbrf.experiment.run.inputs import (
+    CHECKPOINT,
+    TRAINING_CHECKPOINTS,
+    build_model,
+    build_problem,
+    prepare_inputs,
+    test_data,
+    train_data,
+)
+from pbrf.experiment.run.selection import groups_from_array
+from pbrf.experiment.run.store import Store
 from pbrf.problem import Params, Problem
 from pbrf.tasks import Task
+from pbrf.training import load_checkpoint
 
 __all__ = ["Run", "load_run", "stored_responses"]
 
@@ -84,9 +100,6 @@ class Run:
         """The base training's saved checkpoints (``train.checkpoints``): dicts ``{"step", "lr",
         "params"}`` in step order, parameters in the run's dtype on its device; ``[]`` if none.
         """
-        from pbrf.experiment.run.inputs import TRAINING_CHECKPOINTS
-        from pbrf.training import load_checkpoint
-
         folder = self.run_dir / TRAINING_CHECKPOINTS
         out = []
         for path in sorted(folder.glob("step_*.safetensors")) if folder.is_dir() else []:
@@ -111,9 +124,6 @@ def stored_responses(run_dir: str | Path, certified_only: bool = True) -> dict[s
     With ``certified_only`` the removals whose response diverged or (for an optimised kind) is
     not certified are NaN, as every statistic of the run leaves them out.
     """
-    from pbrf.experiment.bench.evaluate import run_arrays
-    from pbrf.experiment.run.store import Store
-
     arrays = run_arrays(run_dir)
     out = {k: v.copy() for k, v in arrays["dm"].items()}
     n_chunks = math.ceil(len(arrays["groups"]) / arrays["config"].run.chunk_size)
@@ -150,21 +160,6 @@ def load_run(run_dir: str | Path, device: str | None = None) -> Run:
         ConfigError: not a run directory, or not set up yet (the message names the command).
         pbrf.data.DataError: the run's dataset is not available (``PBRF_DATA``).
     """
-    from pbrf.experiment.run.chunks import influence_settings
-    from pbrf.experiment.config import ConfigError
-    from pbrf.experiment.run.context import read_config
-    from pbrf.experiment.run.inputs import (
-        CHECKPOINT,
-        _test_data,
-        _train_data,
-        build_model,
-        build_problem,
-        prepare_inputs,
-    )
-    from pbrf.experiment.run.selection import _groups_from_array
-    from pbrf.experiment.run.store import Store
-    from pbrf.training import load_checkpoint
-
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if device is not None:
@@ -189,12 +184,12 @@ def load_run(run_dir: str | Path, device: str | None = None) -> Run:
         build_model(config, inputs.model_kwargs, seed=config.train.seed).to(config.run.device),
         problem.params,
     )
-    x_train, y_train = _train_data(inputs)
+    x_train, y_train = train_data(inputs)
     dtype = problem.dtype
     as_run = lambda t: (
         None if t is None else (t.to(dtype) if t.is_floating_point() else t).to(problem.device)
     )
-    x_test, y_test = _test_data(inputs, index)
+    x_test, y_test = test_data(inputs, index)
     return Run(
         run_dir=run_dir,
         config=config,
@@ -203,7 +198,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> Run:
         train=(as_run(x_train), as_run(y_train)),
         test=(as_run(x_test), as_run(y_test)),
         test_index=np.asarray(index),
-        removals=_groups_from_array(groups),
+        removals=groups_from_array(groups),
         damping=config.influence.damping,
         weight_decay=config.train.weight_decay,
         curvature=config.influence.curvature,

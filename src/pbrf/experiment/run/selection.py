@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import pbrf
 from pbrf.experiment.config import ConfigError, ExperimentConfig
 
 
@@ -79,24 +80,22 @@ def all_train_scores(problem, config: ExperimentConfig, test: tuple) -> np.ndarr
     ``scores[t, i] = (1/N) ∇m_tᵀ C⁻¹ ∇L_i``; positive means removing point ``i`` increases test loss
     ``t``.
     """
-    import pbrf
-
     inf = config.influence
-    options = _solver_options(inf.solver, inf.solver_options, config.removals.seed)
+    options = solver_options_for(inf.solver, inf.solver_options, config.removals.seed)
     scores = pbrf.influence(problem, test=test, removals=torch.arange(problem.n_train),
                             damping=inf.damping,
                             solver=inf.solver, curvature=inf.curvature, solver_options=options)
     return scores.detach().cpu().double().numpy()
 
 
-def _solver_options(solver: str, options: dict, seed: int) -> dict:
+def solver_options_for(solver: str, options: dict, seed: int) -> dict:
     out = dict(options)
     if solver == "lissa":
         out.setdefault("seed", int(seed))
     return out
 
 
-def _groups_array(groups: list[list[int]]) -> np.ndarray:
+def groups_to_array(groups: list[list[int]]) -> np.ndarray:
     width = max(len(g) for g in groups)
     arr = np.full((len(groups), width), -1, dtype=np.int64)
     for i, g in enumerate(groups):
@@ -104,7 +103,7 @@ def _groups_array(groups: list[list[int]]) -> np.ndarray:
     return arr
 
 
-def _groups_from_array(arr: np.ndarray) -> list[list[int]]:
+def groups_from_array(arr: np.ndarray) -> list[list[int]]:
     return [[int(i) for i in row if i >= 0] for row in arr]
 
 

@@ -38,12 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from pbrf.experiment.config import ConfigError
 from pbrf.fileio import atomic_write, dumps, npy_bytes
 
-from pbrf.experiment.config import ConfigError, ExperimentConfig
-
-__all__ = ["Store", "StoreError", "ChunkResult", "to_blob", "from_blob", "atomic_write_text",
-           "check_run_dir"]
+__all__ = ["Store", "StoreError", "ChunkResult", "to_blob", "from_blob", "atomic_write_text"]
 
 log = logging.getLogger(__name__)
 
@@ -101,62 +99,6 @@ class ChunkResult:
 
     def __repr__(self) -> str:
         return f"ChunkResult({self.kind!r}, chunk={self.chunk}, dm={self.dm.shape})"
-
-
-def check_run_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> str:
-    """Decide what to do with ``run_dir`` for ``config``: ``"new"``, ``"resume"`` or
-    ``"overwrite"``.
-
-    * no directory, or an empty one: ``"new"``;
-    * ``overwrite``: ``"overwrite"`` — the run directory is started afresh, whatever it holds
-      (also a run of the same config, e.g. with a corrupt store);
-    * the same config: ``"resume"``;
-    * a different config, but nothing computed yet (no θ^s: e.g. base training failed):
-      ``"overwrite"``
-      — nothing of value is lost, so the corrected command needs no ``--overwrite``;
-    * a different config with results: refused.
-
-    Only reads; the caller decides again under the run's lock before writing.
-
-    Raises:
-        ConfigError: the directory holds results of a different config and ``overwrite`` is False,
-            or it is a non-empty directory that is not a run directory (never overwritten).
-    """
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / CONFIG_NAME
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run directory {str(run_dir)!r} is a file; pass another --out DIR.")
-    if not cfg_path.is_file():
-        if run_dir.is_dir() and any(run_dir.iterdir()):  # never delete a folder pbrf did not make
-            raise ConfigError(f"{str(run_dir)!r} is not empty and is not a pbrf run directory; "
-                              "pass another --out DIR.")
-        return "new"
-    if overwrite:
-        return _overwritable(run_dir)
-    readable = True
-    try:
-        old = ExperimentConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
-        same = old.fingerprint() == config.fingerprint()
-    except (ConfigError, ValueError, OSError):
-        same = readable = False
-    if same:
-        return "resume"
-    if not (run_dir / CHECKPOINT_NAME).exists():
-        log.info("%s holds a different config but no results yet; replacing it", run_dir)
-        return _overwritable(run_dir)
-    what = "a run of a different config" if readable else f"an unreadable {CONFIG_NAME}"
-    raise ConfigError(f"{str(run_dir)!r} holds {what}; pass --overwrite to replace it or --out DIR "
-                      "for a new run.")
-
-
-def _overwritable(run_dir: Path) -> str:
-    """``"overwrite"``, unless the directory holds the current working directory (it is deleted)."""
-    here, target = Path.cwd().resolve(), run_dir.resolve()
-    if here == target or target in here.parents:
-        raise ConfigError(f"cannot replace {str(run_dir)!r}: it holds the current directory; run "
-                          "pbrf from "
-                          "elsewhere or pass another --out DIR.")
-    return "overwrite"
 
 
 _SQLITE_ERRNO = {13: errno.ENOSPC, 8: errno.EROFS, 10: errno.EIO, 14: errno.EACCES,

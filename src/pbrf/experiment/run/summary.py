@@ -10,14 +10,15 @@ from typing import Any
 import numpy as np
 
 from pbrf import kinds
-from pbrf.fileio import atomic_write, dumps, npy_bytes
-
-from pbrf.experiment import analysis
+from pbrf.experiment import analysis, report
+from pbrf.experiment.analysis.results import Summary
 from pbrf.experiment.config import ExperimentConfig
 from pbrf.experiment.run.context import Context
 from pbrf.experiment.run.inputs import CHECKPOINT
-from pbrf.experiment.analysis.results import Summary
+from pbrf.experiment.run.lds_stage import lds_summary
+from pbrf.experiment.run.quality import base_quality
 from pbrf.experiment.run.store import Store
+from pbrf.fileio import atomic_write, dumps, npy_bytes
 
 
 # ---------------------------------------------------------------------------- summary and report
@@ -139,8 +140,6 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
     their no-removal continuation) is summarised next to the paper-literal one. Returns the
     :class:`~pbrf.experiment.analysis.results.Summary`'s ``to_dict()``, which ``summary.json`` holds.
     """
-    from pbrf.experiment import report
-
     dm, df, diags = gather(store, ctx)
     excl = exclusions(ctx.config, diags)
     keep, own = excl.pop("keep"), excl.pop("own")
@@ -148,7 +147,6 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
                               diagnostics=diagnostics_summary(diags))
     base["correlations"] = _own_correlations(dm, own)
     excl["excluded_removals"] = [int(i) for i in np.flatnonzero(~keep)]
-    from pbrf.experiment.run.lds_stage import lds_summary
 
     summary = Summary(**base, certificates=excl, solvers=_solver_report(diags),
                       paired=_paired_summary(ctx, store, dm, diags),
@@ -227,8 +225,6 @@ def _write_inputs_for_evaluate(ctx: Context, scores: np.ndarray) -> None:
 
 def theta_s_quality(ctx: Context) -> dict:
     """Train/test loss and metric of θ^s (the whole test split), ‖∇J(θ^s)‖, near-chance warning."""
-    from pbrf.experiment.run.quality import base_quality
-
     ds = ctx.inputs.dataset
     y = None if ctx.inputs.task_name == "reconstruction" else ds.y_test
     return base_quality(ctx.measure_problem, ctx.inputs.task_name, (ds.x_test, y))

@@ -34,8 +34,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+import pbrf
+from pbrf.experiment import analysis, report
 from pbrf.experiment.config import ConfigError, ExperimentConfig, load_preset
-from pbrf.experiment.studies.sweep import SWEEP_FACTORS, FactorResult, SweepPlan, plan_sweep, run_sweep, write_sweep
+from pbrf.experiment.run.driver import run_experiment
+from pbrf.experiment.run.inputs import prepare_inputs
+from pbrf.experiment.run.rundir import check_run_dir
+from pbrf.experiment.studies.sweep import (
+    SWEEP_FACTORS,
+    FactorResult,
+    SweepPlan,
+    plan_sweep,
+    run_sweep,
+    sweep_markdown,
+    sweep_title,
+    write_sweep,
+)
+from pbrf.fileio import atomic_write, dumps, name_os_error
 
 __all__ = [
     "TABLE_ROWS",
@@ -166,8 +183,6 @@ class ReproductionPlan:
 # ---------------------------------------------------------------------------- plan
 def _finished(config: ExperimentConfig, run_dir: Path, overwrite: bool) -> bool:
     """Whether ``run_dir`` already holds a finished run of ``config`` (read only)."""
-    from pbrf.experiment.run.store import check_run_dir
-
     if overwrite or not (run_dir / "summary.json").is_file():
         return False
     try:
@@ -217,8 +232,6 @@ def plan_reproduction(
             that holds another config.
         pbrf.data.DataError: missing or corrupt data.
     """
-    from pbrf.experiment.run.store import check_run_dir
-
     if profile not in PROFILES:
         raise ConfigError(f"pbrf reproduce: unknown profile {profile!r}; choose one of "
                           f"{', '.join(PROFILES)}.")
@@ -248,8 +261,6 @@ def plan_reproduction(
         except ConfigError:
             plan.sweep = None
     if check_data:
-        from pbrf.experiment.run.inputs import prepare_inputs
-
         # the seeds of a value differ only in train.seed: one check per value
         for config in plan.configs(one_seed=True):
             prepare_inputs(config)  # raises on missing data; the inputs are not kept
@@ -279,8 +290,6 @@ def read_record(out: Path) -> dict:
 
 
 def _write_record(out: Path, record: dict) -> None:
-    from pbrf.fileio import atomic_write, dumps
-
     atomic_write(Path(out) / RECORD_NAME, dumps(record, nonfinite="null", indent=2) + "\n")
 
 
@@ -327,8 +336,6 @@ def _current(plan: ReproductionPlan, record: dict) -> dict:
 
 # ---------------------------------------------------------------------------- run
 def _default_run(config, run_dir, **kwargs) -> dict:
-    from pbrf.experiment.run.driver import run_experiment
-
     return run_experiment(config, run_dir, **kwargs)
 
 
@@ -354,8 +361,6 @@ def run_reproduction(
         ``{"table": {row: summary}, "factors": [FactorResult, ...], "record": record}`` for the
         parts run.
     """
-    from pbrf.fileio import name_os_error
-
     run = run or _default_run
     record = _current(plan, read_record(plan.out))
     record.update(profile=plan.profile, command=command, updated=_now())
@@ -455,8 +460,6 @@ def _stored_config(run_dir: Path) -> dict:
 
 def _settings_row(row: str, config: dict) -> list[str]:
     """The key settings of a row, from its stored ``config.json``."""
-    from pbrf.experiment import report
-
     def get(*keys):
         v = report._get(config, *keys)
         return "—" if v is None else report._fmt_config_value(v)
@@ -506,8 +509,6 @@ def _certified(summary: dict, kind: str) -> str:
 
 
 def _machine(plan: ReproductionPlan) -> dict:
-    import torch
-
     devices = sorted({c.run.device for c in plan.configs() if c is not None}) or ["cpu"]
     gpu = any(d.startswith("cuda") for d in devices) and torch.cuda.is_available()
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -528,11 +529,6 @@ def write_reproduction_report(
     Figures go to ``<report dir>/img/reproduction/`` and are linked relatively. Parts finished by
     an earlier command are included; parts not run yet are listed as such.
     """
-    import pbrf
-
-    from pbrf.experiment import analysis, report
-    from pbrf.experiment.studies.sweep import sweep_markdown, sweep_title
-
     path = Path(path)
     img = path.parent / "img" / "reproduction"
     img.mkdir(parents=True, exist_ok=True)
@@ -633,7 +629,6 @@ def write_reproduction_report(
                   "computes what is missing).", ""]
     lines += ["Gaps: " + ", ".join(analysis.GAPS) + " (see the README's conventions).", ""]
 
-    from pbrf.fileio import atomic_write
 
     atomic_write(path, "\n".join(lines).rstrip() + "\n")
     return path

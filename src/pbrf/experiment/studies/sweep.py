@@ -22,7 +22,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from pbrf.experiment import analysis, report
 from pbrf.experiment.config import ConfigError, ExperimentConfig, resolve
+from pbrf.experiment.run.driver import run_experiment
+from pbrf.experiment.run.rundir import check_run_dir
+from pbrf.experiment.run.store import atomic_write_text
+from pbrf.fileio import name_os_error
 
 __all__ = [
     "SWEEP_FACTORS",
@@ -119,8 +126,6 @@ def plan_sweep(
         ConfigError: unknown or repeated factor, no values, ``seeds < 1``, a config that does not
             resolve, or a run directory that holds another config.
     """
-    from pbrf.experiment.run.store import check_run_dir
-
     names = [f for f, _ in factors]
     unknown = [f for f in names if f not in SWEEP_FACTORS]
     if unknown:
@@ -160,8 +165,6 @@ def plan_sweep(
 
 
 def _default_run(config: ExperimentConfig, run_dir: Path, inputs=None, **kwargs) -> dict:
-    from pbrf.experiment.run.driver import run_experiment
-
     return run_experiment(config, run_dir, inputs=inputs, **kwargs)
 
 
@@ -196,8 +199,6 @@ def run_sweep(
     Raises:
         OSError: the disk refused a write; the error names the run directory.
     """
-    from pbrf.fileio import name_os_error
-
     run = run or _default_run
     chosen = [f for f in plan.factors if factors is None or f.factor in factors]
     results = []
@@ -234,9 +235,6 @@ def figure_name(factor: str, n_factors: int) -> str:
 
 def write_sweep(out: Path, results: Sequence[FactorResult], title: str) -> dict[str, Path]:
     """Write one figure per factor and ``out/sweep.md``; returns ``{factor: figure path}``."""
-    from pbrf.experiment import report
-    from pbrf.experiment.run.store import atomic_write_text
-
     out = Path(out)
     figures, sections = {}, []
     for r in results:
@@ -257,8 +255,6 @@ def sweep_table_rows(result: FactorResult, seeds: int) -> list[tuple[str, dict]]
 
 def sweep_gap_lines(factor: str, values: Sequence, per_value: Sequence) -> list[str]:
     """Per gap: "- gap: increases with factor (the error bars ... separate)."."""
-    from pbrf.experiment import analysis, report
-
     trends = report.sweep_trends(values, per_value)
     lines = []
     for g in analysis.GAPS:
@@ -275,9 +271,6 @@ def sweep_markdown(factor: str, values: list, per_value: list, figure, out: Path
     """The markdown section of one factor: gap and correlation tables, how each gap moved, and
     the figure (linked relative to ``out``).
     """
-    import numpy as np
-
-    from pbrf.experiment import analysis, report
 
     def cell(mean, std, n, fmt=report.fmt_value):
         return report.fmt_ms(mean, std if n > 1 else None, fmt)
