@@ -18,9 +18,12 @@ install: $(BIN)/python
 demo: install
 	$(BIN)/pbrf run
 
+# Two workers (one torch thread each, see tests/conftest.py); the 15 slowest tests are printed at
+# the end so that a regression is visible.
 test: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/python tools/check_layout.py src
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 bench: install
 	$(BIN)/python bench/bench_influence.py

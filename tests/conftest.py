@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from torch import nn
+import os
 
-import pbrf
-from pbrf import tasks
+# One thread per process: the suite runs in two pytest-xdist workers on two cores, and the CLI
+# subprocesses that tests start inherit this (torch reads it at import).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import pbrf  # noqa: E402
+from pbrf import tasks  # noqa: E402
 
 # Tiny problems are dominated by per-op overhead; one intra-op thread is fastest and immune to
 # oversubscription when several test processes share the cores.
