@@ -11,8 +11,8 @@ import torch
 import pbrf
 from pbrf import kinds, objectives
 from pbrf.experiment import analysis, report
-from pbrf.experiment.run import driver as pipeline
 from pbrf.experiment.config import load_preset
+from pbrf.experiment.run import driver as pipeline
 
 from .conftest import tiny_problem
 

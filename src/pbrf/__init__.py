@@ -35,10 +35,10 @@ __all__ = [
     "SolverDivergedError",
 ]
 
+from .experiment.run.load import Run, load_run  # noqa: E402
 from .newton import NewtonRecipe  # noqa: E402
 from .optim import Recipe  # noqa: E402
 from .respond import KINDS, Response, respond  # noqa: E402
-from .experiment.run.load import Run, load_run  # noqa: E402
 from .training import TrainResult, load_checkpoint, save_checkpoint, train  # noqa: E402
 
 __all__ += ["Recipe", "NewtonRecipe", "respond", "Response", "KINDS", "train", "TrainResult",

@@ -47,6 +47,7 @@ from .influence import (
     removal_gradients,
 )
 from .kinds import ResponseKind
+from .models import reinitialize
 from .newton import NewtonRecipe, newton_optimize
 from .objectives import (  # noqa: F401 (re-exported)
     pbrf_gn,
@@ -196,8 +197,6 @@ class Response:
 # ---------------------------------------------------------------------------------------- engine
 def _init_params(prob: Problem, model_init, seed: int) -> Params:
     if model_init is None:
-        from .models import reinitialize
-
         out = {n: p.detach() for n, p in reinitialize(prob.model, seed).named_parameters()}
     else:
         out = model_init(seed)
