@@ -85,7 +85,7 @@ def retrain(
     if measure is not None:
         resp = resp.to(measure)
     dm = resp.loss_change(test=test).detach().cpu().double().numpy()
-    return dm, [dict(d) for d in (resp.diagnostics or [])]
+    return dm, [d.to_dict() for d in resp.diagnostics]
 
 
 def group_scores(point_scores: np.ndarray | Tensor, groups: list[list[int]]) -> np.ndarray:
