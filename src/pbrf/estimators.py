@@ -34,6 +34,8 @@ the OS first, so the growth shows), on a GPU CUDA's peak allocation.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import os
 import threading
@@ -129,9 +131,6 @@ class MemoryMeter:
 
 def _release_freed_memory() -> None:
     """Return freed heap pages to the OS (glibc ``malloc_trim``): the next block's growth shows."""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -183,8 +182,7 @@ class Estimator:
 
         Args:
             run_or_problem: a :class:`~pbrf.experiment.run.load.Run` (its float64 problem, test
-                points, removal
-                sets and damping are the defaults) or a :class:`~pbrf.Problem`.
+                points, removal sets and damping are the defaults) or a :class:`~pbrf.Problem`.
             test: ``(x, y)``; default the run's test points.
             removals: single points or groups as in :func:`pbrf.influence`; default the run's.
         """
