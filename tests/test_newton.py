@@ -15,8 +15,9 @@ from torch import nn
 
 import pbrf
 from pbrf import tasks
+from pbrf.diagnostics import RemovalDiagnostics
 from pbrf.newton import NewtonRecipe, batched_cg
-from pbrf.respond import _certify, removal_signal
+from pbrf.respond import removal_signal
 
 from .reference import make_objective, newton, rel
 
@@ -101,23 +102,29 @@ def test_signal_is_the_pbrf_gradient_at_theta_s():
         assert d["signal"] == pytest.approx(s, rel=1e-15)
 
 
+def _certify(row: dict, signal: float, threshold: float) -> RemovalDiagnostics:
+    return RemovalDiagnostics(**row).certify(signal, threshold)
+
+
 def test_certificate_rules():
     ok = {"grad_norm": 1e-9, "objective": -1.0, "initial_objective": 0.0, "diverged": False}
-    assert _certify(dict(ok), 1e-6, 1e-2)["certified"]
-    assert _certify(dict(ok), 1e-6, 1e-2)["rho"] == pytest.approx(1e-3)
-    assert not _certify(dict(ok), 1e-8, 1e-2)["certified"]  # ρ = 0.1 above the threshold
-    assert not _certify({**ok, "objective": 0.5}, 1e-6, 1e-2)["certified"]  # ended above its start
-    assert not _certify({**ok, "diverged": True}, 1e-6, 1e-2)["certified"]
-    assert not _certify({**ok, "grad_norm": math.nan}, 1e-6, 1e-2)["certified"]
+    assert _certify(ok, 1e-6, 1e-2).certified
+    assert _certify(ok, 1e-6, 1e-2).rho == pytest.approx(1e-3)
+    assert not _certify(ok, 1e-8, 1e-2).certified  # ρ = 0.1 above the threshold
+    assert not _certify({**ok, "objective": 0.5}, 1e-6, 1e-2).certified  # ended above its start
+    assert not _certify({**ok, "diverged": True}, 1e-6, 1e-2).certified
+    assert not _certify({**ok, "grad_norm": math.nan}, 1e-6, 1e-2).certified
     # ending one ulp above the start is round-off (a removal fitted to ~0 loss barely moves the
     # objective; seen on MNIST: 0.01259936264252914 -> 0.012599362642529144), not a failure
     start = 0.01259936264252914
     assert _certify({**ok, "initial_objective": start, "objective": math.nextafter(start, 1)},
-                    1e-6, 1e-2)["certified"]
+                    1e-6, 1e-2).certified
     assert _certify({**ok, "initial_objective": -3.62519746333754e-16,
-                     "objective": -3.6228153961552276e-16}, 1e-6, 1e-2)["certified"]
+                     "objective": -3.6228153961552276e-16}, 1e-6, 1e-2).certified
     assert not _certify({**ok, "initial_objective": start, "objective": start + 1e-12},
-                        1e-6, 1e-2)["certified"]  # well beyond round-off
+                        1e-6, 1e-2).certified  # well beyond round-off
+    # a record without a starting objective (cold start) is judged on ρ and divergence alone
+    assert _certify({"grad_norm": 1e-9, "objective": 5.0, "diverged": False}, 1e-6, 1e-2).certified
 
 
 def test_first_order_stall_is_not_certified():

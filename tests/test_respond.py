@@ -9,7 +9,9 @@ from ``pbrf.respond`` or ``pbrf.tasks`` except the network itself.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 
 import pytest
@@ -18,6 +20,7 @@ from torch import nn
 
 import pbrf
 from pbrf import tasks
+from pbrf.diagnostics import RemovalDiagnostics
 
 from .conftest import tiny_problem
 from .reference import _fwd, _loss, make_objective, newton, rel
@@ -41,6 +44,12 @@ def hb_recipe(hessians, tol: float = 1e-12, safety: float = 0.8) -> pbrf.Recipe:
     return pbrf.Recipe(
         optimizer="sgd", lr=lr, momentum=rate**2, steps=min(steps, 6000), batch_size=None
     )
+
+
+def _used(kind: str, **kw) -> dict:
+    """The arguments of ``kw`` that ``kind`` uses (``respond`` refuses the others)."""
+    used = set(pbrf.kinds.get(kind).respond_arguments) | {"progress"}
+    return {k: v for k, v in kw.items() if k in used}
 
 
 def _grad_norms(resp: pbrf.Response) -> list[float]:
@@ -148,9 +157,8 @@ def test_linear_regression_removal_weight_closed_form(kind):
             H = torch.autograd.functional.hessian(obj, prob.theta)
             refs.append(-torch.linalg.solve(H, torch.autograd.functional.jacobian(obj, prob.theta)))
             hs.append(H)
-        resp = pbrf.respond(
-            prob, kind, groups, damping=lam, recipe=hb_recipe(hs), removal_weight=s, progress=False
-        )
+        resp = pbrf.respond(prob, kind, groups, recipe=hb_recipe(hs), removal_weight=s,
+                            progress=False, **_used(kind, damping=lam))
         refs = torch.stack(refs)
         # warm/proximal at an unconverged θ^s also move by the full-data gradient: compare Δ, not
         # Δ/s
@@ -347,7 +355,7 @@ def test_vectorised_equals_one_at_a_time_and_chunking(kind):
         prob.theta.clone(),
         {k: v.clone() for k, v in prob.model.state_dict().items()},
     )
-    kw = dict(damping=0.05, recipe=MINIBATCH, seeds=(0, 1), progress=False)
+    kw = _used(kind, damping=0.05, recipe=MINIBATCH, seeds=(0, 1), progress=False)
     full = pbrf.respond(prob, kind, GROUPS, **kw)
     assert torch.equal(prob.theta, theta_s)  # θ^s and the model are never modified
     assert all(torch.equal(v, model_state[k]) for k, v in prob.model.state_dict().items())
@@ -368,9 +376,7 @@ def test_vectorised_equals_one_at_a_time_and_chunking(kind):
     for cs in (1, 3, 64):
         _compare(pbrf.respond(prob, kind, GROUPS, chunk_size=cs, **kw), full)
     # the minibatch order matters (so the comparisons above are informative)
-    other = pbrf.respond(
-        prob, kind, GROUPS, **{**kw, "recipe": MINIBATCH.replace(seed=4), "seeds": (0, 1)}
-    )
+    other = pbrf.respond(prob, kind, GROUPS, **{**kw, "recipe": MINIBATCH.replace(seed=4)})
     if kind != "cold":  # cold overrides recipe.seed with its own seeds
         assert (other.params_flat - full.params_flat).abs().max() > 1e-6
     # removals actually change the result, differently per group
@@ -467,11 +473,12 @@ def test_diagnostics_per_removal_and_divergence_flag():
     bad = good.replace(lr=1e6, steps=200)
     groups = [[0], [1, 2], [3]]
     for kind in ("warm", "proximal", "pbrf", "cold"):
-        ok = pbrf.respond(prob, kind, groups, damping=0.1, recipe=good, progress=False)
+        lam = {"damping": 0.1} if pbrf.kinds.get(kind).uses_damping else {}
+        ok = pbrf.respond(prob, kind, groups, recipe=good, progress=False, **lam)
         assert len(ok.diagnostics) == len(groups)
-        rows = [s for d in ok.diagnostics for s in d["seeds"]] if kind == "cold" else ok.diagnostics
+        rows = [s for d in ok.diagnostics for s in d.seeds] if kind == "cold" else ok.diagnostics
         for d in rows:
-            assert KEYS <= set(d), (kind, d)
+            assert KEYS <= set(d.to_dict()), (kind, d)
             assert d["steps"] == 15 and d["diverged"] is False
             assert math.isfinite(d["objective"]) and math.isfinite(d["grad_norm"])
         assert all(d["diverged"] is False for d in ok.diagnostics)
@@ -495,7 +502,7 @@ def test_diagnostics_per_removal_and_divergence_flag():
                 )
                 gn = float(torch.autograd.functional.jacobian(obj, th).norm())
                 assert ok.diagnostics[k]["grad_norm"] == pytest.approx(gn, rel=1e-8, abs=1e-13)
-        boom = pbrf.respond(prob, kind, groups, damping=0.1, recipe=bad, progress=False)
+        boom = pbrf.respond(prob, kind, groups, recipe=bad, progress=False, **lam)
         assert len(boom.diagnostics) == len(groups)
         assert all(d["diverged"] is True for d in boom.diagnostics), (kind, boom.diagnostics)
         rows = (
@@ -515,7 +522,8 @@ def test_finite_but_exploding_run_is_flagged_diverged(kind):
     prob = tiny_problem("regression")
     start = float(prob.objective())
     recipe = pbrf.Recipe(optimizer="sgd", lr=3.0, momentum=0.9, steps=40, batch_size=None)
-    resp = pbrf.respond(prob, kind, [[0]], damping=0.1, recipe=recipe, progress=False)
+    lam = {"damping": 0.1} if pbrf.kinds.get(kind).uses_damping else {}
+    resp = pbrf.respond(prob, kind, [[0]], recipe=recipe, progress=False, **lam)
     d = resp.diagnostics[0]
     assert d["objective"] > 1e20 * max(1.0, abs(start))  # it did explode (finite: no overflow yet)
     assert d["diverged"] is True
@@ -543,3 +551,94 @@ def test_errors():
         pbrf.respond(prob, "cold", [0], recipe=MINIBATCH, seeds=(), progress=False)
     with pytest.raises(TypeError, match="Recipe"):
         pbrf.respond(prob, "warm", [0], recipe={"lr": 0.1}, progress=False)
+
+
+# ------------------------------------------------------------------- 9. one record per optimiser
+NEWTON_KEYS = ["optimizer", "steps", "iterations", "cg_iterations", "objective", "grad_norm",
+               "initial_objective", "initial_grad_norm", "stalled", "runaway", "diverged"]
+FIRST_ORDER_KEYS = ["steps", "objective", "grad_norm", "last_minibatch_grad_norm",
+                    "initial_objective", "diverged"]
+CERTIFICATE = ["signal", "rho", "certified"]
+PAIRED = ["reference_grad_norm", "reference_rho", "paired_certified"]
+
+
+def test_every_optimiser_gives_one_record_whose_json_is_the_stored_shape():
+    """Newton, first-order, cold-start and linear-solve diagnostics are all RemovalDiagnostics;
+    ``to_dict()`` has exactly the keys (in order) that runs have always stored for each."""
+    prob = tiny_problem("regression")
+    groups = [[0], [1, 2]]
+    fo = pbrf.Recipe(optimizer="sgd", lr=0.05, momentum=0.9, steps=5, batch_size=None)
+    cases = {
+        "pbrf": (pbrf.respond(prob, "pbrf", groups, progress=False), NEWTON_KEYS + CERTIFICATE),
+        "proximal": (pbrf.respond(prob, "proximal", groups, paired=True, progress=False),
+                     NEWTON_KEYS + ["start"] + CERTIFICATE + PAIRED),
+        "warm": (pbrf.respond(prob, "warm", groups, recipe=fo, progress=False),
+                 FIRST_ORDER_KEYS + CERTIFICATE),
+        "cold": (pbrf.respond(prob, "cold", groups, recipe=fo, seeds=(0, 1), progress=False),
+                 ["steps", "objective", "grad_norm", "diverged", "seeds", "reference"]
+                 + CERTIFICATE),
+        "linearized": (pbrf.respond(prob, "linearized", groups, progress=False),
+                       list(pbrf.SolveInfo("exact").to_dict())),
+    }
+    for kind, (resp, keys) in cases.items():
+        assert len(resp.diagnostics) == len(groups)
+        for d in resp.diagnostics:
+            assert isinstance(d, RemovalDiagnostics), kind
+            assert list(d.to_dict()) == keys, kind
+            absent = {f.name for f in dataclasses.fields(d)} - set(keys) - {"solve"}
+            assert all(getattr(d, name) is None for name in absent), kind
+            assert d.to_dict() == json.loads(json.dumps(d.to_dict())), kind  # plain JSON
+            assert d["diverged"] is d.diverged is False
+    cold = cases["cold"][0].diagnostics[0]
+    assert [s.seed for s in cold.seeds] == [0, 1] and len(cold.reference) == 2
+    assert list(cold.to_dict()["seeds"][0]) == FIRST_ORDER_KEYS + ["seed"]
+    assert cold.grad_norm == max(s.grad_norm for s in cold.seeds)
+    assert cases["pbrf"][0].certified == [d.certified for d in cases["pbrf"][0].diagnostics]
+    with pytest.raises(KeyError):
+        cases["pbrf"][0].diagnostics[0]["seeds"]  # does not apply to Newton: absent
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cold.steps = 0
+
+
+# ------------------------------------------------------------ 10. arguments the kind does not use
+@pytest.mark.parametrize("kind, argument, value", [
+    ("pbrf", "solver", "cg"),
+    ("pbrf", "curvature", "hessian"),
+    ("pbrf", "seeds", (0, 1)),
+    ("pbrf", "paired", True),
+    ("proximal", "model_init", lambda s: None),
+    ("warm", "damping", 0.5),
+    ("warm", "solver_options", {"tol": 1e-3}),
+    ("cold", "damping", 0.5),
+    ("cold", "solver", "cg"),
+    ("cold", "paired", True),
+    ("linearized", "recipe", pbrf.NewtonRecipe()),
+    ("linearized", "seeds", (3,)),
+    ("linearized", "chunk_size", 8),
+    ("linearized", "rho_threshold", 0.5),
+    ("linearized", "max_iter", 3),
+])
+def test_respond_refuses_an_argument_its_kind_does_not_use(kind, argument, value):
+    prob = tiny_problem("regression")
+    kw = {"recipe": MINIBATCH} if kind in ("warm", "cold") else {}
+    with pytest.raises(ValueError) as e:
+        pbrf.respond(prob, kind, [[0]], progress=False, **{**kw, argument: value})
+    message = str(e.value)
+    assert message == f"respond: kind {kind!r} does not use {argument!r}; drop it.", message
+    assert "\n" not in message
+
+
+def test_respond_accepts_unused_arguments_at_their_defaults():
+    """Passing an argument a kind does not use, with its default value, is not an error."""
+    prob = tiny_problem("regression")
+    defaults = {"solver": "exact", "curvature": "ggn", "seeds": (0,), "model_init": None,
+                "solver_options": None, "paired": False}
+    resp = pbrf.respond(prob, "pbrf", [[0]], progress=False, **defaults)
+    plain = pbrf.respond(prob, "pbrf", [[0]], progress=False)
+    assert torch.equal(resp.params_flat, plain.params_flat)
+    lin = pbrf.respond(prob, "linearized", [[0]], recipe=None, chunk_size=64,
+                       rho_threshold=1e-2, progress=False)
+    assert lin.first_order
+    for kind in pbrf.KINDS:
+        spec = pbrf.kinds.get(kind)
+        assert set(spec.arguments) <= set(spec.respond_arguments)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from .diagnostics import RemovalDiagnostics
 from .optim import Recipe, optimize
 from .problem import Params, Problem
 
@@ -56,7 +57,8 @@ def full_eval(objective, params: Params, aux: dict, prob: Problem, batch) -> tup
 
 
 def run_batched(prob: Problem, objective, init: Params, aux: dict, recipe: Recipe, f_ref,
-                progress: bool, desc: str, callback=None) -> tuple[Tensor, list[dict]]:
+                progress: bool, desc: str,
+                callback=None) -> tuple[Tensor, list[RemovalDiagnostics]]:
     """Optimise K stacked problems with a first-order ``recipe``; returns ``(θ [K, p],
     diagnostics)``.
 
@@ -70,16 +72,16 @@ def run_batched(prob: Problem, objective, init: Params, aux: dict, recipe: Recip
     # a finite run counts as diverged when its objective or gradient grew by orders of magnitude
     blown = (final_obj - init_obj > 1e3 * (init_obj.abs() + 1)) | (final_gn > 1e3 * (init_gn + 1))
     rows = [
-        {
-            "steps": int(diag["steps"][k]),
-            "objective": float(final_obj[k]),
-            "grad_norm": float(final_gn[k]),
-            "last_minibatch_grad_norm": float(diag["grad_norm"][k]),
-            "initial_objective": float(init_obj[k]),
-            "diverged": bool(diag["diverged"][k])
+        RemovalDiagnostics(
+            steps=int(diag["steps"][k]),
+            objective=float(final_obj[k]),
+            grad_norm=float(final_gn[k]),
+            last_minibatch_grad_norm=float(diag["grad_norm"][k]),
+            initial_objective=float(init_obj[k]),
+            diverged=bool(diag["diverged"][k])
             or not math.isfinite(float(final_obj[k]))
             or bool(blown[k]),
-        }
+        )
         for k in range(final_obj.shape[0])
     ]
     return prob.flatten(params).detach(), rows

@@ -34,6 +34,8 @@ the OS first, so the growth shows), on a GPU CUDA's peak allocation.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import os
 import threading
@@ -45,7 +47,9 @@ import torch
 from torch import Tensor
 
 from .curvature import CurvatureOperator
+from .fileio import dumps
 from .influence import influence, normalize_removals, per_example_grads, removal_matrix
+from .kron import kronfluence_scores
 from .problem import Problem
 
 __all__ = [
@@ -127,9 +131,6 @@ class MemoryMeter:
 
 def _release_freed_memory() -> None:
     """Return freed heap pages to the OS (glibc ``malloc_trim``): the next block's growth shows."""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -180,8 +181,8 @@ class Estimator:
         """Scores of ``removals`` on ``test`` and their cost.
 
         Args:
-            run_or_problem: a :class:`~pbrf.experiment.run.load.Run` (its float64 problem, test points, removal
-                sets and damping are the defaults) or a :class:`~pbrf.Problem`.
+            run_or_problem: a :class:`~pbrf.experiment.run.load.Run` (its float64 problem, test
+                points, removal sets and damping are the defaults) or a :class:`~pbrf.Problem`.
             test: ``(x, y)``; default the run's test points.
             removals: single points or groups as in :func:`pbrf.influence`; default the run's.
         """
@@ -202,14 +203,12 @@ class Estimator:
 
 def _plain(hp: dict) -> dict:
     """JSON-able hyperparameters: scalars as they are, option dicts as compact text (no tensors)."""
-    import json
-
     out = {}
     for k, v in hp.items():
         if isinstance(v, (int, float, str, bool)) or v is None:
             out[k] = v
         elif isinstance(v, dict):
-            out[k] = json.dumps(v, sort_keys=True, default=str)
+            out[k] = dumps(v, sort_keys=True)
     return out
 
 
@@ -547,10 +546,6 @@ class _Kronfluence(Estimator):
 
     def point_scores(self, problem, test, points, context):
         try:
-            from .kron import kronfluence_scores
-        except ImportError as err:  # pragma: no cover - depends on the optional package
-            raise EstimatorUnavailable(str(err)) from None
-        try:
             return kronfluence_scores(
                 problem,
                 test,
@@ -560,7 +555,7 @@ class _Kronfluence(Estimator):
                 dtype=problem.dtype,
                 seed=context["seed"],
             )
-        except ImportError as err:
+        except ImportError as err:  # the optional package is missing
             raise EstimatorUnavailable(str(err)) from None
 
 

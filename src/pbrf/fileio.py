@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "jsonable", "dumps", "npy_bytes", "name_os_error"]
+__all__ = ["atomic_write", "jsonable", "dumps", "npy_bytes", "name_os_error", "current_umask"]
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -45,7 +46,7 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600
         with os.fdopen(fd, "wb") as fh:
             if not callable(content):
                 fh.write(content.encode("utf-8") if isinstance(content, str) else content)

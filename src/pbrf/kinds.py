@@ -27,7 +27,7 @@ from . import objectives
 
 __all__ = ["ResponseKind", "register", "unregister", "get", "names", "response_names", "chain",
            "view",
-           "METHODS", "CERTIFICATES"]
+           "METHODS", "CERTIFICATES", "METHOD_ARGUMENTS"]
 
 #: How a kind is computed: ``optimise`` its objective from θ^s (:func:`pbrf.respond`),
 #: ``retrain`` from a fresh initialisation (cold start), ``linear`` (one linear solve, the
@@ -37,6 +37,16 @@ METHODS = ("optimise", "retrain", "linear", "estimate")
 #: is defined as the solution of its objective), uncertified ones only when the kind's recipe is
 #: full batch (``exclude_if_full_batch``), or none (``report``: the kind is defined by its recipe).
 CERTIFICATES = ("exclude", "exclude_if_full_batch", "report")
+#: The arguments of :func:`pbrf.respond` that every kind of a method uses, besides ``prob``,
+#: ``kind``, ``removals``, ``progress``, ``damping`` (:attr:`ResponseKind.uses_damping`) and the
+#: kind's own :attr:`ResponseKind.arguments`; ``recipe_changes`` stands for recipe fields passed
+#: as keywords.
+METHOD_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "optimise": ("recipe", "recipe_changes", "removal_weight", "chunk_size", "rho_threshold"),
+    "retrain": ("recipe", "recipe_changes", "removal_weight", "chunk_size", "rho_threshold"),
+    "linear": ("removal_weight",),
+    "estimate": (),
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,8 @@ class ResponseKind:
             trained θ^s, ``prob.recipe``) when ``respond`` gets no recipe.
         arguments: the kind-specific arguments of :func:`pbrf.respond` that apply to it
             (``seeds``, ``model_init``, ``paired``, ``solver``, ``solver_options``, ``curvature``).
+        uses_damping: its objective (or solve) reads ``damping`` (λ); ``respond`` refuses a
+            damping for a kind that does not.
         continuation: with a :class:`pbrf.NewtonRecipe`, removals start from the no-removal
             continuation (solved once), and ``paired=True`` measures against it.
         config_recipe: the experiment-config section whose recipe a run passes (``"train"``,
@@ -73,6 +85,7 @@ class ResponseKind:
     objective: Callable[..., objectives.Objective] | None = None
     default_recipe: str = "newton"
     arguments: tuple[str, ...] = ()
+    uses_damping: bool = True
     continuation: bool = False
     config_recipe: str | None = "responses"
     float64: bool = True
@@ -95,6 +108,14 @@ class ResponseKind:
                              "'base'.")
         if not self.short:
             object.__setattr__(self, "short", self.label)
+
+    @property
+    def respond_arguments(self) -> tuple[str, ...]:
+        """Every argument of :func:`pbrf.respond` this kind uses (besides ``prob``, ``kind``,
+        ``removals`` and ``progress``); see :data:`METHOD_ARGUMENTS`.
+        """
+        damping = ("damping",) if self.uses_damping else ()
+        return damping + METHOD_ARGUMENTS[self.method] + self.arguments
 
     @property
     def is_response(self) -> bool:
@@ -174,12 +195,13 @@ def view(attribute: str) -> Mapping[str, Any]:
 for _kind in (
     ResponseKind("cold", "cold-start LOO", "#1b9e77", short="LOO", method="retrain",
                  objective=objectives.warm_objective, default_recipe="base",
-                     arguments=("seeds", "model_init"),
+                     arguments=("seeds", "model_init"), uses_damping=False,
                  config_recipe="train", float64=False, certificate="report", in_chain=True,
                      table=True),
     ResponseKind("warm", "warm-start LOO", "#d95f02", short="Warm",
                  objective=objectives.warm_objective,
-                 default_recipe="base", arguments=("paired",), continuation=True,
+                 default_recipe="base", arguments=("paired",), uses_damping=False,
+                 continuation=True,
                      config_recipe="train",
                  float64=False, certificate="exclude_if_full_batch", in_chain=True, table=True),
     ResponseKind("proximal", "proximal", "#7570b3", short="Proximal",

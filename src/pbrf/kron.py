@@ -3,7 +3,35 @@
 `kronfluence <https://github.com/pomonam/kronfluence>`_ (Grosse et al. 2023) approximates the
 curvature by Kronecker-factored blocks, one per ``nn.Linear`` / ``nn.Conv2d`` module, fitted to
 the true Fisher. :func:`kronfluence_scores` runs it on a :class:`~pbrf.Problem` and converts its
-pairwise scores to the scores of :func:`pbrf.influence`, so the two can be compared directly.
+pairwise scores to the scores of :func:`pbrf.influence`, so the two can be compared directly:
+``scores[t, k] = (1/N) ∇m_tᵀ C⁻¹ Σ_{m∈r_k} ∇L(z_m, θ^s)``, where the measurement ``m_t`` is the
+test loss, a positive score means that removing set ``k`` increases test loss ``t``, and
+``C = G + (wd + λ) I`` is approximated by kronfluence's factors fitted on the whole training set
+at θ^s:
+
+* ``"ekfac"`` / ``"kfac"``: per-module (E)K-FAC blocks of the true Fisher (block-diagonal
+  across modules); ``"diagonal"``: the diagonal of the Fisher;
+* ``"identity"``: ``C = I`` (no curvature and no damping), i.e. the gradient dot product
+  ``(1/N) ∇m_tᵀ Σ_{m∈r_k} ∇L_m``.
+
+Conversions from kronfluence's pairwise scores ``S[t, i] = ∇m_tᵀ (F̂ + δ I)⁻¹ ∇L_i``:
+
+* kronfluence's ``F̂`` is the mean over the N training points (the scale of pbrf's ``G``), but
+  its scores carry no ``1/N``: they are divided by ``N = problem.n_train``;
+* kronfluence has no weight-decay term, so ``δ = problem.weight_decay + damping``;
+* the signs agree (checked against ``strategy="identity"`` and an exact K-FAC case in the
+  tests);
+* train gradients are of the plain summed task loss (no regulariser), the measurement is the
+  summed test loss, so each test point's gradient is its own loss gradient;
+* group scores are the sums of the member points' scores.
+
+Only the parameters of ``nn.Linear`` and ``nn.Conv2d`` modules are tracked by kronfluence: the
+others (embeddings, normalisation layers, …) are left out of both the gradients and ``C``.
+
+The true Fisher is estimated with one target sample per training point per pass, drawn from
+the model's predictive distribution (see :func:`_sampler`) with a generator seeded by
+``seed``, so the scores are deterministic for a given seed; ``empirical_fisher=True`` uses
+the observed targets instead (then ``F̂`` estimates the empirical Fisher, not ``G``).
 
 kronfluence is optional and its package metadata asks for torchvision, which pbrf never installs
 (it would pull a CUDA build of torch). Install it without dependencies::
@@ -20,6 +48,8 @@ import math
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -38,18 +68,23 @@ INSTALL = (
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 
 
-def _import_kronfluence():
+def _import_kronfluence() -> SimpleNamespace:
+    """The parts of kronfluence pbrf uses (``Analyzer``, ``prepare_model``, ``FactorArguments``,
+    ``ScoreArguments``, ``Task``, ``State``), imported on first use: the package is optional.
+    """
     try:
         import kronfluence  # noqa: F401
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
-        from kronfluence.task import Task as KTask
+        from kronfluence.task import Task
         from kronfluence.utils.state import State
     except ImportError as err:
         raise ImportError(
             f"pbrf.kron needs kronfluence, which is not installed; install it with: {INSTALL}"
         ) from err
-    return Analyzer, prepare_model, FactorArguments, ScoreArguments, KTask, State
+    return SimpleNamespace(Analyzer=Analyzer, prepare_model=prepare_model,
+                           FactorArguments=FactorArguments, ScoreArguments=ScoreArguments,
+                           Task=Task, State=State)
 
 
 def _sampler(task: T.Task):
@@ -100,49 +135,17 @@ def _model_at_theta(problem: Problem, dtype: torch.dtype) -> nn.Module:
 
 
 def kronfluence_scores(
-    problem: Problem,
-    test: tuple[Tensor, Tensor | None],
-    removals,
-    *,
-    strategy: str = "ekfac",
-    damping: float = 1e-2,
-    dtype: torch.dtype = torch.float64,
-    batch_size: int = 64,
-    workdir: str | None = None,
-    progress: bool = False,
-    seed: int = 0,
+    problem: Problem, test: tuple[Tensor, Tensor | None], removals, *, strategy: str = "ekfac",
+    damping: float = 1e-2, dtype: torch.dtype = torch.float64, batch_size: int = 64,
+    workdir: str | None = None, progress: bool = False, seed: int = 0,
     empirical_fisher: bool = False,
 ) -> Tensor:
     """Influence scores ``[n_test, n_removals]`` computed by kronfluence, in pbrf's conventions.
 
-    ``scores[t, k] = (1/N) ∇m_tᵀ C⁻¹ Σ_{m∈r_k} ∇L(z_m, θ^s)`` as in :func:`pbrf.influence`: the
-    measurement ``m_t`` is the test loss, a positive score means that removing set ``k``
-    increases test loss ``t``, and ``C = G + (wd + λ) I`` is approximated by kronfluence's
-    factors fitted on the whole training set at θ^s:
-
-    * ``"ekfac"`` / ``"kfac"``: per-module (E)K-FAC blocks of the true Fisher (block-diagonal
-      across modules); ``"diagonal"``: the diagonal of the Fisher;
-    * ``"identity"``: ``C = I`` (no curvature and no damping), i.e. the gradient dot product
-      ``(1/N) ∇m_tᵀ Σ_{m∈r_k} ∇L_m``.
-
-    Conversions from kronfluence's pairwise scores ``S[t, i] = ∇m_tᵀ (F̂ + δ I)⁻¹ ∇L_i``:
-
-    * kronfluence's ``F̂`` is the mean over the N training points (the scale of pbrf's ``G``), but
-      its scores carry no ``1/N``: they are divided by ``N = problem.n_train``;
-    * kronfluence has no weight-decay term, so ``δ = problem.weight_decay + damping``;
-    * the signs agree (checked against ``strategy="identity"`` and an exact K-FAC case in the
-      tests);
-    * train gradients are of the plain summed task loss (no regulariser), the measurement is the
-      summed test loss, so each test point's gradient is its own loss gradient;
-    * group scores are the sums of the member points' scores.
-
-    Only the parameters of ``nn.Linear`` and ``nn.Conv2d`` modules are tracked by kronfluence: the
-    others (embeddings, normalisation layers, …) are left out of both the gradients and ``C``.
-
-    The true Fisher is estimated with one target sample per training point per pass, drawn from
-    the model's predictive distribution (see :func:`_sampler`) with a generator seeded by
-    ``seed``, so the scores are deterministic for a given seed; ``empirical_fisher=True`` uses
-    the observed targets instead (then ``F̂`` estimates the empirical Fisher, not ``G``).
+    ``scores[t, k] = (1/N) ∇m_tᵀ C⁻¹ Σ_{m∈r_k} ∇L(z_m, θ^s)`` as in :func:`pbrf.influence`, with
+    ``C = G + (wd + λ) I`` approximated by kronfluence's factors fitted on the whole training set
+    at θ^s (the module docstring says how the strategies, the conversions from kronfluence's
+    pairwise scores, the tracked modules and the Fisher sampling work).
 
     Args:
         problem: the :class:`~pbrf.Problem`.
@@ -163,7 +166,37 @@ def kronfluence_scores(
         ValueError: bad ``strategy``/``damping``, a model without ``nn.Linear``/``nn.Conv2d``
             modules, or a task whose predictive distribution pbrf cannot sample.
     """
-    Analyzer, prepare_model, FactorArguments, ScoreArguments, KTask, State = _import_kronfluence()
+    kron = _import_kronfluence()
+    sampler = _check_arguments(problem, strategy, damping, batch_size, empirical_fisher)
+    groups = normalize_removals(removals, problem.n_train)
+    xt, tt = problem.prepare(test, "test")
+    unique, R = removal_matrix(groups, problem.device, dtype)
+    settings = _Settings(strategy, problem.weight_decay + float(damping), dtype, batch_size,
+                         progress, empirical_fisher)
+    ktask = _make_task(kron.Task, problem.task, sampler, seed)
+    _reset_device_state(kron.State, problem.device)
+    pairwise = _pairwise_scores(kron, problem, ktask, (xt, tt), unique, settings, workdir)
+    return pairwise.to(device=problem.device, dtype=dtype) @ R / problem.n_train
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The numerical settings of one kronfluence run (``damping``: kronfluence's δ = wd + λ)."""
+
+    strategy: str
+    damping: float
+    dtype: torch.dtype
+    batch_size: int
+    progress: bool
+    empirical_fisher: bool
+
+    def cast(self, x: Tensor) -> Tensor:
+        """``x`` in the run's dtype when floating point."""
+        return x.to(self.dtype) if x.is_floating_point() else x
+
+
+def _check_arguments(problem: Problem, strategy, damping, batch_size, empirical_fisher):
+    """The checks of :func:`kronfluence_scores`; returns the task's Fisher sampler."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
     if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
@@ -181,15 +214,13 @@ def kronfluence_scores(
             f"kronfluence_scores cannot sample targets for {problem.task!r} (true Fisher); "
             "pass empirical_fisher=True or use a pbrf.tasks task."
         )
+    return sampler
 
-    groups = normalize_removals(removals, problem.n_train)
-    xt, tt = problem.prepare(test, "test")
-    unique, R = removal_matrix(groups, problem.device, dtype)
 
-    def cast(x: Tensor) -> Tensor:
-        return x.to(dtype) if x.is_floating_point() else x
-
-    task, N = problem.task, problem.n_train
+def _make_task(KTask, task: T.Task, sampler, seed: int):
+    """The kronfluence ``Task``: summed task losses; sampled targets for the true Fisher (one
+    generator per device, seeded by ``seed``).
+    """
     gen: dict[torch.device, torch.Generator] = {}
 
     class _Task(KTask):
@@ -209,17 +240,29 @@ def kronfluence_scores(
             x, t = batch
             return task.loss(model(x), t).sum()
 
-    # kronfluence keeps its device in a process-wide singleton: re-create it if the problem's
-    # device kind differs from the one it was created for.
-    want_cpu = problem.device.type != "cuda"
+    return _Task()
+
+
+def _reset_device_state(State, device: torch.device) -> None:
+    """kronfluence keeps its device in a process-wide singleton: re-create it if the problem's
+    device kind differs from the one it was created for.
+    """
+    want_cpu = device.type != "cuda"
     shared = State._shared_state
     if shared and (shared.get("cpu") != want_cpu or shared.get("num_processes", 1) != 1):
         State._reset_state()
 
-    ktask = _Task()
+
+def _pairwise_scores(kron, problem: Problem, ktask, query, unique: Tensor, s: _Settings,
+                     workdir) -> Tensor:
+    """kronfluence's pairwise scores ``[n_test, len(unique)]`` of the query points against the
+    training points ``unique`` (factors fitted on the whole training set), in a temporary
+    directory that is always deleted.
+    """
     # kronfluence swaps tracked modules on their parent, so a bare nn.Linear needs a container.
-    model = prepare_model(nn.Sequential(_model_at_theta(problem, dtype)), ktask)
+    model = kron.prepare_model(nn.Sequential(_model_at_theta(problem, s.dtype)), ktask)
     outdir = tempfile.mkdtemp(prefix="pbrf-kron-", dir=workdir)
+    xt, tt = query
     try:
         with warnings.catch_warnings():
             # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler (disabled) on every pass; torch
@@ -227,51 +270,49 @@ def kronfluence_scores(
             warnings.filterwarnings(
                 "ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning
             )
-            analyzer = Analyzer(
-                analysis_name="pbrf",
-                model=model,
-                task=ktask,
-                cpu=want_cpu,
-                log_level=logging.INFO if progress else logging.WARNING,
-                disable_tqdm=not progress,
-                output_dir=outdir,
-                disable_model_save=True,
+            analyzer = kron.Analyzer(
+                analysis_name="pbrf", model=model, task=ktask,
+                cpu=problem.device.type != "cuda",
+                log_level=logging.INFO if s.progress else logging.WARNING,
+                disable_tqdm=not s.progress, output_dir=outdir, disable_model_save=True,
             )
-            factor_args = FactorArguments(
-                strategy=strategy,
-                use_empirical_fisher=empirical_fisher,
-                covariance_max_examples=None,
-                lambda_max_examples=None,
-                activation_covariance_dtype=dtype,
-                gradient_covariance_dtype=dtype,
-                per_sample_gradient_dtype=dtype,
-                lambda_dtype=dtype,
-                eigendecomposition_dtype=torch.float64,
-            )
-            score_args = ScoreArguments(
-                damping_factor=problem.weight_decay + float(damping),
-                query_gradient_svd_dtype=dtype,
-                per_sample_gradient_dtype=dtype,
-                precondition_dtype=dtype,
-                score_dtype=dtype,
-            )
-            train = TensorDataset(cast(problem.x), problem.t)
             analyzer.fit_all_factors(
-                factors_name="factors",
-                dataset=train,
-                per_device_batch_size=batch_size,
-                factor_args=factor_args,
+                factors_name="factors", dataset=TensorDataset(s.cast(problem.x), problem.t),
+                per_device_batch_size=s.batch_size, factor_args=_factor_args(kron, s),
             )
             analyzer.compute_pairwise_scores(
-                scores_name="scores",
-                factors_name="factors",
-                query_dataset=TensorDataset(cast(xt), tt),
-                train_dataset=TensorDataset(cast(problem.x[unique]), problem.t[unique]),
-                per_device_query_batch_size=min(batch_size, xt.shape[0]),
-                per_device_train_batch_size=batch_size,
-                score_args=score_args,
+                scores_name="scores", factors_name="factors",
+                query_dataset=TensorDataset(s.cast(xt), tt),
+                train_dataset=TensorDataset(s.cast(problem.x[unique]), problem.t[unique]),
+                per_device_query_batch_size=min(s.batch_size, xt.shape[0]),
+                per_device_train_batch_size=s.batch_size, score_args=_score_args(kron, s),
             )
-            pairwise = analyzer.load_pairwise_scores("scores")["all_modules"]
+            return analyzer.load_pairwise_scores("scores")["all_modules"]
     finally:
         shutil.rmtree(outdir, ignore_errors=True)
-    return pairwise.to(device=problem.device, dtype=dtype) @ R / N
+
+
+def _factor_args(kron, s: _Settings):
+    """kronfluence's ``FactorArguments``: every statistic in the run's dtype, no example cap."""
+    return kron.FactorArguments(
+        strategy=s.strategy,
+        use_empirical_fisher=s.empirical_fisher,
+        covariance_max_examples=None,
+        lambda_max_examples=None,
+        activation_covariance_dtype=s.dtype,
+        gradient_covariance_dtype=s.dtype,
+        per_sample_gradient_dtype=s.dtype,
+        lambda_dtype=s.dtype,
+        eigendecomposition_dtype=torch.float64,
+    )
+
+
+def _score_args(kron, s: _Settings):
+    """kronfluence's ``ScoreArguments``: damping δ = wd + λ, everything in the run's dtype."""
+    return kron.ScoreArguments(
+        damping_factor=s.damping,
+        query_gradient_svd_dtype=s.dtype,
+        per_sample_gradient_dtype=s.dtype,
+        precondition_dtype=s.dtype,
+        score_dtype=s.dtype,
+    )

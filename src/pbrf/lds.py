@@ -23,6 +23,8 @@ import numpy as np
 from torch import Tensor
 
 from .problem import Problem
+from .respond import respond
+from .stats import spearman
 
 __all__ = ["subsets", "retrain", "lds", "group_scores", "random_scores"]
 
@@ -70,8 +72,6 @@ def retrain(
     per-subset diagnostics. ``measure``: the problem (e.g. its float64 copy) on which Δm is
     evaluated.
     """
-    from .respond import respond
-
     resp = respond(
         problem,
         "cold",
@@ -85,7 +85,7 @@ def retrain(
     if measure is not None:
         resp = resp.to(measure)
     dm = resp.loss_change(test=test).detach().cpu().double().numpy()
-    return dm, [dict(d) for d in (resp.diagnostics or [])]
+    return dm, [d.to_dict() for d in resp.diagnostics]
 
 
 def group_scores(point_scores: np.ndarray | Tensor, groups: list[list[int]]) -> np.ndarray:
@@ -110,8 +110,6 @@ def lds(scores: np.ndarray, actual: np.ndarray) -> dict:
             f"lds: scores {scores.shape} and actual changes {actual.shape} must have the same "
             "shape."
         )
-    from pbrf.stats import spearman  # average ranks for ties, finite pairs only
-
     per = np.array([spearman(scores[t], actual[t]) for t in range(scores.shape[0])])
     ok = np.isfinite(per)
     n = int(ok.sum())

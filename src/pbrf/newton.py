@@ -206,6 +206,116 @@ class _Batched:
         return out.detach()
 
 
+@dataclass
+class _NewtonState:
+    """The per-row state of K problems solved together (every field ``[K]`` or ``[K, p]``).
+
+    Attributes:
+        theta, F, g: current parameters, objective and gradient.
+        F0, gn0: objective and gradient norm at the start.
+        scale, atol: each problem's gradient scale (its removal signal) and stopping tolerance.
+        mu: the Levenberg–Marquardt parameter.
+        best, idle: the smallest gradient norm seen, and iterations since it last halved.
+        active: still iterating; at_roundoff: steps fell below the objective's round-off.
+        diverged, stalled, runaway: the flags of the diagnostics.
+        steps, iterations, cg_iterations: accepted steps, outer and CG iterations.
+    """
+
+    theta: Tensor
+    F: Tensor
+    g: Tensor
+    F0: Tensor
+    gn0: Tensor
+    scale: Tensor
+    atol: Tensor
+    mu: Tensor
+    best: Tensor
+    idle: Tensor
+    active: Tensor
+    at_roundoff: Tensor
+    diverged: Tensor
+    stalled: Tensor
+    runaway: Tensor
+    steps: Tensor
+    iterations: Tensor
+    cg_iterations: Tensor
+
+    @classmethod
+    def start(cls, B: _Batched, theta0: Tensor, scale: Tensor, tol: float,
+              exact_from_start: bool) -> _NewtonState:
+        """The state at ``theta0`` (objective and gradient evaluated there)."""
+        K, dev, dt = theta0.shape[0], theta0.device, theta0.dtype
+        theta = theta0.detach().clone()
+        F, g = B.value_grad(torch.arange(K, device=dev), theta)
+        gn0 = g.norm(dim=1)
+        active = torch.isfinite(F) & torch.isfinite(gn0)
+
+        def zeros(dtype):
+            return torch.zeros(K, dtype=dtype, device=dev)
+
+        return cls(theta=theta, F=F, g=g, F0=F.clone(), gn0=gn0, scale=scale,
+                   atol=tol * scale.to(dt), mu=zeros(dt), best=gn0.clone(),
+                   idle=zeros(torch.long), active=active,
+                   at_roundoff=torch.full((K,), bool(exact_from_start), dtype=torch.bool,
+                                          device=dev),
+                   diverged=~active.clone(), stalled=zeros(torch.bool),
+                   runaway=zeros(torch.bool), steps=zeros(torch.long),
+                   iterations=zeros(torch.long), cg_iterations=zeros(torch.long))
+
+    def rows_to_go(self) -> tuple[Tensor, Tensor]:
+        """``(rows, gradient norms [K])``: the problems still active once those whose gradient
+        is within tolerance stop.
+        """
+        gnorm = self.g.norm(dim=1)
+        self.active &= gnorm > self.atol
+        return self.active.nonzero().squeeze(1), gnorm
+
+    def take(self, rows: Tensor, accept: Tensor, d: Tensor, F_new: Tensor, g_new: Tensor,
+             mu: Tensor) -> None:
+        """Move the ``accept``-ed rows by ``d`` (objective ``F_new``, gradient ``g_new``); set the
+        new μ of every row.
+        """
+        th, gr = self.theta[rows], self.g[rows]
+        self.theta[rows] = torch.where(accept[:, None], th + d, th)
+        self.F[rows] = torch.where(accept, F_new, self.F[rows])
+        self.g[rows] = torch.where(accept[:, None], g_new, gr)
+        self.mu[rows] = mu
+        self.steps[rows] += accept.long()
+
+    def watch(self, rows: Tensor, accept: Tensor, mu: Tensor, curv: Tensor,
+              untestable: Tensor) -> None:
+        """Stop the rows that stalled or ran away.
+
+        Stalled: the trust region has shrunk to nothing (μ ≫ the curvature), or the gradient norm
+        has not halved in 3 iterations while the steps are below the objective's round-off.
+        Runaway: accepted descent steps while the gradient grows by orders of magnitude — the
+        objective has no minimum near the start (e.g. a PBRF whose removed point's curvature
+        exceeds wd + λ); the response is treated as diverged.
+        """
+        gbest = torch.minimum(self.best[rows], self.g[rows].norm(dim=1))
+        halved = gbest < 0.5 * self.best[rows]
+        self.best[rows] = torch.where(halved, gbest, self.best[rows])
+        self.idle[rows] = torch.where(halved, torch.zeros_like(self.idle[rows]),
+                                      self.idle[rows] + 1)
+        stuck = (~accept & (mu > 1e10 * curv)) | ((self.idle[rows] >= 3) & untestable)
+        self.stalled[rows] |= stuck
+        dt = self.theta.dtype
+        away = self.g[rows].norm(dim=1) > 1e2 * torch.maximum(self.gn0[rows],
+                                                              self.scale[rows].to(dt))
+        self.runaway[rows] |= away
+        self.active[rows] &= ~(stuck | away)
+
+    def diagnostics(self) -> dict[str, Tensor]:
+        """The ``[K]`` diagnostics of :func:`newton_optimize`."""
+        gnorm = self.g.norm(dim=1)
+        diverged = (self.diverged | ~torch.isfinite(self.F) | ~torch.isfinite(gnorm)
+                    | self.runaway)
+        return {"steps": self.steps, "iterations": self.iterations,
+                "cg_iterations": self.cg_iterations, "objective": self.F, "grad_norm": gnorm,
+                "initial_objective": self.F0, "initial_grad_norm": self.gn0,
+                "stalled": self.stalled, "runaway": self.runaway, "diverged": diverged}
+
+
 def newton_optimize(
     prob,
     value_fn: Callable,
@@ -246,90 +356,74 @@ def newton_optimize(
         100-fold along accepted descent steps: no minimum near the start) and ``diverged``
         (non-finite, or runaway).
     """
-    K = theta0.shape[0]
-    dev, dt = theta0.device, theta0.dtype
     B = _Batched(prob, value_fn, gn_fn, aux, batch_fn)
-    every = torch.arange(K, device=dev)
-    theta = theta0.detach().clone()
-    F, g = B.value_grad(every, theta)
-    F0, gn0 = F.clone(), g.norm(dim=1)
-    atol = recipe.tol * scale.to(dt)
-    mu = torch.zeros(K, dtype=dt, device=dev)
-    active = torch.isfinite(F) & torch.isfinite(gn0)
-    diverged = ~active.clone()
-    stalled = torch.zeros(K, dtype=torch.bool, device=dev)
-    steps = torch.zeros(K, dtype=torch.long, device=dev)
-    iters = torch.zeros(K, dtype=torch.long, device=dev)
-    cg_total = torch.zeros(K, dtype=torch.long, device=dev)
-    best = gn0.clone()
-    idle = torch.zeros(K, dtype=torch.long, device=dev)
-    at_roundoff = torch.full((K,), bool(exact_from_start), dtype=torch.bool, device=dev)
-    runaway = torch.zeros(K, dtype=torch.bool, device=dev)
-    eps = torch.finfo(dt).eps
+    state = _NewtonState.start(B, theta0, scale, recipe.tol, exact_from_start)
     bar = tqdm(total=recipe.max_iter, desc=desc, disable=not progress, leave=False, mininterval=0.5)
     for _ in range(recipe.max_iter):
-        gnorm = g.norm(dim=1)
-        active &= gnorm > atol
-        rows = active.nonzero().squeeze(1)
+        rows, gnorm = state.rows_to_go()
         if rows.numel() == 0:
             break
         bar.update()
-        th, gr, m = theta[rows], g[rows], mu[rows]
-        eta = (gnorm[rows] / gn0[rows].clamp_min(torch.finfo(dt).tiny)).clamp(max=recipe.forcing)
-        # exact Hessian near the optimum: a small gradient, or steps below the objective's round-off
-        # (where only the gradient can judge a step, and only the exact model reduces it reliably)
-        switch_at = recipe.switch * torch.maximum(scale[rows].to(dt), gn0[rows])
-        near = (gnorm[rows] <= switch_at) | at_roundoff[rows]
-        d, Ad, ci = _step(B, recipe.model, shift, rows, th, gr, m, eta * gnorm[rows],
-                          recipe.cg_max_iter, near)
-        cg_total[rows] += ci
-        iters[rows] += 1
-        pred = -(_rows_dot(gr, d) + 0.5 * _rows_dot(d, Ad))
-        F_new, g_new = B.value_grad(rows, th + d)
-        actual = F[rows] - F_new
-        ratio = actual / pred.clamp_min(torch.finfo(dt).tiny)
-        finite = torch.isfinite(F_new) & torch.isfinite(g_new).all(1)
-        # reductions below the round-off of F cannot be tested by the ratio: accept on the gradient
-        untestable = pred.abs() <= 1e3 * eps * (F[rows].abs() + F_new.abs().nan_to_num(0.0) + eps)
-        better_g = g_new.norm(dim=1) < gnorm[rows]
-        at_roundoff[rows] |= untestable
-        accept = finite & (pred > 0) & ((ratio > 1e-4) | (untestable & better_g))
-        dd = _rows_dot(d, d).clamp_min(torch.finfo(dt).tiny)
-        curv = (_rows_dot(d, Ad) / dd).clamp_min(shift if shift > 0 else torch.finfo(dt).tiny)
-        grow = ~accept | (ratio < 0.25) & ~untestable
-        shrink = accept & ((ratio > 0.75) | untestable)
-        m_new = torch.where(grow, torch.maximum(4 * m, 0.1 * curv), m)
-        m_new = torch.where(shrink, m_new / 3, m_new)
-        m_new = torch.where(m_new < 1e-6 * curv, torch.zeros_like(m_new), m_new)
-        theta[rows] = torch.where(accept[:, None], th + d, th)
-        F[rows] = torch.where(accept, F_new, F[rows])
-        g[rows] = torch.where(accept[:, None], g_new, gr)
-        mu[rows] = m_new
-        steps[rows] += accept.long()
-        # stalled: the trust region has shrunk to nothing (μ ≫ the curvature), or the gradient norm
-        # has not halved in 3 iterations while the steps are below the objective's round-off
-        gbest = torch.minimum(best[rows], g[rows].norm(dim=1))
-        halved = gbest < 0.5 * best[rows]
-        best[rows] = torch.where(halved, gbest, best[rows])
-        idle[rows] = torch.where(halved, torch.zeros_like(idle[rows]), idle[rows] + 1)
-        stuck = (~accept & (m_new > 1e10 * curv)) | ((idle[rows] >= 3) & untestable)
-        stalled[rows] |= stuck
-        # runaway: accepted descent steps while the gradient grows by orders of magnitude — the
-        # objective has no minimum near the start (e.g. a PBRF whose removed point's curvature
-        # exceeds wd + λ); the response is treated as diverged
-        away = g[rows].norm(dim=1) > 1e2 * torch.maximum(gn0[rows], scale[rows].to(dt))
-        runaway[rows] |= away
-        active[rows] &= ~(stuck | away)
+        _iterate(B, recipe, shift, state, rows, gnorm[rows])
     bar.close()
-    gnorm = g.norm(dim=1)
-    diverged |= ~torch.isfinite(F) | ~torch.isfinite(gnorm) | runaway
-    diag = {
-        "steps": steps, "iterations": iters, "cg_iterations": cg_total, "objective": F,
-            "grad_norm": gnorm,
-        "initial_objective": F0, "initial_grad_norm": gn0, "stalled": stalled, "runaway": runaway,
-        "diverged": diverged,
-    }
-    return theta, diag
+    return state.theta, state.diagnostics()
+
+
+def _iterate(B: _Batched, recipe: NewtonRecipe, shift: float, st: _NewtonState, rows: Tensor,
+             gn: Tensor) -> None:
+    """One trust-region iteration of the problems ``rows`` (gradient norms ``gn``)."""
+    dt = st.theta.dtype
+    tiny = torch.finfo(dt).tiny
+    th, gr, m = st.theta[rows], st.g[rows], st.mu[rows]
+    eta = (gn / st.gn0[rows].clamp_min(tiny)).clamp(max=recipe.forcing)
+    # exact Hessian near the optimum: a small gradient, or steps below the objective's round-off
+    # (where only the gradient can judge a step, and only the exact model reduces it reliably)
+    switch_at = recipe.switch * torch.maximum(st.scale[rows].to(dt), st.gn0[rows])
+    near = (gn <= switch_at) | st.at_roundoff[rows]
+    d, Ad, ci = _step(B, recipe.model, shift, rows, th, gr, m, eta * gn, recipe.cg_max_iter, near)
+    st.cg_iterations[rows] += ci
+    st.iterations[rows] += 1
+    pred = -(_rows_dot(gr, d) + 0.5 * _rows_dot(d, Ad))
+    F_new, g_new = B.value_grad(rows, th + d)
+    accept, ratio, untestable = _judge(st.F[rows], gn, pred, F_new, g_new)
+    st.at_roundoff[rows] |= untestable
+    dd = _rows_dot(d, d).clamp_min(tiny)
+    curv = (_rows_dot(d, Ad) / dd).clamp_min(shift if shift > 0 else tiny)
+    mu = _next_mu(m, accept, ratio, untestable, curv)
+    st.take(rows, accept, d, F_new, g_new, mu)
+    st.watch(rows, accept, mu, curv, untestable)
+
+
+def _judge(F: Tensor, gn: Tensor, pred: Tensor, F_new: Tensor,
+           g_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(accept, ratio, untestable)`` of a step from objective ``F`` (gradient norm ``gn``) with
+    predicted reduction ``pred`` to ``F_new`` (gradient ``g_new``).
+
+    Reductions below the round-off of F cannot be tested by the ratio of actual to predicted
+    reduction (``untestable``): such a step is accepted when it reduces the gradient norm.
+    """
+    dt = F.dtype
+    eps = torch.finfo(dt).eps
+    actual = F - F_new
+    ratio = actual / pred.clamp_min(torch.finfo(dt).tiny)
+    finite = torch.isfinite(F_new) & torch.isfinite(g_new).all(1)
+    untestable = pred.abs() <= 1e3 * eps * (F.abs() + F_new.abs().nan_to_num(0.0) + eps)
+    better_g = g_new.norm(dim=1) < gn
+    accept = finite & (pred > 0) & ((ratio > 1e-4) | (untestable & better_g))
+    return accept, ratio, untestable
+
+
+def _next_mu(m: Tensor, accept: Tensor, ratio: Tensor, untestable: Tensor,
+             curv: Tensor) -> Tensor:
+    """The Levenberg–Marquardt update: grow μ after a rejected or poor step, shrink it after a
+    very good one, and drop it once it is negligible against the curvature ``curv`` along the
+    step.
+    """
+    grow = ~accept | (ratio < 0.25) & ~untestable
+    shrink = accept & ((ratio > 0.75) | untestable)
+    m_new = torch.where(grow, torch.maximum(4 * m, 0.1 * curv), m)
+    m_new = torch.where(shrink, m_new / 3, m_new)
+    return torch.where(m_new < 1e-6 * curv, torch.zeros_like(m_new), m_new)
 
 
 def _step(B: _Batched, model: str, shift: float, rows, th, gr, m, atol, max_iter, near):

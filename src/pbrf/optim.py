@@ -255,8 +255,8 @@ def optimize(
         minibatch objective), ``diverged`` (non-finite values met; the problem was frozen).
     """
     params = {k: v.detach().clone() for k, v in params.items()}
-    K = next(iter(params.values())).shape[0]
-    device = next(iter(params.values())).device
+    first = next(iter(params.values()))
+    K, device = first.shape[0], first.device
     total = recipe.total_steps(n_train)
     vg = vmap(grad_and_value(objective), in_dims=(0, 0, None))
     stepper = _Stepper(params, recipe)
@@ -270,9 +270,7 @@ def optimize(
     for step in bar:
         grads, obj = vg(params, aux, batch_fn(next(batches)))
         gnorm = _sq_norm(grads).sqrt()
-        bad = ~torch.isfinite(gnorm) | ~torch.isfinite(obj)
-        diverged |= bad & active
-        active &= ~bad
+        _freeze_nonfinite(gnorm, obj, active, diverged)
         lr = recipe.lr_at(step, total)
         stepper.step(params, grads, lr, active)
         steps += active.long()
@@ -286,3 +284,12 @@ def optimize(
     diag = {"steps": steps, "grad_norm": gnorm.detach(), "objective": obj.detach(),
             "diverged": diverged}
     return params, diag
+
+
+def _freeze_nonfinite(gnorm: Tensor, obj: Tensor, active: Tensor, diverged: Tensor) -> None:
+    """Stop (in place) the problems whose gradient or objective is not finite, flagging them
+    ``diverged``.
+    """
+    bad = ~torch.isfinite(gnorm) | ~torch.isfinite(obj)
+    diverged |= bad & active
+    active &= ~bad

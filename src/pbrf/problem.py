@@ -62,28 +62,7 @@ class Problem:
         chunk_size: int = 512,
         recipe=None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"Problem: model must be a torch.nn.Module, got {type(model).__name__}."
-            )
-        if not isinstance(task, Task):
-            raise TypeError(
-                "Problem: task must be a pbrf.tasks.Task instance such as "
-                "pbrf.tasks.Classification(), "
-                f"got {task!r}."
-            )
-        if not (isinstance(train, (tuple, list)) and len(train) == 2):
-            raise TypeError("Problem: train must be a pair (x, y) of tensors.")
-        if not (
-            isinstance(weight_decay, (int, float))
-            and weight_decay >= 0
-            and math.isfinite(weight_decay)
-        ):
-            raise ValueError(
-                f"Problem: weight_decay must be a finite number >= 0, got {weight_decay!r}."
-            )
-        if not (isinstance(chunk_size, int) and chunk_size > 0):
-            raise ValueError(f"Problem: chunk_size must be a positive int, got {chunk_size!r}.")
+        _check_arguments(model, task, train, weight_decay, chunk_size)
         self.task = task
         self.recipe = recipe
         self.weight_decay = float(weight_decay)
@@ -91,15 +70,7 @@ class Problem:
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        own = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        if params is not None:
-            _check_params_dict(params, "Problem(params=...)")
-            missing = set(own) - set(params)
-            if missing:
-                raise ValueError(f"Problem(params=...): missing parameters {sorted(missing)[:5]}.")
-            own = {n: params[n].detach().clone().to(own[n]) for n in own}
-        if not own:
-            raise ValueError("Problem: the model has no parameters.")
+        own = _own_params(self.model, params)
         self.params: Params = own
         self.buffers: Params = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         ref = next(iter(own.values()))
@@ -108,7 +79,11 @@ class Problem:
         self.shapes = [own[n].shape for n in self.names]
         self.numels = [own[n].numel() for n in self.names]
         self.n_params = sum(self.numels)
-        x, y = train
+        self._set_train(*train)
+        self._check_shapes()
+
+    def _set_train(self, x, y) -> None:
+        """The training inputs ``x`` and targets ``t`` on the parameters' device and dtype."""
         self.x = self._as_input(x, "train x")
         y = None if y is None else self._as_target(y, "train y")
         if y is not None and y.shape[0] != self.x.shape[0]:
@@ -116,11 +91,10 @@ class Problem:
                 f"Problem: train=(x, y) have {self.x.shape[0]} and {y.shape[0]} rows; "
                 "they must have one row per training example."
             )
-        self.t = task.targets(self.x, y)
+        self.t = self.task.targets(self.x, y)
         self.n_train = self.x.shape[0]
         if self.n_train == 0:
             raise ValueError("Problem: the training set is empty.")
-        self._check_shapes()
 
     # ------------------------------------------------------------------ data helpers
     def _as_input(self, x, what: str) -> Tensor:
@@ -254,3 +228,43 @@ class Problem:
             f"n_params={self.n_params}, weight_decay={self.weight_decay}, dtype={self.dtype}, "
             f"device={self.device})"
         )
+
+
+def _check_arguments(model, task, train, weight_decay, chunk_size) -> None:
+    """The argument checks of :class:`Problem` (one line each)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"Problem: model must be a torch.nn.Module, got {type(model).__name__}."
+        )
+    if not isinstance(task, Task):
+        raise TypeError(
+            "Problem: task must be a pbrf.tasks.Task instance such as "
+            "pbrf.tasks.Classification(), "
+            f"got {task!r}."
+        )
+    if not (isinstance(train, (tuple, list)) and len(train) == 2):
+        raise TypeError("Problem: train must be a pair (x, y) of tensors.")
+    if not (
+        isinstance(weight_decay, (int, float))
+        and weight_decay >= 0
+        and math.isfinite(weight_decay)
+    ):
+        raise ValueError(
+            f"Problem: weight_decay must be a finite number >= 0, got {weight_decay!r}."
+        )
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"Problem: chunk_size must be a positive int, got {chunk_size!r}.")
+
+
+def _own_params(model: nn.Module, params: Mapping[str, Tensor] | None) -> Params:
+    """θ^s: the model's parameters (detached copies), or ``params`` cast to them."""
+    own = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if params is not None:
+        _check_params_dict(params, "Problem(params=...)")
+        missing = set(own) - set(params)
+        if missing:
+            raise ValueError(f"Problem(params=...): missing parameters {sorted(missing)[:5]}.")
+        own = {n: params[n].detach().clone().to(own[n]) for n in own}
+    if not own:
+        raise ValueError("Problem: the model has no parameters.")
+    return own

@@ -27,6 +27,7 @@ full-batch gradient norm of its objective / signal, and ``certified`` (see :func
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from torch.func import jvp, vmap
 from tqdm.auto import tqdm
 
 from . import kinds
+from .diagnostics import RemovalDiagnostics
 from .engine import batch_fn, chunks, run_batched, stack
 from .influence import (
     Measurement,
@@ -47,6 +49,7 @@ from .influence import (
     removal_gradients,
 )
 from .kinds import ResponseKind
+from .models import reinitialize
 from .newton import NewtonRecipe, newton_optimize
 from .objectives import (  # noqa: F401 (re-exported)
     pbrf_gn,
@@ -78,8 +81,9 @@ class Response:
         groups: the removal sets (index lists), in order.
         params_flat: resulting parameters ``[K, p]`` (cold: ``[S, K, p]``, one row block per seed).
         reference: cold start only: the full-data runs ``[S, p]``.
-        diagnostics: one dict per removal set (steps, objective, grad_norm, diverged, and the
-            certificate ``signal``, ``rho``, ``certified``; see :func:`respond`).
+        diagnostics: one :class:`~pbrf.diagnostics.RemovalDiagnostics` per removal set (steps,
+            objective, grad_norm, diverged, and the certificate ``signal``, ``rho``,
+            ``certified``; see :func:`respond`); ``to_dict()`` gives the stored JSON.
         first_order: linearized only: measure ``∇mᵀΔθ`` instead of ``m(θ^s + Δθ) − m(θ^s)``.
         paired_reference: warm / proximal with ``paired=True``: the no-removal continuation
             ``[p]`` (same objective without removal, same start, recipe and seed); measure against
@@ -91,7 +95,7 @@ class Response:
     problem: Problem = field(repr=False)
     params_flat: Tensor = field(repr=False)
     reference: Tensor | None = field(default=None, repr=False)
-    diagnostics: list[dict] = field(default_factory=list, repr=False)
+    diagnostics: list[RemovalDiagnostics] = field(default_factory=list, repr=False)
     first_order: bool = False
     paired_reference: Tensor | None = field(default=None, repr=False)
 
@@ -190,14 +194,12 @@ class Response:
         """Per removal set: the certificate (ρ ≤ threshold, objective not above its start,
         finite).
         """
-        return [bool(d.get("certified", False)) for d in self.diagnostics]
+        return [bool(d.certified) for d in self.diagnostics]
 
 
 # ---------------------------------------------------------------------------------------- engine
 def _init_params(prob: Problem, model_init, seed: int) -> Params:
     if model_init is None:
-        from .models import reinitialize
-
         out = {n: p.detach() for n, p in reinitialize(prob.model, seed).named_parameters()}
     else:
         out = model_init(seed)
@@ -227,41 +229,37 @@ def _median_signal(signal: Tensor) -> Tensor:
     return positive.median() if positive.numel() else torch.ones((), dtype=signal.dtype)
 
 
-def _run_newton(prob, kind: ResponseKind, groups, damping, recipe, weight, signal, progress, desc,
-                start=None,
-                fallback=None):
-    value_fn, gn_fn, shift, make_aux, f_ref = kind.objective(prob, damping)
+@dataclass(frozen=True)
+class _Setting:
+    """What every removal problem of one ``respond`` call shares."""
+
+    prob: Problem
+    kind: ResponseKind
+    damping: float
+    recipe: Recipe | NewtonRecipe
+    weight: float
+    chunk_size: int
+    progress: bool
+
+
+def _run_newton(s: _Setting, groups, signal, desc, start=None, fallback=None):
+    """Newton on ``groups`` from θ^s (or ``start``); returns ``(θ [K, p], records)``."""
+    value_fn, gn_fn, shift, make_aux, f_ref = s.kind.objective(s.prob, s.damping)
     K = len(groups)
     scale = signal.clone()
     # an empty group (the paired no-removal reference) has no signal of its own: use the batch's
     if fallback is None:
         fallback = _median_signal(signal)
     scale = torch.where(scale > 0, scale, torch.as_tensor(fallback).to(scale))
-    theta0 = (prob.theta if start is None else start).unsqueeze(0).expand(K, -1).clone()
-    theta, d = newton_optimize(prob, value_fn, gn_fn, shift, theta0,
-                               make_aux(prob, groups, weight), scale, recipe,
-                               batch_fn(prob, f_ref), progress, desc,
-                                   exact_from_start=start is not None)
-    rows = [
-        {
-            "optimizer": "newton",
-            "steps": int(d["steps"][k]),
-            "iterations": int(d["iterations"][k]),
-            "cg_iterations": int(d["cg_iterations"][k]),
-            "objective": float(d["objective"][k]),
-            "grad_norm": float(d["grad_norm"][k]),
-            "initial_objective": float(d["initial_objective"][k]),
-            "initial_grad_norm": float(d["initial_grad_norm"][k]),
-            "stalled": bool(d["stalled"][k]),
-            "runaway": bool(d["runaway"][k]),
-            "diverged": bool(d["diverged"][k]),
-        }
-        for k in range(K)
-    ]
-    return theta.detach(), rows
+    theta0 = (s.prob.theta if start is None else start).unsqueeze(0).expand(K, -1).clone()
+    theta, d = newton_optimize(s.prob, value_fn, gn_fn, shift, theta0,
+                               make_aux(s.prob, groups, s.weight), scale, s.recipe,
+                               batch_fn(s.prob, f_ref), s.progress, desc,
+                               exact_from_start=start is not None)
+    return theta.detach(), RemovalDiagnostics.newton_rows(d)
 
 
-def _continuation(prob, kind, damping, recipe, signal, progress):
+def _continuation(s: _Setting, signal):
     """Warm start / proximal with a NewtonRecipe: the no-removal continuation (the same objective
     without removal, from θ^s), solved once; every removal problem then starts from it, so that
     each only has to resolve its own O(1/N) effect instead of the whole drift again.
@@ -270,72 +268,85 @@ def _continuation(prob, kind, damping, recipe, signal, progress):
     # solved to its round-off floor (a vanishing tolerance; it stops when steps no longer reduce the
     # gradient), so that it does not depend on which removals share its chunk
     floor = torch.tensor(torch.finfo(signal.dtype).tiny, dtype=signal.dtype)
-    th, rows = _run_newton(prob, kind, [[]], damping, recipe, 1.0, signal.new_zeros(1), progress,
-                           f"{kind.name} continuation", fallback=floor)
+    unit = dataclasses.replace(s, weight=1.0)
+    th, rows = _run_newton(unit, [[]], signal.new_zeros(1), f"{s.kind.name} continuation",
+                           fallback=floor)
     return th[0], rows[0], fallback
 
 
-def _optimise_kind(prob, kind: ResponseKind, groups, damping, recipe, weight, chunk_size, progress,
-                   init=None,
-                   signal=None):
-    """Optimise the ``kind`` objective for every group; returns ``(params [K, p], diagnostics)``.
+def _from_continuation(th: Tensor, rows: list, groups, start: Tensor, ref_row) -> list:
+    """Mark the removals that started from the continuation; an empty group is the continuation
+    itself (its parameters and record).
+    """
+    out = []
+    for k, (g, row) in enumerate(zip(groups, rows)):
+        if g:
+            out.append(row.replace(start="continuation"))
+        else:
+            th[k] = start
+            out.append(ref_row)
+    return out
+
+
+def _first_order_chunk(s: _Setting, groups, init, desc):
+    """A first-order recipe on ``groups`` stacked, from ``init`` (θ^s by default)."""
+    objective, _, _, make_aux, f_ref = s.kind.objective(s.prob, s.damping)
+    start = s.prob.params if init is None else init
+    return run_batched(s.prob, objective, stack(start, len(groups)),
+                       make_aux(s.prob, groups, s.weight), s.recipe, f_ref, s.progress, desc)
+
+
+def _optimise_kind(s: _Setting, groups, init=None, signal=None):
+    """Optimise the ``kind`` objective for every group; returns ``(params [K, p], records)``.
 
     With a :class:`NewtonRecipe`, warm and proximal removals start from the no-removal
     continuation (see :func:`_continuation`); an empty group in ``groups`` is that continuation.
     """
+    newton = isinstance(s.recipe, NewtonRecipe)
     start = fallback = None
-    if isinstance(recipe, NewtonRecipe) and kind.continuation:
-        start, ref_row, fallback = _continuation(prob, kind, damping, recipe, signal, progress)
+    if newton and s.kind.continuation:
+        start, ref_row, fallback = _continuation(s, signal)
     thetas, diags = [], []
-    parts = list(chunks(len(groups), chunk_size))
-    for s in tqdm(parts, desc=f"{kind.name} chunks", disable=not progress or len(parts) == 1,
-                  leave=False):
-        sub = groups[s]
-        desc = f"{kind.name} [{s.start}:{s.stop}]"
-        if isinstance(recipe, NewtonRecipe):
-            th, dg = _run_newton(prob, kind, sub, damping, recipe, weight, signal[s], progress,
-                                 desc, start, fallback)
+    parts = list(chunks(len(groups), s.chunk_size))
+    for sl in tqdm(parts, desc=f"{s.kind.name} chunks", leave=False,
+                   disable=not s.progress or len(parts) == 1):
+        sub, desc = groups[sl], f"{s.kind.name} [{sl.start}:{sl.stop}]"
+        if newton:
+            th, dg = _run_newton(s, sub, signal[sl], desc, start, fallback)
             if start is not None:
-                for k, g in enumerate(sub):
-                    dg[k]["start"] = "continuation"
-                    if not g:  # the continuation itself
-                        th[k], dg[k] = start, dict(ref_row)
+                dg = _from_continuation(th, dg, sub, start, ref_row)
         else:
-            objective, _, _, make_aux, f_ref = kind.objective(prob, damping)
-            start = prob.params if init is None else init
-            th, dg = run_batched(prob, objective, stack(start, len(sub)),
-                                 make_aux(prob, sub, weight), recipe,
-                                 f_ref, progress, desc)
+            th, dg = _first_order_chunk(s, sub, init, desc)
         thetas.append(th)
         diags.extend(dg)
     return torch.cat(thetas), diags
 
 
-#: Round-off allowance of the "did not end above its starting objective" check, in units of the
-#: float64 machine epsilon times max(1, |objective|): a removal whose own signal is tiny (a point
-#: fitted to ~0 loss) changes the objective by less than the round-off of its O(1) terms, and an
-#: end 1 ulp above the start is not a failure of the optimiser.
-ROUNDOFF_ULPS = 64
+# ---------------------------------------------------------------------------------- arguments
+def _is_default(value, default) -> bool:
+    if value is default:
+        return True
+    try:
+        return bool(value == default)
+    except (TypeError, RuntimeError, ValueError):
+        return False
 
 
-def _not_worse(row: dict) -> bool:
-    """The objective did not end above its start (beyond float64 round-off)."""
-    end, start = row.get("objective", math.nan), row.get("initial_objective", math.inf)
-    slack = ROUNDOFF_ULPS * 2.0**-52 * max(1.0, abs(start)) if math.isfinite(start) else 0.0
-    return end <= start + slack
+def _refuse_unused(kind: ResponseKind, given: dict, recipe_changes: dict) -> None:
+    """``ValueError`` for an argument that ``kind`` does not use, passed with a value other than
+    its default (``recipe_changes``: any recipe field, for a kind that takes no recipe).
+    """
+    used = set(kind.respond_arguments)
+    defaults = inspect.signature(respond).parameters
+    for name, value in given.items():
+        if name not in used and not _is_default(value, defaults[name].default):
+            raise ValueError(f"respond: kind {kind.name!r} does not use {name!r}; drop it.")
+    if recipe_changes and "recipe_changes" not in used:
+        name = sorted(recipe_changes)[0]
+        raise ValueError(f"respond: kind {kind.name!r} does not use {name!r}; drop it.")
 
 
-def _certify(row: dict, signal: float, threshold: float) -> dict:
-    """Add ``signal``, ``rho`` and ``certified`` to one removal's diagnostics (in place)."""
-    gn = row.get("grad_norm", math.nan)
-    rho = gn / signal if signal > 0 else (0.0 if gn == 0 else math.inf)
-    row["signal"], row["rho"] = float(signal), float(rho)
-    ok = math.isfinite(rho) and rho <= threshold and _not_worse(row) and not row.get("diverged")
-    row["certified"] = bool(ok)
-    return row
-
-
-def _check_args(kind: ResponseKind, seeds, chunk_size, damping, removal_weight):
+def _check_args(kind: ResponseKind, seeds, chunk_size, damping, removal_weight, rho_threshold):
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     if not (isinstance(damping, (int, float)) and damping >= 0 and math.isfinite(damping)):
@@ -344,6 +355,10 @@ def _check_args(kind: ResponseKind, seeds, chunk_size, damping, removal_weight):
         raise ValueError(f"removal_weight must be a finite number, got {removal_weight!r}.")
     if "seeds" in kind.arguments and (not seeds or not all(isinstance(s, int) for s in seeds)):
         raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}.")
+    if not (isinstance(rho_threshold, (int, float)) and rho_threshold > 0):
+        raise ValueError(
+            f"rho_threshold must be a positive number (e.g. 1e-2), got {rho_threshold!r}."
+        )
 
 
 def _base_recipe(prob: Problem, recipe, kind: ResponseKind):
@@ -388,33 +403,22 @@ def _apply_changes(recipe, changes: dict):
     return recipe.replace(**changes)
 
 
+# ---------------------------------------------------------------------------------------- respond
 def respond(
-    prob: Problem,
-    kind: str,
-    removals,
-    damping: float = 1e-2,
-    recipe: Recipe | NewtonRecipe | None = None,
-    seeds=(0,),
-    model_init: Callable[[int], nn.Module | Params] | None = None,
-    solver: str = "exact",
-    solver_options: dict | None = None,
-    curvature: str = "ggn",
-    removal_weight: float = 1.0,
-    chunk_size: int = 64,
-    progress: bool = True,
-    paired: bool = False,
-    rho_threshold: float = RHO_THRESHOLD,
-    **recipe_changes,
-) -> Response:
+    prob: Problem, kind: str, removals, damping: float = 1e-2,
+    recipe: Recipe | NewtonRecipe | None = None, seeds=(0,),
+    model_init: Callable[[int], nn.Module | Params] | None = None, solver: str = "exact",
+    solver_options: dict | None = None, curvature: str = "ggn", removal_weight: float = 1.0,
+    chunk_size: int = 64, progress: bool = True, paired: bool = False,
+    rho_threshold: float = RHO_THRESHOLD, **recipe_changes) -> Response:
     """Compute a response function for every removal set.
 
     Args:
         prob: the :class:`~pbrf.Problem` (θ^s, data, weight decay).
         kind: ``"cold"``, ``"warm"``, ``"proximal"``, ``"pbrf"``, ``"linearized"`` (module
-            docstring)
-            or any kind registered in :mod:`pbrf.kinds`.
+            docstring) or any kind registered in :mod:`pbrf.kinds`.
         removals: 1-D LongTensor / list of ints, or list of index lists (groups).
-        damping: λ (proximal, PBRF and linearized; ignored by cold and warm).
+        damping: λ (proximal, PBRF and linearized; cold and warm take none).
         recipe: optimisation settings: a :class:`~pbrf.NewtonRecipe` (batched Gauss–Newton trust
             region, full batch) or a first-order :class:`~pbrf.Recipe`. pbrf/proximal default to
             ``NewtonRecipe()``; cold/warm default to ``prob.recipe`` (the base recipe).
@@ -424,87 +428,58 @@ def respond(
             :func:`pbrf.models.reinitialize` (every module's ``reset_parameters`` under the seed).
         solver, solver_options, curvature: linearized only: the accurate solve of ``C``.
         removal_weight: scales the removal (``1`` removes the points; ``s`` gives ``ε = −s k/N``).
-        chunk_size: removal problems optimised together (bounds memory; results do not depend on
-            it).
+        chunk_size: removal problems optimised together (bounds memory, not the results).
         progress: show progress bars.
-        paired: warm / proximal: also optimise the no-removal continuation (same objective without
-            the removal, same start, recipe and seed) so that ``loss_change(..., paired=True)``
-            measures the removal's effect without the drift of continued training.
+        paired: warm / proximal: also optimise the no-removal continuation (same objective, start,
+            recipe and seed, no removal) so that ``loss_change(..., paired=True)`` measures the
+            removal's effect without the drift of continued training.
         rho_threshold: certificate threshold on ``ρ = ||∇F(θ_r)|| / signal`` (default 1e-2).
         **recipe_changes: fields of the recipe in use overriding it, e.g. ``steps=500, lr=1e-3,
             batch_size=None`` (``steps`` replaces ``epochs`` and vice versa) or ``max_iter=20``.
 
-    Every optimised kind gets a certificate per removal set in ``diagnostics``: ``signal`` =
-    ``(w/N)||Σ_{m∈r} ∇L_m(θ^s)||`` (the gradient the removal contributes), ``rho`` = final
-    full-batch gradient norm of the response objective / ``signal``, and ``certified`` = ``rho ≤
-    rho_threshold``, the final objective not above the starting one, and nothing diverged. (Cold
-    start: the largest ρ over seeds.) Paired runs add ``reference_rho`` (the continuation's gradient
-    norm / this removal's signal) and ``paired_certified``.
+    An argument the kind does not use (``ResponseKind.respond_arguments``) and not at its default
+    raises ``ValueError``. Every optimised kind gets a certificate per removal set in
+    ``diagnostics`` (:class:`~pbrf.diagnostics.RemovalDiagnostics`): ``signal`` = ``(w/N)||Σ_{m∈r}
+    ∇L_m(θ^s)||``, ``rho`` = final full-batch gradient norm of the response objective /
+    ``signal``, and ``certified`` = ``rho ≤ rho_threshold``, the final objective not above the
+    starting one, and nothing diverged. (Cold start: the largest ρ over seeds.) Paired runs add
+    ``reference_rho`` (the continuation's gradient norm / this signal) and ``paired_certified``.
 
     Returns:
         A :class:`Response`; ``loss_change(test)`` gives ``[n_test, K]``.
     """
     spec = kinds.get(kind, responses_only=True)
-    _check_args(spec, seeds, chunk_size, damping, removal_weight)
-    if not (isinstance(rho_threshold, (int, float)) and rho_threshold > 0):
-        raise ValueError(
-            f"rho_threshold must be a positive number (e.g. 1e-2), got {rho_threshold!r}."
-        )
-    if paired and "paired" not in spec.arguments:
-        takes = [k for k in kinds.response_names() if "paired" in kinds.get(k).arguments]
-        raise ValueError(f"paired=True applies to {' and '.join(takes)} responses, not {kind!r}.")
+    _refuse_unused(spec, dict(
+        damping=damping, recipe=recipe, seeds=seeds, model_init=model_init, solver=solver,
+        solver_options=solver_options, curvature=curvature, removal_weight=removal_weight,
+        chunk_size=chunk_size, paired=paired, rho_threshold=rho_threshold), recipe_changes)
+    _check_args(spec, seeds, chunk_size, damping, removal_weight, rho_threshold)
     groups = normalize_removals(removals, prob.n_train)
     if spec.method == "linear":
-        return _linearized(
-            prob, spec, groups, damping, solver, curvature, solver_options, removal_weight
-        )
+        return _linearized(prob, spec, groups, damping, solver, curvature, solver_options,
+                           removal_weight)
     rec = _apply_changes(_base_recipe(prob, recipe, spec), recipe_changes)
+    setting = _Setting(prob, spec, damping, rec, removal_weight, chunk_size, progress)
     signal = removal_signal(prob, groups, removal_weight)
     if spec.method == "retrain":
-        resp = _cold(
-            prob, spec, groups, rec, seeds, model_init, removal_weight, chunk_size, progress
-        )
-        for row, sig in zip(resp.diagnostics, signal.tolist()):
-            _certify(row, sig, rho_threshold)
-        return resp
+        return _cold(setting, groups, seeds, model_init, signal, rho_threshold)
+    return _optimised(setting, groups, signal, paired, rho_threshold)
+
+
+def _optimised(s: _Setting, groups, signal: Tensor, paired: bool, threshold: float) -> Response:
+    """An optimised kind (warm, proximal, pbrf, ...), certified; ``paired``: with the no-removal
+    continuation as one more problem with an empty removal set (in the last chunk; results do not
+    depend on chunking).
+    """
     run_groups = groups + [[]] if paired else groups
     run_signal = torch.cat([signal, signal.new_zeros(1)]) if paired else signal
-    # the reference is one more problem with an empty removal set; chunking must not split it
-    # from a chunk's perspective, so it runs in the last chunk (results do not depend on chunking)
-    th, diags = _optimise_kind(
-        prob,
-        spec,
-        run_groups,
-        damping,
-        rec,
-        removal_weight,
-        chunk_size,
-        progress,
-        signal=run_signal,
-    )
-    for row, sig in zip(diags, run_signal.tolist()):
-        _certify(row, sig, rho_threshold)
+    th, diags = _optimise_kind(s, run_groups, signal=run_signal)
+    diags = [row.certify(sig, threshold) for row, sig in zip(diags, run_signal.tolist())]
     ref = None
     if paired:
         ref, ref_row, th, diags = th[-1], diags[-1], th[:-1], diags[:-1]
-        _certify_paired(diags, ref_row, signal.tolist(), rho_threshold)
-    return Response(kind, groups, prob, th, diagnostics=diags, paired_reference=ref)
-
-
-def _certify_paired(
-    rows: list[dict], ref_row: dict, signals: list[float], threshold: float
-) -> None:
-    """Add ``reference_grad_norm``, ``reference_rho`` and ``paired_certified`` (in place)."""
-    for row, sig in zip(rows, signals):
-        ref_rho = ref_row["grad_norm"] / sig if sig > 0 else math.inf
-        row["reference_grad_norm"], row["reference_rho"] = ref_row["grad_norm"], float(ref_rho)
-        ref_ok = (
-            math.isfinite(ref_rho)
-            and ref_rho <= threshold
-            and not ref_row["diverged"]
-            and _not_worse(ref_row)
-        )
-        row["paired_certified"] = bool(row["certified"] and ref_ok)
+        diags = [row.certify_paired(ref_row, threshold) for row in diags]
+    return Response(s.kind.name, groups, s.prob, th, diagnostics=diags, paired_reference=ref)
 
 
 def _linearized(
@@ -512,44 +487,28 @@ def _linearized(
 ) -> Response:
     """``θ^s + Δθ_IF`` with the accurate solve of ``C`` (one solve per removal set)."""
     d, info = delta_theta(prob, groups, damping, solver, curvature, solver_options, weight)
-    extra = {k: v for k, v in info.extra.items() if isinstance(v, (int, float, bool, str))}
-    diag = [{**info.to_dict(), "extra": extra} for _ in groups]
+    diag = [RemovalDiagnostics.from_solve(info) for _ in groups]
     return Response(
         spec.name, groups, prob, (prob.theta + d).detach(), diagnostics=diag, first_order=True
     )
 
 
-def _cold(
-    prob, spec: ResponseKind, groups, recipe, seeds, model_init, weight, chunk_size, progress
-) -> Response:
+def _cold(s: _Setting, groups, seeds, model_init, signal: Tensor, threshold: float) -> Response:
     """Cold start: per seed, K removal runs plus one full-data run with the same init and
-    batches.
+    batches; certified (the largest ρ over seeds).
     """
     per_seed, refs, diags, ref_diags = [], [], [[] for _ in groups], []
     for seed in seeds:
-        init = _init_params(prob, model_init, seed)
-        rec = recipe.replace(seed=seed)
+        init = _init_params(s.prob, model_init, seed)
+        run = dataclasses.replace(s, damping=0.0, recipe=s.recipe.replace(seed=seed))
         # the full-data reference is one more problem with an empty removal set
-        th, dg = _optimise_kind(
-            prob, spec, groups + [[]], 0.0, rec, weight, chunk_size, progress, init
-        )
+        th, dg = _optimise_kind(run, groups + [[]], init)
         per_seed.append(th[:-1])
         refs.append(th[-1])
         for k, d in enumerate(dg[:-1]):
-            diags[k].append({**d, "seed": seed})
-        ref_diags.append({**dg[-1], "seed": seed})
-    ref_bad = any(r["diverged"] for r in ref_diags)
-    rows = [
-        {
-            "steps": max(x["steps"] for x in d),
-            "objective": sum(x["objective"] for x in d) / len(d),
-            "grad_norm": max(x["grad_norm"] for x in d),
-            "diverged": ref_bad or any(x["diverged"] for x in d),
-            "seeds": d,
-            "reference": ref_diags,
-        }
-        for d in diags
-    ]
-    return Response(
-        spec.name, groups, prob, torch.stack(per_seed), torch.stack(refs), diagnostics=rows
-    )
+            diags[k].append(d.replace(seed=seed))
+        ref_diags.append(dg[-1].replace(seed=seed))
+    rows = [RemovalDiagnostics.cold(d, ref_diags).certify(sig, threshold)
+            for d, sig in zip(diags, signal.tolist())]
+    return Response(s.kind.name, groups, s.prob, torch.stack(per_seed), torch.stack(refs),
+                    diagnostics=rows)

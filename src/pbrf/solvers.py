@@ -340,68 +340,20 @@ def solve_lissa(
         seed: minibatch sampling seed.
         tol: residual threshold reported as ``converged`` (LiSSA is an approximation).
     """
-    check_options(
-        "lissa",
-        {
-            "scale": scale,
-            "depth": depth,
-            "repeats": repeats,
-            "batch_size": batch_size,
-            "seed": seed,
-            "tol": tol,
-        },
-    )
+    check_options("lissa", {"scale": scale, "depth": depth, "repeats": repeats,
+                            "batch_size": batch_size, "seed": seed, "tol": tol})
     info = SolveInfo("lissa")
+    scale = _lissa_scale(op, B, scale, batch_size, seed, info)
     if scale is None:
-        lam = _lambda_max(op, B, batch_size, seed)
-        # reported like any other divergence (influence() raises SolverDivergedError)
-        if not lam > 0:
-            info.diverged = True
-            info.message = (
-                f"the estimated largest eigenvalue of C is {lam:.3g} (not positive: the Hessian "
-                "may be "
-                "indefinite); use curvature='ggn', more damping, or pass solver_options={'scale': "
-                "...}"
-            )
-            return torch.full_like(B, float("nan")), info
-        scale = 1.1 * lam
-        info.extra["lambda_max_estimate"] = lam
-    if not (scale > 0 and math.isfinite(scale)):  # an estimate that overflowed
-        raise ValueError(f"lissa: scale must be a positive number, got {scale!r}.")
-    info.extra["scale"] = float(scale)
-    n = op.prob.n_train
+        return torch.full_like(B, float("nan")), info
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    bound = 1e6 * max(float(B.norm(dim=1).max()), 1e-300) * depth
     total = torch.zeros_like(B)
     bar = tqdm(total=repeats * depth, desc="lissa", disable=None, leave=False, mininterval=1.0)
     for _ in range(repeats):
-        h = B.clone()
-        for j in range(depth):
-            bar.update()
-            idx = (
-                None
-                if batch_size is None or batch_size >= n
-                else torch.randperm(n, generator=gen)[:batch_size]
-            )
-            h = (
-                B
-                + h
-                - op.matvec(h, index=idx.to(op.prob.device) if idx is not None else None) / scale
-            )
-            if (j % 10 == 9 or j == depth - 1) and not (
-                torch.isfinite(h).all() and float(h.norm(dim=1).max()) < bound
-            ):
-                info.diverged = True
-                info.iterations += j + 1
-                info.message = (
-                    f"LiSSA diverged at step {j + 1} with scale={scale:.4g}: the scale must exceed "
-                    "half the largest "
-                    "eigenvalue of the damped curvature (leave scale=None to estimate it, or "
-                    "increase it)"
-                )
-                bar.close()
-                return torch.full_like(B, float("nan")), info
-        info.iterations += depth
+        h = _lissa_recursion(op, B, scale, depth, batch_size, gen, info, bar)
+        if h is None:
+            bar.close()
+            return torch.full_like(B, float("nan")), info
         total += h / scale
     bar.close()
     X = total / repeats
@@ -418,6 +370,62 @@ def solve_lissa(
         )
         return torch.full_like(B, float("nan")), info
     return X, info
+
+
+def _lissa_scale(op, B: Tensor, scale, batch_size, seed, info: SolveInfo) -> float | None:
+    """The LiSSA scale: ``scale``, or ``1.1 λ_max`` estimated; ``None`` (``info`` diverged) when
+    the estimate is not positive. Recorded in ``info.extra``.
+    """
+    if scale is None:
+        lam = _lambda_max(op, B, batch_size, seed)
+        # reported like any other divergence (influence() raises SolverDivergedError)
+        if not lam > 0:
+            info.diverged = True
+            info.message = (
+                f"the estimated largest eigenvalue of C is {lam:.3g} (not positive: the Hessian "
+                "may be "
+                "indefinite); use curvature='ggn', more damping, or pass solver_options={'scale': "
+                "...}"
+            )
+            return None
+        scale = 1.1 * lam
+        info.extra["lambda_max_estimate"] = lam
+    if not (scale > 0 and math.isfinite(scale)):  # an estimate that overflowed
+        raise ValueError(f"lissa: scale must be a positive number, got {scale!r}.")
+    info.extra["scale"] = float(scale)
+    return scale
+
+
+def _lissa_recursion(op, B: Tensor, scale: float, depth: int, batch_size, gen, info: SolveInfo,
+                     bar) -> Tensor | None:
+    """One repeat: ``depth`` steps of the recursion from ``h = B``; ``None`` (``info`` diverged)
+    when it blows up. Counts its steps in ``info.iterations``.
+    """
+    n = op.prob.n_train
+    bound = 1e6 * max(float(B.norm(dim=1).max()), 1e-300) * depth
+    h = B.clone()
+    for j in range(depth):
+        bar.update()
+        idx = (
+            None
+            if batch_size is None or batch_size >= n
+            else torch.randperm(n, generator=gen)[:batch_size]
+        )
+        h = B + h - op.matvec(h, index=idx.to(op.prob.device) if idx is not None else None) / scale
+        if (j % 10 == 9 or j == depth - 1) and not (
+            torch.isfinite(h).all() and float(h.norm(dim=1).max()) < bound
+        ):
+            info.diverged = True
+            info.iterations += j + 1
+            info.message = (
+                f"LiSSA diverged at step {j + 1} with scale={scale:.4g}: the scale must exceed "
+                "half the largest "
+                "eigenvalue of the damped curvature (leave scale=None to estimate it, or "
+                "increase it)"
+            )
+            return None
+    info.iterations += depth
+    return h
 
 
 SOLVERS = {"exact": solve_exact, "cg": solve_cg, "lissa": solve_lissa}

@@ -89,15 +89,15 @@ def train(
     theta, diag = run_batched(prob, removal_objective(prob), stack(prob.params, 1), aux, recipe,
                               None, progress, "train", callback=keep if checkpoints else None)
     params = {k: v[0].clone() for k, v in prob.unflatten(theta).items()}
-    if checkpoints and (not saved or saved[-1]["step"] != diag[0]["steps"]):  # stopped early
+    if checkpoints and (not saved or saved[-1]["step"] != diag[0].steps):  # stopped early
         last_lr = saved[-1]["lr"] if saved else recipe.lr_at(0, total)
-        saved.append({"step": int(diag[0]["steps"]), "lr": last_lr,
+        saved.append({"step": int(diag[0].steps), "lr": last_lr,
                       "params": {k: v.clone() for k, v in params.items()}})
     trained = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in trained.named_parameters():
             p.copy_(params[name])
-    return TrainResult(trained, params, recipe, float(weight_decay), diag[0], saved)
+    return TrainResult(trained, params, recipe, float(weight_decay), diag[0].to_dict(), saved)
 
 
 def save_checkpoint(path, params: Params, meta: dict | None = None) -> Path:

@@ -17,7 +17,7 @@ import inspect
 import logging
 import os
 
-from ._dataset import DataError, Dataset
+from ._dataset import DATASETS, DataError, Dataset
 from ._files import data_root, download
 from ._prepare import check_seed
 from .images import load_cifar10, load_digits, load_idx_dataset
@@ -28,20 +28,6 @@ from .uci import load_uci
 __all__ = ["load", "Dataset", "DataError", "download", "data_root", "DATASETS"]
 
 logger = logging.getLogger(__name__)
-
-#: Dataset name -> one-line description. ``name in DATASETS`` tells whether ``load`` knows it.
-DATASETS: dict[str, str] = {
-    "digits": "scikit-learn 8x8 digits, 1797 images, embedded (classification)",
-    "mnist": "MNIST 28x28, 60000/10000, IDX gzip files (classification)",
-    "fashion-mnist": "Fashion-MNIST 28x28, 60000/10000, IDX gzip files (classification)",
-    "cifar10": "CIFAR-10 32x32 RGB, 50000/10000, python-pickle or JPEG tarball (classification)",
-    "energy": "UCI Energy Efficiency, 768 rows, 70/20/10 split (regression)",
-    "concrete": "UCI Concrete Compressive Strength, 1030 rows, 70/20/10 split (regression)",
-    "shakespeare": "Tiny Shakespeare, character-level (language_model)",
-    "synthetic-regression": "generated linear regression (regression)",
-    "synthetic-classification": "generated Gaussian blobs (classification)",
-    "synthetic-binary": "generated linearly separable-ish labels (binary)",
-}
 
 _LOADERS = {
     "digits": load_digits,

@@ -6,10 +6,24 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-__all__ = ["Dataset", "DataError", "TASKS"]
+__all__ = ["Dataset", "DataError", "TASKS", "DATASETS"]
 
 #: Task names a dataset can carry (the names of :func:`pbrf.tasks.get_task`).
 TASKS = ("classification", "regression", "binary", "language_model", "reconstruction")
+
+#: Dataset name -> one-line description. ``name in DATASETS`` tells whether ``load`` knows it.
+DATASETS: dict[str, str] = {
+    "digits": "scikit-learn 8x8 digits, 1797 images, embedded (classification)",
+    "mnist": "MNIST 28x28, 60000/10000, IDX gzip files (classification)",
+    "fashion-mnist": "Fashion-MNIST 28x28, 60000/10000, IDX gzip files (classification)",
+    "cifar10": "CIFAR-10 32x32 RGB, 50000/10000, python-pickle or JPEG tarball (classification)",
+    "energy": "UCI Energy Efficiency, 768 rows, 70/20/10 split (regression)",
+    "concrete": "UCI Concrete Compressive Strength, 1030 rows, 70/20/10 split (regression)",
+    "shakespeare": "Tiny Shakespeare, character-level (language_model)",
+    "synthetic-regression": "generated linear regression (regression)",
+    "synthetic-classification": "generated Gaussian blobs (classification)",
+    "synthetic-binary": "generated linearly separable-ish labels (binary)",
+}
 
 
 class DataError(ValueError):

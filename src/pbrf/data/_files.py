@@ -30,7 +30,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ._dataset import DataError
+from ..fileio import current_umask
+from ._dataset import DATASETS, DataError
 
 __all__ = ["data_root", "cache_dir", "CHECKSUMS", "SOURCES", "DOWNLOADS", "require", "download"]
 
@@ -125,12 +126,6 @@ def cache_dir() -> Path:
     return Path(env).expanduser().absolute() if env else _user_cache()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _part_file(dest: Path) -> tuple[int, Path]:
     """A new temporary file beside ``dest`` named ``.NAME.PID.XXXX.part``, with the usual
     permissions.
@@ -142,7 +137,7 @@ def _part_file(dest: Path) -> tuple[int, Path]:
     remove_stale_parts(dest)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.",
                                suffix=".part")
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, 0o666 & ~current_umask())
     return fd, Path(tmp)
 
 
@@ -400,8 +395,6 @@ def download(
     Raises:
         DataError: unknown name, network failure, or checksum mismatch (one line each).
     """
-    from . import DATASETS  # local import: the package imports this module
-
     if name not in DATASETS:
         raise DataError(f"download({name!r}): unknown dataset; choose one of {sorted(DATASETS)}.")
     base = data_root(root)

@@ -56,7 +56,7 @@ def _respond_kwargs(ctx: Context, kind: str) -> dict:
             return build_model(config, inputs.model_kwargs, seed=int(s)).to(config.run.device)
 
         kw["model_init"] = model_init
-    return kw
+    return {k: v for k, v in kw.items() if k in spec.respond_arguments}
 
 
 def _respond(ctx: Context, chunk: int, kind: str):
@@ -109,7 +109,7 @@ def compute_chunk(ctx: Context, chunk: int, kind: str) -> ChunkResult:
         extra = resp.loss_change(test=ctx.test, first_order=False).detach().cpu().double().numpy()
     elif resp.paired_reference is not None:
         extra = resp.loss_change(test=ctx.test, paired=True).detach().cpu().double().numpy()
-    diagnostics = [dict(d) for d in (resp.diagnostics or [])]
+    diagnostics = [d.to_dict() for d in resp.diagnostics]
     if spec.method == "linear":
         for d in diagnostics:
             d["residual_flag"] = bool(not (d.get("residual", math.nan) < 1.0))
