@@ -7,7 +7,8 @@ import torch
 
 import pbrf
 from pbrf.experiment import report
-from pbrf.experiment.run.quality import base_quality, quality_lines
+from pbrf.experiment.report import quality_lines
+from pbrf.experiment.run.quality import base_quality
 
 from .conftest import tiny_problem
 

@@ -4,7 +4,8 @@ network, not the paper's setting).
 
 Metrics per task: accuracy (classification, binary, language model: next-token accuracy) against
 the chance level of always predicting the most frequent class of the training labels; R² for
-regression and reconstruction (``1 − MSE / variance of the targets``; chance = 0).
+regression and reconstruction (``1 − MSE / variance of the targets``; chance = 0). The lines that
+show it are :func:`pbrf.experiment.report.quality_lines`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["base_quality", "quality_lines", "NEAR_CHANCE"]
+__all__ = ["base_quality", "NEAR_CHANCE"]
 
 #: A metric within this share of the distance from chance to perfect counts as "near chance".
 NEAR_CHANCE = 0.1
@@ -90,23 +91,3 @@ def base_quality(problem, task_name: str, test: tuple[Tensor, Tensor]) -> dict:
         "warning": warning,
     }
 
-
-def _std(q: dict, key: str) -> str:
-    """`` ± std`` of a mean over seeds (a multi-seed run's θ^s), else nothing."""
-    std = q.get(f"{key}_std")
-    return f" ± {std:.3f}" if isinstance(std, float) else ""
-
-
-def quality_lines(q: dict | None) -> list[str]:
-    """One line on θ^s (and its warning) for the terminal and the report."""
-    if not q:
-        return []
-    m = q["metric"]
-    line = (
-        f"θ^s: train loss {q['train_loss']:.4g}, test loss {q['test_loss']:.4g}; "
-        f"train {m} {q['train_metric']:.3f}, "
-        f"test {m} {q['test_metric']:.3f}{_std(q, 'test_metric')} "
-        f"(chance {q['chance']:.3f}, {q['n_test']} test examples); "
-        f"‖∇J(θ^s)‖ = {q['grad_norm']:.3e}"
-    )
-    return [line] + ([f"WARNING: {q['warning']}"] if q.get("warning") else [])
