@@ -228,7 +228,7 @@ def theta_s_quality(ctx: Context) -> dict:
     """Train/test loss and metric of θ^s (the whole test split), ‖∇J(θ^s)‖, near-chance warning."""
     ds = ctx.inputs.dataset
     y = None if ctx.inputs.task_name == "reconstruction" else ds.y_test
-    return base_quality(ctx.measure_problem, ctx.inputs.task_name, (ds.x_test, y))
+    return base_quality(ctx.measure_problem, (ds.x_test, y))
 
 
 def _experiment_info(ctx: Context, store: Store) -> dict:
