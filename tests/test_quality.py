@@ -1,4 +1,5 @@
-"""θ^s quality in the summary: metrics against brute-force values, the near-chance warning."""
+"""θ^s quality in the summary: metrics (chosen by the task object) against brute-force values,
+the near-chance warning."""
 
 import math
 
@@ -7,7 +8,8 @@ import torch
 
 import pbrf
 from pbrf.experiment import report
-from pbrf.experiment.run.quality import base_quality, quality_lines
+from pbrf.experiment.report import quality_lines
+from pbrf.experiment.run.quality import base_quality
 
 from .conftest import tiny_problem
 
@@ -32,7 +34,7 @@ def test_trained_classifier_reports_accuracy_and_no_warning():
         progress=False,
     )
     prob = res.problem(pbrf.tasks.Classification(), (x[:200], y[:200]))
-    q = base_quality(prob, "classification", (x[200:], y[200:]))
+    q = base_quality(prob, (x[200:], y[200:]))
     with torch.no_grad():
         acc = float((res.model(x[200:]).argmax(1) == y[200:]).double().mean())
         loss = float(torch.nn.functional.cross_entropy(res.model(x[200:]), y[200:]))
@@ -44,6 +46,7 @@ def test_trained_classifier_reports_accuracy_and_no_warning():
     assert q["grad_norm"] == pytest.approx(
         float(torch.sqrt(sum(v.pow(2).sum() for v in grad.values()))), rel=1e-10
     )
+    assert q["metric"] == "accuracy"
     assert len(quality_lines(q)) == 1
 
 
@@ -52,20 +55,20 @@ def test_untrained_classifier_is_flagged_near_chance():
     prob = pbrf.Problem(
         torch.nn.Linear(5, 3).double(), pbrf.tasks.Classification(), (x[:200], y[:200])
     )
-    q = base_quality(prob, "classification", (x[200:], y[200:]))
+    q = base_quality(prob, (x[200:], y[200:]))
     majority = torch.bincount(y[:200]).argmax()
     assert q["chance"] == pytest.approx(float((y[200:] == majority).double().mean()))
     assert q["near_chance"] and "chance level" in q["warning"]
     lines = quality_lines(q)
-    assert lines[1].startswith("WARNING") and "train.epochs" in lines[1]
-    text = report.print_summary({"theta_s": q})
-    assert "WARNING: θ^s is near chance level" in text
+    assert len(lines) == 2 and lines[1] == f"WARNING: {q['warning']}"
+    assert "train.epochs" in q["warning"]
+    assert report.print_summary({"theta_s": q}).splitlines()[:2] == lines
 
 
 def test_regression_r2_against_a_direct_computation():
     prob = tiny_problem("regression", n=40)
     other = tiny_problem("regression", n=20, seed=1)
-    q = base_quality(prob, "regression", (other.x, other.t))
+    q = base_quality(prob, (other.x, other.t))
     with torch.no_grad():
         f = prob.outputs(prob.params, other.x)
     mse = float((f - other.t).pow(2).mean())
@@ -73,3 +76,25 @@ def test_regression_r2_against_a_direct_computation():
     assert q["metric"] == "R²" and q["chance"] == 0.0
     assert q["test_metric"] == pytest.approx(1 - mse / var, rel=1e-12)
     assert math.isfinite(q["train_loss"])
+
+
+@pytest.mark.parametrize("task", ["binary", "language_model"])
+def test_accuracy_comes_from_the_task_predictions(task):
+    prob = tiny_problem(task, n=40)
+    q = base_quality(prob, (prob.x, prob.t))
+    with torch.no_grad():
+        f = prob.outputs(prob.params, prob.x)
+    pred = (f.reshape(-1) > 0).long() if task == "binary" else f.argmax(-1).reshape(-1)
+    labels = prob.t.reshape(-1).long()
+    assert q["metric"] == ("next-token accuracy" if task == "language_model" else "accuracy")
+    assert q["test_metric"] == pytest.approx(float((pred == labels).double().mean()))
+    assert q["train_metric"] == q["test_metric"]
+    majority = torch.bincount(labels).argmax()
+    assert q["chance"] == pytest.approx(float((labels == majority).double().mean()))
+
+
+def test_reconstruction_scores_r2_without_targets():
+    prob = tiny_problem("reconstruction", n=30)
+    q = base_quality(prob, (prob.x, None))
+    assert q["metric"] == "R²" and q["chance"] == 0.0 and q["n_test"] == 30
+    assert q["test_metric"] == pytest.approx(q["train_metric"])

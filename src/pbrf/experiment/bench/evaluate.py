@@ -22,6 +22,7 @@ import numpy as np
 
 from pbrf.experiment import analysis
 from pbrf.experiment.config import ConfigError
+from pbrf.experiment.report import text_table
 from pbrf.experiment.run.context import read_config
 from pbrf.experiment.run.selection import groups_from_array
 from pbrf.experiment.run.store import Store
@@ -225,11 +226,7 @@ def format_correlations(result: dict) -> str:
             + ["n/a" if c is None else f"{c:.3f}" for c in cells]
             + [str(entry.get("n_pairs", "n/a"))]
         )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda cells: "  ".join(
-        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-    )  # noqa: E731
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+    return text_table(header, rows)
 
 
 def to_json(result: dict) -> str:

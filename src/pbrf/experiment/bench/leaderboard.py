@@ -35,7 +35,7 @@ from pbrf import estimators, lds, load_run
 from pbrf.experiment import analysis
 from pbrf.experiment.bench.evaluate import load_scores, map_scores, run_arrays
 from pbrf.experiment.config import ConfigError
-from pbrf.experiment.report import _save_figure
+from pbrf.experiment.report import save_figure, text_table
 from pbrf.experiment.run.lds_stage import lds_actual
 from pbrf.experiment.run.load import stored_responses
 from pbrf.experiment.run.rundir import exclusive
@@ -366,11 +366,8 @@ def format_leaderboard(board: dict, markdown: bool = True) -> str:
         ]
         out += ["| " + " | ".join(c) + " |" for c in lines]
         return "\n".join(out)
-    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header) - 1)]
-    fmt = lambda cs: "  ".join(
-        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cs, widths))
-    )  # noqa: E731
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines])
+    # the terminal table leaves the hyperparameters column out
+    return text_table(header[:-1], [c[:-1] for c in lines])
 
 
 def _threads(board: dict) -> str:
@@ -412,7 +409,7 @@ def _figure(board: dict, path: Path) -> Path | None:
     fig.suptitle(f"{board['name']} ({board['profile']}): fidelity against cost")
     fig.tight_layout()
 
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def write_leaderboard(

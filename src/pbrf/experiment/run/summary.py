@@ -137,8 +137,9 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
     Statistics use the certified, non-diverged removals only (see :func:`exclusions`): the gaps
     over the removals where every kind is, each correlation over those where its kind is; the
     summary says how many were left out and why. The paired chain (warm start and proximal against
-    their no-removal continuation) is summarised next to the paper-literal one. Returns the
-    :class:`~pbrf.experiment.analysis.results.Summary`'s ``to_dict()``, which ``summary.json`` holds.
+    their no-removal continuation) is summarised next to the paper-literal one. The report reads
+    the typed :class:`~pbrf.experiment.analysis.results.Summary`; returns its ``to_dict()``, which
+    ``summary.json`` holds.
     """
     dm, df, diags = gather(store, ctx)
     excl = exclusions(ctx.config, diags)
@@ -152,7 +153,7 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
                       paired=_paired_summary(ctx, store, dm, diags),
                       experiment=_experiment_info(ctx, store), theta_s=theta_s_quality(ctx),
                       lds=lds_summary(ctx, store),
-                      linearized_actual=_linearized_actual(ctx, store, dm)).to_dict()
+                      linearized_actual=_linearized_actual(ctx, store, dm))
     report.write_report(
         ctx.run_dir,
         summary,
@@ -161,7 +162,7 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
         title=title or f"pbrf run: {ctx.config.name}",
     )
     _write_inputs_for_evaluate(ctx, dm["influence"])
-    return summary
+    return summary.to_dict()
 
 
 def _paired_summary(ctx: Context, store: Store, dm: dict, diags: dict) -> dict | None:
@@ -227,7 +228,7 @@ def theta_s_quality(ctx: Context) -> dict:
     """Train/test loss and metric of θ^s (the whole test split), ‖∇J(θ^s)‖, near-chance warning."""
     ds = ctx.inputs.dataset
     y = None if ctx.inputs.task_name == "reconstruction" else ds.y_test
-    return base_quality(ctx.measure_problem, ctx.inputs.task_name, (ds.x_test, y))
+    return base_quality(ctx.measure_problem, (ds.x_test, y))
 
 
 def _experiment_info(ctx: Context, store: Store) -> dict:

@@ -461,12 +461,12 @@ def _stored_config(run_dir: Path) -> dict:
 def _settings_row(row: str, config: dict) -> list[str]:
     """The key settings of a row, from its stored ``config.json``."""
     def get(*keys):
-        v = report._get(config, *keys)
-        return "—" if v is None else report._fmt_config_value(v)
+        v = report.nested_get(config, *keys)
+        return "—" if v is None else report.fmt_setting(v)
 
     model = config.get("model") or {}
     opts = model.get("options") or {}
-    size = ", ".join(f"{k} {report._fmt_config_value(opts[k])}" for k in ("width", "width_mult",
+    size = ", ".join(f"{k} {report.fmt_setting(opts[k])}" for k in ("width", "width_mult",
                                                                            "depth") if k in opts)
     removals = config.get("removals") or {}
     group = removals.get("group_fraction") or 0
@@ -477,7 +477,7 @@ def _settings_row(row: str, config: dict) -> list[str]:
             f"{model.get('name', '—')}" + (f" ({size})" if size else ""), get("train", "epochs"),
             get("influence", "damping"), get("train", "weight_decay"),
             f"{get('removals', 'n_test_points')} × {get('removals', 'n_removals')}{what}",
-            get("responses", "cold_seeds"), get("run", "seeds") if report._get(
+            get("responses", "cold_seeds"), get("run", "seeds") if report.nested_get(
                 config, "run", "seeds") is not None else "1",
             get("responses", "tol")]
 
@@ -560,7 +560,7 @@ def write_reproduction_report(
               "an earlier command keeps that time).", ""]
     time_rows = [[f"table: {ARCHITECTURES.get(r, r)}", _seconds(s)] for r, s in row_secs.items()]
     time_rows += [[f"factor: {f}", _seconds(s)] for f, s in factor_secs.items()]
-    lines += [report._md_table(["part", "wall time"], time_rows), ""]
+    lines += [report.md_table(["part", "wall time"], time_rows), ""]
 
     # --- the table
     lines += ["## Influence vs the response functions (the paper's Table 1)", ""]
@@ -587,7 +587,7 @@ def write_reproduction_report(
         figures += [f"#### {name}", "", f"![decomposition of {name}]({_rel(fig, path.parent)})",
                     ""]
     not_run = [ARCHITECTURES.get(r, r) for r, _, _ in plan.rows if r not in table]
-    lines += [report._md_table(header, body), ""]
+    lines += [report.md_table(header, body), ""]
     if not_run:
         lines += [f"Not run yet: {', '.join(not_run)} (`pbrf reproduce --profile {plan.profile}` "
                   "computes what is missing).", ""]
@@ -597,14 +597,14 @@ def write_reproduction_report(
               "paper's columns; \"warm-start (paired)\" is measured against the no-removal "
               "continuation (the removal's own effect), \"proximal\" is the literal chain's.", ""]
     if quality:
-        lines += ["### Quality of θ^s", "", report._md_table(
+        lines += ["### Quality of θ^s", "", report.md_table(
             ["architecture", "test accuracy of θ^s", "acceptance", "verdict"], quality), ""]
         lines += ["### Certified responses", "",
-                  report._md_table(["architecture", "PBRF certified", "proximal certified"],
+                  report.md_table(["architecture", "PBRF certified", "proximal certified"],
                                    certs), "",
                   "Counts of removals whose optimised response is certified (ρ ≤ threshold), "
                   "summed over seeds where a row ran several.", ""]
-        lines += ["### Settings", "", report._md_table(
+        lines += ["### Settings", "", report.md_table(
             ["architecture", "N", "model", "epochs", "damping", "weight decay",
              "test points × removals", "cold seeds", "seeds", "responses.tol"], settings),
             "", "Read from each run's `config.json`.", ""]

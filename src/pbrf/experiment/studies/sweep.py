@@ -285,7 +285,8 @@ def sweep_markdown(factor: str, values: list, per_value: list, figure, out: Path
     for v, seeds in zip(values, per_value):
         row = [str(v)]
         for kind in ("pbrf", "cold"):
-            vals = [c for c in (report._plottable(report._get(s, "correlations", kind, "pearson"))
+            vals = [c for c in (report.plottable(report.nested_get(s, "correlations", kind,
+                                                                   "pearson"))
                                 for s in seeds) if c is not None]
             row.append(cell(float(np.mean(vals)) if vals else None,
                             float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, n,
@@ -295,8 +296,8 @@ def sweep_markdown(factor: str, values: list, per_value: list, figure, out: Path
     sub = heading + "#"
     parts = [f"{heading} {factor}", f"Values {values}, {n} seed{'s' if n != 1 else ''} each "
              + ("(mean ± standard deviation over seeds)." if n > 1 else "."),
-             f"{sub} Mean gaps |Δm|", report._md_table(gap_rows[0], gap_rows[1:]),
-             f"{sub} Influence vs response", report._md_table(corr_rows[0], corr_rows[1:]),
+             f"{sub} Mean gaps |Δm|", report.md_table(gap_rows[0], gap_rows[1:]),
+             f"{sub} Influence vs response", report.md_table(corr_rows[0], corr_rows[1:]),
              f"{sub} How each gap moved", "\n".join(sweep_gap_lines(factor, values, per_value))]
     if fig:
         parts.append(f"![gaps vs {factor}]({fig})")

@@ -14,6 +14,7 @@ from matplotlib import image as mpimg
 
 from pbrf.experiment import analysis as A
 from pbrf.experiment import report as R
+from pbrf.experiment.report import figures as F
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NOISE = {"cold": 3e-2, "warm": 1.5e-2, "proximal": 5e-3, "pbrf": 1e-3, "linearized": 2e-4,
@@ -223,7 +224,7 @@ def test_failed_replace_and_failed_figure_leave_nothing_half_written(tmp_path, m
         Path(fname).write_bytes(PNG_MAGIC)  # a partial PNG ...
         raise RuntimeError("renderer crashed (simulated)")  # ... then failure
 
-    monkeypatch.setattr(R.Figure, "savefig", broken_savefig)
+    monkeypatch.setattr(F.Figure, "savefig", broken_savefig)
     dm2 = make_dm(seed=2)
     with pytest.raises(RuntimeError, match="simulated"):
         R.write_report(tmp_path, A.summarise(dm2), dm2, CONFIG)
