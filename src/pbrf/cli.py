@@ -376,7 +376,7 @@ def cmd_evaluate(args) -> int:
         print(f"pbrf: warning: {result['sign_warning']}", file=sys.stderr)
     board = leaderboard.evaluate_board(args.scores, args.run)
     if args.json:
-        result["leaderboard"] = leaderboard._jsonable(board)
+        result["leaderboard"] = leaderboard.jsonable(board)
         print(evaluate.to_json(result))
     else:
         print(
@@ -417,7 +417,7 @@ def cmd_estimators(args) -> int:
                        + ([f"--threads {args.threads}"] if args.threads else []))
     paths = leaderboard.write_leaderboard(board, args.run, command=command)
     if args.json:
-        print(json.dumps(leaderboard._jsonable(board), indent=2))
+        print(json.dumps(leaderboard.jsonable(board), indent=2))
     else:
         print(leaderboard.format_leaderboard(board, markdown=False))
         if board["skipped"]:

@@ -152,10 +152,10 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
     scores, layout = map_scores(raw, arrays["groups"], n_train)
     diverged = arrays.get("diverged") or {}
     # as in the run's report: diverged responses measure nothing
-    dm = analysis._exclude(arrays["dm"], diverged, axis=1)
+    dm = analysis.exclude_removals(arrays["dm"], diverged, axis=1)
     uncertified = arrays.get("uncertified") or {}
     # and an uncertified PBRF/proximal response is no ground truth
-    dm = analysis._exclude(dm, uncertified, axis=1)
+    dm = analysis.exclude_removals(dm, uncertified, axis=1)
     corr = analysis.correlations(scores, dm)
     own = analysis.pearson(scores, arrays["dm"]["influence"])
     sign_warning = None
@@ -175,7 +175,7 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
         "n_removals": len(arrays["groups"]),
         "n_pairs_total": int(scores.size),
         "n_nonfinite_scores": int((~np.isfinite(scores)).sum()),
-        "pearson_vs_own_influence": analysis._num(own),
+        "pearson_vs_own_influence": analysis.finite_or_none(own),
         "sign_warning": sign_warning,
         "diverged": {k: len(v) for k, v in diverged.items()},
         "uncertified": {k: len(v) for k, v in uncertified.items()},
