@@ -33,9 +33,10 @@ import torch
 
 from pbrf import estimators, lds, load_run
 from pbrf.experiment import analysis
-from pbrf.experiment.bench.evaluate import load_scores, map_scores, run_arrays
+from pbrf.experiment.bench.evaluate import load_scores, map_scores
 from pbrf.experiment.config import ConfigError
 from pbrf.experiment.report import _save_figure
+from pbrf.experiment.run.arrays import run_arrays
 from pbrf.experiment.run.lds_stage import lds_actual
 from pbrf.experiment.run.load import stored_responses
 from pbrf.experiment.run.rundir import exclusive
