@@ -20,7 +20,8 @@ same valid pairs, so the signed means still telescope exactly. The counts are re
 
 Every function returns plain Python floats / ints / lists / ``None`` (non-finite numbers become
 ``None``), so the result can be written with ``json.dump(..., allow_nan=False)``;
-:func:`decomposition` returns the same as a typed :class:`~pbrf.experiment.analysis.results.Decomposition`.
+:func:`decomposition` returns the same as a typed
+:class:`~pbrf.experiment.analysis.results.Decomposition`.
 """
 
 from __future__ import annotations

@@ -215,7 +215,6 @@ def _score(store, run, name: str, est, log) -> tuple[np.ndarray, dict]:
     """One estimator's ``[n_test, N]`` scores and cost: stored ones when the requested
     hyperparameters are unchanged, else computed and stored (raises EstimatorUnavailable).
     """
-
     stored = _stored(store, name)
     if stored is not None and stored[1].get("requested") == jsonable(est.hyperparameters):
         log(f"{name}: stored ({stored[1].get('seconds', math.nan):.2f} s)")
