@@ -39,7 +39,7 @@ from pbrf.solvers import SOLVERS
 from pbrf.tasks import TASKS
 
 __all__ = [
-    "ConfigError",
+    "ExperimentConfig",  # the whole config, then its sections in TOML order
     "DataConfig",
     "ModelConfig",
     "TrainConfig",
@@ -48,11 +48,11 @@ __all__ = [
     "RemovalsConfig",
     "RunConfig",
     "LdsConfig",
-    "ExperimentConfig",
-    "KINDS",
-    "ACCURATE_SOLVERS",
     "SECTIONS",
     "TOP_LEVEL",
+    "KINDS",
+    "ACCURATE_SOLVERS",
+    "ConfigError",
     "check_type",
     "field_types",
     "with_article",
