@@ -27,6 +27,7 @@ __all__ = [
     "resolve",
 ]
 
+#: The profiles of the presets (``quick``, the default, is the base tables where a preset has none).
 PROFILES = ("quick", "paper", "tiny")
 
 _REPLACED = ("solver_options", "accurate_options")
