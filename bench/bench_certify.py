@@ -21,8 +21,8 @@ import time
 import torch
 
 import pbrf
-from pbrf.experiment.run import driver as pipeline
 from pbrf.experiment.config import load_preset
+from pbrf.experiment.run import driver as pipeline
 
 
 def _report(name: str, resp, seconds: float) -> None:

@@ -62,7 +62,8 @@ def _numbers_differ(a, b, path="summary"):
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: length {len(a)} != {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _numbers_differ(x, y, f"{path}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b))
+                for d in _numbers_differ(x, y, f"{path}[{i}]")]
     if isinstance(a, float) or isinstance(b, float):
         ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(
             a, b, rel_tol=1e-6, abs_tol=1e-10)

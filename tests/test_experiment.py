@@ -408,7 +408,8 @@ def test_a_second_process_on_the_same_run_dir_is_refused(tiny_run):
     with open(pipeline.lock_path(run_dir), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         code = (
-            "import sys; from pbrf.experiment import config, pipeline\n"
+            "import sys; from pbrf.experiment import config\n"
+            "from pbrf.experiment.run import driver as pipeline\n"
             f"cfg = config.load_preset('digits-mlp', 'tiny')\n"
             f"try:\n    pipeline.run_experiment(cfg, {str(run_dir)!r}, progress=False)\n"
             "except config.ConfigError as e:\n    print(e)\n"

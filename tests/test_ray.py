@@ -40,7 +40,8 @@ def _numbers(summary):
 
 def test_local_executor_does_not_import_ray(tmp_path):
     code = (
-        "import sys; from pbrf.experiment import config, pipeline; "
+        "import sys; from pbrf.experiment import config; "
+        "from pbrf.experiment.run import driver as pipeline; "
         "cfg = config.load_preset('digits-mlp', 'tiny', ['responses.kinds=[\"linearized\", "
         "\"influence\"]']); "
         f"pipeline.run_experiment(cfg, {str(tmp_path / 'r')!r}, progress=False); "

@@ -13,7 +13,7 @@ import pytest
 import pbrf
 from pbrf import cli
 from pbrf.experiment import ConfigError, load_preset, report
-from pbrf.experiment.run import driver as pipeline
+from pbrf.experiment.run import single
 from pbrf.experiment.studies import reproduce
 
 TABLE_SETS = ('responses.kinds=["cold", "warm", "pbrf", "linearized", "influence"]',
@@ -103,7 +103,7 @@ def test_second_invocation_recomputes_nothing_and_keeps_the_times(smoke, monkeyp
     record = json.loads((smoke / "reproduce.json").read_text())
     before = _time_lines((smoke / "reproduction.md").read_text())
     tasks, trained, runs = [], [], []
-    real_tasks, real_train = pipeline._run_tasks, pbrf.train
+    real_tasks, real_train = single._run_tasks, pbrf.train
     real_run = reproduce._default_run
 
     def count_tasks(executor, ctx, todo, store, progress):
@@ -118,7 +118,7 @@ def test_second_invocation_recomputes_nothing_and_keeps_the_times(smoke, monkeyp
         runs.append(run_dir)
         return real_run(config, run_dir, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_run_tasks", count_tasks)
+    monkeypatch.setattr(single, "_run_tasks", count_tasks)
     monkeypatch.setattr(pbrf, "train", count_train)
     monkeypatch.setattr(reproduce, "_default_run", count_runs)
     _tiny_tables(monkeypatch)

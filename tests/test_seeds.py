@@ -11,8 +11,7 @@ import pbrf
 from pbrf import cli
 from pbrf.experiment import config as cfg_mod
 from pbrf.experiment.analysis.aggregate import aggregate
-from pbrf.experiment.run import driver as pipeline
-from pbrf.experiment.run import seeds
+from pbrf.experiment.run import seeds, single
 
 GAPS = ("warm-start gap", "proximity gap")
 
@@ -84,14 +83,14 @@ def _mtimes(path):
 
 def test_multi_seed_run_end_to_end_resume_and_table(tmp_path, capsys, monkeypatch):
     pending = []
-    original = pipeline.pending_tasks
+    original = single.pending_tasks
 
     def counting(ctx, done):
         tasks = original(ctx, done)
         pending.append(len(tasks))
         return tasks
 
-    monkeypatch.setattr(pipeline, "pending_tasks", counting)
+    monkeypatch.setattr(single, "pending_tasks", counting)  # where run_one looks it up
     out = tmp_path / "run"
     assert cli.main(["run", "digits-mlp", *FAST, "--set", "run.seeds=2", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())

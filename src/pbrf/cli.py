@@ -74,20 +74,29 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted path, e.g. --set influence.damping=1e-2 "
                         "(repeatable)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start the output directory afresh, discarding the run it holds (of any "
-                        "config; "
-                        "without it a run of the same config resumes)")
+    _add_execution_options(
+        p, overwrite="start the output directory afresh, discarding the run it holds (of any "
+                     "config; "
+                     "without it a run of the same config resumes)",
+        device="override run.device",
+        threads="torch intra-op threads (default: torch's choice; on a busy machine 1 or 2 "
+                "is often "
+                "many times faster for small models)")
+
+
+def _add_execution_options(p: argparse.ArgumentParser, overwrite: str, device: str,
+                           threads: str) -> None:
+    """The options of ``pbrf run`` and ``pbrf reproduce`` on how runs execute (the help texts of
+    ``--overwrite``, ``--device`` and ``--threads`` given).
+    """
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="where chunks run (default local)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a "
                                                        "local Ray with 2 CPUs)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override run.device")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help=device)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's choice; on a busy machine 1 or 2 "
-                        "is often "
-                        "many times faster for small models)")
+    p.add_argument("--threads", type=int, default=None, help=threads)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
 
 
@@ -140,18 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--report", default=None,
                      help="report path (default OUT/reproduction.md); figures go to "
                           "<its folder>/img/reproduction/")
-    rep.add_argument("--overwrite", action="store_true",
-                     help="start every run directory afresh")
-    rep.add_argument("--executor", choices=("local", "ray"), default="local",
-                     help="where chunks run (default local)")
-    rep.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a "
-                                                         "local Ray with 2 CPUs)")
-    rep.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                     help="override run.device of every run")
-    rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    rep.add_argument("--threads", type=int, default=None,
-                     help="torch intra-op threads (default: torch's choice)")
-    rep.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    _add_execution_options(rep, overwrite="start every run directory afresh",
+                           device="override run.device of every run",
+                           threads="torch intra-op threads (default: torch's choice)")
 
     table = sub.add_parser("table",
                            help="correlation table (paper Table 1 layout) of finished runs",
@@ -214,7 +214,7 @@ def _config_from_args(args):
 def _executor(args):
     if args.executor == "ray":
         try:
-            import ray  # noqa: F401
+            import ray  # noqa: F401, PLC0415 - optional (pbrf[ray])
         except ImportError:
             raise UsageError("pbrf: --executor ray needs ray; install it with pip install "
                              "'pbrf[ray]'.") from None
@@ -376,7 +376,7 @@ def cmd_evaluate(args) -> int:
         print(f"pbrf: warning: {result['sign_warning']}", file=sys.stderr)
     board = leaderboard.evaluate_board(args.scores, args.run)
     if args.json:
-        result["leaderboard"] = leaderboard._jsonable(board)
+        result["leaderboard"] = leaderboard.jsonable(board)
         print(evaluate.to_json(result))
     else:
         print(
@@ -417,7 +417,7 @@ def cmd_estimators(args) -> int:
                        + ([f"--threads {args.threads}"] if args.threads else []))
     paths = leaderboard.write_leaderboard(board, args.run, command=command)
     if args.json:
-        print(json.dumps(leaderboard._jsonable(board), indent=2))
+        print(json.dumps(leaderboard.jsonable(board), indent=2))
     else:
         print(leaderboard.format_leaderboard(board, markdown=False))
         if board["skipped"]:

@@ -73,11 +73,11 @@ def _import_kronfluence() -> SimpleNamespace:
     ``ScoreArguments``, ``Task``, ``State``), imported on first use: the package is optional.
     """
     try:
-        import kronfluence  # noqa: F401
-        from kronfluence.analyzer import Analyzer, prepare_model
-        from kronfluence.arguments import FactorArguments, ScoreArguments
-        from kronfluence.task import Task
-        from kronfluence.utils.state import State
+        import kronfluence  # noqa: F401, PLC0415 - optional
+        from kronfluence.analyzer import Analyzer, prepare_model  # noqa: PLC0415
+        from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: PLC0415
+        from kronfluence.task import Task  # noqa: PLC0415
+        from kronfluence.utils.state import State  # noqa: PLC0415
     except ImportError as err:
         raise ImportError(
             f"pbrf.kron needs kronfluence, which is not installed; install it with: {INSTALL}"

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _checker():
-    spec = importlib.util.spec_from_file_location("check_layout", ROOT / "tools" / "check_layout.py")
+    path = ROOT / "tools" / "check_layout.py"
+    spec = importlib.util.spec_from_file_location("check_layout", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -41,7 +42,8 @@ def _planted(tmp_path: Path, relpath: str, code: str) -> Path:
     ("pbrf/experiment/analysis/decomposition.py", "from pbrf.experiment.run import store",
      "imports must point downward"),
     # the library imports the experiment layer
-    ("pbrf/problem.py", "from pbrf.experiment.run.store import Store", "imports must point downward"),
+    ("pbrf/problem.py", "from pbrf.experiment.run.store import Store",
+     "imports must point downward"),
     # studies and bench are one layer: neither imports the other
     ("pbrf/experiment/bench/evaluate.py", "from pbrf.experiment.studies import sweep",
      "imports must point downward"),
@@ -54,7 +56,8 @@ def _planted(tmp_path: Path, relpath: str, code: str) -> Path:
     ("pbrf/experiment/run/store.py", "import pbrf.fileio as fio\nX = fio._umask",
      "private name _umask"),
     # a long function
-    ("pbrf/stats.py", "def long():\n" + "    x = 1\n" * 60 + "    return x", "stats.long is 62 lines"),
+    ("pbrf/stats.py", "def long():\n" + "    x = 1\n" * 60 + "    return x",
+     "stats.long is 62 lines"),
 ])
 def test_each_break_is_reported(checker, tmp_path, relpath, code, needle):
     errors = checker.check(_planted(tmp_path, relpath, code))

@@ -48,6 +48,7 @@ class SeedStats:
 
 
 def is_number(v: Any) -> bool:
+    """A real number (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 

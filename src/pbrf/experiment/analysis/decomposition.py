@@ -20,7 +20,8 @@ same valid pairs, so the signed means still telescope exactly. The counts are re
 
 Every function returns plain Python floats / ints / lists / ``None`` (non-finite numbers become
 ``None``), so the result can be written with ``json.dump(..., allow_nan=False)``;
-:func:`decomposition` returns the same as a typed :class:`~pbrf.experiment.analysis.results.Decomposition`.
+:func:`decomposition` returns the same as a typed
+:class:`~pbrf.experiment.analysis.results.Decomposition`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ __all__ = [
     "decompose",
     "decomposition",
     "correlations",
+    "correlation_entry",
+    "exclude_removals",
+    "finite_or_none",
     "summarise",
 ]
 
@@ -70,7 +74,7 @@ KIND_LABELS = _kinds.view("label")
 # --------------------------------------------------------------------------- small helpers
 
 
-def _num(x) -> float | None:
+def finite_or_none(x) -> float | None:
     """A JSON-safe float: ``None`` for NaN/inf/None."""
     if x is None:
         return None
@@ -110,15 +114,18 @@ def _per_test_mean(fn, scores: np.ndarray, values: np.ndarray) -> tuple[float, i
     return (float(per_row[ok].mean()) if ok.any() else math.nan), int(ok.sum())
 
 
-def _correlation_entry(scores: np.ndarray, values: np.ndarray) -> dict:
+def correlation_entry(scores: np.ndarray, values: np.ndarray) -> dict:
+    """Pearson and Spearman of ``scores`` with ``values`` (over all pairs and per test point),
+    JSON-safe, with the number of finite pairs and of test points used.
+    """
     p_row, n_rows = _per_test_mean(pearson, scores, values)
     s_row, _ = _per_test_mean(spearman, scores, values)
     n_pairs = int((np.isfinite(scores) & np.isfinite(values)).sum())
     return {
-        "pearson": _num(pearson(scores, values)),
-        "spearman": _num(spearman(scores, values)),
-        "pearson_per_test": _num(p_row),
-        "spearman_per_test": _num(s_row),
+        "pearson": finite_or_none(pearson(scores, values)),
+        "spearman": finite_or_none(spearman(scores, values)),
+        "pearson_per_test": finite_or_none(p_row),
+        "spearman_per_test": finite_or_none(s_row),
         "n_pairs": n_pairs,
         "n_tests_used": n_rows,
     }
@@ -149,7 +156,7 @@ def correlations(scores, dm: Mapping) -> dict[str, dict]:
                 f"dm[{kind!r}] has shape {values.shape} but scores has {scores.shape}; both must "
                 "be [n_test, n_removals] (transpose one of them)."
             )
-        out[kind] = _correlation_entry(scores, values)
+        out[kind] = correlation_entry(scores, values)
     return out
 
 
@@ -178,7 +185,8 @@ def _gap_stats(dm: dict[str, np.ndarray], mask: np.ndarray) -> tuple[dict, dict]
     for name, (a, b) in GAP_PAIRS.items():
         if a in dm and b in dm and mask.any():
             diff = dm[a][mask] - dm[b][mask]
-            absolute[name], signed[name] = _num(np.abs(diff).mean()), _num(diff.mean())
+            absolute[name] = finite_or_none(np.abs(diff).mean())
+            signed[name] = finite_or_none(diff.mean())
         else:
             absolute[name] = signed[name] = None
     return absolute, signed
@@ -191,7 +199,7 @@ def _output_gaps(df: dict[str, np.ndarray]) -> dict | None:
     out = {}
     for name, (a, b) in GAP_PAIRS.items():
         ok = a in df and b in df and mask.any()
-        out[name] = _num(_output_norm(df[a][mask] - df[b][mask]).mean()) if ok else None
+        out[name] = finite_or_none(_output_norm(df[a][mask] - df[b][mask]).mean()) if ok else None
     return out
 
 
@@ -255,11 +263,11 @@ def decomposition(dm: Mapping, df: Mapping | None = None) -> Decomposition:
         gaps=absolute,
         signed=signed,
         output_gaps=_output_gaps(_present(df, "df")),
-        total=_num(np.abs(total).mean()) if both else None,
-        total_signed=_num(total.mean()) if both else None,
+        total=finite_or_none(np.abs(total).mean()) if both else None,
+        total_signed=finite_or_none(total.mean()) if both else None,
         telescoping_residual=residual,
         telescoping_chain=chain,
-        mean_abs={k: _num(np.abs(a[mask]).mean()) if mask.any() else None for k,
+        mean_abs={k: finite_or_none(np.abs(a[mask]).mean()) if mask.any() else None for k,
                   a in arrays.items()},
         kinds=list(arrays),
         n_pairs=int(mask.size),
@@ -298,7 +306,8 @@ def _diverged_removals(diverged: Mapping | None, diagnostics: Mapping | None,
     return out
 
 
-def _exclude(arrays: Mapping | None, removals: dict[str, list[int]], axis: int) -> Mapping | None:
+def exclude_removals(arrays: Mapping | None, removals: dict[str, list[int]],
+                     axis: int) -> Mapping | None:
     """Copies of the arrays with the named removals of each kind set to NaN along ``axis``."""
     if not arrays or not removals:
         return arrays
@@ -343,7 +352,7 @@ def summarise(
     shape = next(iter(present.values())).shape
     n_removals = int(shape[1]) if len(shape) > 1 else 1
     excluded = _diverged_removals(diverged, diagnostics, n_removals)
-    dm, df = _exclude(present, excluded, axis=1), _exclude(df, excluded, axis=0)
+    dm, df = exclude_removals(present, excluded, axis=1), exclude_removals(df, excluded, axis=0)
     dec = decompose(dm, df)
     present = _present(dm, "dm")
     if scores is None:
@@ -400,8 +409,8 @@ def paired_chain(dm: Mapping, paired: Mapping) -> dict:
     drift, ids = {}, []
     for k, v in extra.items():
         d = (arrays[k] - v)[mask]
-        drift[k] = {"mean_abs": _num(np.abs(d).mean()) if d.size else None,
-                    "signed": _num(d.mean()) if d.size else None}
+        drift[k] = {"mean_abs": finite_or_none(np.abs(d).mean()) if d.size else None,
+                    "signed": finite_or_none(d.mean()) if d.size else None}
     w = arrays.get("warm"), extra.get("warm")
     p = arrays.get("proximal"), extra.get("proximal")
     dw = None if any(a is None for a in w) else w[0] - w[1]

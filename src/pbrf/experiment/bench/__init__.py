@@ -1,1 +1,1 @@
-"""Benchmarks of attribution methods on a finished run: ``pbrf evaluate`` and ``pbrf estimators``."""
+"""Benchmarks of attribution methods on a finished run: ``pbrf evaluate``, ``pbrf estimators``."""

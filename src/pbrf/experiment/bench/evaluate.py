@@ -21,12 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from pbrf.experiment import analysis
-from pbrf.experiment.config import ConfigError
 from pbrf.experiment.report import text_table
-from pbrf.experiment.run.context import read_config
-from pbrf.experiment.run.selection import groups_from_array
-from pbrf.experiment.run.store import Store
-from pbrf.experiment.run.summary import objective_defined
+from pbrf.experiment.run.arrays import RunDataError, run_arrays
 
 __all__ = ["EvaluateError", "load_scores", "map_scores", "run_arrays", "evaluate",
            "format_correlations", "pairs_line"]
@@ -35,8 +31,9 @@ __all__ = ["EvaluateError", "load_scores", "map_scores", "run_arrays", "evaluate
 SIGN_FLIP_PEARSON = -0.5
 
 
-class EvaluateError(ConfigError):
-    """Bad scores file or run directory; one-line message naming the fix."""
+#: Bad scores file or run directory (one-line message naming the fix): the error of
+#: :func:`~pbrf.experiment.run.arrays.run_arrays`, which reads the run.
+EvaluateError = RunDataError
 
 
 def load_scores(path: str | Path) -> np.ndarray:
@@ -88,52 +85,6 @@ def map_scores(scores: np.ndarray, groups: list[list[int]], n_train: int) -> tup
     )
 
 
-def run_arrays(run_dir: str | Path) -> dict:
-    """The stored arrays of a finished run: ``dm`` per kind, ``groups``, ``test_index``,
-    ``n_train``.
-    """
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    if not (run_dir / "results.sqlite").is_file():
-        raise EvaluateError(f"{str(run_dir)!r} has no results yet; finish it with `pbrf run --out "
-                            f"{run_dir}`.")
-    with Store(run_dir, readonly=True) as store:
-        groups_arr = store.get_array("groups")
-        if groups_arr is None:
-            raise EvaluateError(f"{str(run_dir)!r} is not set up yet; finish it with `pbrf run "
-                                f"--out {run_dir}`.")
-        groups = groups_from_array(groups_arr)
-        n_chunks = math.ceil(len(groups) / config.run.chunk_size)
-        dm, diverged, uncertified = {}, {}, {}
-        for kind in config.responses.ordered_kinds():
-            try:
-                dm[kind], _, diags = store.gather(kind, n_chunks)
-                diverged[kind] = [i for i, d in enumerate(diags) if d.get("diverged")]
-                if objective_defined(config, kind):
-                    uncertified[kind] = [
-                        i for i, d in enumerate(diags)
-                        if "certified" in d and not d["certified"] and not d.get("diverged")
-                    ]
-            except KeyError:
-                raise EvaluateError(
-                    f"{str(run_dir)!r} is not finished ({kind} missing); resume it with `pbrf run "
-                    f"--out {run_dir}`."
-                ) from None
-        n_train = store.get_meta("n_train")
-        index = store.get_array("test_index")
-    diverged = {k: v for k, v in diverged.items() if v}
-    uncertified = {k: v for k, v in uncertified.items() if v}
-    return {
-        "config": config,
-        "dm": dm,
-        "groups": groups,
-        "test_index": index,
-        "n_train": n_train,
-        "diverged": diverged,
-        "uncertified": uncertified,
-    }
-
-
 def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
     """Correlations of external scores with every stored response function of a run.
 
@@ -153,10 +104,10 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
     scores, layout = map_scores(raw, arrays["groups"], n_train)
     diverged = arrays.get("diverged") or {}
     # as in the run's report: diverged responses measure nothing
-    dm = analysis._exclude(arrays["dm"], diverged, axis=1)
+    dm = analysis.exclude_removals(arrays["dm"], diverged, axis=1)
     uncertified = arrays.get("uncertified") or {}
     # and an uncertified PBRF/proximal response is no ground truth
-    dm = analysis._exclude(dm, uncertified, axis=1)
+    dm = analysis.exclude_removals(dm, uncertified, axis=1)
     corr = analysis.correlations(scores, dm)
     own = analysis.pearson(scores, arrays["dm"]["influence"])
     sign_warning = None
@@ -176,7 +127,7 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
         "n_removals": len(arrays["groups"]),
         "n_pairs_total": int(scores.size),
         "n_nonfinite_scores": int((~np.isfinite(scores)).sum()),
-        "pearson_vs_own_influence": analysis._num(own),
+        "pearson_vs_own_influence": analysis.finite_or_none(own),
         "sign_warning": sign_warning,
         "diverged": {k: len(v) for k, v in diverged.items()},
         "uncertified": {k: len(v) for k, v in uncertified.items()},

@@ -33,9 +33,10 @@ import torch
 
 from pbrf import estimators, lds, load_run
 from pbrf.experiment import analysis
-from pbrf.experiment.bench.evaluate import load_scores, map_scores, run_arrays
+from pbrf.experiment.bench.evaluate import load_scores, map_scores
 from pbrf.experiment.config import ConfigError
 from pbrf.experiment.report import save_figure, text_table
+from pbrf.experiment.run.arrays import run_arrays
 from pbrf.experiment.run.lds_stage import lds_actual
 from pbrf.experiment.run.load import stored_responses
 from pbrf.experiment.run.rundir import exclusive
@@ -119,7 +120,7 @@ def score_row(
     }
     for key, _ in TRUTHS:
         if key in truths:
-            row["correlations"][key] = analysis._correlation_entry(removal_scores, truths[key])
+            row["correlations"][key] = analysis.correlation_entry(removal_scores, truths[key])
     if lds_scores is not None and lds_truth is not None:
         out = lds.lds(lds_scores, lds_truth[0])
         row["lds"] = {k: out[k] for k in ("lds", "stderr", "n_test")}
@@ -214,9 +215,8 @@ def _score(store, run, name: str, est, log) -> tuple[np.ndarray, dict]:
     """One estimator's ``[n_test, N]`` scores and cost: stored ones when the requested
     hyperparameters are unchanged, else computed and stored (raises EstimatorUnavailable).
     """
-
     stored = _stored(store, name)
-    if stored is not None and stored[1].get("requested") == _jsonable(est.hyperparameters):
+    if stored is not None and stored[1].get("requested") == jsonable(est.hyperparameters):
         log(f"{name}: stored ({stored[1].get('seconds', math.nan):.2f} s)")
         return stored
     want = est.resolved({"damping": run.damping, "curvature": run.curvature, "run": run})
@@ -228,7 +228,7 @@ def _score(store, run, name: str, est, log) -> tuple[np.ndarray, dict]:
         "seconds": res.seconds,
         "peak_memory_mb": peak,
         "hyperparameters": res.hyperparameters,
-        "requested": _jsonable(est.hyperparameters),
+        "requested": jsonable(est.hyperparameters),
         "threads": torch.get_num_threads(),
         "device": str(run.measure_problem.device),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -317,7 +317,8 @@ def evaluate_board(scores_path, run_dir) -> dict:
     return board
 
 
-def _jsonable(d: dict) -> dict:
+def jsonable(d: dict) -> dict:
+    """``d`` as plain JSON types (what is not JSON becomes its ``str``)."""
     return json.loads(json.dumps(d, default=str))
 
 
@@ -453,7 +454,7 @@ def write_leaderboard(
     if fig is not None:
         parts += ["", f"![fidelity against cost]({fig.name})"]
     atomic_write_text(folder / "leaderboard.md", "\n".join(parts) + "\n")
-    atomic_write_text(folder / "leaderboard.json", json.dumps(_jsonable(board), indent=2))
+    atomic_write_text(folder / "leaderboard.json", json.dumps(jsonable(board), indent=2))
     return {
         "markdown": folder / "leaderboard.md",
         "json": folder / "leaderboard.json",

@@ -42,7 +42,8 @@ def _respond_kwargs(ctx: Context, kind: str) -> dict:
     kw: dict[str, Any] = {"damping": inf.damping, "rho_threshold": resp.rho_threshold,
                           "curvature": inf.curvature}
     if spec.config_recipe:
-        kw["recipe"] = make_recipe(_config_recipe(config, spec.config_recipe), response_seed(config))
+        kw["recipe"] = make_recipe(_config_recipe(config, spec.config_recipe),
+                                   response_seed(config))
     args = set(spec.arguments)
     if "solver" in args:
         kw.update(solver=inf.accurate_solver, solver_options=dict(inf.accurate_options))

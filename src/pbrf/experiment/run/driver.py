@@ -5,19 +5,21 @@ Stages (each resumable; see :mod:`pbrf.experiment.run.store`), one module each:
 1. :mod:`~pbrf.experiment.run.inputs` — :func:`prepare_inputs`: load the data and build the model
    (config errors surface here, before anything is written); train θ^s (cached as
    ``theta_s.safetensors``);
-2. :func:`~pbrf.experiment.run.rundir.open_run` — create or resume the run directory (a different config is refused);
-3. :mod:`~pbrf.experiment.run.selection` and :mod:`~pbrf.experiment.run.context` — :func:`setup`: choose
-   the test points and the removal sets (random or top-|influence|, single points or groups), store
-   them, and hold everything a chunk needs in a :class:`Context`;
+2. :func:`~pbrf.experiment.run.rundir.open_run` — create or resume the run directory (a
+   different config is refused);
+3. :mod:`~pbrf.experiment.run.selection` and :mod:`~pbrf.experiment.run.context` —
+   :func:`setup`: choose the test points and the removal sets (random or top-|influence|, single
+   points or groups), store them, and hold everything a chunk needs in a :class:`Context`;
 4. :mod:`~pbrf.experiment.run.chunks` — :func:`compute_chunk`: for one chunk of removal sets and one
    kind, Δm ``[n_test, k]``, Δf ``[k, n_test, *out]`` and per-removal diagnostics; run by an
    executor, stored by the driver;
-5. :mod:`~pbrf.experiment.run.summary` — :func:`finish`: gather the arrays, :func:`analysis.summarise`,
-   :func:`report.write_report`.
+5. :mod:`~pbrf.experiment.run.summary` — :func:`finish`: gather the arrays,
+   :func:`analysis.summarise`, :func:`report.write_report`.
 
 Determinism: every random choice is seeded from the config and the chunk index
-(:func:`~pbrf.experiment.run.selection.chunk_seed`), never from global RNG state, so a resumed run and
-an uninterrupted one end with the same numbers. The names of the stages are re-exported here.
+(:func:`~pbrf.experiment.run.selection.chunk_seed`), never from global RNG state, so a resumed
+run and an uninterrupted one end with the same numbers. The names of the stages are re-exported
+here.
 """
 
 from __future__ import annotations

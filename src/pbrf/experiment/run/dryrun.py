@@ -68,17 +68,47 @@ def dry_run(config: ExperimentConfig, inputs) -> dict:
     n, p = problem.n_train, problem.n_params
     rc, run = config.removals, config.run
     K = min(run.chunk_size, rc.n_removals) + 1
-    kinds = list(config.responses.ordered_kinds())
     n_chunks = math.ceil(rc.n_removals / run.chunk_size)
-    data_chunk = min(measure.chunk_size, n)
+    train = Recipe(**config.train.recipe_dict())
+    seconds, peaks = _probes(config, problem, measure, K, min(train.batch_size or n, n))
+    newton_state = NEWTON_VECTORS * K * p * 8
+    peak = base_rss + max(max(peaks["gauss_newton"], peaks["newton_hessian"]) + newton_state,
+                          peaks["training_step"], peaks["per_example_grads"],
+                          peaks["dense_curvature"])
+    steps = train.total_steps(n)
+    compute = _compute_seconds(config, n, K, min(measure.chunk_size, n), steps, seconds)
+    if rc.strategy == "random":
+        random_groups(config, n)  # the choice works (validated again by the run)
+    return {
+        "name": config.name, "profile": config.profile, "dataset": config.data.name, "n_train": n,
+        "n_params": p, "dtype": run.dtype, "device": run.device, "task": inputs.task_name,
+        "n_test_points": rc.n_test_points, "n_removals": rc.n_removals,
+        "group_size": rc.resolved_group_size(n), "chunk_size": run.chunk_size, "n_chunks": n_chunks,
+        "kinds": list(config.responses.ordered_kinds()), "seeds": config.run.seeds,
+        "train_seed": config.train.seed, "base_steps": steps,
+        "cold_seeds": list(config.responses.cold_seeds),
+        "response_recipe": config.responses.recipe_dict(), "lds_subsets": config.lds.subsets,
+        "baseline_rss_bytes": base_rss, "probe_peak_bytes": peaks,
+        "newton_state_bytes": newton_state, "estimated_peak_bytes": peak,
+        "probe_seconds": seconds,
+        "estimated_seconds": compute, "estimated_total_seconds": sum(compute.values()),
+    }
 
-    V = torch.randn(K, p, dtype=measure.dtype, generator=torch.Generator().manual_seed(0))
+
+def _probes(config: ExperimentConfig, problem, measure, K: int,
+            batch: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Wall time and peak memory of each heavy operation of the run, at its sizes: a Gauss–Newton
+    product of K directions over one data chunk, a stacked training step of K models on one
+    minibatch of ``batch``, the per-example gradients of one data chunk and, when the run does
+    them, the Newton optimiser's exact Hessian products and the dense curvature.
+    """
+    kinds = config.responses.ordered_kinds()
+    data_chunk = min(measure.chunk_size, problem.n_train)
+    V = torch.randn(K, problem.n_params, dtype=measure.dtype,
+                    generator=torch.Generator().manual_seed(0))
     idx = torch.arange(data_chunk)
     op = CurvatureOperator(measure, config.influence.curvature, config.influence.damping)
     gn_seconds, gn_peak = _measure(lambda: op.matvec(V, index=idx))
-
-    train = Recipe(**config.train.recipe_dict())
-    batch = min(train.batch_size or n, n)
     step_seconds, step_peak = _measure(lambda: _stacked_step(problem, K, batch))
     grad_seconds, grad_peak = _measure(lambda: per_example_grads(
         measure, measure.x[:data_chunk], measure.t[:data_chunk]))
@@ -91,11 +121,22 @@ def dry_run(config: ExperimentConfig, inputs) -> dict:
     dense_peak = 0
     if "exact" in (config.influence.solver, config.influence.accurate_solver):
         _, dense_peak = _measure(lambda: op.dense(), repeats=0)  # the exact solves' dense C
+    seconds = {"gauss_newton": gn_seconds, "training_step": step_seconds,
+               "per_example_grads": grad_seconds}
+    peaks = {"gauss_newton": gn_peak, "training_step": step_peak, "per_example_grads": grad_peak,
+             "newton_hessian": hess_peak, "dense_curvature": dense_peak}
+    return seconds, peaks
 
-    newton_state = NEWTON_VECTORS * K * p * 8
-    peak = base_rss + max(max(gn_peak, hess_peak) + newton_state, step_peak, grad_peak,
-                          dense_peak)
-    steps = train.total_steps(n)
+
+def _compute_seconds(config: ExperimentConfig, n: int, K: int, data_chunk: int, steps: int,
+                     probe: dict[str, float]) -> dict[str, float]:
+    """Estimated seconds per part of the run, from the probes' wall times (typical iteration
+    counts), summed over the run's θ^s seeds (one whole run each, one after another).
+    """
+    rc, run = config.removals, config.run
+    kinds = config.responses.ordered_kinds()
+    gn_seconds, step_seconds = probe["gauss_newton"], probe["training_step"]
+    n_chunks = math.ceil(rc.n_removals / run.chunk_size)
     seeds = len(config.responses.cold_seeds)
     data_passes = math.ceil(n / data_chunk)
     newton_kinds = [k for k in ("pbrf", "proximal") if k in kinds]
@@ -106,32 +147,11 @@ def dry_run(config: ExperimentConfig, inputs) -> dict:
         "PBRF / proximal (Newton)": (len(newton_kinds) * n_chunks * TYPICAL_NEWTON * TYPICAL_CG
                                      * data_passes * gn_seconds),
         "influence": (rc.n_test_points * TYPICAL_CG * data_passes * gn_seconds / K
-                      + data_passes * grad_seconds),
+                      + data_passes * probe["per_example_grads"]),
         "LDS": (steps * step_seconds * math.ceil(config.lds.subsets / run.chunk_size)
                 * len(config.lds.seeds or config.responses.cold_seeds)),
     }
-    if rc.strategy == "random":
-        random_groups(config, n)  # the choice works (validated again by the run)
-    n_seeds = config.run.seeds  # one whole run per θ^s seed, one after another
-    compute = {k: v * n_seeds for k, v in compute.items()}
-    return {
-        "name": config.name, "profile": config.profile, "dataset": config.data.name, "n_train": n,
-        "n_params": p, "dtype": run.dtype, "device": run.device, "task": inputs.task_name,
-        "n_test_points": rc.n_test_points, "n_removals": rc.n_removals,
-        "group_size": rc.resolved_group_size(n), "chunk_size": run.chunk_size, "n_chunks": n_chunks,
-        "kinds": kinds, "seeds": n_seeds, "train_seed": config.train.seed, "base_steps": steps,
-        "cold_seeds": list(config.responses.cold_seeds),
-        "response_recipe": config.responses.recipe_dict(), "lds_subsets": config.lds.subsets,
-        "baseline_rss_bytes": base_rss, "probe_peak_bytes": {"gauss_newton": gn_peak,
-                                                             "training_step": step_peak,
-                                                             "per_example_grads": grad_peak,
-                                                             "newton_hessian": hess_peak,
-                                                             "dense_curvature": dense_peak},
-        "newton_state_bytes": newton_state, "estimated_peak_bytes": peak,
-        "probe_seconds": {"gauss_newton": gn_seconds, "training_step": step_seconds,
-                          "per_example_grads": grad_seconds},
-        "estimated_seconds": compute, "estimated_total_seconds": sum(compute.values()),
-    }
+    return {k: v * config.run.seeds for k, v in compute.items()}
 
 
 def _newton_hessian(measure, K: int, n: int) -> None:
@@ -153,7 +173,6 @@ def _newton_hessian(measure, K: int, n: int) -> None:
 
 def _stacked_step(problem, K: int, batch: int) -> None:
     """One gradient of K stacked copies of the model on one minibatch (vmap, as the engine)."""
-
     stacked = stack(problem.params, K)
     x, t = problem.x[:batch], problem.t[:batch]
 

@@ -77,7 +77,7 @@ class RayExecutor:
     def __init__(self, address: str | None = None, num_cpus: int = 2,
                  max_in_flight: int = 8) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        import ray
+        import ray  # noqa: PLC0415 - optional (pbrf[ray])
 
         self.ray = ray
         self.started = False

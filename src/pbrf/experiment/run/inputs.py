@@ -276,7 +276,6 @@ def train_theta(inputs: Inputs, run_dir: Path, progress: bool = True) -> dict:
             the run directory without ``--overwrite``), or the stored checkpoint is unreadable or
             not finite (the fix is ``--overwrite``).
     """
-
     config = inputs.config
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
@@ -338,6 +337,7 @@ def _check_trained(config: ExperimentConfig, result) -> None:
 
 
 def train_data(inputs: Inputs) -> tuple:
+    """``(x, y)`` of the training set (``y`` is ``None`` for reconstruction)."""
     ds = inputs.dataset
     y = None if inputs.task_name == "reconstruction" else ds.y_train
     return ds.x_train, y
@@ -358,6 +358,7 @@ def build_problem(inputs: Inputs, params: dict):
 
 
 def test_data(inputs: Inputs, index: np.ndarray) -> tuple:
+    """``(x, y)`` of the test points ``index`` (``y`` is ``None`` for reconstruction)."""
     ds = inputs.dataset
     idx = torch.as_tensor(index, dtype=torch.long)
     y = None if inputs.task_name == "reconstruction" else ds.y_test[idx]

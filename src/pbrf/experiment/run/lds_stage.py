@@ -44,7 +44,6 @@ def run_lds(ctx: Context, store: Store, progress: bool = True) -> None:
     """Retrain on ``lds.subsets`` random subsets (cold start, chunks of ``run.chunk_size``,
     resumable per chunk) and store their test-loss changes as kind ``"lds"``.
     """
-
     c, config = ctx.config.lds, ctx.config
     if not c.subsets:
         return

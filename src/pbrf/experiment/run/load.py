@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pbrf.experiment.bench.evaluate import run_arrays
 from pbrf.experiment.config import ConfigError
+from pbrf.experiment.run.arrays import run_arrays
 from pbrf.experiment.run.chunks import influence_settings
 from pbrf.experiment.run.context import read_config
 from pbrf.experiment.run.inputs import (

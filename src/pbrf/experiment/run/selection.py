@@ -37,12 +37,17 @@ def random_groups(config: ExperimentConfig, n_train: int) -> list[list[int]]:
     k = rc.resolved_group_size(n_train)
     rng = np.random.default_rng([rc.seed, 2])
     if k == 1:
-        if rc.n_removals > n_train:
-            raise ConfigError(f"removals.n_removals={rc.n_removals} exceeds the {n_train} training "
-                              "points; lower it.")
+        _check_single_removals(rc.n_removals, n_train)
         return [[int(i)] for i in rng.choice(n_train, size=rc.n_removals, replace=False)]
     return [sorted(int(i) for i in rng.choice(n_train, size=k,
                                               replace=False)) for _ in range(rc.n_removals)]
+
+
+def _check_single_removals(n_removals: int, n_train: int) -> None:
+    """Single-point removal sets are distinct points: at most one per training point."""
+    if n_removals > n_train:
+        raise ConfigError(f"removals.n_removals={n_removals} exceeds the {n_train} training "
+                          "points; lower it.")
 
 
 def top_influence_groups(config: ExperimentConfig, scores: np.ndarray) -> list[list[int]]:
@@ -57,9 +62,7 @@ def top_influence_groups(config: ExperimentConfig, scores: np.ndarray) -> list[l
     n_test, n_train = scores.shape
     k = rc.resolved_group_size(n_train)
     if k == 1:
-        if rc.n_removals > n_train:
-            raise ConfigError(f"removals.n_removals={rc.n_removals} exceeds the {n_train} training "
-                              "points; lower it.")
+        _check_single_removals(rc.n_removals, n_train)
         order = np.argsort(-np.abs(scores).mean(axis=0), kind="stable")
         return [[int(i)] for i in order[: rc.n_removals]]
     groups = []
@@ -89,6 +92,7 @@ def all_train_scores(problem, config: ExperimentConfig, test: tuple) -> np.ndarr
 
 
 def solver_options_for(solver: str, options: dict, seed: int) -> dict:
+    """A solver's options; LiSSA's sampling seed defaults to ``seed``."""
     out = dict(options)
     if solver == "lissa":
         out.setdefault("seed", int(seed))
@@ -96,6 +100,7 @@ def solver_options_for(solver: str, options: dict, seed: int) -> dict:
 
 
 def groups_to_array(groups: list[list[int]]) -> np.ndarray:
+    """Removal sets as one int array ``[n_removals, max size]``, padded with ``-1`` (stored)."""
     width = max(len(g) for g in groups)
     arr = np.full((len(groups), width), -1, dtype=np.int64)
     for i, g in enumerate(groups):
@@ -104,6 +109,7 @@ def groups_to_array(groups: list[list[int]]) -> np.ndarray:
 
 
 def groups_from_array(arr: np.ndarray) -> list[list[int]]:
+    """The removal sets of :func:`groups_to_array`'s array."""
     return [[int(i) for i in row if i >= 0] for row in arr]
 
 

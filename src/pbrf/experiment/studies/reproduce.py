@@ -6,8 +6,8 @@ training epochs, weight decay, damping, fraction of data removed). This module r
 
 1. :func:`plan_reproduction` — resolve every table row's config (:data:`TABLE_ROWS`, preset profile
    from :data:`TABLE_PROFILES`) and every factor-study run (:data:`FACTOR_STUDIES`, through
-   :func:`pbrf.experiment.studies.sweep.plan_sweep`), check every run directory and that the data load;
-   nothing is written, and a mistake raises ``ConfigError`` / ``DataError``;
+   :func:`pbrf.experiment.studies.sweep.plan_sweep`), check every run directory and that the data
+   load; nothing is written, and a mistake raises ``ConfigError`` / ``DataError``;
 2. :func:`run_reproduction` — run them (``OUT/table/<row>``, ``OUT/factors/<factor>=<value>/...``;
    each run resumes, so rerunning computes only what is missing) and record the seconds each part
    took in ``OUT/reproduce.json`` (a part complete before the command keeps its recorded time; a
@@ -242,17 +242,7 @@ def plan_reproduction(
     sets = [f"run.device={json.dumps(device)}"] if device else []
     parts = (only,) if only else PARTS
     plan = ReproductionPlan(profile, out, parts, overwrite=overwrite)
-    for row in TABLE_ROWS:
-        run_dir = out / "table" / row
-        if "table" in parts:
-            config = _row_config(row, profile, sets)
-            check_run_dir(run_dir, config, overwrite)
-        else:  # only reported, when already finished
-            try:
-                config = _row_config(row, profile, sets)
-            except ConfigError:
-                config = None
-        plan.rows.append((row, config, run_dir))
+    plan.rows = _plan_rows(profile, out, sets, "table" in parts, overwrite)
     if "factors" in parts:
         plan.sweep = _factor_plan(profile, out, sets, overwrite)
     else:
@@ -264,15 +254,43 @@ def plan_reproduction(
         # the seeds of a value differ only in train.seed: one check per value
         for config in plan.configs(one_seed=True):
             prepare_inputs(config)  # raises on missing data; the inputs are not kept
+    plan.finished = _finished_runs(plan, overwrite)
+    return plan
+
+
+def _plan_rows(profile: str, out: Path, sets: Sequence[str], run: bool,
+               overwrite: bool) -> list[tuple[str, ExperimentConfig | None, Path]]:
+    """``(row, config, run_dir)`` of every table row; with ``run`` each run directory is checked,
+    else (the rows are only reported, when already finished) a row whose config does not resolve
+    has ``None``.
+    """
+    rows = []
+    for row in TABLE_ROWS:
+        run_dir = out / "table" / row
+        if run:
+            config = _row_config(row, profile, sets)
+            check_run_dir(run_dir, config, overwrite)
+        else:  # only reported, when already finished
+            try:
+                config = _row_config(row, profile, sets)
+            except ConfigError:
+                config = None
+        rows.append((row, config, run_dir))
+    return rows
+
+
+def _finished_runs(plan: ReproductionPlan, overwrite: bool) -> set[str]:
+    """The run directories of the plan that already hold a finished run of their config."""
+    finished = set()
     for _, config, run_dir in plan.rows:
         if config is not None and _finished(config, run_dir, overwrite):
-            plan.finished.add(str(run_dir))
+            finished.add(str(run_dir))
     if plan.sweep is not None:
         for fp in plan.sweep.factors:
             for _, config, run_dir in fp.runs():
                 if _finished(config, run_dir, overwrite):
-                    plan.finished.add(str(run_dir))
-    return plan
+                    finished.add(str(run_dir))
+    return finished
 
 
 # ---------------------------------------------------------------------------- record
@@ -361,61 +379,85 @@ def run_reproduction(
         ``{"table": {row: summary}, "factors": [FactorResult, ...], "record": record}`` for the
         parts run.
     """
-    run = run or _default_run
     record = _current(plan, read_record(plan.out))
     record.update(profile=plan.profile, command=command, updated=_now())
     plan.out.mkdir(parents=True, exist_ok=True)
-
-    def timed(config, run_dir, entry_of, **kwargs):
-        t0 = time.perf_counter()
-        summary = run(config, run_dir, **kwargs)
-        seconds = time.perf_counter() - t0
-        was = str(run_dir) in plan.finished
-        holder, key = entry_of(record)
-        holder[key] = _timed_entry(holder.get(key), seconds, was)
-        # another command may run the other part at the same time (--only table next to --only
-        # factors): add this entry to the record as it is on disk now, not to the one read at start
-        fresh = read_record(plan.out)
-        fresh_holder, _ = entry_of(fresh)
-        fresh_holder[key] = holder[key]
-        _write_record(plan.out, {**fresh, "profile": plan.profile, "command": command,
-                                 "updated": _now()})
-        return summary
-
-    table = {}
-    if "table" in plan.parts:
-        for i, (row, config, run_dir) in enumerate(plan.rows, 1):
-            print(f"== table row {i}/{len(plan.rows)}: {row} ==", file=sys.stderr)
-            try:
-                table[row] = timed(config, run_dir, lambda rec, r=row: (rec["table"], r),
-                                   executor=executor, overwrite=plan.overwrite,
-                                   progress=progress, inputs=None)
-            except OSError as err:
-                raise name_os_error(err, run_dir) from None
+    timed = _TimedRun(plan, run or _default_run, command, record)
+    table = _run_table(plan, timed, executor, progress) if "table" in plan.parts else {}
     factors = []
     if "factors" in plan.parts and plan.sweep is not None:
-        root = plan.sweep.out
-
-        def sweep_run(config, run_dir, **kwargs):
-            key = Path(run_dir).relative_to(root).as_posix()
-            factor = key.split("=", 1)[0]
-
-            def entry_of(rec):
-                return rec["factors"].setdefault(factor, {"runs": {}})["runs"], key
-
-            return timed(config, run_dir, entry_of, **kwargs)
-
-        def announce(i, n, fp):
-            print(f"== factor {i}/{n}: {fp.factor} ==", file=sys.stderr)
-
-        factors = run_sweep(plan.sweep, executor=executor, overwrite=plan.overwrite,
-                            progress=progress, run=sweep_run, on_factor=announce)
+        factors = _run_factors(plan, timed, executor, progress)
     record = _current(plan, read_record(plan.out)) | {"profile": plan.profile,
                                                        "command": command, "updated": _now()}
     parts = [part_seconds(e) for e in [*record["table"].values(), *record["factors"].values()]]
     record["total_seconds"] = float(sum(x for x in parts if x is not None))
     _write_record(plan.out, record)
     return {"table": table, "factors": factors, "record": record}
+
+
+@dataclass
+class _TimedRun:
+    """One run through ``run``, timed, its entry added to ``OUT/reproduce.json`` at once."""
+
+    plan: ReproductionPlan
+    run: Callable[..., dict]
+    command: str | None
+    record: dict
+
+    def __call__(self, config, run_dir, entry_of, **kwargs) -> dict:
+        """Run ``config`` in ``run_dir`` and record its seconds under ``entry_of(record)``, a
+        ``(holder, key)`` pair; returns the summary.
+        """
+        plan = self.plan
+        t0 = time.perf_counter()
+        summary = self.run(config, run_dir, **kwargs)
+        seconds = time.perf_counter() - t0
+        was = str(run_dir) in plan.finished
+        holder, key = entry_of(self.record)
+        holder[key] = _timed_entry(holder.get(key), seconds, was)
+        # another command may run the other part at the same time (--only table next to --only
+        # factors): add this entry to the record as it is on disk now, not to the one read at start
+        fresh = read_record(plan.out)
+        fresh_holder, _ = entry_of(fresh)
+        fresh_holder[key] = holder[key]
+        _write_record(plan.out, {**fresh, "profile": plan.profile, "command": self.command,
+                                 "updated": _now()})
+        return summary
+
+
+def _run_table(plan: ReproductionPlan, timed: _TimedRun, executor, progress: bool) -> dict:
+    """Run every table row; returns ``{row: summary}``."""
+    table = {}
+    for i, (row, config, run_dir) in enumerate(plan.rows, 1):
+        print(f"== table row {i}/{len(plan.rows)}: {row} ==", file=sys.stderr)
+        try:
+            table[row] = timed(config, run_dir, lambda rec, r=row: (rec["table"], r),
+                               executor=executor, overwrite=plan.overwrite,
+                               progress=progress, inputs=None)
+        except OSError as err:
+            raise name_os_error(err, run_dir) from None
+    return table
+
+
+def _run_factors(plan: ReproductionPlan, timed: _TimedRun, executor,
+                 progress: bool) -> list[FactorResult]:
+    """Run every factor study of the plan's sweep, each run's time recorded under its factor."""
+    root = plan.sweep.out
+
+    def sweep_run(config, run_dir, **kwargs):
+        key = Path(run_dir).relative_to(root).as_posix()
+        factor = key.split("=", 1)[0]
+
+        def entry_of(rec):
+            return rec["factors"].setdefault(factor, {"runs": {}})["runs"], key
+
+        return timed(config, run_dir, entry_of, **kwargs)
+
+    def announce(i, n, fp):
+        print(f"== factor {i}/{n}: {fp.factor} ==", file=sys.stderr)
+
+    return run_sweep(plan.sweep, executor=executor, overwrite=plan.overwrite,
+                     progress=progress, run=sweep_run, on_factor=announce)
 
 
 # ---------------------------------------------------------------------------- report
@@ -534,6 +576,16 @@ def write_reproduction_report(
     img.mkdir(parents=True, exist_ok=True)
     record = results.get("record") or _current(plan, read_record(plan.out))
     table, factors = _available(plan, results)
+    lines = _report_head(plan, record, table, factors, command)
+    lines += _table_section(plan, table, img, path)
+    lines += _factor_section(plan, factors, img, path)
+    atomic_write(path, "\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _report_head(plan: ReproductionPlan, record: dict, table: dict,
+                 factors: list[FactorResult], command: str) -> list[str]:
+    """The report's title, the command, the machine, the profile's scale and the wall times."""
     machine = _machine(plan)
     finished = {r.factor for r in factors}  # an unfinished part has no time yet
     row_secs = {row: part_seconds(record["table"].get(row)) if row in table else None
@@ -561,9 +613,14 @@ def write_reproduction_report(
     time_rows = [[f"table: {ARCHITECTURES.get(r, r)}", _seconds(s)] for r, s in row_secs.items()]
     time_rows += [[f"factor: {f}", _seconds(s)] for f, s in factor_secs.items()]
     lines += [report.md_table(["part", "wall time"], time_rows), ""]
+    return lines
 
-    # --- the table
-    lines += ["## Influence vs the response functions (the paper's Table 1)", ""]
+
+def _table_section(plan: ReproductionPlan, table: dict, img: Path, path: Path) -> list[str]:
+    """The paper's Table 1 from the rows' summaries, θ^s quality, certificates, settings and a
+    decomposition figure per row (written to ``img``, linked relative to the report ``path``).
+    """
+    lines = ["## Influence vs the response functions (the paper's Table 1)", ""]
     header = ["architecture"] + [f"{label} {m}" for label, _ in _TABLE_COLUMNS
                                  for m in ("P", "S")]
     body, quality, certs, settings, figures = [], [], [], [], []
@@ -609,11 +666,17 @@ def write_reproduction_report(
              "test points × removals", "cold seeds", "seeds", "responses.tol"], settings),
             "", "Read from each run's `config.json`.", ""]
         lines += ["### Decomposition of the mismatch", "", *figures]
+    return lines
 
-    # --- the factor studies
+
+def _factor_section(plan: ReproductionPlan, factors: list[FactorResult], img: Path,
+                    path: Path) -> list[str]:
+    """The factor studies: the sweep's outputs (rewritten), and per factor its section with the
+    figure copied to ``img``; the factors not run yet are named.
+    """
     study = FACTOR_STUDIES[plan.profile]
-    lines += [f"## Factor studies ({study['preset']}, profile {study['profile']}, "
-              f"{study['seeds']} seeds per value)", ""]
+    lines = [f"## Factor studies ({study['preset']}, profile {study['profile']}, "
+             f"{study['seeds']} seeds per value)", ""]
     swept = {}
     if plan.sweep is not None and factors:
         swept = write_sweep(plan.sweep.out, factors, sweep_title(
@@ -628,10 +691,7 @@ def write_reproduction_report(
         lines += [f"Not run yet: {', '.join(missing)} (`pbrf reproduce --profile {plan.profile}` "
                   "computes what is missing).", ""]
     lines += ["Gaps: " + ", ".join(analysis.GAPS) + " (see the README's conventions).", ""]
-
-
-    atomic_write(path, "\n".join(lines).rstrip() + "\n")
-    return path
+    return lines
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -127,6 +127,22 @@ def plan_sweep(
             resolve, or a run directory that holds another config.
     """
     names = [f for f, _ in factors]
+    _check_factors(names, seeds)
+    sets = list(sets)
+    base = resolve(spec, profile, sets)
+    name = f"{base.name}-sweep-{'-'.join(names)}"
+    out = Path(out) if out else Path("runs") / name
+    plan = SweepPlan(out, base, seeds)
+    for factor, values in factors:
+        entry = _plan_factor(spec, profile, factor, list(values), sets, base, seeds, out)
+        for _, cfg, d in entry.runs():
+            check_run_dir(d, cfg, overwrite)
+        plan.factors.append(entry)
+    return plan
+
+
+def _check_factors(names: Sequence[str], seeds: int) -> None:
+    """Known factors, each once, and a positive number of seeds (else ``ConfigError``)."""
     unknown = [f for f in names if f not in SWEEP_FACTORS]
     if unknown:
         raise ConfigError(f"pbrf sweep: unknown factor {unknown[0]!r}; choose one of "
@@ -136,32 +152,26 @@ def plan_sweep(
                           "--values.")
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError("pbrf sweep: --seeds must be a positive integer, e.g. --seeds 3.")
-    sets = list(sets)
-    base = resolve(spec, profile, sets)
-    name = f"{base.name}-sweep-{'-'.join(names)}"
-    out = Path(out) if out else Path("runs") / name
-    plan = SweepPlan(out, base, seeds)
-    for factor, values in factors:
-        values = list(values)
-        if not values:
-            raise ConfigError(f"pbrf sweep: factor {factor!r} has no values; list at least one, "
-                              "e.g. --values 16,32,64.")
-        key = SWEEP_FACTORS[factor]
-        extra = list(FACTOR_REQUIRES.get(factor, ()))
-        configs, dirs = [], []
-        for v in values:
-            value_sets = extra + [f"{key}={json.dumps(v)}"]
-            configs.append([resolve(spec, profile, sets + value_sets
-                                    + [f"train.seed={base.train.seed + k}"])
-                            for k in range(seeds)])
-            folder = out / f"{factor}={v}"
-            dirs.append([folder] if seeds == 1 else [folder / f"seed={base.train.seed + k}"
-                                                     for k in range(seeds)])
-        entry = FactorPlan(factor, values, configs, dirs)
-        for _, cfg, d in entry.runs():
-            check_run_dir(d, cfg, overwrite)
-        plan.factors.append(entry)
-    return plan
+
+
+def _plan_factor(spec: str | None, profile: str, factor: str, values: list, sets: list[str],
+                 base: ExperimentConfig, seeds: int, out: Path) -> FactorPlan:
+    """One factor's configs (one per value and seed) and run directories under ``out``."""
+    if not values:
+        raise ConfigError(f"pbrf sweep: factor {factor!r} has no values; list at least one, "
+                          "e.g. --values 16,32,64.")
+    key = SWEEP_FACTORS[factor]
+    extra = list(FACTOR_REQUIRES.get(factor, ()))
+    configs, dirs = [], []
+    for v in values:
+        value_sets = extra + [f"{key}={json.dumps(v)}"]
+        configs.append([resolve(spec, profile, sets + value_sets
+                                + [f"train.seed={base.train.seed + k}"])
+                        for k in range(seeds)])
+        folder = out / f"{factor}={v}"
+        dirs.append([folder] if seeds == 1 else [folder / f"seed={base.train.seed + k}"
+                                                 for k in range(seeds)])
+    return FactorPlan(factor, values, configs, dirs)
 
 
 def _default_run(config: ExperimentConfig, run_dir: Path, inputs=None, **kwargs) -> dict:
