@@ -10,57 +10,9 @@ dataclass fields). Every invalid value raises :class:`ConfigError` with a one-li
 the field and the fix. The public names of the three modules are re-exported here.
 """
 
-from pbrf.experiment.config.overrides import apply_overrides, parse_set
-from pbrf.experiment.config.presets import (
-    PROFILES,
-    deep_merge,
-    list_presets,
-    load_config,
-    load_preset,
-    preset_table,
-    resolve,
-    resolve_profile,
-)
-from pbrf.experiment.config.schema import (
-    ACCURATE_SOLVERS,
-    KINDS,
-    SECTIONS,
-    TOP_LEVEL,
-    ConfigError,
-    DataConfig,
-    ExperimentConfig,
-    InfluenceConfig,
-    LdsConfig,
-    ModelConfig,
-    RemovalsConfig,
-    ResponsesConfig,
-    RunConfig,
-    TrainConfig,
-)
+from pbrf.experiment.config import overrides, presets, schema
+from pbrf.experiment.config.overrides import *  # noqa: F403 - the package's API is its modules'
+from pbrf.experiment.config.presets import *  # noqa: F403
+from pbrf.experiment.config.schema import *  # noqa: F403
 
-__all__ = [
-    "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "InfluenceConfig",
-    "ResponsesConfig",
-    "RemovalsConfig",
-    "RunConfig",
-    "LdsConfig",
-    "ExperimentConfig",
-    "KINDS",
-    "PROFILES",
-    "ACCURATE_SOLVERS",
-    "SECTIONS",
-    "TOP_LEVEL",
-    "list_presets",
-    "load_config",
-    "load_preset",
-    "preset_table",
-    "resolve_profile",
-    "resolve",
-    "deep_merge",
-    "apply_overrides",
-    "parse_set",
-]
+__all__ = [*schema.__all__, *presets.__all__, *overrides.__all__]

@@ -53,9 +53,6 @@ __all__ = [
     "KINDS",
     "ACCURATE_SOLVERS",
     "ConfigError",
-    "check_type",
-    "field_types",
-    "with_article",
 ]
 
 #: The built-in kinds (:mod:`pbrf.kinds`; ``responses.kinds`` also takes kinds registered later).

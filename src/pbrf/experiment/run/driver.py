@@ -82,14 +82,9 @@ __all__ = [
 ]
 
 
-def run_experiment(
-    config: ExperimentConfig,
-    run_dir: str | Path,
-    executor=None,
-    overwrite: bool = False,
-    progress: bool = True,
-    inputs: Inputs | None = None,
-) -> dict:
+def run_experiment(config: ExperimentConfig, run_dir: str | Path, executor=None,
+                   overwrite: bool = False, progress: bool = True,
+                   inputs: Inputs | None = None) -> dict:
     """Run (or resume) one experiment end to end; returns the summary.
 
     With ``run.seeds = 1`` this is :func:`pbrf.experiment.run.single.run_one` (its docstring has
