@@ -120,6 +120,22 @@ def test_check_run_dir_modes(tmp_path):
     assert check_run_dir(run, cfg, overwrite=False) == "resume"
 
 
+def test_a_multi_seed_folder_with_results_is_not_replaced_silently(tmp_path):
+    """A multi-seed folder never has θ^s at its top; its seeds' θ^s are results all the same
+    (a single-seed run on it used to delete every seed=K/ without --overwrite).
+    """
+    multi = load_preset("digits-mlp", "tiny", ["run.seeds=2"])
+    single = load_preset("digits-mlp", "tiny")
+    run = tmp_path / "ms"
+    (run / "seed=0").mkdir(parents=True)
+    (run / "config.json").write_text(multi.to_json())
+    assert check_run_dir(run, single, overwrite=False) == "overwrite"  # no seed computed yet
+    (run / "seed=0" / "theta_s.safetensors").write_bytes(b"results")
+    with pytest.raises(ConfigError, match="different config.*--overwrite"):
+        check_run_dir(run, single, overwrite=False)
+    assert check_run_dir(run, single, overwrite=True) == "overwrite"
+
+
 def test_check_run_dir_refuses_foreign_directories(tmp_path):
     cfg = load_preset("digits-mlp", "tiny")
     (tmp_path / "notes.txt").write_text("mine")

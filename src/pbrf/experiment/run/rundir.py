@@ -36,7 +36,8 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> s
     * ``overwrite``: ``"overwrite"`` — the run directory is started afresh, whatever it holds
       (also a run of the same config, e.g. with a corrupt store);
     * the same config: ``"resume"``;
-    * a different config, but nothing computed yet (no θ^s: e.g. base training failed):
+    * a different config, but nothing computed yet (no θ^s at the top nor in a seed's folder
+      ``seed=K/`` of a multi-seed run: e.g. base training failed):
       ``"overwrite"``
       — nothing of value is lost, so the corrected command needs no ``--overwrite``;
     * a different config with results: refused.
@@ -66,12 +67,20 @@ def check_run_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> s
         same = readable = False
     if same:
         return "resume"
-    if not (run_dir / CHECKPOINT_NAME).exists():
+    if not _holds_results(run_dir):
         log.info("%s holds a different config but no results yet; replacing it", run_dir)
         return _overwritable(run_dir)
     what = "a run of a different config" if readable else f"an unreadable {CONFIG_NAME}"
     raise ConfigError(f"{str(run_dir)!r} holds {what}; pass --overwrite to replace it or --out DIR "
                       "for a new run.")
+
+
+def _holds_results(run_dir: Path) -> bool:
+    """Whether a run directory holds a θ^s: at its top, or in a seed's folder ``seed=K/`` of a
+    multi-seed run (whose top never has one).
+    """
+    return (run_dir / CHECKPOINT_NAME).exists() or any(
+        (seed / CHECKPOINT_NAME).exists() for seed in run_dir.glob("seed=*"))
 
 
 def _overwritable(run_dir: Path) -> str:
