@@ -20,7 +20,7 @@ from pbrf.experiment.analysis.results import (
     Summary,
 )
 
-REFERENCE = Path(__file__).parent.parent / "data" / "tiny_digits_summary.json"
+REFERENCE = Path(__file__).parent.parent / "fixtures" / "tiny_digits_summary.json"
 
 
 def _reference() -> tuple[dict, str]:

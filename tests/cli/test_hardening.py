@@ -3,7 +3,7 @@ traceback for a user's mistake. One test (or a few) per numbered case of the iss
 through the real ``pbrf`` entry point in a subprocess (``python -m pbrf.cli``).
 
 The behaviours that already held (kill -9 / signals + resume, concurrent identical runs, pickle
-and path-traversal refusals, checksums) keep their tests in test_cli.py, test_experiment.py and
+and path-traversal refusals, checksums) keep their tests in cli/test_cli.py, run/test_driver.py and
 test_data.py.
 """
 
@@ -564,7 +564,7 @@ def test_absurd_model_width_is_one_line_before_allocating(tmp_path, width, needl
 def test_corrupt_cifar_pickle_is_a_data_error(tmp_path):
     from pbrf.data import DataError, load
 
-    from .test_data import add_member, cifar_batch
+    from ..test_data import add_member, cifar_batch
 
     path = tmp_path / "cifar10" / "cifar-10-python.tar.gz"
     path.parent.mkdir(parents=True)

@@ -161,7 +161,7 @@ def test_readme_scoring_another_library_example_runs(tiny_run, tmp_path, monkeyp
 
     from pbrf.experiment.bench import leaderboard
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = re.search(r"## Scoring another library.*?```python\n(.*?)```", text, re.S)
     assert block, "README lost its 'Scoring another library' example"
     monkeypatch.chdir(tmp_path)

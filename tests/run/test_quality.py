@@ -11,7 +11,7 @@ from pbrf.experiment import report
 from pbrf.experiment.report import quality_lines
 from pbrf.experiment.run.quality import base_quality
 
-from .conftest import tiny_problem
+from ..conftest import tiny_problem
 
 
 def _classification(n=300, d=5, classes=3, seed=0, informative=True):
