@@ -13,15 +13,20 @@ import pytest
 import pbrf
 from pbrf import cli
 from pbrf.experiment import ConfigError, load_preset, report
-from pbrf.experiment.run import driver as pipeline
+from pbrf.experiment.run import single
 from pbrf.experiment.studies import reproduce
 
-TABLE_SETS = ('responses.kinds=["cold", "warm", "pbrf", "linearized", "influence"]',
-              "removals.n_removals=4")
-FACTOR_SETS = ('responses.kinds=["pbrf", "linearized", "influence"]', "removals.n_removals=4",
-               "train.epochs=10")
+# The smallest runs that fill every part of the report: the table rows run the paper's three
+# response functions (cold, warm, PBRF) on 60 training points, 2 removals and a well-conditioned
+# damping; the factor studies need only the cheap kinds (their sections, trends and figures do
+# not depend on which ran), two values (a direction) and two seeds (error bars).
+SMALL = ("data.n_train=60", "removals.n_removals=2", "removals.n_test_points=3",
+         "run.chunk_size=2")
+TABLE_SETS = ('responses.kinds=["cold", "warm", "pbrf", "linearized", "influence"]', *SMALL,
+              "influence.damping=0.1")  # digits-binary's 1e-3 makes its Newton runs slow
+FACTOR_SETS = ('responses.kinds=["linearized", "influence"]', *SMALL, "train.epochs=10")
 TINY_STUDY = {"preset": "digits-mlp", "profile": "tiny", "seeds": 2, "sets": FACTOR_SETS,
-              "values": {"width": [8, 12, 16], "damping": [0.1, 0.3, 1.0]}}
+              "values": {"width": [8, 12], "damping": [0.1, 1.0]}}
 
 
 def _tiny_tables(mp) -> None:
@@ -37,7 +42,7 @@ def _command(out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One ``pbrf reproduce --profile tiny`` on the stand-in tables (2 rows, 2 factors x 3 values
+    """One ``pbrf reproduce --profile tiny`` on the stand-in tables (2 rows, 2 factors x 2 values
     x 2 seeds).
     """
     out = tmp_path_factory.mktemp("reproduce") / "out"
@@ -73,8 +78,8 @@ def test_reproduce_writes_table_factors_figures_and_times(smoke):
     assert len(rows) >= 2 and "not run" not in rows[0]
     summary = json.loads((smoke / "table" / "digits-mlp" / "summary.json").read_text())
     assert report.fmt_corr(summary["correlations"]["pbrf"]["pearson"]) in rows[0]
-    assert "4 of 4" in text  # certification counts
-    assert "| digits-mlp | 200 | mlp (width 16, depth 2) |" in text  # settings from config.json
+    assert "2 of 2" in text  # certification counts
+    assert "| digits-mlp | 60 | mlp (width 16, depth 2) |" in text  # settings from config.json
     # the factor studies: one section, figure and trend text per factor
     for factor in ("width", "damping"):
         assert f"### {factor}" in text
@@ -90,7 +95,7 @@ def test_reproduce_writes_table_factors_figures_and_times(smoke):
     assert set(record["table"]) == {"digits-mlp", "digits-binary"}
     assert all(e["seconds"] > 0 for e in record["table"].values())
     assert set(record["factors"]) == {"width", "damping"}
-    assert len(record["factors"]["width"]["runs"]) == 6
+    assert len(record["factors"]["width"]["runs"]) == 4
     assert reproduce.part_seconds(record["factors"]["width"]) > 0 and record["total_seconds"] > 0
     assert len(_time_lines(text)) == 5 and "n/a" not in "".join(_time_lines(text))
     # the sweep's own outputs
@@ -103,7 +108,7 @@ def test_second_invocation_recomputes_nothing_and_keeps_the_times(smoke, monkeyp
     record = json.loads((smoke / "reproduce.json").read_text())
     before = _time_lines((smoke / "reproduction.md").read_text())
     tasks, trained, runs = [], [], []
-    real_tasks, real_train = pipeline._run_tasks, pbrf.train
+    real_tasks, real_train = single._run_tasks, pbrf.train
     real_run = reproduce._default_run
 
     def count_tasks(executor, ctx, todo, store, progress):
@@ -118,12 +123,12 @@ def test_second_invocation_recomputes_nothing_and_keeps_the_times(smoke, monkeyp
         runs.append(run_dir)
         return real_run(config, run_dir, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_run_tasks", count_tasks)
+    monkeypatch.setattr(single, "_run_tasks", count_tasks)
     monkeypatch.setattr(pbrf, "train", count_train)
     monkeypatch.setattr(reproduce, "_default_run", count_runs)
     _tiny_tables(monkeypatch)
     assert cli.main(_command(smoke)) == 0
-    assert len(runs) == 2 + 2 * 3 * 2  # every run is visited (and resumes)
+    assert len(runs) == 2 + 2 * 2 * 2  # every run is visited (and resumes)
     assert not trained and not any(tasks)  # ... but nothing is computed
     again = json.loads((smoke / "reproduce.json").read_text())
     assert again["table"] == record["table"] and again["factors"] == record["factors"]
