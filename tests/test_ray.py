@@ -11,8 +11,10 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'pbrf[ray]')")
 
+# small (60 training points) but still several chunks per kind (4 removals in chunks of 2)
 ARGS = ["run", "--profile", "tiny", "--no-progress", "--set",
-        'responses.kinds=["warm", "pbrf", "linearized", "influence"]']
+        'responses.kinds=["warm", "pbrf", "linearized", "influence"]', "--set", "data.n_train=60",
+        "--set", "removals.n_removals=4", "--set", "run.chunk_size=2"]
 
 
 def _run(out, cwd, *extra):
@@ -40,7 +42,8 @@ def _numbers(summary):
 
 def test_local_executor_does_not_import_ray(tmp_path):
     code = (
-        "import sys; from pbrf.experiment import config, pipeline; "
+        "import sys; from pbrf.experiment import config; "
+        "from pbrf.experiment.run import driver as pipeline; "
         "cfg = config.load_preset('digits-mlp', 'tiny', ['responses.kinds=[\"linearized\", "
         "\"influence\"]']); "
         f"pipeline.run_experiment(cfg, {str(tmp_path / 'r')!r}, progress=False); "
