@@ -14,6 +14,8 @@ import pbrf
 from pbrf import cli
 from pbrf.experiment import ConfigError, load_preset, report
 from pbrf.experiment.run import single
+from pbrf.experiment.run.dryrun import dry_run
+from pbrf.experiment.run.inputs import prepare_inputs
 from pbrf.experiment.studies import reproduce
 
 # The smallest runs that fill every part of the report: the table rows run the paper's three
@@ -241,21 +243,47 @@ def _real_tiny_profiles_missing() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # 5 architectures and 36 factor-study runs, tiny
 @pytest.mark.skipif(_real_tiny_profiles_missing() is not None,
                     reason=str(_real_tiny_profiles_missing()))
-def test_reproduce_tiny_with_the_real_tables(tmp_path):
+def test_reproduce_tiny_with_the_real_tables(tmp_path, monkeypatch):
+    """The real ``pbrf reproduce --profile tiny``, cheaply: (1) its plan — every table row and every
+    factor-study run resolves and its data load, nothing written; (2) every row's architecture
+    through the heavy operations of a run at its tiny size (the ``--dry-run`` probes: Gauss–Newton
+    and exact-Hessian products, per-example gradients, a stacked training step); (3) the command
+    end to end on one real row (LeNet, its tiny profile as is) and the real factor studies (their
+    sets and first values, one seed, the cheap kinds). The full-size command takes many minutes;
+    the stand-in smoke test above covers the report's every part on several seeds and values.
+    """
     out = tmp_path / "out"
+    plan = reproduce.plan_reproduction("tiny", out)  # check_data: each run's data and model
+    assert not out.exists()
+    assert [row for row, _, _ in plan.rows] == list(reproduce.TABLE_ROWS)
+    assert [fp.factor for fp in plan.sweep.factors] == list(cli.SWEEP_FACTORS)
+    study = reproduce.FACTOR_STUDIES["tiny"]
+    assert all(len(cfgs) == int(study["seeds"]) for fp in plan.sweep.factors for cfgs in fp.configs)
+    for row, config, _ in plan.rows:
+        probe = dry_run(config, prepare_inputs(config))
+        assert all(probe["probe_peak_bytes"][k] > 0 for k in ("gauss_newton", "newton_hessian",
+                                                             "per_example_grads", "training_step"))
+        assert probe["estimated_total_seconds"] > 0, row
+
+    row = "cifar10-lenet"
+    monkeypatch.setattr(reproduce, "TABLE_ROWS", (row,))
+    monkeypatch.setitem(reproduce.FACTOR_STUDIES, "tiny", {
+        **study, "seeds": 1, "values": {f: v[:1] for f, v in study["values"].items()},
+        "sets": (*study.get("sets", ()), 'responses.kinds=["linearized", "influence"]')})
     assert cli.main(_command(out)) == 0
     text = (out / "reproduction.md").read_text()
-    for row in reproduce.TABLE_ROWS:
-        assert f"| {reproduce.ARCHITECTURES[row]} |" in text
-        assert (out / "table" / row / "summary.json").is_file()
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith(f"| {reproduce.ARCHITECTURES[row]} |"))
+    assert "not run" not in line
+    summary = json.loads((out / "table" / row / "summary.json").read_text())
+    assert "test_metric_std" in summary["theta_s"]  # the profile's two seeds, aggregated
     for factor in cli.SWEEP_FACTORS:
         assert f"### {factor}" in text
     assert all((out / link).is_file() for link in _figure_links(text))
     record = json.loads((out / "reproduce.json").read_text())
-    assert set(record["factors"]) == set(cli.SWEEP_FACTORS)
+    assert set(record["table"]) == {row} and set(record["factors"]) == set(cli.SWEEP_FACTORS)
 
 
 def test_help(capsys):
