@@ -11,8 +11,10 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'pbrf[ray]')")
 
+# small (60 training points) but still several chunks per kind (4 removals in chunks of 2)
 ARGS = ["run", "--profile", "tiny", "--no-progress", "--set",
-        'responses.kinds=["warm", "pbrf", "linearized", "influence"]']
+        'responses.kinds=["warm", "pbrf", "linearized", "influence"]', "--set", "data.n_train=60",
+        "--set", "removals.n_removals=4", "--set", "run.chunk_size=2"]
 
 
 def _run(out, cwd, *extra):

@@ -14,14 +14,21 @@ import pbrf
 from pbrf import cli
 from pbrf.experiment import ConfigError, load_preset, report
 from pbrf.experiment.run import single
+from pbrf.experiment.run.dryrun import dry_run
+from pbrf.experiment.run.inputs import prepare_inputs
 from pbrf.experiment.studies import reproduce
 
-TABLE_SETS = ('responses.kinds=["cold", "warm", "pbrf", "linearized", "influence"]',
-              "removals.n_removals=4")
-FACTOR_SETS = ('responses.kinds=["pbrf", "linearized", "influence"]', "removals.n_removals=4",
-               "train.epochs=10")
+# The smallest runs that fill every part of the report: the table rows run the paper's three
+# response functions (cold, warm, PBRF) on 60 training points, 2 removals and a well-conditioned
+# damping; the factor studies need only the cheap kinds (their sections, trends and figures do
+# not depend on which ran), two values (a direction) and two seeds (error bars).
+SMALL = ("data.n_train=60", "removals.n_removals=2", "removals.n_test_points=3",
+         "run.chunk_size=2")
+TABLE_SETS = ('responses.kinds=["cold", "warm", "pbrf", "linearized", "influence"]', *SMALL,
+              "influence.damping=0.1")  # digits-binary's 1e-3 makes its Newton runs slow
+FACTOR_SETS = ('responses.kinds=["linearized", "influence"]', *SMALL, "train.epochs=10")
 TINY_STUDY = {"preset": "digits-mlp", "profile": "tiny", "seeds": 2, "sets": FACTOR_SETS,
-              "values": {"width": [8, 12, 16], "damping": [0.1, 0.3, 1.0]}}
+              "values": {"width": [8, 12], "damping": [0.1, 1.0]}}
 
 
 def _tiny_tables(mp) -> None:
@@ -37,7 +44,7 @@ def _command(out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One ``pbrf reproduce --profile tiny`` on the stand-in tables (2 rows, 2 factors x 3 values
+    """One ``pbrf reproduce --profile tiny`` on the stand-in tables (2 rows, 2 factors x 2 values
     x 2 seeds).
     """
     out = tmp_path_factory.mktemp("reproduce") / "out"
@@ -73,8 +80,8 @@ def test_reproduce_writes_table_factors_figures_and_times(smoke):
     assert len(rows) >= 2 and "not run" not in rows[0]
     summary = json.loads((smoke / "table" / "digits-mlp" / "summary.json").read_text())
     assert report.fmt_corr(summary["correlations"]["pbrf"]["pearson"]) in rows[0]
-    assert "4 of 4" in text  # certification counts
-    assert "| digits-mlp | 200 | mlp (width 16, depth 2) |" in text  # settings from config.json
+    assert "2 of 2" in text  # certification counts
+    assert "| digits-mlp | 60 | mlp (width 16, depth 2) |" in text  # settings from config.json
     # the factor studies: one section, figure and trend text per factor
     for factor in ("width", "damping"):
         assert f"### {factor}" in text
@@ -90,7 +97,7 @@ def test_reproduce_writes_table_factors_figures_and_times(smoke):
     assert set(record["table"]) == {"digits-mlp", "digits-binary"}
     assert all(e["seconds"] > 0 for e in record["table"].values())
     assert set(record["factors"]) == {"width", "damping"}
-    assert len(record["factors"]["width"]["runs"]) == 6
+    assert len(record["factors"]["width"]["runs"]) == 4
     assert reproduce.part_seconds(record["factors"]["width"]) > 0 and record["total_seconds"] > 0
     assert len(_time_lines(text)) == 5 and "n/a" not in "".join(_time_lines(text))
     # the sweep's own outputs
@@ -123,7 +130,7 @@ def test_second_invocation_recomputes_nothing_and_keeps_the_times(smoke, monkeyp
     monkeypatch.setattr(reproduce, "_default_run", count_runs)
     _tiny_tables(monkeypatch)
     assert cli.main(_command(smoke)) == 0
-    assert len(runs) == 2 + 2 * 3 * 2  # every run is visited (and resumes)
+    assert len(runs) == 2 + 2 * 2 * 2  # every run is visited (and resumes)
     assert not trained and not any(tasks)  # ... but nothing is computed
     again = json.loads((smoke / "reproduce.json").read_text())
     assert again["table"] == record["table"] and again["factors"] == record["factors"]
@@ -236,21 +243,47 @@ def _real_tiny_profiles_missing() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # 5 architectures and 36 factor-study runs, tiny
 @pytest.mark.skipif(_real_tiny_profiles_missing() is not None,
                     reason=str(_real_tiny_profiles_missing()))
-def test_reproduce_tiny_with_the_real_tables(tmp_path):
+def test_reproduce_tiny_with_the_real_tables(tmp_path, monkeypatch):
+    """The real ``pbrf reproduce --profile tiny``, cheaply: (1) its plan — every table row and every
+    factor-study run resolves and its data load, nothing written; (2) every row's architecture
+    through the heavy operations of a run at its tiny size (the ``--dry-run`` probes: Gauss–Newton
+    and exact-Hessian products, per-example gradients, a stacked training step); (3) the command
+    end to end on one real row (LeNet, its tiny profile as is) and the real factor studies (their
+    sets and first values, one seed, the cheap kinds). The full-size command takes many minutes;
+    the stand-in smoke test above covers the report's every part on several seeds and values.
+    """
     out = tmp_path / "out"
+    plan = reproduce.plan_reproduction("tiny", out)  # check_data: each run's data and model
+    assert not out.exists()
+    assert [row for row, _, _ in plan.rows] == list(reproduce.TABLE_ROWS)
+    assert [fp.factor for fp in plan.sweep.factors] == list(cli.SWEEP_FACTORS)
+    study = reproduce.FACTOR_STUDIES["tiny"]
+    assert all(len(cfgs) == int(study["seeds"]) for fp in plan.sweep.factors for cfgs in fp.configs)
+    for row, config, _ in plan.rows:
+        probe = dry_run(config, prepare_inputs(config))
+        assert all(probe["probe_peak_bytes"][k] > 0 for k in ("gauss_newton", "newton_hessian",
+                                                             "per_example_grads", "training_step"))
+        assert probe["estimated_total_seconds"] > 0, row
+
+    row = "cifar10-lenet"
+    monkeypatch.setattr(reproduce, "TABLE_ROWS", (row,))
+    monkeypatch.setitem(reproduce.FACTOR_STUDIES, "tiny", {
+        **study, "seeds": 1, "values": {f: v[:1] for f, v in study["values"].items()},
+        "sets": (*study.get("sets", ()), 'responses.kinds=["linearized", "influence"]')})
     assert cli.main(_command(out)) == 0
     text = (out / "reproduction.md").read_text()
-    for row in reproduce.TABLE_ROWS:
-        assert f"| {reproduce.ARCHITECTURES[row]} |" in text
-        assert (out / "table" / row / "summary.json").is_file()
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith(f"| {reproduce.ARCHITECTURES[row]} |"))
+    assert "not run" not in line
+    summary = json.loads((out / "table" / row / "summary.json").read_text())
+    assert "test_metric_std" in summary["theta_s"]  # the profile's two seeds, aggregated
     for factor in cli.SWEEP_FACTORS:
         assert f"### {factor}" in text
     assert all((out / link).is_file() for link in _figure_links(text))
     record = json.loads((out / "reproduce.json").read_text())
-    assert set(record["factors"]) == set(cli.SWEEP_FACTORS)
+    assert set(record["table"]) == {row} and set(record["factors"]) == set(cli.SWEEP_FACTORS)
 
 
 def test_help(capsys):
