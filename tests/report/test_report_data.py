@@ -156,7 +156,7 @@ def test_table_labels_sweep_runs_with_preset_and_value(tmp_path, capsys):
 
 
 def test_sweep_several_factors_and_seeds(tmp_path):
-    from ..test_cli import CHEAP, TINY, pbrf_cmd
+    from ..cli.test_cli import CHEAP, TINY, pbrf_cmd
 
     out = tmp_path / "sweep"
     proc = pbrf_cmd("sweep", "digits-mlp", *TINY, *CHEAP, "--factor", "damping", "--values",

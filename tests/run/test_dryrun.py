@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .test_cli import TINY, pbrf_cmd
+from ..cli.test_cli import TINY, pbrf_cmd
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 

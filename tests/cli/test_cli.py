@@ -50,7 +50,7 @@ def default_run(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------- run
-REFERENCE = Path(__file__).parent / "fixtures" / "tiny_digits_summary.json"
+REFERENCE = Path(__file__).parent.parent / "fixtures" / "tiny_digits_summary.json"
 
 
 def _numbers_differ(a, b, path="summary"):
@@ -73,7 +73,7 @@ def _numbers_differ(a, b, path="summary"):
 
 def test_default_tiny_run_matches_the_stored_reference(default_run):
     """The default run's numbers are those of main before the experiment layer was reorganised
-    (``tests/fixtures/tiny_digits_summary.json``, written by ``pbrf run --profile tiny`` at d9b3fc0).
+    (``tests/fixtures/tiny_digits_summary.json``, from ``pbrf run --profile tiny`` at d9b3fc0).
     """
     _, run_dir, _ = default_run
     got = json.loads((run_dir / "summary.json").read_text())
