@@ -46,7 +46,7 @@ from pbrf.experiment.config import ConfigError, list_presets, parse_set, resolve
 from pbrf.experiment.run.driver import prepare_inputs, run_experiment
 from pbrf.experiment.run.dryrun import dry_run, format_dry_run
 from pbrf.experiment.run.executors import get_executor
-from pbrf.experiment.run.rundir import check_run_dir
+from pbrf.experiment.run.rundir import check_out_dir
 from pbrf.experiment.studies import reproduce, sweep
 from pbrf.experiment.studies.sweep import SWEEP_FACTORS
 from pbrf.fileio import name_os_error
@@ -238,7 +238,7 @@ def cmd_run(args) -> int:
     if args.dry_run:
         print(format_dry_run(dry_run(config, prepare_inputs(config))))
         return 0
-    check_run_dir(out, config, args.overwrite)
+    check_out_dir(out, config, args.overwrite)
     inputs = prepare_inputs(config)
     executor = _executor(args)
     try:

@@ -338,7 +338,8 @@ def test_table_has_the_paper_layout(default_run, capsys):
 def test_sweep_runs_each_value_and_plots(tmp_path):
     """Two values of one factor, each a run of its own, then the sweep's table and figure. The
     responses are the cheap ones (the sweep's files do not depend on which kinds ran; the optimised
-    kinds inside a sweep are exercised by ``tests/studies/test_reproduce.py``), on a smaller problem.
+    kinds inside a sweep are exercised by ``tests/studies/test_reproduce.py``), on a smaller
+    problem.
     """
     out = tmp_path / "sweep"
     proc = pbrf_cmd(

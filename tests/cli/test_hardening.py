@@ -29,7 +29,7 @@ import pytest
 
 from pbrf import cli
 from pbrf.experiment import analysis, report
-from pbrf.experiment.run import driver as pipeline
+from pbrf.experiment.run import rundir
 
 from .test_cli import CHEAP, TINY, pbrf_cmd
 
@@ -407,7 +407,7 @@ def test_read_only_run_directory_is_one_line_naming_the_file(tmp_path, monkeypat
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pipeline, "atomic_write_text", read_only)
+    monkeypatch.setattr(rundir, "atomic_write_text", read_only)  # config.json is written first
     assert cli.main([*CHEAP_RUN, "--out", "d"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "d/config.json" in err[0] and "Read-only file system" in err[0], err

@@ -11,6 +11,7 @@ it aside first; :func:`check_multi_seed_dir` is the same check for a multi-seed 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -22,7 +23,8 @@ from pathlib import Path
 from pbrf.experiment.config import ConfigError, ExperimentConfig
 from pbrf.experiment.run.store import CHECKPOINT_NAME, CONFIG_NAME, atomic_write_text
 
-__all__ = ["check_run_dir", "check_multi_seed_dir", "open_run", "discard", "exclusive",
+__all__ = ["check_out_dir", "check_run_dir", "check_multi_seed_dir", "open_run", "discard",
+           "exclusive", "seed_runs", "seed_config", "SEED_DIR",
            "lock_path", "remove_trash"]
 
 log = logging.getLogger(__name__)
@@ -170,4 +172,37 @@ def check_multi_seed_dir(config: ExperimentConfig, run_dir: Path, overwrite: boo
     if old_seeds <= 1 and old is not None and not overwrite:
         raise ConfigError(f"{str(run_dir)!r} holds a single-seed run; pass --overwrite to replace "
                           "it or --out DIR for the multi-seed run.")
+
+
+#: Name of the folder of one seed's run inside a multi-seed run directory.
+SEED_DIR = "seed={}"
+
+
+def seed_config(config: ExperimentConfig, train_seed: int) -> ExperimentConfig:
+    """The config of one seed's run: ``train.seed = train_seed`` and ``run.seeds = 1``."""
+    return dataclasses.replace(
+        config, train=dataclasses.replace(config.train, seed=train_seed),
+        run=dataclasses.replace(config.run, seeds=1))
+
+
+def seed_runs(config: ExperimentConfig, run_dir: Path) -> list[tuple[int, ExperimentConfig, Path]]:
+    """``(train seed, config, run directory)`` of each seed of a multi-seed run."""
+    base = config.train.seed
+    return [(base + k, seed_config(config, base + k), Path(run_dir) / SEED_DIR.format(base + k))
+            for k in range(config.run.seeds)]
+
+
+def check_out_dir(run_dir: Path, config: ExperimentConfig, overwrite: bool) -> None:
+    """The read-only check of ``--out DIR`` for a run of ``config``, before any data is loaded:
+    :func:`check_run_dir` for a single-seed run; for ``run.seeds > 1`` :func:`check_multi_seed_dir`
+    and, unless ``overwrite``, :func:`check_run_dir` on every seed's folder.
+    """
+    run_dir = Path(run_dir)
+    if config.run.seeds <= 1:
+        check_run_dir(run_dir, config, overwrite)
+        return
+    check_multi_seed_dir(config, run_dir, overwrite)
+    if not overwrite:
+        for _, cfg, seed_dir in seed_runs(config, run_dir):
+            check_run_dir(seed_dir, cfg, False)
 

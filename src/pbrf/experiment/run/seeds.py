@@ -12,7 +12,6 @@ already computed.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -21,30 +20,20 @@ from pbrf.experiment.analysis.aggregate import aggregate
 from pbrf.experiment.config import ExperimentConfig
 from pbrf.experiment.report import write_seeds_report
 from pbrf.experiment.run.inputs import Inputs, prepare_inputs
-from pbrf.experiment.run.rundir import check_multi_seed_dir, check_run_dir, discard, exclusive
+from pbrf.experiment.run.rundir import (
+    SEED_DIR,
+    check_out_dir,
+    discard,
+    exclusive,
+    seed_config,
+    seed_runs,
+)
 from pbrf.experiment.run.single import run_one
 from pbrf.experiment.run.store import CONFIG_NAME, atomic_write_text
 
 __all__ = ["seed_runs", "seed_config", "run_seeds", "SEED_DIR"]
 
 log = logging.getLogger(__name__)
-
-#: Name of the folder of one seed's run inside a multi-seed run directory.
-SEED_DIR = "seed={}"
-
-
-def seed_config(config: ExperimentConfig, train_seed: int) -> ExperimentConfig:
-    """The config of one seed's run: ``train.seed = train_seed`` and ``run.seeds = 1``."""
-    return dataclasses.replace(
-        config, train=dataclasses.replace(config.train, seed=train_seed),
-        run=dataclasses.replace(config.run, seeds=1))
-
-
-def seed_runs(config: ExperimentConfig, run_dir: Path) -> list[tuple[int, ExperimentConfig, Path]]:
-    """``(train seed, config, run directory)`` of each seed of a multi-seed run."""
-    base = config.train.seed
-    return [(base + k, seed_config(config, base + k), Path(run_dir) / SEED_DIR.format(base + k))
-            for k in range(config.run.seeds)]
 
 
 def prepare_seed_inputs(config: ExperimentConfig, inputs=None) -> list:
@@ -69,11 +58,8 @@ def run_seeds(config: ExperimentConfig, run_dir: str | Path, executor=None,
 
 def _run_seeds(config: ExperimentConfig, run_dir: Path, executor, overwrite: bool,
                progress: bool, inputs) -> dict:
-    check_multi_seed_dir(config, run_dir, overwrite)
+    check_out_dir(run_dir, config, overwrite)
     runs = seed_runs(config, run_dir)
-    if not overwrite:
-        for _, cfg, d in runs:
-            check_run_dir(d, cfg, False)
     per_seed_inputs = prepare_seed_inputs(config, inputs)
     if overwrite and run_dir.is_dir():
         discard(run_dir)
@@ -88,6 +74,5 @@ def _run_seeds(config: ExperimentConfig, run_dir: Path, executor, overwrite: boo
     summary = aggregate(summaries, [s for s, _, _ in runs], [d.name for _, _, d in runs])
     write_seeds_report(run_dir, summary, summaries, config.to_dict())
     return summary
-
 
 

@@ -41,7 +41,7 @@ from pbrf.experiment import analysis, report
 from pbrf.experiment.config import ConfigError, ExperimentConfig, load_preset
 from pbrf.experiment.run.driver import run_experiment
 from pbrf.experiment.run.inputs import prepare_inputs
-from pbrf.experiment.run.rundir import check_run_dir
+from pbrf.experiment.run.rundir import check_out_dir, check_run_dir
 from pbrf.experiment.studies.sweep import (
     SWEEP_FACTORS,
     FactorResult,
@@ -269,7 +269,7 @@ def _plan_rows(profile: str, out: Path, sets: Sequence[str], run: bool,
         run_dir = out / "table" / row
         if run:
             config = _row_config(row, profile, sets)
-            check_run_dir(run_dir, config, overwrite)
+            check_out_dir(run_dir, config, overwrite)
         else:  # only reported, when already finished
             try:
                 config = _row_config(row, profile, sets)

@@ -27,7 +27,7 @@ import numpy as np
 from pbrf.experiment import analysis, report
 from pbrf.experiment.config import ConfigError, ExperimentConfig, resolve
 from pbrf.experiment.run.driver import run_experiment
-from pbrf.experiment.run.rundir import check_run_dir
+from pbrf.experiment.run.rundir import check_out_dir
 from pbrf.experiment.run.store import atomic_write_text
 from pbrf.fileio import name_os_error
 
@@ -136,7 +136,7 @@ def plan_sweep(
     for factor, values in factors:
         entry = _plan_factor(spec, profile, factor, list(values), sets, base, seeds, out)
         for _, cfg, d in entry.runs():
-            check_run_dir(d, cfg, overwrite)
+            check_out_dir(d, cfg, overwrite)
         plan.factors.append(entry)
     return plan
 
