@@ -18,6 +18,8 @@ from pbrf.experiment.run.dryrun import dry_run
 from pbrf.experiment.run.inputs import prepare_inputs
 from pbrf.experiment.studies import reproduce
 
+from ..report.test_run_report import table_blocks
+
 # The smallest runs that fill every part of the report: the table rows run the paper's three
 # response functions (cold, warm, PBRF) on 60 training points, 2 removals and a well-conditioned
 # damping; the factor studies need only the cheap kinds (their sections, trends and figures do
@@ -63,29 +65,48 @@ def _time_lines(text: str) -> list[str]:
             or ln.startswith("Total wall time")]
 
 
+def _table(text: str, column: str) -> dict[str, dict]:
+    """The markdown table with a column ``column``, as ``{first cell: {column: cell}}``."""
+    for block in table_blocks(text):
+        header = [c.strip() for c in block[0].strip("|").split("|")]
+        if column in header:
+            rows = [dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
+                    for row in block[2:]]
+            return {r[header[0]]: r for r in rows}
+    raise AssertionError(f"no table with a column {column!r}")
+
+
 def test_reproduce_writes_table_factors_figures_and_times(smoke):
     path = smoke / "reproduction.md"
     text = path.read_text()
-    assert f"`pbrf reproduce --profile tiny --out {smoke}`" in text
-    assert f"pbrf {pbrf.__version__}" in text and "GPU: not used" in text
-    assert "The `paper` profile" in text
-    # the table in the paper's layout, one row per architecture, all columns
-    assert "## Influence vs the response functions (the paper's Table 1)" in text
-    header = next(ln for ln in text.splitlines() if ln.startswith("| architecture | cold"))
-    for col in ("cold-start LOO P", "warm-start LOO S", "PBRF P", "warm-start (paired) S",
-                "proximal P"):
-        assert col in header
-    rows = [ln for ln in text.splitlines() if ln.startswith(("| digits-mlp |",
-                                                             "| digits-binary |"))]
-    assert len(rows) >= 2 and "not run" not in rows[0]
-    summary = json.loads((smoke / "table" / "digits-mlp" / "summary.json").read_text())
-    assert report.fmt_corr(summary["correlations"]["pbrf"]["pearson"]) in rows[0]
-    assert "2 of 2" in text  # certification counts
-    assert "| digits-mlp | 60 | mlp (width 16, depth 2) |" in text  # settings from config.json
-    # the factor studies: one section, figure and trend text per factor
+    assert f"`pbrf reproduce --profile tiny --out {smoke}`" in text  # the command that made it
+    assert f"pbrf {pbrf.__version__}" in text
+    # the table in the paper's layout: one row per architecture, each cell from its summary.json
+    rows = _table(text, "PBRF P")
+    assert set(rows) == {"digits-mlp", "digits-binary"}
+    for name, row in rows.items():
+        for col in ("cold-start LOO P", "warm-start LOO S", "PBRF P", "warm-start (paired) S",
+                    "proximal P"):
+            assert col in row
+        summary = json.loads((smoke / "table" / name / "summary.json").read_text())
+        corr = summary["correlations"]
+        assert row["PBRF P"] == report.fmt_corr(corr["pbrf"]["pearson"])
+        assert row["cold-start LOO S"] == report.fmt_corr(corr["cold"]["spearman"])
+    # certification counts, summed from the rows' certificates
+    certified = _table(text, "PBRF certified")
+    for name, row in certified.items():
+        cert = json.loads((smoke / "table" / name / "summary.json").read_text())["certificates"]
+        pbrf_cert = cert["by_kind"]["pbrf"]
+        assert row["PBRF certified"].startswith(f"{pbrf_cert['certified']} of ")
+    assert set(certified) == {"digits-mlp", "digits-binary"}
+    # the settings, read from each row's config.json
+    settings = _table(text, "responses.tol")
+    config = json.loads((smoke / "table" / "digits-mlp" / "config.json").read_text())
+    assert settings["digits-mlp"]["N"] == str(config["data"]["n_train"])
+    assert settings["digits-mlp"]["model"].startswith(config["model"]["name"])
+    # the factor studies: one section and one figure per factor
     for factor in ("width", "damping"):
         assert f"### {factor}" in text
-        assert f"with {factor} (the error bars" in text
         assert f"img/reproduction/factor-{factor}.png" in text
     links = _figure_links(text)
     assert len(links) == 4  # two decompositions, two factors
