@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from pbrf import kinds as _kinds
 from pbrf.experiment.analysis import GAPS, KIND_LABELS
+from pbrf.experiment.analysis.aggregate import SeedStats
 from pbrf.experiment.analysis.results import Decomposition, Record, Summary
 from pbrf.experiment.report.kit import (
     NA,
@@ -251,9 +252,9 @@ def seed_stats(groups: Sequence, get) -> tuple[np.ndarray, np.ndarray]:
     """
     means, stds = [], []
     for group in groups:
-        vals = [v for v in (plottable(get(s)) for s in as_seeds(group)) if v is not None]
-        means.append(float(np.mean(vals)) if vals else np.nan)
-        stds.append(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
+        stats = SeedStats([plottable(get(s)) for s in as_seeds(group)])  # the aggregate's mean
+        means.append(np.nan if stats.mean is None else stats.mean)
+        stds.append(0.0 if stats.std is None else stats.std)
     return np.array(means), np.array(stds)
 
 
