@@ -38,7 +38,9 @@ def _copy(run, tmp_path, name="C"):
 
 
 def _listing(folder):
-    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*"))
+    """Files and sizes (SQLite's -wal/-shm of a reader are not the run's content)."""
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*")
+                  if not p.name.endswith(("-wal", "-shm")))
 
 
 # ---------------------------------------------------------------------------- item 3
