@@ -494,6 +494,10 @@ def _reproducible_math() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+#: ``--threads`` above this many per CPU core is refused (thread start-up fails long before).
+THREADS_PER_CORE = 4
+
+
 def _set_threads(n: int | None) -> None:
     """``--threads N``: torch's intra-op threads here and, through the environment, in Ray
     workers.
@@ -502,6 +506,11 @@ def _set_threads(n: int | None) -> None:
         return
     if n < 1:
         raise UsageError("pbrf: --threads must be a positive integer, e.g. --threads 2.")
+    cores = os.cpu_count() or 1
+    if n > THREADS_PER_CORE * cores:  # before any thread starts: torch would fail to start them
+        raise UsageError(f"pbrf: --threads {n} is more than {THREADS_PER_CORE} per CPU core of "
+                         f"this machine ({cores} cores); pass at most --threads "
+                         f"{THREADS_PER_CORE * cores}, e.g. --threads {cores}.")
 
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)

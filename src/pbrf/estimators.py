@@ -510,6 +510,8 @@ class Trak(Estimator):
         )
 
     def point_scores(self, problem, test, points, context):
+        _check_fits("trak", "dim", context["dim"], problem.theta,
+                    2 * problem.n_params * context["dim"] + 3 * context["dim"] ** 2)
         op = CurvatureOperator(problem, context["curvature"], context["damping"])
         g_test = per_example_grads(problem, *test)
         out = None
@@ -529,6 +531,36 @@ class Trak(Estimator):
             term = _chunked_dot(problem, left, points, transform=lambda g: g @ P) / problem.n_train
             out = term if out is None else out + term
         return out / context["ensemble"]
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` in bytes (``MemAvailable`` for the CPU); ``None`` if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_fits(name: str, option: str, value: int, like: Tensor, elements: int) -> None:
+    """Refuse, before allocating, an option whose arrays (``elements`` of ``like``'s dtype) exceed
+    the free memory of ``like``'s device.
+    """
+    need, free = elements * like.element_size(), _available_bytes(like.device)
+    if free is not None and need > free:
+        raise ValueError(
+            f"{name}: {option}={value} needs about {need / 2**30:.3g} GiB for its arrays, more "
+            f"than the {free / 2**30:.3g} GiB free on {like.device}; lower --hp "
+            f"{name}.{option}."
+        )
 
 
 def _blocks(n: int, size: int):

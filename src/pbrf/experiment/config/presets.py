@@ -9,6 +9,7 @@ A preset is a TOML file in ``pbrf/experiment/presets/`` (the layout of
 from __future__ import annotations
 
 import copy
+import json
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -19,6 +20,7 @@ from pbrf.experiment.config.schema import ConfigError, ExperimentConfig
 __all__ = [
     "PROFILES",
     "deep_merge",
+    "load_run_config",
     "list_presets",
     "preset_table",
     "resolve_profile",
@@ -124,11 +126,33 @@ def load_config(
     return ExperimentConfig.from_dict(apply_overrides(raw, overrides or []))
 
 
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """A run directory's ``config.json`` (resolved already: its profile is the one stored, so
+    ``--profile`` does not apply) with ``--set`` overrides; ``pbrf run RUN/config.json --out RUN``
+    resumes that run.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass a preset name, a .toml "
+                          "file or a run's config.json.") from None
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"{str(path)!r} is unreadable ({str(err).splitlines()[0]}); pass a "
+                          "preset name, a .toml file or a run's config.json.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{str(path)!r} is not a run's config (a JSON object); pass a preset "
+                          "name, a .toml file or a run's config.json.")
+    return ExperimentConfig.from_dict(apply_overrides(raw, overrides or []))
+
+
 def resolve(
     spec: str | None, profile: str = "quick", overrides: list[str] | None = None
 ) -> ExperimentConfig:
     """A preset name or a ``.toml`` path (default preset ``digits-mlp``) → config."""
     spec = spec or "digits-mlp"
+    if spec.endswith(".json"):
+        return load_run_config(spec, overrides)
     if spec.endswith(".toml") or Path(spec).is_file():
         return load_config(spec, profile, overrides)
     return load_preset(spec, profile, overrides)

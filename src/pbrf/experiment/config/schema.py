@@ -225,8 +225,9 @@ class ResponsesConfig(NewtonOptions, RecipeFields):
     (minibatch order, LiSSA sampling; 0 by default).
 
     ``rho_threshold``: a response is certified when ``ρ = ||∇F(θ_r)|| / signal ≤ rho_threshold``
-    (``signal = (1/N)||Σ_{m∈r} ∇L_m(θ^s)||``). ``paired``: also measure warm start and proximal
-    against a no-removal continuation with the same seed and recipe.
+    (``signal = (1/N)||Σ_{m∈r} ∇L_m(θ^s)||``); it lies in (0, 1), since ρ = 1 at θ^s.
+    ``paired``: also measure warm start and proximal against a no-removal continuation with the
+    same seed and recipe.
     """
 
     optimizer: str = "newton"
@@ -262,6 +263,9 @@ class ResponsesConfig(NewtonOptions, RecipeFields):
         newton = {**self._newton_fields(), "max_iter": self.steps or NewtonRecipe.max_iter}
         _check_recipe("responses", lambda: NewtonRecipe(**newton))
         _check_positive("responses.rho_threshold", self.rho_threshold)
+        if self.rho_threshold >= 1:  # ρ = 1 at θ^s for the PBRF: an unoptimised response passes
+            _fail("responses.rho_threshold", "must be < 1 (ρ = 1 at θ^s, so any larger threshold "
+                  f"certifies unoptimised responses), e.g. 1e-2; got {self.rho_threshold!r}.")
         if not self.cold_seeds or not all(isinstance(s, int) and not isinstance(s,
             bool) for s in self.cold_seeds):
             _fail("responses.cold_seeds", "must be a non-empty list of ints, e.g. [0, 1]; got "

@@ -13,7 +13,7 @@ from pathlib import Path
 from pbrf.experiment.config import ConfigError
 from pbrf.experiment.run.context import read_config
 from pbrf.experiment.run.selection import groups_from_array
-from pbrf.experiment.run.store import Store
+from pbrf.experiment.run.store import Store, run_command
 from pbrf.experiment.run.summary import objective_defined
 
 __all__ = ["RunDataError", "run_arrays"]
@@ -30,13 +30,13 @@ def run_arrays(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if not (run_dir / "results.sqlite").is_file():
-        raise RunDataError(f"{str(run_dir)!r} has no results yet; finish it with `pbrf run --out "
-                           f"{run_dir}`.")
+        raise RunDataError(f"{str(run_dir)!r} has no results yet; finish it with "
+                           f"`{run_command(run_dir)}`.")
     with Store(run_dir, readonly=True) as store:
         groups_arr = store.get_array("groups")
         if groups_arr is None:
-            raise RunDataError(f"{str(run_dir)!r} is not set up yet; finish it with `pbrf run "
-                               f"--out {run_dir}`.")
+            raise RunDataError(f"{str(run_dir)!r} is not set up yet; finish it with "
+                               f"`{run_command(run_dir)}`.")
         groups = groups_from_array(groups_arr)
         n_chunks = math.ceil(len(groups) / config.run.chunk_size)
         dm, diverged, uncertified = {}, {}, {}
@@ -51,8 +51,8 @@ def run_arrays(run_dir: str | Path) -> dict:
                     ]
             except KeyError:
                 raise RunDataError(
-                    f"{str(run_dir)!r} is not finished ({kind} missing); resume it with `pbrf run "
-                    f"--out {run_dir}`."
+                    f"{str(run_dir)!r} is not finished ({kind} missing); resume it with "
+                    f"`{run_command(run_dir)}`."
                 ) from None
         n_train = store.get_meta("n_train")
         index = store.get_array("test_index")

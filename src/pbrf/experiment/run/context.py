@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import pbrf
 from pbrf.experiment.config import ConfigError, ExperimentConfig
 from pbrf.experiment.run.inputs import (
-    CHECKPOINT,
     Inputs,
     build_problem,
+    load_theta,
     prepare_inputs,
     test_data,
     torch,
@@ -32,21 +32,37 @@ from pbrf.experiment.run.selection import (
     random_groups,
     top_influence_groups,
 )
-from pbrf.experiment.run.store import CONFIG_NAME, Store
+from pbrf.experiment.run.store import CONFIG_NAME, DB_NAME, Store
 
 
 def read_config(run_dir: Path) -> ExperimentConfig:
-    """The config stored in a run directory."""
-    path = Path(run_dir) / CONFIG_NAME
+    """The config stored in a run directory: the one reader of a run's ``config.json``.
+
+    Raises:
+        ConfigError: no run directory, a multi-seed folder, an unreadable ``config.json``, or one
+            that differs from the config the stored results were computed for (each message
+            names the file and the fix).
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_NAME
     if not path.is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a pbrf run directory (no {CONFIG_NAME}); run "
                           "`pbrf run` first.")
-    config = ExperimentConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        config = ExperimentConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, OSError) as err:  # JSONDecodeError, UnicodeDecodeError, ConfigError
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{str(path)!r} is unreadable ({cause}); restore it from a copy of the "
+                          f"run, or start the run again with the command that made it and "
+                          f"--out {shlex.quote(str(run_dir))} --overwrite.") from None
     if config.run.seeds > 1:  # the aggregate of several runs, not a run
-        first = Path(run_dir) / f"seed={config.train.seed}"
+        first = run_dir / f"seed={config.train.seed}"
         raise ConfigError(f"{str(run_dir)!r} holds {config.run.seeds} runs, one per θ^s seed "
                           f"(run.seeds = {config.run.seeds}); pass one of them, e.g. "
                           f"{str(first)!r}.")
+    if (run_dir / DB_NAME).is_file():
+        with Store(run_dir, readonly=True) as store:
+            store.check_config(config.fingerprint())
     return config
 
 
@@ -131,7 +147,6 @@ def load_context(run_dir: str | Path) -> Context:
     if index is None or groups is None:
         raise RuntimeError(f"{run_dir}: the run is not set up yet (no test points / removal sets "
                            "stored).")
-    params, _ = pbrf.load_checkpoint(Path(run_dir) / CHECKPOINT)
-    problem = build_problem(inputs, params)
+    problem = build_problem(inputs, load_theta(run_dir))
     return Context(config, Path(run_dir), inputs, problem, test_data(inputs, index), index,
                    groups_from_array(groups))

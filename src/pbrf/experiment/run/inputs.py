@@ -24,6 +24,7 @@ import pbrf
 from pbrf import data, models, solvers
 from pbrf.experiment.config import ConfigError, ExperimentConfig
 from pbrf.experiment.run.selection import choose_test_points, random_groups
+from pbrf.experiment.run.store import run_command
 from pbrf.fileio import jsonable
 
 log = logging.getLogger(__name__)
@@ -306,17 +307,24 @@ def train_theta(inputs: Inputs, run_dir: Path, progress: bool = True) -> dict:
             )
         except SafetensorError as err:  # the disk refused the write (full, ulimit -f, read-only)
             raise OSError(errno.EIO, _first_line(err), str(path)) from None
+    return load_theta(run_dir)
+
+
+def load_theta(run_dir: str | Path) -> dict:
+    """θ^s of a run directory, read back: the one reader of ``theta_s.safetensors``.
+
+    Raises:
+        ConfigError: it is unreadable (truncated, garbage) or not finite; the message names the
+            file and the fix (start the run again with ``--overwrite``).
+    """
+    path = Path(run_dir) / CHECKPOINT
+    fix = f"pass --overwrite to start this run again (`{run_command(run_dir, overwrite=True)}`)."
     try:
         params, _ = pbrf.load_checkpoint(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ConfigError(
-            f"{str(path)!r} is unreadable ({_first_line(err)}); pass --overwrite to "
-            "start this run again."
-        ) from None
+        raise ConfigError(f"{str(path)!r} is unreadable ({_first_line(err)}); {fix}") from None
     if not all(bool(torch.isfinite(v).all()) for v in params.values()):
-        raise ConfigError(
-            f"{str(path)!r} holds non-finite parameters; pass --overwrite to start this run again."
-        )
+        raise ConfigError(f"{str(path)!r} holds non-finite parameters; {fix}")
     return params
 
 

@@ -32,12 +32,13 @@ from pbrf.experiment.run.inputs import (
     TRAINING_CHECKPOINTS,
     build_model,
     build_problem,
+    load_theta,
     prepare_inputs,
     test_data,
     train_data,
 )
 from pbrf.experiment.run.selection import groups_from_array
-from pbrf.experiment.run.store import Store
+from pbrf.experiment.run.store import Store, run_command
 from pbrf.problem import Params, Problem
 from pbrf.tasks import Task
 from pbrf.training import load_checkpoint
@@ -168,18 +169,17 @@ def load_run(run_dir: str | Path, device: str | None = None) -> Run:
         )
     if not (run_dir / CHECKPOINT).is_file() or not (run_dir / "results.sqlite").is_file():
         raise ConfigError(
-            f"{str(run_dir)!r} is not set up yet (no θ^s); run `pbrf run --out {run_dir}` first."
+            f"{str(run_dir)!r} is not set up yet (no θ^s); finish it with `{run_command(run_dir)}`."
         )
     with Store(run_dir, readonly=True) as store:
         index, groups = store.get_array("test_index"), store.get_array("groups")
     if index is None or groups is None:
         raise ConfigError(
-            f"{str(run_dir)!r} is not set up yet (no removal sets); run "
-            f"`pbrf run --out {run_dir}` first."
+            f"{str(run_dir)!r} is not set up yet (no removal sets); finish it with "
+            f"`{run_command(run_dir)}`."
         )
     inputs = prepare_inputs(config)
-    params, _ = load_checkpoint(run_dir / CHECKPOINT)
-    problem = build_problem(inputs, params)
+    problem = build_problem(inputs, load_theta(run_dir))
     model = _model_with(
         build_model(config, inputs.model_kwargs, seed=config.train.seed).to(config.run.device),
         problem.params,

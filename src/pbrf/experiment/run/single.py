@@ -72,6 +72,7 @@ def run_one(
         mode = open_run(config, run_dir, overwrite)
         log.info("%s run directory %s", mode, run_dir)
         with Store(run_dir) as store:
+            store.check_config(config.fingerprint(), record=True)  # what load_run checks against
             try:
                 ctx = setup(inputs, run_dir, store, progress)
                 tasks = pending_tasks(ctx, store.done())

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import logging
+import shlex
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,8 @@ import numpy as np
 from pbrf.experiment.config import ConfigError
 from pbrf.fileio import atomic_write, dumps, npy_bytes
 
-__all__ = ["Store", "StoreError", "ChunkResult", "to_blob", "from_blob", "atomic_write_text"]
+__all__ = ["Store", "StoreError", "ChunkResult", "to_blob", "from_blob", "atomic_write_text",
+           "run_command", "config_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,27 @@ CONFIG_NAME = "config.json"
 CHECKPOINT_NAME = "theta_s.safetensors"
 
 
+#: ``meta`` key of the SHA-256 of the config fingerprint the results were computed for (written
+#: when the run is created; a run made before it was recorded has none and is trusted).
+FINGERPRINT_KEY = "config_sha256"
+
+
 class StoreError(ConfigError):
     """The run's database is corrupt or unreadable; the message names the file and the fix."""
+
+
+def run_command(run_dir: str | Path, overwrite: bool = False) -> str:
+    """The command that resumes (or, with ``overwrite``, restarts) the run in ``run_dir``, rebuilt
+    from its own ``config.json``: ``pbrf run RUN/config.json --out RUN``.
+    """
+    run_dir = Path(run_dir)
+    cmd = f"pbrf run {shlex.quote(str(run_dir / CONFIG_NAME))} --out {shlex.quote(str(run_dir))}"
+    return cmd + (" --overwrite" if overwrite else "")
+
+
+def config_digest(fingerprint: str) -> str:
+    """SHA-256 (hex) of a config fingerprint (:meth:`ExperimentConfig.fingerprint`)."""
+    return hashlib.sha256(fingerprint.encode("utf-8")).hexdigest()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -206,6 +228,25 @@ class Store:
         with self._errors(reading=True):
             row = self.conn.execute("SELECT data FROM arrays WHERE name = ?", (name,)).fetchone()
             return None if row is None else from_blob(row[0])
+
+    def check_config(self, fingerprint: str, record: bool = False) -> None:
+        """Refuse a ``config.json`` other than the one the stored results were computed for
+        (compared by :func:`config_digest`); with ``record``, store it when none is stored yet.
+
+        Raises:
+            ConfigError: the stored digest differs (one line naming ``config.json`` and the fix).
+        """
+        stored, digest = self.get_meta(FINGERPRINT_KEY), config_digest(fingerprint)
+        if stored is None and record:
+            self.set_meta(FINGERPRINT_KEY, digest)
+        elif stored is not None and stored != digest:
+            run_dir = self.run_dir
+            raise ConfigError(
+                f"{str(run_dir / CONFIG_NAME)!r} is not the config the results in "
+                f"{str(self.path)!r} were computed for (it was edited); restore the run's "
+                f"config, or run the edited one in a new folder: `pbrf run "
+                f"{shlex.quote(str(run_dir / CONFIG_NAME))} --out NEW_DIR`."
+            )
 
     # -------------------------------------------------------------- chunks
     def put_chunk(self, result: ChunkResult) -> None:
