@@ -46,6 +46,9 @@ def load_scores(path: str | Path) -> np.ndarray:
         if path.suffix == ".npy":
             arr = np.load(path, allow_pickle=False)
         elif path.suffix == ".csv":
+            if not path.read_text().strip():
+                raise EvaluateError(f"scores file {str(path)!r} is empty; write one row of scores "
+                                    "per test point.")
             arr = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
         else:
             raise EvaluateError(f"scores file {str(path)!r} must end in .npy or .csv.")

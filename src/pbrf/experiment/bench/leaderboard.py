@@ -246,6 +246,8 @@ def board_header(
 
 
 def _check_methods(methods, hyperparameters: dict) -> None:
+    if not methods:
+        raise ConfigError("--methods lists no estimator; name at least one, e.g. --methods trak.")
     unknown = [m for m in methods if m not in estimators.ESTIMATORS]
     if unknown:
         raise ConfigError(
