@@ -401,13 +401,13 @@ def cmd_estimators(args) -> int:
             "pbrf estimators: pass a finished RUN_DIR (or --list to see the estimators).")
     methods = leaderboard.DEFAULT_METHODS if args.methods is None else tuple(
         m.strip() for m in args.methods.split(",") if m.strip())
-    external = {}
-    for item in args.scores:
-        label, sep, path = item.partition("=")
+    pairs = [item.partition("=") for item in args.scores]
+    for item, (label, sep, path) in zip(args.scores, pairs):
         if not sep or not label or not path:
             raise UsageError(f"pbrf: --scores {item!r}: write LABEL=FILE, e.g. "
                              "--scores kronfluence=scores.npy.")
-        external[label] = evaluate.load_scores(path)
+    leaderboard.check_labels([label for label, _, _ in pairs])
+    external = {label: evaluate.load_scores(path) for label, _, path in pairs}
     hp = leaderboard.parse_hyperparameters(args.hp)
     log = (lambda msg: None) if args.json else (lambda msg: print(f"pbrf: {msg}", file=sys.stderr))
     board = leaderboard.run_estimators(args.run, methods, hp, external, log=log)
@@ -420,6 +420,8 @@ def cmd_estimators(args) -> int:
         print(json.dumps(leaderboard.jsonable(board), indent=2))
     else:
         print(leaderboard.format_leaderboard(board, markdown=False))
+        for note in leaderboard.board_notes(board):
+            print(f"note: {note}")
         if board["skipped"]:
             print("skipped: " + "; ".join(f"{k} ({v})" for k, v in board["skipped"].items()))
         print(f"leaderboard: {paths['markdown']}")

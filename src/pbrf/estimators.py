@@ -46,11 +46,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .curvature import CurvatureOperator
+from .curvature import CURVATURES, CurvatureOperator
 from .fileio import dumps
 from .influence import influence, normalize_removals, per_example_grads, removal_matrix
 from .kron import kronfluence_scores
 from .problem import Problem
+from .solvers import check_options
 
 __all__ = [
     "Estimator",
@@ -159,6 +160,12 @@ class Estimator:
         if unknown:
             raise ValueError(f"{self.name} has no hyperparameter {', '.join(unknown)}; it takes "
                              f"{', '.join(sorted(allowed)) or 'none'}.")
+        for key, value in hyperparameters.items():
+            if key in _SHARED_RULES:
+                ok, requirement, example = _SHARED_RULES[key]
+                if not ok(value):
+                    raise ValueError(f"{self.name}: {key}={value!r} is invalid; it must be "
+                                     f"{requirement} (e.g. {example}).")
         self.hyperparameters = dict(hyperparameters)
 
     def point_scores(
@@ -168,6 +175,12 @@ class Estimator:
         points ``(x, targets)``: ``[n_test, u]``.
         """
         raise NotImplementedError
+
+    def reported(self, context: dict) -> dict:
+        """The resolved hyperparameters as reported with a result (JSON-able, no tensors): what
+        stored scores are compared with before they are reused.
+        """
+        return _plain(self.resolved(context))
 
     def resolved(self, context: dict) -> dict:
         """The hyperparameters used, with the run's defaults filled in."""
@@ -199,6 +212,21 @@ class Estimator:
                 torch.cuda.synchronize(problem.device)
             seconds = time.perf_counter() - start
         return EstimatorResult(self.name, out.detach(), seconds, meter.peak, _plain(hp))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: Checks of the hyperparameters several estimators share: (valid?, requirement, example).
+#: A curvature that is not a string is an operator, checked by :class:`CurvatureOperator`.
+_SHARED_RULES: dict[str, tuple[Callable, str, str]] = {
+    "damping": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v) and v >= 0, "a finite number >= 0", "damping=1e-3"),
+    "curvature": (lambda v: not isinstance(v, str) or v in CURVATURES,
+                  f"one of {', '.join(CURVATURES)}", "curvature=ggn"),
+    "seed": (_is_int, "an integer", "seed=0"),
+}
 
 
 def _plain(hp: dict) -> dict:
@@ -276,6 +304,18 @@ def get(name: str, **hyperparameters) -> Estimator:
 class _Influence(Estimator):
     options = ("solver_options",)
     solver = "exact"
+
+    def __init__(self, **hp) -> None:
+        super().__init__(**hp)
+        options = hp.get("solver_options")
+        if options is not None:
+            if not isinstance(options, dict):
+                raise ValueError(f"{self.name}: solver_options={options!r} is invalid; it must be "
+                                 "a table of solver options (e.g. solver_options={tol=1e-6}).")
+            try:
+                check_options(self.solver, options)
+            except ValueError as err:
+                raise ValueError(f"{self.name}: solver_options: {err}") from None
 
     def resolved(self, context: dict) -> dict:
         hp = super().resolved(context)
@@ -376,9 +416,9 @@ class Arnoldi(Estimator):
     options = ("rank", "iterations", "seed")
 
     def __init__(self, rank: int = 50, iterations: int | None = None, seed: int = 0, **hp) -> None:
-        if not (isinstance(rank, int) and rank > 0):
+        if not (_is_int(rank) and rank > 0):
             raise ValueError(f"arnoldi: rank must be a positive int, got {rank!r}.")
-        if iterations is not None and not (isinstance(iterations, int) and iterations >= rank):
+        if iterations is not None and not (_is_int(iterations) and iterations >= rank):
             raise ValueError(
                 f"arnoldi: iterations must be an int >= rank ({rank}), got {iterations!r}."
             )
@@ -449,7 +489,10 @@ class TracIn(Estimator):
     def __init__(
         self, checkpoints: list[dict] | None = None, lr_weighted: bool = True, **hp
     ) -> None:
-        super().__init__(lr_weighted=bool(lr_weighted), **hp)
+        if not isinstance(lr_weighted, bool):
+            raise ValueError(f"tracin: lr_weighted={lr_weighted!r} is invalid; it must be true or "
+                             "false (e.g. lr_weighted=false).")
+        super().__init__(lr_weighted=lr_weighted, **hp)
         self._checkpoints = checkpoints
 
     def point_scores(self, problem, test, points, context):
@@ -493,9 +536,7 @@ class Trak(Estimator):
     options = ("dim", "ensemble", "seed")
 
     def __init__(self, dim: int = 512, ensemble: int = 1, seed: int = 0, **hp) -> None:
-        if not (isinstance(dim, int) and dim > 0) or not (
-            isinstance(ensemble, int) and ensemble > 0
-        ):
+        if not (_is_int(dim) and dim > 0) or not (_is_int(ensemble) and ensemble > 0):
             raise ValueError(
                 f"trak: dim and ensemble must be positive ints, got {dim!r}, {ensemble!r}."
             )

@@ -9,8 +9,9 @@ import torch
 import pbrf
 from pbrf import cli
 from pbrf.experiment import config as cfg
+from pbrf.experiment.bench import leaderboard
 from pbrf.experiment.run import driver as pipeline
-from pbrf.experiment.run.store import Store
+from pbrf.experiment.run.store import ChunkResult, Store
 
 TINY_SETS = ["lds.subsets=6", "train.checkpoints=3"]
 
@@ -223,3 +224,27 @@ def test_lds_retraining_reports_how_far_from_converged(tiny_run):
         rho = [d["rho"] for c in (0, 1) for d in store.get_chunk("lds", c).diagnostics]
     assert conv["max_rho"] == pytest.approx(max(rho)) and conv["diverged"] == 0
     assert "ρ = ‖∇J‖ / signal" in (tiny_run / "report.md").read_text()
+
+
+def test_stored_scores_are_reused_only_at_the_resolved_hyperparameters(tiny_run):
+    """Scores stored at another damping (e.g. before config.json was edited) are recomputed, and
+    the log says why; the request alone (no --hp) is the same in both cases.
+    """
+    leaderboard.run_estimators(tiny_run, ("grad-dot", "influence-exact"), log=lambda m: None)
+    with Store(tiny_run) as store:
+        got = store.get_chunk("estimator:influence-exact", 0)
+        info = dict(got.diagnostics[0])
+        now = info["hyperparameters"]["damping"]
+        info["hyperparameters"] = {**info["hyperparameters"], "damping": now * 7}
+        store.put_chunk(ChunkResult("estimator:influence-exact", 0, got.dm + 1.0, None, [info],
+                                    got.seconds, None))
+    lines = []
+    board = leaderboard.run_estimators(tiny_run, ("grad-dot", "influence-exact"), log=lines.append)
+    assert "grad-dot: stored" in lines[0]
+    assert any("influence-exact" in m and "recomputing" in m and "damping" in m for m in lines)
+    row = next(r for r in board["rows"] if r["method"] == "influence-exact")
+    assert row["hyperparameters"]["damping"] == now
+    with Store(tiny_run, readonly=True) as store:
+        again = store.get_chunk("estimator:influence-exact", 0)
+    assert again.diagnostics[0]["hyperparameters"]["damping"] == now
+    assert np.allclose(again.dm, got.dm)

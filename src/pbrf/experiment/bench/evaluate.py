@@ -24,7 +24,7 @@ from pbrf.experiment import analysis
 from pbrf.experiment.report import text_table
 from pbrf.experiment.run.arrays import RunDataError, run_arrays
 
-__all__ = ["EvaluateError", "load_scores", "map_scores", "run_arrays", "evaluate",
+__all__ = ["EvaluateError", "load_scores", "finite_scaled", "map_scores", "run_arrays", "evaluate",
            "format_correlations", "pairs_line"]
 
 #: Pearson correlation with the run's own influence estimate at or below which the sign is suspect.
@@ -46,6 +46,9 @@ def load_scores(path: str | Path) -> np.ndarray:
         if path.suffix == ".npy":
             arr = np.load(path, allow_pickle=False)
         elif path.suffix == ".csv":
+            if not path.read_text().strip():
+                raise EvaluateError(f"scores file {str(path)!r} is empty; write one row of scores "
+                                    "per test point.")
             arr = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
         else:
             raise EvaluateError(f"scores file {str(path)!r} must end in .npy or .csv.")
@@ -66,6 +69,16 @@ def load_scores(path: str | Path) -> np.ndarray:
     return arr
 
 
+def finite_scaled(scores: np.ndarray) -> np.ndarray:
+    """``scores`` divided by their largest finite magnitude (when that is > 0): correlations do not
+    change, and sums and products of values near the float64 limit (1e308) stay finite.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = scores[np.isfinite(scores)]
+    top = float(np.abs(finite).max()) if finite.size else 0.0
+    return scores / top if top > 0 else scores
+
+
 def map_scores(scores: np.ndarray, groups: list[list[int]], n_train: int) -> tuple[np.ndarray, str]:
     """Scores ``[n_test, n_removals]`` for the run's removal sets; also says which layout was read.
 
@@ -76,6 +89,7 @@ def map_scores(scores: np.ndarray, groups: list[list[int]], n_train: int) -> tup
     if scores.shape[1] == n_removals:
         return scores, "removals"
     if scores.shape[1] == n_train:
+        scores = finite_scaled(scores)
         mapped = np.stack([scores[:, g].sum(axis=1) for g in groups], axis=1)
         return mapped, "train"
     raise EvaluateError(
@@ -102,6 +116,7 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
         )
     n_train = arrays["n_train"] or -1
     scores, layout = map_scores(raw, arrays["groups"], n_train)
+    scores = finite_scaled(scores)
     diverged = arrays.get("diverged") or {}
     # as in the run's report: diverged responses measure nothing
     dm = analysis.exclude_removals(arrays["dm"], diverged, axis=1)

@@ -33,7 +33,7 @@ import torch
 
 from pbrf import estimators, lds, load_run
 from pbrf.experiment import analysis
-from pbrf.experiment.bench.evaluate import load_scores, map_scores
+from pbrf.experiment.bench.evaluate import finite_scaled, load_scores, map_scores
 from pbrf.experiment.config import ConfigError
 from pbrf.experiment.report import save_figure, text_table
 from pbrf.experiment.run.arrays import run_arrays
@@ -53,6 +53,9 @@ __all__ = [
     "format_leaderboard",
     "write_leaderboard",
     "parse_hyperparameters",
+    "check_labels",
+    "row_notes",
+    "board_notes",
 ]
 
 #: Ground truths of the leaderboard: (key in Run.responses(), column label).
@@ -111,6 +114,7 @@ def score_row(
     ground truth, and the LDS of ``lds_scores`` (group scores of the LDS subsets) when given.
     """
     info = info or {}
+    removal_scores = finite_scaled(removal_scores)
     row = {
         "method": label,
         "seconds": info.get("seconds"),
@@ -121,15 +125,58 @@ def score_row(
     for key, _ in TRUTHS:
         if key in truths:
             row["correlations"][key] = analysis.correlation_entry(removal_scores, truths[key])
+    notes = row_notes(removal_scores)
+    if notes:
+        row["notes"] = notes
     if lds_scores is not None and lds_truth is not None:
-        out = lds.lds(lds_scores, lds_truth[0])
+        out = lds.lds(finite_scaled(lds_scores), lds_truth[0])
         row["lds"] = {k: out[k] for k in ("lds", "stderr", "n_test")}
     return row
+
+
+def row_notes(removal_scores: np.ndarray) -> list[str]:
+    """Why a row's correlations leave pairs out or are n/a: non-finite scores (dropped from every
+    correlation) and scores without variance (no correlation is defined).
+    """
+    finite = np.isfinite(removal_scores)
+    notes = []
+    bad = int((~finite).sum())
+    if bad:
+        notes.append(f"{bad} of {removal_scores.size} (test, removal) pairs dropped for "
+                     "non-finite (NaN/inf) scores")
+    values = removal_scores[finite]
+    if values.size and float(values.max()) == float(values.min()):
+        notes.append("the scores are constant, so every correlation is n/a")
+    elif not values.size:
+        notes.append("no finite score, so every correlation is n/a")
+    return notes
+
+
+def board_notes(board: dict) -> list[str]:
+    """One line per row with notes (``row_notes``), e.g. ``ext: 3 of 40 pairs dropped …``."""
+    return [f"{row['method']}: {'; '.join(row['notes'])}" for row in board["rows"]
+            if row.get("notes")]
+
+
+def check_labels(labels, stored=()) -> None:
+    """Labels of external scores must name one row each: not repeated, not a built-in estimator
+    (nor a stored one), so every row of the leaderboard has its own name.
+    """
+    seen = set()
+    for label in labels:
+        if label in estimators.ESTIMATORS or label in stored:
+            raise ConfigError(f"--scores {label}=…: {label!r} is the name of an estimator; give "
+                              f"the external scores another label, e.g. --scores {label}-ext=FILE.")
+        if label in seen:
+            raise ConfigError(f"--scores {label}=… is given twice; give each scores file its own "
+                              f"label, e.g. --scores {label}-2=FILE.")
+        seen.add(label)
 
 
 def _row(
     name: str, point_scores: np.ndarray, info: dict, removals, truths: dict, lds_truth
 ) -> dict:
+    point_scores = finite_scaled(point_scores)  # group sums of values near 1e308 stay finite
     lds_scores = None if lds_truth is None else lds.group_scores(point_scores, lds_truth[1])
     return score_row(
         name, lds.group_scores(point_scores, removals), truths, info, lds_scores, lds_truth
@@ -199,6 +246,8 @@ def board_header(
 
 
 def _check_methods(methods, hyperparameters: dict) -> None:
+    if not methods:
+        raise ConfigError("--methods lists no estimator; name at least one, e.g. --methods trak.")
     unknown = [m for m in methods if m not in estimators.ESTIMATORS]
     if unknown:
         raise ConfigError(
@@ -212,14 +261,18 @@ def _check_methods(methods, hyperparameters: dict) -> None:
 
 
 def _score(store, run, name: str, est, log) -> tuple[np.ndarray, dict]:
-    """One estimator's ``[n_test, N]`` scores and cost: stored ones when the requested
-    hyperparameters are unchanged, else computed and stored (raises EstimatorUnavailable).
+    """One estimator's ``[n_test, N]`` scores and cost: stored ones when they were computed with
+    the hyperparameters that would be used now (resolved against the run: damping, curvature,
+    solver options, checkpoints), else computed and stored (raises EstimatorUnavailable).
     """
+    want = jsonable(est.reported({"damping": run.damping, "curvature": run.curvature, "run": run}))
     stored = _stored(store, name)
-    if stored is not None and stored[1].get("requested") == jsonable(est.hyperparameters):
-        log(f"{name}: stored ({stored[1].get('seconds', math.nan):.2f} s)")
-        return stored
-    want = est.resolved({"damping": run.damping, "curvature": run.curvature, "run": run})
+    if stored is not None:
+        have = stored[1].get("hyperparameters") or {}
+        if have == want:
+            log(f"{name}: stored ({stored[1].get('seconds', math.nan):.2f} s)")
+            return stored
+        log(f"{name}: the stored scores were computed with {_changed(have, want)}; recomputing")
     log(f"{name}: running ({_hp_text(want)})")
     res = est.scores(run, removals=torch.arange(run.n_train))
     scores = res.scores.detach().cpu().double().numpy()
@@ -236,6 +289,12 @@ def _score(store, run, name: str, est, log) -> tuple[np.ndarray, dict]:
     store.put_chunk(ChunkResult(PREFIX + name, 0, scores, None, [info], res.seconds, None))
     log(f"{name}: {res.seconds:.2f} s")
     return scores, info
+
+
+def _changed(have: dict, want: dict) -> str:
+    keys = sorted(set(have) | set(want))
+    return ", ".join(f"{k}={have.get(k)} (now {want.get(k)})" for k in keys
+                     if have.get(k) != want.get(k))
 
 
 def run_estimators(
@@ -259,7 +318,9 @@ def run_estimators(
         try:
             chosen[name] = estimators.get(name, **hyperparameters.get(name, {}))
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"{name}: {err}") from None
+            msg = str(err).removeprefix(f"{name}: ")
+            raise ConfigError(f"--hp {name}: {msg}") from None
+    check_labels(external or {})
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     for label, arr in (external or {}).items():
@@ -449,6 +510,8 @@ def write_leaderboard(
             f"(each keeping {100 * l['alpha']:.0f}% of the data, retrained from scratch with seeds "
             f"{l['seeds']}), ± its standard error."
         )
+    if board_notes(board):
+        parts += ["", "Notes: " + "; ".join(board_notes(board)) + "."]
     if board.get("skipped"):
         parts += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in board["skipped"].items())]
     if fig is not None:

@@ -123,11 +123,13 @@ def plan_sweep(
         The :class:`SweepPlan`.
 
     Raises:
-        ConfigError: unknown or repeated factor, no values, ``seeds < 1``, a config that does not
-            resolve, or a run directory that holds another config.
+        ConfigError: unknown or repeated factor, no values, a repeated value, ``seeds < 1``, a
+            config that does not resolve, or a run directory that holds another config.
     """
     names = [f for f, _ in factors]
     _check_factors(names, seeds)
+    for factor, values in factors:
+        _check_values(factor, list(values))
     sets = list(sets)
     base = resolve(spec, profile, sets)
     name = f"{base.name}-sweep-{'-'.join(names)}"
@@ -152,6 +154,14 @@ def _check_factors(names: Sequence[str], seeds: int) -> None:
                           "--values.")
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError("pbrf sweep: --seeds must be a positive integer, e.g. --seeds 3.")
+
+
+def _check_values(factor: str, values: list) -> None:
+    """Each value once (``8`` and ``8.0`` are one value): a repeat would be one run listed twice."""
+    for i, v in enumerate(values):
+        if any(v == w for w in values[:i]):
+            raise ConfigError(f"pbrf sweep: {factor} value {v!r} is given twice; list each value "
+                              "once, e.g. --values 8,16.")
 
 
 def _plan_factor(spec: str | None, profile: str, factor: str, values: list, sets: list[str],
