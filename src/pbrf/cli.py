@@ -318,8 +318,8 @@ def _reproduce_command(args) -> str:
 def cmd_reproduce(args) -> int:
     """``pbrf reproduce``: validate every run first, run what is missing, write the report."""
     plan = reproduce.plan_reproduction(args.profile, args.out, only=args.only,
-                                       device=args.device, overwrite=args.overwrite)
-    report_path = Path(args.report) if args.report else plan.out / "reproduction.md"
+                                       device=args.device, overwrite=args.overwrite,
+                                       report=args.report)
     command = _reproduce_command(args)
     executor = _executor(args)
     try:
@@ -327,7 +327,7 @@ def cmd_reproduce(args) -> int:
                                              progress=not args.no_progress, command=command)
     finally:
         executor.close()
-    path = reproduce.write_reproduction_report(plan, results, report_path, command)
+    path = reproduce.write_reproduction_report(plan, results, plan.report, command)
     print(f"wall times: {plan.out / reproduce.RECORD_NAME}")
     print(f"reproduction report: {path}")
     return 0
