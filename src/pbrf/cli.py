@@ -318,8 +318,8 @@ def _reproduce_command(args) -> str:
 def cmd_reproduce(args) -> int:
     """``pbrf reproduce``: validate every run first, run what is missing, write the report."""
     plan = reproduce.plan_reproduction(args.profile, args.out, only=args.only,
-                                       device=args.device, overwrite=args.overwrite)
-    report_path = Path(args.report) if args.report else plan.out / "reproduction.md"
+                                       device=args.device, overwrite=args.overwrite,
+                                       report=args.report)
     command = _reproduce_command(args)
     executor = _executor(args)
     try:
@@ -327,7 +327,7 @@ def cmd_reproduce(args) -> int:
                                              progress=not args.no_progress, command=command)
     finally:
         executor.close()
-    path = reproduce.write_reproduction_report(plan, results, report_path, command)
+    path = reproduce.write_reproduction_report(plan, results, plan.report, command)
     print(f"wall times: {plan.out / reproduce.RECORD_NAME}")
     print(f"reproduction report: {path}")
     return 0
@@ -518,8 +518,15 @@ def _set_threads(n: int | None) -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
 
 
-def _os_error_line(err: OSError) -> str:
-    """One line for a failure of the machine: the file, the cause, and what to do."""
+#: The option that names another output folder, per command (commands absent have none).
+_OUTPUT_OPTION = {"run": "--out DIR", "sweep": "--out DIR", "reproduce": "--out DIR",
+                  "download": "--root DIR"}
+
+
+def _os_error_line(err: OSError, command: str | None = None) -> str:
+    """One line for a failure of the machine: the file, the cause, and what to do (naming the
+    option of ``command`` that writes elsewhere, when it has one).
+    """
     where = err.filename if err.filename is not None else None
     cause = err.strerror or str(err)
     name = errno.errorcode.get(err.errno or 0)
@@ -528,7 +535,8 @@ def _os_error_line(err: OSError) -> str:
     elif err.errno == errno.EFBIG:
         fix = "raise the file-size limit (ulimit -f)"
     elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "make it writable or pass another --out DIR"
+        option = _OUTPUT_OPTION.get(command or "")
+        fix = f"make it writable or pass another {option}" if option else "make it writable"
     elif err.errno == errno.EIO:
         fix = "check the free space, the file-size limit (ulimit -f) and that the disk is writable"
     else:
@@ -555,8 +563,10 @@ def _quiet_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pbrf`` console script; returns the exit status."""
     _reproducible_math()
+    command = None
     try:
         args = build_parser().parse_args(argv)
+        command = args.command
         if args.command is None:
             build_parser().print_help()
             return 2
@@ -573,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg if msg.startswith("pbrf") else f"pbrf: error: {msg}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(_os_error_line(err).replace("\n", " "), file=sys.stderr)
+        print(_os_error_line(err, command).replace("\n", " "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("pbrf: interrupted; run the same command again to resume.", file=sys.stderr)

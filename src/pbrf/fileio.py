@@ -46,7 +46,6 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600
         with os.fdopen(fd, "wb") as fh:
             if not callable(content):
                 fh.write(content.encode("utf-8") if isinstance(content, str) else content)
@@ -54,6 +53,9 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
                 os.fsync(fh.fileno())
         if callable(content):
             content(tmp)
+        # mkstemp creates 0600, and a writer may recreate the file (safetensors' save_file does):
+        # the mode is set on whatever file now stands at tmp, just before it takes path's place
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)

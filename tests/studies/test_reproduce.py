@@ -18,6 +18,7 @@ from pbrf.experiment.run.dryrun import dry_run
 from pbrf.experiment.run.inputs import prepare_inputs
 from pbrf.experiment.studies import reproduce
 
+from ..cli.test_cli import pbrf_cmd
 from ..report.test_run_report import table_blocks
 
 # The smallest runs that fill every part of the report: the table rows run the paper's three
@@ -352,3 +353,37 @@ def test_table_and_factors_run_side_by_side_keep_each_others_times(tmp_path, mon
     assert record["total_seconds"] == pytest.approx(sum(
         reproduce.part_seconds(e) for e in [*record["table"].values(),
                                             *record["factors"].values()]))
+
+
+# ---------------------------------------------------------------- --report checked before any work
+def _report_cases(tmp: Path) -> dict[str, str]:
+    (tmp / "folder").mkdir()
+    (tmp / "a-file").write_text("keep me\n")
+    return {
+        "folder": str(tmp / "folder"),  # an existing folder
+        "slash": str(tmp / "new-folder") + "/",  # a folder, by its trailing separator
+        "under-a-file": str(tmp / "a-file" / "reproduction.md"),  # a folder that cannot be made
+        "img-is-a-file": str(tmp / "a-file").replace("a-file", "img-parent") + "/r.md",
+        "record": str(tmp / "out" / reproduce.RECORD_NAME),  # would overwrite the wall times
+    }
+
+
+@pytest.mark.parametrize("case", ["folder", "slash", "under-a-file", "img-is-a-file", "record"])
+def test_report_path_is_refused_before_any_run(tmp_path, case):
+    """Through the real entry point: exit 2, one line naming --report, no traceback, nothing
+    written (the report path used to be checked only after every run, minutes later).
+    """
+    report_path = _report_cases(tmp_path)[case]
+    if case == "img-is-a-file":  # the report's folder is fine, but its img/ is a file
+        (tmp_path / "img-parent").mkdir()
+        (tmp_path / "img-parent" / "img").write_text("not a folder\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    proc = pbrf_cmd("reproduce", "--profile", "tiny", "--only", "table", "--no-progress",
+                    "--out", str(tmp_path / "out"), "--report", report_path, cwd=tmp_path,
+                    timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr and "--report" in lines[0], lines
+    assert "table row" not in proc.stdout  # nothing ran
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "a-file").read_text() == "keep me\n"

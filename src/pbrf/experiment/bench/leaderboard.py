@@ -330,7 +330,7 @@ def run_estimators(
             )
     truths = truths_of(run_dir)
     rows, skipped = [], {}
-    with exclusive(run_dir), Store(run_dir) as store:
+    with exclusive(run_dir, elsewhere=None), Store(run_dir) as store:
         lds_truth = lds_actual(store, run.config)
         for name, est in chosen.items():
             try:

@@ -127,7 +127,7 @@ def print_summary(summary: Summary | Mapping) -> str:
     if corr_rows:
         parts.append(text_table(_TEXT_CORRELATION_HEADER, corr_rows))
     parts.append(text_table(["gap", "mean |Δm|", "signed"], _gap_text_rows(dec)))
-    parts.append(validity_text(dec, summary.diverged))
+    parts.append(validity_text(dec, summary.diverged, summary.certificates))
     pcorr = (summary.paired.correlations if summary.paired is not None else None) or {}
     if pcorr:
         parts.append(text_table(_TEXT_CORRELATION_HEADER,

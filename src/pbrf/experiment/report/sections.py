@@ -15,6 +15,7 @@ import numpy as np
 
 from pbrf.experiment.analysis import GAP_PAIRS, GAPS, KIND_LABELS, KINDS
 from pbrf.experiment.analysis.results import (
+    Certificates,
     Correlation,
     Decomposition,
     Diverged,
@@ -244,9 +245,19 @@ def _removal_list(idx: Sequence[int], limit: int = 20) -> str:
     return shown + (f", … {len(idx) - limit} more" if len(idx) > limit else "")
 
 
-def validity_text(dec: Decomposition, diverged: Diverged | None = None) -> str:
-    """Pairs used, the diverged removals left out, the non-finite Δm."""
+def _count(x) -> str:
+    return str(int(x)) if float(x).is_integer() else fmt_value(x)
+
+
+def validity_text(dec: Decomposition, diverged: Diverged | None = None,
+                  certificates: Certificates | None = None) -> str:
+    """Pairs used, the removals left out (uncertified or diverged), the non-finite Δm."""
     text = f"Pairs used: {dec.n_valid} of {dec.n_pairs} (test point, removal) pairs."
+    total, kept = ((certificates.n_removals, certificates.n_kept) if certificates is not None
+                   else (None, None))
+    if total is not None and kept is not None and kept < total:
+        text += (f" Removals left out of every statistic as uncertified or diverged: "
+                 f"{_count(total - kept)} of {_count(total)} (see the certificates).")
     removals = (diverged.removals if diverged is not None else None) or {}
     if removals:
         named = "; ".join(
@@ -266,7 +277,7 @@ def decomposition_section(summary: Summary) -> str:
     dec = summary.decomposition or Decomposition()
     table = md_table(("gap",) + GAP_HEADER, decomposition_rows(dec), align="llrrr")
     return "\n\n".join(["## Decomposition of the mismatch", table, telescoping_text(dec),
-                        validity_text(dec, summary.diverged)])
+                        validity_text(dec, summary.diverged, summary.certificates)])
 
 
 # --------------------------------------------------------------------------- certificates

@@ -135,11 +135,12 @@ def lock_path(run_dir: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(run_dir: Path):
+def exclusive(run_dir: Path, elsewhere: str | None = "pass --out DIR"):
     """Hold an exclusive lock on the run directory (released by the OS even after kill -9).
 
     The lock file lives beside the run directory, not inside it, so ``--overwrite`` cannot delete
     it from under a running process; it is taken before the resume/overwrite decision.
+    ``elsewhere``: how the caller's command names another folder (None: it has no such option).
     """
     path = lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,8 +148,10 @@ def exclusive(run_dir: Path):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise ConfigError(f"another pbrf process is running in {str(run_dir)!r}; wait for it "
-                              "or pass --out DIR.") from None
+            fix = (f"wait for it or {elsewhere}" if elsewhere
+                   else "wait for it to finish, then run the same command again")
+            raise ConfigError(f"another pbrf process is running in {str(run_dir)!r}; {fix}.") \
+                from None
         yield
 
 

@@ -117,6 +117,13 @@ def _masked(dm: dict, keep: np.ndarray) -> dict:
     return {k: np.where(keep[None, :], v, np.nan) for k, v in dm.items()}
 
 
+def _nonfinite(dm: dict, keep: np.ndarray) -> dict[str, int]:
+    """Non-finite Δm per kind among the kept removals: the left-out ones are NaN in what
+    :func:`_masked` gives the statistics, and are reported as left out, not as non-finite.
+    """
+    return {k: int((~np.isfinite(v[:, keep])).sum()) for k, v in dm.items()}
+
+
 def _solver_report(diags: dict[str, list[dict]]) -> dict:
     """Largest relative residual of the practical (influence) and accurate (linearized) solves."""
     out = {}
@@ -147,6 +154,8 @@ def finish(ctx: Context, store: Store, title: str | None = None) -> dict:
     base = analysis.summarise(_masked(dm, keep), {k: v for k, v in df.items() if v is not None},
                               diagnostics=diagnostics_summary(diags))
     base["correlations"] = _own_correlations(dm, own)
+    # the left-out removals are NaN in what summarise saw: count only what the kept ones lack
+    base["decomposition"]["nonfinite"] = _nonfinite(dm, keep)
     excl["excluded_removals"] = [int(i) for i in np.flatnonzero(~keep)]
 
     summary = Summary(**base, certificates=excl, solvers=_solver_report(diags),
@@ -175,6 +184,7 @@ def _paired_summary(ctx: Context, store: Store, dm: dict, diags: dict) -> dict |
     pkeep = pexcl.pop("keep")
     pexcl.pop("own")
     out = analysis.paired_chain(_masked(dm, pkeep), _masked(paired, pkeep))
+    out["decomposition"]["nonfinite"] = _nonfinite({**dm, **paired}, pkeep)
     out["certificates"] = pexcl
     return out
 

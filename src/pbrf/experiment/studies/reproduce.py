@@ -29,6 +29,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ __all__ = [
     "plan_reproduction",
     "run_reproduction",
     "write_reproduction_report",
+    "check_report_path",
     "reproduce",
 ]
 
@@ -170,6 +172,8 @@ class ReproductionPlan:
     overwrite: bool = False
     #: run directories (as strings) already finished, with the same config, when planned
     finished: set = field(default_factory=set)
+    #: where the report goes (checked writable when planned)
+    report: Path | None = None
 
     def configs(self, one_seed: bool = False) -> list[ExperimentConfig]:
         """Every config that this plan runs (with ``one_seed``, one per factor value)."""
@@ -212,6 +216,7 @@ def plan_reproduction(
     device: str | None = None,
     overwrite: bool = False,
     check_data: bool = True,
+    report: str | Path | None = None,
 ) -> ReproductionPlan:
     """Resolve and check everything a reproduction runs; nothing is written.
 
@@ -223,6 +228,8 @@ def plan_reproduction(
         overwrite: start every run directory afresh.
         check_data: load each run's data and build its model (:func:`prepare_inputs`, then
             dropped) so that missing data or a model too big stop the command before any run.
+        report: the report's path (default ``OUT/reproduction.md``), checked by
+            :func:`check_report_path` before anything else is read.
 
     Returns:
         The :class:`ReproductionPlan`.
@@ -239,9 +246,10 @@ def plan_reproduction(
         raise ConfigError(f"pbrf reproduce: --only {only!r} is not a part; choose one of "
                           f"{', '.join(PARTS)}.")
     out = Path(out) if out else Path("runs") / f"reproduce-{profile}"
+    report = check_report_path(report if report else out / "reproduction.md", out)
     sets = [f"run.device={json.dumps(device)}"] if device else []
     parts = (only,) if only else PARTS
-    plan = ReproductionPlan(profile, out, parts, overwrite=overwrite)
+    plan = ReproductionPlan(profile, out, parts, overwrite=overwrite, report=report)
     plan.rows = _plan_rows(profile, out, sets, "table" in parts, overwrite)
     if "factors" in parts:
         plan.sweep = _factor_plan(profile, out, sets, overwrite)
@@ -256,6 +264,49 @@ def plan_reproduction(
             prepare_inputs(config)  # raises on missing data; the inputs are not kept
     plan.finished = _finished_runs(plan, overwrite)
     return plan
+
+
+def check_report_path(path: str | Path, out: Path) -> Path:
+    """``path`` if the report can be written there: not a folder, not the record
+    ``OUT/reproduce.json``, and its folder (with ``img/reproduction/``) creatable and writable —
+    tried the way the writer will, by creating a temporary file in the nearest existing folder,
+    which is removed again. Returns ``path``.
+
+    Raises:
+        ConfigError: naming the path and the fix.
+    """
+    text, path = str(path), Path(path)
+    if path.is_dir() or text.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
+        raise ConfigError(f"pbrf reproduce: --report {text!r} is a folder; pass a file path, "
+                          f"e.g. --report {os.path.join(text, 'reproduction.md')!r}.")
+    if path.resolve() == (Path(out) / RECORD_NAME).resolve():
+        raise ConfigError(f"pbrf reproduce: --report {text!r} is the wall-time record of --out; "
+                          "pass another report path, e.g. --report "
+                          f"{str(Path(out) / 'reproduction.md')!r}.")
+    for folder in (path.parent, path.parent / "img" / "reproduction"):
+        _check_creatable(folder, text)
+    return path
+
+
+def _check_creatable(folder: Path, report: str) -> None:
+    """Raise ConfigError unless ``folder`` exists or can be created, and a file can be created in
+    it (tried in its nearest existing ancestor; nothing is left behind).
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    why = None
+    if not existing.is_dir():
+        why = f"{str(existing)!r} is not a folder"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            why = f"{str(existing)!r} is not writable ({err.strerror or err})"
+    if why is not None:
+        raise ConfigError(f"pbrf reproduce: cannot write the report {report!r}: {why}; pass "
+                          "--report PATH in a writable folder.")
 
 
 def _plan_rows(profile: str, out: Path, sets: Sequence[str], run: bool,
@@ -713,8 +764,8 @@ def reproduce(
     command: str | None = None,
 ) -> Path:
     """Plan, run and report a reproduction in one call; returns the report's path."""
-    plan = plan_reproduction(profile, out, only=only, device=device, overwrite=overwrite)
+    plan = plan_reproduction(profile, out, only=only, device=device, overwrite=overwrite,
+                             report=report)
     command = command or f"pbrf reproduce --profile {profile}"
     results = run_reproduction(plan, executor=executor, progress=progress, command=command)
-    return write_reproduction_report(plan, results, report or plan.out / "reproduction.md",
-                                     command)
+    return write_reproduction_report(plan, results, plan.report, command)
