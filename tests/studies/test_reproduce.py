@@ -365,10 +365,12 @@ def _report_cases(tmp: Path) -> dict[str, str]:
         "under-a-file": str(tmp / "a-file" / "reproduction.md"),  # a folder that cannot be made
         "img-is-a-file": str(tmp / "a-file").replace("a-file", "img-parent") + "/r.md",
         "record": str(tmp / "out" / reproduce.RECORD_NAME),  # would overwrite the wall times
+        "out-itself": str(tmp / "out"),  # not a folder yet, but the runs will make it one
     }
 
 
-@pytest.mark.parametrize("case", ["folder", "slash", "under-a-file", "img-is-a-file", "record"])
+@pytest.mark.parametrize("case", ["folder", "slash", "under-a-file", "img-is-a-file", "record",
+                                  "out-itself"])
 def test_report_path_is_refused_before_any_run(tmp_path, case):
     """Through the real entry point: exit 2, one line naming --report, no traceback, nothing
     written (the report path used to be checked only after every run, minutes later).

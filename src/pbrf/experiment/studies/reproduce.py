@@ -279,7 +279,12 @@ def check_report_path(path: str | Path, out: Path) -> Path:
     if path.is_dir() or text.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
         raise ConfigError(f"pbrf reproduce: --report {text!r} is a folder; pass a file path, "
                           f"e.g. --report {os.path.join(text, 'reproduction.md')!r}.")
-    if path.resolve() == (Path(out) / RECORD_NAME).resolve():
+    where, out_dir = path.resolve(), Path(out).resolve()
+    if where == out_dir or where in out_dir.parents:  # the runs will make it a folder
+        raise ConfigError(f"pbrf reproduce: --report {text!r} is the --out folder or holds it; "
+                          "pass a file path, e.g. --report "
+                          f"{str(Path(out) / 'reproduction.md')!r}.")
+    if where == out_dir / RECORD_NAME:
         raise ConfigError(f"pbrf reproduce: --report {text!r} is the wall-time record of --out; "
                           "pass another report path, e.g. --report "
                           f"{str(Path(out) / 'reproduction.md')!r}.")
