@@ -115,10 +115,11 @@ def test_huge_external_scores_are_computed_without_numpy_warnings(cheap_run, tmp
         warnings.simplefilter("error")
         row = leaderboard.score_row("huge", huge, {"pbrf": own})
     assert row["correlations"]["pbrf"]["pearson"] == pytest.approx(1.0, abs=1e-12)
-    # the same scaling in-process, for [n_test, N] point scores whose group sums would overflow
+    # the callers' scaling in-process, for [n_test, N] point scores whose group sums would
+    # overflow (map_scores itself sums exactly: its values are the scores' group sums)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         big = np.full((2, 4), 1.5e308)
-        mapped, _ = evaluate.map_scores(big, [[0, 1], [2, 3]], 4)
+        mapped, _ = evaluate.map_scores(evaluate.finite_scaled(big), [[0, 1], [2, 3]], 4)
         assert np.isfinite(mapped).all()
         assert leaderboard.row_notes(evaluate.finite_scaled(mapped))  # constant: said

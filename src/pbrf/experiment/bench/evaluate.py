@@ -89,7 +89,6 @@ def map_scores(scores: np.ndarray, groups: list[list[int]], n_train: int) -> tup
     if scores.shape[1] == n_removals:
         return scores, "removals"
     if scores.shape[1] == n_train:
-        scores = finite_scaled(scores)
         mapped = np.stack([scores[:, g].sum(axis=1) for g in groups], axis=1)
         return mapped, "train"
     raise EvaluateError(
@@ -115,7 +114,8 @@ def evaluate(scores_path: str | Path, run_dir: str | Path) -> dict:
             "test point (run order)."
         )
     n_train = arrays["n_train"] or -1
-    scores, layout = map_scores(raw, arrays["groups"], n_train)
+    # scaled first: correlations do not change, and group sums of values near 1e308 stay finite
+    scores, layout = map_scores(finite_scaled(raw), arrays["groups"], n_train)
     scores = finite_scaled(scores)
     diverged = arrays.get("diverged") or {}
     # as in the run's report: diverged responses measure nothing
