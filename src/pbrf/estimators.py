@@ -168,6 +168,11 @@ class Estimator:
                                      f"{requirement} (e.g. {example}).")
         self.hyperparameters = dict(hyperparameters)
 
+    def check_size(self, problem: Problem) -> None:
+        """Refuse (``ValueError``, one line), before any work, hyperparameters whose arrays cannot
+        fit in memory on ``problem``'s device; nothing to check by default.
+        """
+
     def point_scores(
         self, problem: Problem, test: tuple[Tensor, Tensor], points: Tensor, context: dict
     ) -> Tensor:
@@ -550,9 +555,13 @@ class Trak(Estimator):
             like.device
         )
 
+    def check_size(self, problem: Problem) -> None:
+        """The projections and the projected curvature: ``2·p·dim + 3·dim²`` numbers."""
+        dim = self.hyperparameters.get("dim", 512)
+        _check_fits("trak", "dim", dim, problem.theta, 2 * problem.n_params * dim + 3 * dim ** 2)
+
     def point_scores(self, problem, test, points, context):
-        _check_fits("trak", "dim", context["dim"], problem.theta,
-                    2 * problem.n_params * context["dim"] + 3 * context["dim"] ** 2)
+        self.check_size(problem)
         op = CurvatureOperator(problem, context["curvature"], context["damping"])
         g_test = per_example_grads(problem, *test)
         out = None

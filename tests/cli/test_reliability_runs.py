@@ -127,6 +127,16 @@ def test_trak_dim_beyond_memory_is_refused_before_allocating(cheap_run):
     assert "\n" not in str(err.value)
 
 
+def test_trak_dim_beyond_memory_is_a_user_error_in_estimators(cheap_run, tmp_path):
+    """Through the CLI: exit 2 and one line before any work, not a 'skipped' row and exit 0."""
+    run = _copy(cheap_run, tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    proc = pbrf_cmd("estimators", str(run), "--methods", "trak", "--hp", "trak.dim=1000000000000",
+                    cwd=tmp_path)
+    assert_one_line_error(proc, "trak.dim")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 # ---------------------------------------------------------------------------- item 7
 @pytest.mark.parametrize("value", ["1", "1.0", "5"])
 def test_rho_threshold_of_one_or_more_is_a_config_error(value):

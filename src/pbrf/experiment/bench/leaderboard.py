@@ -328,6 +328,11 @@ def run_estimators(
             raise ConfigError(
                 f"--scores {label}: {arr.shape[0]} rows, but the run has {run.n_test} test points."
             )
+    for est in chosen.values():  # sizes that cannot fit are the user's to change, before any work
+        try:
+            est.check_size(run.measure_problem)
+        except ValueError as err:
+            raise ConfigError(str(err).splitlines()[0]) from None
     truths = truths_of(run_dir)
     rows, skipped = [], {}
     with exclusive(run_dir, elsewhere=None), Store(run_dir) as store:
