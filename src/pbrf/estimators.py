@@ -51,7 +51,7 @@ from .fileio import dumps
 from .influence import influence, normalize_removals, per_example_grads, removal_matrix
 from .kron import kronfluence_scores
 from .problem import Problem
-from .solvers import check_options
+from .solvers import check_options, check_values
 
 __all__ = [
     "Estimator",
@@ -160,12 +160,7 @@ class Estimator:
         if unknown:
             raise ValueError(f"{self.name} has no hyperparameter {', '.join(unknown)}; it takes "
                              f"{', '.join(sorted(allowed)) or 'none'}.")
-        for key, value in hyperparameters.items():
-            if key in _SHARED_RULES:
-                ok, requirement, example = _SHARED_RULES[key]
-                if not ok(value):
-                    raise ValueError(f"{self.name}: {key}={value!r} is invalid; it must be "
-                                     f"{requirement} (e.g. {example}).")
+        check_values(f"{self.name}: ", hyperparameters, _SHARED_RULES)
         self.hyperparameters = dict(hyperparameters)
 
     def check_size(self, problem: Problem) -> None:
@@ -583,7 +578,7 @@ class Trak(Estimator):
         return out / context["ensemble"]
 
 
-def _available_bytes(device: torch.device) -> int | None:
+def available_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` in bytes (``MemAvailable`` for the CPU); ``None`` if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -604,7 +599,7 @@ def _check_fits(name: str, option: str, value: int, like: Tensor, elements: int)
     """Refuse, before allocating, an option whose arrays (``elements`` of ``like``'s dtype) exceed
     the free memory of ``like``'s device.
     """
-    need, free = elements * like.element_size(), _available_bytes(like.device)
+    need, free = elements * like.element_size(), available_bytes(like.device)
     if free is not None and need > free:
         raise ValueError(
             f"{name}: {option}={value} needs about {need / 2**30:.3g} GiB for its arrays, more "

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 __all__ = ["SolveInfo", "SolverDivergedError", "solve", "solve_exact", "solve_cg", "solve_lissa",
            "SOLVERS",
-           "check_options", "option_names", "EXACT_MAX_PARAMS"]
+           "check_options", "check_values", "option_names", "EXACT_MAX_PARAMS"]
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,18 @@ def check_options(solver: str, options: dict) -> None:
     if bad:
         raise ValueError(f"{bad[0]!r} is not an option of solver {solver!r}; it takes "
                          f"{', '.join(rules)}.")
-    for name, value in options.items():
+    check_values(f"{solver}: option ", options, rules)
+
+
+def check_values(where: str, values: dict, rules: dict) -> None:
+    """``ValueError`` (one line starting with ``where``) for the first value that breaks its rule
+    ``rules[name] = (ok, requirement, example)``; names without a rule are not checked here.
+    """
+    for name, value in values.items():
         if name in rules:
             ok, requirement, example = rules[name]
             if not ok(value):
-                raise ValueError(f"{solver}: option {name}={value!r} is invalid; it must be "
+                raise ValueError(f"{where}{name}={value!r} is invalid; it must be "
                                  f"{requirement} (e.g. {example}).")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 
 import pbrf
 from pbrf import data, models, solvers
+from pbrf.estimators import available_bytes
 from pbrf.experiment.config import ConfigError, ExperimentConfig
 from pbrf.experiment.run.selection import choose_test_points, random_groups
 from pbrf.experiment.run.store import run_command
@@ -138,21 +138,6 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (``MemAvailable``), or None if unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def check_model_size(config: ExperimentConfig, kwargs: dict) -> int:
     """Build the model on the meta device (no memory) and check its parameters fit; returns
     their count.
@@ -168,7 +153,7 @@ def check_model_size(config: ExperimentConfig, kwargs: dict) -> int:
                           "make it smaller (e.g. a lower model.width).") from None
     n_params = sum(p.numel() for p in meta.parameters())
     need = n_params * getattr(torch, config.run.dtype).itemsize
-    available = _available_memory()
+    available = available_bytes(torch.device("cpu"))
     if available is not None and need > available:
         raise ConfigError(
             f"model: {config.model.name!r} {config.model.options} has {n_params:,} parameters "
