@@ -27,6 +27,7 @@ the caller from the final gradient norm — never from the fact that the loop st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -37,9 +38,16 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
-__all__ = ["NewtonRecipe", "NewtonOptions", "newton_optimize", "batched_cg", "MODELS"]
+__all__ = ["NewtonRecipe", "NewtonOptions", "newton_optimize", "batched_cg", "MODELS",
+           "PRODUCTS", "Batched", "Precision", "exact_matmul"]
 
-MODELS = ("auto", "gn", "hessian")
+MODELS = ("shared", "auto", "gn", "hessian")
+#: The most memory the preconditioner's basis may take (its rank is cut to fit: a big model gets a
+#: smaller rank, hence more CG iterations, never a different answer).
+PRECONDITIONER_BYTES = 2**29
+#: The dtype of the trust-region model's curvature products (the objective, the gradient and the
+#: certificate are always in the problem's own dtype, float64 in a measured run).
+PRODUCTS = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,10 @@ class NewtonOptions:
     cg_max_iter: int = 500
     tol: float = 1e-8
     forcing: float = 0.1
-    model: str = "auto"
+    model: str = "shared"
     switch: float = 1e-1
+    products: str = "float32"
+    precondition: int = 256
 
 
 @dataclass(frozen=True)
@@ -66,13 +76,24 @@ class NewtonRecipe(NewtonOptions):
         tol: stop a problem once ``||∇F|| ≤ tol · scale`` (``scale`` = the removal's own signal).
         forcing: largest relative CG residual ``η`` accepted (it shrinks with the gradient,
             ``η = min(forcing, ||∇F|| / ||∇F(θ_0)||)``, for superlinear convergence).
-        model: ``"auto"`` (the Gauss–Newton model while ``||∇F||`` is above ``switch`` times the
+        model: ``"shared"`` (the default: one curvature at the common start θ_0 shared by every
+            row, plus each row's own removal term exactly — see the module docstring; a row whose
+            shared model stops making fast progress continues with ``"auto"``), ``"auto"`` (each
+            row's own Gauss–Newton model while ``||∇F||`` is above ``switch`` times the
             larger of ``scale`` and the starting gradient norm, then exact
             Hessian–vector products for quadratic convergence, falling back to Gauss–Newton in an
             iteration where CG meets negative curvature), ``"gn"`` (Gauss–Newton only: positive
             semi-definite, about 2.5× cheaper per product, linear convergence when residuals are
             large) or ``"hessian"`` (exact Hessian only; negative curvature is met by growing μ).
         switch: see ``model="auto"``.
+        products: dtype of the model's curvature products, ``"float32"`` (default; TF32 off on
+            CUDA) or ``"float64"``. The objective, its gradient and so the certificate stay in the
+            problem's dtype (float64 in a measured run): a less accurate model costs iterations,
+            never the meaning of ρ.
+        precondition: rank of the Nyström approximation of the Gauss–Newton curvature at the
+            common start, built once per call from that many shared products, whose inverse
+            (plus each row's shift) preconditions every CG solve; 0 turns it off. Cut to fit
+            :data:`PRECONDITIONER_BYTES` for large models.
     """
 
     max_iter: int = 100
@@ -82,6 +103,9 @@ class NewtonRecipe(NewtonOptions):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
                 raise ValueError(f"NewtonRecipe.{name} must be a positive int, got {v!r}.")
+        v = self.precondition
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"NewtonRecipe.precondition must be an int >= 0 (0: none), got {v!r}.")
         if not (isinstance(self.tol,
                            (int, float)) and 0 < self.tol < 1 and math.isfinite(self.tol)):
             raise ValueError(f"NewtonRecipe.tol must lie in (0, 1), e.g. 1e-8; got {self.tol!r}.")
@@ -90,6 +114,9 @@ class NewtonRecipe(NewtonOptions):
                              f"{self.forcing!r}.")
         if self.model not in MODELS:
             raise ValueError(f"NewtonRecipe.model must be one of {MODELS}, got {self.model!r}.")
+        if self.products not in PRODUCTS:
+            raise ValueError(f"NewtonRecipe.products must be one of {PRODUCTS}, got "
+                             f"{self.products!r}.")
 
     # the same small interface as pbrf.Recipe, so respond(**changes) works for both
     batch_size = None
@@ -113,25 +140,31 @@ def batched_cg(
     B: Tensor,
     atol: Tensor,
     max_iter: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Conjugate gradients for K independent SPD systems ``A_k x_k = b_k`` at once.
+    precond: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Preconditioned) conjugate gradients for K independent SPD systems ``A_k x_k = b_k`` at once.
 
     Args:
         matvec: ``(rows, V) -> A_rows V`` for the systems ``rows`` (a LongTensor) and vectors ``V``.
         B: right-hand sides ``[K, p]``.
-        atol: per-system absolute residual tolerance ``[K]``.
+        atol: per-system absolute residual tolerance ``[K]`` (on the residual's 2-norm, with or
+            without a preconditioner).
         max_iter: iteration cap.
+        precond: ``(rows, R) -> M_rows⁻¹ R``, an SPD preconditioner per system (default none).
 
     Returns:
         ``(X, R, iters, negative)``: solutions, recursive residuals ``B − A X``, iterations per
         system, and whether it met a non-positive curvature direction (it stops where it is).
     """
     K = B.shape[0]
+    every = torch.arange(K, device=B.device)
+    apply = precond if precond is not None else (lambda rows, R: R)
     X, R = torch.zeros_like(B), B.clone()
-    P, rs = R.clone(), _rows_dot(R, R)
+    Z = apply(every, R)
+    P, rz = Z.clone(), _rows_dot(R, Z)
     iters = torch.zeros(K, dtype=torch.long, device=B.device)
     negative = torch.zeros(K, dtype=torch.bool, device=B.device)
-    active = rs.sqrt() > atol
+    active = R.norm(dim=1) > atol
     for _ in range(max_iter):
         rows = active.nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -140,23 +173,67 @@ def batched_cg(
         pAp = _rows_dot(P[rows], AP)
         ok = pAp > 0
         negative[rows] |= ~ok
-        alpha = torch.where(ok, rs[rows] / torch.where(ok, pAp, torch.ones_like(pAp)),
+        alpha = torch.where(ok, rz[rows] / torch.where(ok, pAp, torch.ones_like(pAp)),
                             torch.zeros_like(pAp))
         X[rows] += alpha[:, None] * P[rows]
         R[rows] -= alpha[:, None] * AP
-        rs_new = _rows_dot(R[rows], R[rows])
-        P[rows] = R[rows] + (rs_new / rs[rows])[:, None] * P[rows]
-        rs[rows] = rs_new
+        Zr = apply(rows, R[rows])
+        rz_new = _rows_dot(R[rows], Zr)
+        P[rows] = Zr + (rz_new / rz[rows])[:, None] * P[rows]
+        rz[rows] = rz_new
         iters[rows] += 1
-        still = ok & (rs_new.sqrt() > atol[rows]) & torch.isfinite(rs_new)
+        rn = R[rows].norm(dim=1)
+        still = ok & (rn > atol[rows]) & torch.isfinite(rn)
         active[rows] = still
     return X, R, iters, negative
 
 
-class _Batched:
-    """Full-batch value, gradient and Gauss–Newton products of K stacked flat problems."""
+def nystrom(matvec: Callable[[Tensor], Tensor], p: int, rank: int, like: Tensor,
+            seed: int = 0, eps: float | None = None) -> tuple[Tensor, Tensor]:
+    """A rank-``rank`` randomized Nyström approximation ``U diag(λ) Uᵀ`` of a positive
+    semi-definite operator (Frangella, Tropp & Udell 2023, Algorithm 2.1): one product with a
+    block of ``rank`` random directions; ``eps`` is the products' relative accuracy (default:
+    ``like``'s machine epsilon). Returns ``(λ [r] decreasing, U [r, p])`` (rows).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(rank, p, generator=gen, dtype=like.dtype).to(like.device)
+    omega = torch.linalg.qr(omega.T)[0].T
+    Y = matvec(omega)
+    eps = torch.finfo(like.dtype).eps if eps is None else eps
+    nu = eps * float(Y.norm()) * p**0.5
+    Y = Y + nu * omega
+    core = omega @ Y.T
+    d, V = torch.linalg.eigh(0.5 * (core + core.T))
+    keep = d > d.max().clamp_min(0) * 1e-10 + 1e-300
+    Bt = (V[:, keep] / d[keep].sqrt()).T @ Y  # Bᵀ with B Bᵀ = Y core⁺ Yᵀ
+    U, S, _ = torch.linalg.svd(Bt.T, full_matrices=False)
+    return (S**2 - nu).clamp_min(0.0), U.T
 
-    def __init__(self, prob, value_fn, gn_fn, aux: dict, batch_fn) -> None:
+
+class Preconditioner:
+    """``(U diag(λ) Uᵀ + σ_k I)⁻¹`` for each row's shift ``σ_k``: the inverse of a low-rank
+    approximation of a curvature plus the row's shift (exact on the span of ``U``, ``1/σ_k``
+    on the rest) — the Nyström PCG preconditioner, applied in O(p·r) per vector.
+    """
+
+    def __init__(self, values: Tensor, vectors: Tensor) -> None:
+        self.values, self.vectors = values, vectors
+
+    def __call__(self, sigma: Tensor, R: Tensor) -> Tensor:
+        """``M⁻¹ R`` for rows ``R [k, p]`` with shifts ``sigma [k]``."""
+        U = self.vectors.to(R.dtype)
+        C = R @ U.T  # [k, r]
+        lam = self.values.to(R.dtype)
+        inner = C / (lam[None] + sigma[:, None])
+        return (R - C @ U) / sigma[:, None] + inner @ U
+
+
+class Batched:
+    """Full-batch value, gradient and curvature products of K stacked flat problems (one
+    precision: the problem's own).
+    """
+
+    def __init__(self, prob, value_fn, gn_fn, aux: dict, batch_fn, removal_fn=None) -> None:
         self.prob, self.aux, self.batch_fn = prob, aux, batch_fn
         self._vg = vmap(grad_and_value(lambda th, a, b: value_fn(prob.unflatten(th), a, b)),
                         in_dims=(0, 0, None))
@@ -167,12 +244,26 @@ class _Batched:
             hjv = jvp(grad(lambda o: gn_fn(o, a, b)), (out,), (jv,))[1]
             return vjp(f, th)[1](hjv)[0]
 
-        self._gn = vmap(gn_one, in_dims=(0, 0, 0, None))
-
         def hvp_one(th: Tensor, v: Tensor, a: dict, b: dict) -> Tensor:
             return jvp(grad(lambda t: value_fn(prob.unflatten(t), a, b)), (th,), (v,))[1]
 
+        self._gn = vmap(gn_one, in_dims=(0, 0, 0, None))
         self._hvp = vmap(hvp_one, in_dims=(0, 0, 0, None))
+        # one θ for every vector: the forward pass is shared, only the tangents are batched
+        self._shared = {"gn": vmap(gn_one, in_dims=(None, 0, None, None)),
+                        "hessian": vmap(hvp_one, in_dims=(None, 0, None, None))}
+        self._removal = None
+        if removal_fn is not None:
+            def removal_one(th: Tensor, v: Tensor, a: dict) -> Tensor:
+                fn = grad(lambda t: removal_fn(prob.unflatten(t), a))
+                return jvp(fn, (th,), (v,))[1]
+
+            self._removal = vmap(removal_one, in_dims=(0, 0, 0))
+
+    @property
+    def has_removal(self) -> bool:
+        """Whether the objective's removal term is known (the ``"shared"`` model needs it)."""
+        return self._removal is not None
 
     def _sub(self, rows: Tensor) -> dict:
         return {k: v[rows] for k, v in self.aux.items()}
@@ -205,6 +296,79 @@ class _Batched:
         (out,) = self._over_data(lambda b: (self._hvp(theta, V, aux, b),))
         return out.detach()
 
+    def shared(self, form: str, theta0: Tensor, aux0: dict, V: Tensor) -> Tensor:
+        """Products of ONE curvature of the no-removal objective (``aux0``) at ``theta0 [p]``
+        with every row of ``V``: its Gauss–Newton data term (``form="gn"``) or its exact Hessian,
+        penalties included (``"hessian"``).
+        """
+        fn = self._shared[form]
+        (out,) = self._over_data(lambda b: (fn(theta0, V, aux0, b),))
+        return out.detach()
+
+    def removal_hvp(self, rows: Tensor, theta: Tensor, V: Tensor) -> Tensor:
+        """Exact Hessian products of each row's removal term at its own ``theta`` (a few
+        examples per row, no data pass).
+        """
+        return self._removal(theta, V, self._sub(rows)).detach()
+
+
+class Precision:
+    """The curvature products of the trust-region model in another dtype (float32 by default):
+    vectors and parameters are cast in, products cast back. The objective, the gradient and the
+    certificate never come from here.
+
+    Args:
+        batched: the :class:`Batched`-style products built on the problem in that dtype.
+        dtype: the caller's dtype (results are cast back to it).
+    """
+
+    def __init__(self, batched: Batched, dtype: torch.dtype) -> None:
+        self.batched, self.dtype = batched, dtype
+        self.low = batched.prob.dtype
+
+    def _cast(self, *tensors: Tensor) -> list[Tensor]:
+        return [t.to(self.low) for t in tensors]
+
+    def gn(self, rows: Tensor, theta: Tensor, V: Tensor) -> Tensor:
+        """As :meth:`Batched.gn`."""
+        with exact_matmul():
+            return self.batched.gn(rows, *self._cast(theta, V)).to(self.dtype)
+
+    def hvp(self, rows: Tensor, theta: Tensor, V: Tensor) -> Tensor:
+        """As :meth:`Batched.hvp`."""
+        with exact_matmul():
+            return self.batched.hvp(rows, *self._cast(theta, V)).to(self.dtype)
+
+    def shared(self, form: str, theta0: Tensor, aux0: dict, V: Tensor) -> Tensor:
+        """As :meth:`Batched.shared` (``aux0`` already in the low dtype)."""
+        with exact_matmul():
+            return self.batched.shared(form, *self._cast(theta0), aux0, *self._cast(V)).to(
+                self.dtype)
+
+    def removal_hvp(self, rows: Tensor, theta: Tensor, V: Tensor) -> Tensor:
+        """As :meth:`Batched.removal_hvp`."""
+        with exact_matmul():
+            return self.batched.removal_hvp(rows, *self._cast(theta, V)).to(self.dtype)
+
+    @property
+    def has_removal(self) -> bool:
+        """As :attr:`Batched.has_removal`."""
+        return self.batched.has_removal
+
+
+@contextlib.contextmanager
+def exact_matmul():
+    """TF32 off for CUDA matmuls and convolutions inside the block (restored after): on Ampere
+    and later GPUs TF32 rounds float32 products to ~1e-3, far above float32's own 1e-7.
+    """
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cuda.allow_tf32, cudnn.allow_tf32)
+    cuda.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cuda.allow_tf32, cudnn.allow_tf32 = saved
+
 
 @dataclass
 class _NewtonState:
@@ -219,6 +383,9 @@ class _NewtonState:
         active: still iterating; at_roundoff: steps fell below the objective's round-off.
         diverged, stalled, runaway: the flags of the diagnostics.
         steps, iterations, cg_iterations: accepted steps, outer and CG iterations.
+        own: the row uses its own model (``"auto"``) instead of the shared one; slow: shared-model
+            iterations in a row that did not cut the gradient norm 4-fold; own_iterations: outer
+            iterations on the row's own model.
     """
 
     theta: Tensor
@@ -239,10 +406,13 @@ class _NewtonState:
     steps: Tensor
     iterations: Tensor
     cg_iterations: Tensor
+    own: Tensor
+    slow: Tensor
+    own_iterations: Tensor
 
     @classmethod
-    def start(cls, B: _Batched, theta0: Tensor, scale: Tensor, tol: float,
-              exact_from_start: bool) -> _NewtonState:
+    def start(cls, B: Batched, theta0: Tensor, scale: Tensor, tol: float,
+              exact_from_start: bool, shared: bool) -> _NewtonState:
         """The state at ``theta0`` (objective and gradient evaluated there)."""
         K, dev, dt = theta0.shape[0], theta0.device, theta0.dtype
         theta = theta0.detach().clone()
@@ -260,7 +430,9 @@ class _NewtonState:
                                           device=dev),
                    diverged=~active.clone(), stalled=zeros(torch.bool),
                    runaway=zeros(torch.bool), steps=zeros(torch.long),
-                   iterations=zeros(torch.long), cg_iterations=zeros(torch.long))
+                   iterations=zeros(torch.long), cg_iterations=zeros(torch.long),
+                   own=torch.full((K,), not shared, dtype=torch.bool, device=dev),
+                   slow=zeros(torch.long), own_iterations=zeros(torch.long))
 
     def rows_to_go(self) -> tuple[Tensor, Tensor]:
         """``(rows, gradient norms [K])``: the problems still active once those whose gradient
@@ -311,9 +483,34 @@ class _NewtonState:
         diverged = (self.diverged | ~torch.isfinite(self.F) | ~torch.isfinite(gnorm)
                     | self.runaway)
         return {"steps": self.steps, "iterations": self.iterations,
-                "cg_iterations": self.cg_iterations, "objective": self.F, "grad_norm": gnorm,
+                "cg_iterations": self.cg_iterations, "own_iterations": self.own_iterations,
+                "objective": self.F, "grad_norm": gnorm,
                 "initial_objective": self.F0, "initial_grad_norm": self.gn0,
                 "stalled": self.stalled, "runaway": self.runaway, "diverged": diverged}
+
+
+@dataclass(frozen=True)
+class _Model:
+    """How the trust-region model's products are formed (module docstring): ``products`` (the
+    problem's own :class:`Batched` or a :class:`Precision`), the quadratic ``shift``, the recipe's
+    ``model``, and for ``"shared"`` the common start ``theta0 [p]``, the no-removal ``aux0`` and
+    the ``form`` of the shared curvature (``"gn"`` or ``"hessian"``).
+    """
+
+    products: Batched | Precision
+    shift: float
+    model: str
+    theta0: Tensor | None = None
+    aux0: dict | None = None
+    form: str = "gn"
+    floor: float = 0.0
+    precond: Preconditioner | None = None
+
+    def shared_product(self, rows: Tensor, th: Tensor, V: Tensor) -> Tensor:
+        """``(S + ∇²R_k(θ_k)) v_k``: the shared curvature plus each row's removal term."""
+        P = self.products
+        out = P.shared(self.form, self.theta0, self.aux0, V) + P.removal_hvp(rows, th, V)
+        return out + self.shift * V if self.form == "gn" else out
 
 
 def newton_optimize(
@@ -329,6 +526,9 @@ def newton_optimize(
     progress: bool = True,
     desc: str = "newton",
     exact_from_start: bool = False,
+    removal_fn: Callable | None = None,
+    aux0: dict | None = None,
+    low: Precision | None = None,
 ) -> tuple[Tensor, dict]:
     """Minimise K objectives ``value_fn(params_k, aux_k, batch)`` from ``theta0 [K, p]``.
 
@@ -340,56 +540,103 @@ def newton_optimize(
             convex in the outputs (its output Hessian defines the Gauss–Newton model).
         shift: the coefficient ``s`` of the quadratic terms in θ (``(s/2)||θ − a||²`` and
             ``(wd/2)||θ||²`` together), added to the model as ``s I``.
-        theta0: start ``[K, p]``.
-        aux: per-problem tensors ``[K, ...]``.
-        scale: ``[K]`` gradient-norm scale of each problem (its removal signal); the stopping
-            tolerance is ``recipe.tol · scale``.
+        theta0: start ``[K, p]`` (one row repeated: the shared model's start).
+        aux: per-problem tensors ``[K, ...]``. scale: ``[K]`` gradient-norm scale of each
+            problem (its removal signal); the stopping tolerance is ``recipe.tol · scale``.
         recipe: :class:`NewtonRecipe`.
         batch_fn: chunk indices → batch dict.
         exact_from_start: with ``model="auto"``, use the exact Hessian from the first iteration
-            (for starts already near the optimum, e.g. the no-removal continuation).
+            (for starts already near the optimum, e.g. the no-removal continuation); with
+            ``"shared"``, share the exact Hessian at the start rather than its Gauss–Newton part.
+        removal_fn: ``(params, aux_k) -> scalar``, the removal term of ``value_fn`` (the part that
+            differs between problems); with ``aux0`` (one problem's aux without removal) it
+            enables ``model="shared"``; without them every row uses ``"auto"``.
+        low: the model's products in another dtype (a :class:`Precision` built by the caller);
+            default: the problem's own dtype.
 
     Returns:
         ``(theta [K, p], diagnostics)`` with ``[K]`` tensors ``steps`` (accepted steps),
-        ``iterations``, ``cg_iterations`` (total), ``objective``, ``grad_norm``,
-        ``initial_objective``, ``initial_grad_norm``, ``stalled``, ``runaway`` (the gradient grew
-        100-fold along accepted descent steps: no minimum near the start) and ``diverged``
-        (non-finite, or runaway).
+        ``iterations``, ``cg_iterations`` (total), ``own_iterations`` (outer iterations on the
+        row's own model), ``objective``, ``grad_norm``, ``initial_objective``,
+        ``initial_grad_norm``, ``stalled``, ``runaway`` (the gradient grew 100-fold along accepted
+        descent steps: no minimum near the start) and ``diverged`` (non-finite, or runaway).
     """
-    B = _Batched(prob, value_fn, gn_fn, aux, batch_fn)
-    state = _NewtonState.start(B, theta0, scale, recipe.tol, exact_from_start)
+    B = Batched(prob, value_fn, gn_fn, aux, batch_fn, removal_fn)
+    M = _model(B if low is None else low, recipe, shift, theta0[0], aux0, exact_from_start)
+    state = _NewtonState.start(B, theta0, scale, recipe.tol, exact_from_start, M.theta0 is not None)
     bar = tqdm(total=recipe.max_iter, desc=desc, disable=not progress, leave=False, mininterval=0.5)
     for _ in range(recipe.max_iter):
         rows, gnorm = state.rows_to_go()
         if rows.numel() == 0:
             break
         bar.update()
-        _iterate(B, recipe, shift, state, rows, gnorm[rows])
+        _iterate(B, M, recipe, state, rows, gnorm[rows])
     bar.close()
     return state.theta, state.diagnostics()
 
 
-def _iterate(B: _Batched, recipe: NewtonRecipe, shift: float, st: _NewtonState, rows: Tensor,
+def _model(products: Batched | Precision, recipe: NewtonRecipe, shift: float, theta0: Tensor,
+           aux0: dict | None, exact_from_start: bool) -> _Model:
+    """The trust-region model of :func:`newton_optimize` (see :class:`_Model`)."""
+    shared = recipe.model == "shared" and products.has_removal and aux0 is not None
+    low = products.low if isinstance(products, Precision) else theta0.dtype
+    floor = 10 * torch.finfo(low).eps if low != theta0.dtype else 0.0
+    return _Model(products, shift, recipe.model, theta0 if shared else None, aux0,
+                  "hessian" if exact_from_start else "gn", floor,
+                  _preconditioner(products, theta0, aux0, recipe.precondition, shift))
+
+
+def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | None, rank: int,
+                    shift: float, block: int = 16) -> Preconditioner | None:
+    """The Nyström preconditioner of the Gauss–Newton data curvature at ``theta0`` (the
+    no-removal ``aux0``), ``rank`` products in blocks of ``block``; ``None`` without ``aux0``,
+    with ``rank = 0`` or without a shift (no positive floor under the curvature).
+    """
+    p = theta0.shape[0]
+    if aux0 is None or rank == 0 or shift <= 0:
+        return None
+    rank = min(rank, p, max(8, PRECONDITIONER_BYTES // (8 * p)))
+
+    def matvec(V: Tensor) -> Tensor:
+        return torch.cat([products.shared("gn", theta0, aux0, V[i: i + block])
+                          for i in range(0, V.shape[0], block)])
+
+    eps = torch.finfo(products.batched.prob.dtype if isinstance(products, Precision)
+                      else theta0.dtype).eps
+    values, vectors = nystrom(matvec, p, rank, theta0, eps=eps)
+    return Preconditioner(values, vectors)
+
+
+def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows: Tensor,
              gn: Tensor) -> None:
     """One trust-region iteration of the problems ``rows`` (gradient norms ``gn``)."""
     dt = st.theta.dtype
     tiny = torch.finfo(dt).tiny
     th, gr, m = st.theta[rows], st.g[rows], st.mu[rows]
+    own = st.own[rows]
     eta = (gn / st.gn0[rows].clamp_min(tiny)).clamp(max=recipe.forcing)
+    # the shared model converges linearly: no use solving its systems far below its rate
+    eta = torch.where(own, eta, eta.clamp(min=1e-3)).clamp(min=M.floor)
     # exact Hessian near the optimum: a small gradient, or steps below the objective's round-off
     # (where only the gradient can judge a step, and only the exact model reduces it reliably)
     switch_at = recipe.switch * torch.maximum(st.scale[rows].to(dt), st.gn0[rows])
     near = (gn <= switch_at) | st.at_roundoff[rows]
-    d, Ad, ci = _step(B, recipe.model, shift, rows, th, gr, m, eta * gn, recipe.cg_max_iter, near)
+    d, Ad, ci, neg = _step(M, recipe, rows, th, gr, m, eta * gn, near, own)
     st.cg_iterations[rows] += ci
     st.iterations[rows] += 1
+    st.own_iterations[rows] += own.long()
     pred = -(_rows_dot(gr, d) + 0.5 * _rows_dot(d, Ad))
     F_new, g_new = B.value_grad(rows, th + d)
     accept, ratio, untestable = _judge(st.F[rows], gn, pred, F_new, g_new)
     st.at_roundoff[rows] |= untestable
     dd = _rows_dot(d, d).clamp_min(tiny)
-    curv = (_rows_dot(d, Ad) / dd).clamp_min(shift if shift > 0 else tiny)
+    curv = (_rows_dot(d, Ad) / dd).clamp_min(M.shift if M.shift > 0 else tiny)
     mu = _next_mu(m, accept, ratio, untestable, curv)
+    # a shared-model row that stops cutting its gradient 4-fold per iteration (or meets negative
+    # curvature) continues on its own model
+    slow = ~accept | (g_new.norm(dim=1) > 0.25 * gn)
+    st.slow[rows] = torch.where(slow & ~own, st.slow[rows] + 1, torch.zeros_like(st.slow[rows]))
+    st.own[rows] |= (st.slow[rows] >= 2) | (neg & ~own)
     st.take(rows, accept, d, F_new, g_new, mu)
     st.watch(rows, accept, mu, curv, untestable)
 
@@ -426,39 +673,55 @@ def _next_mu(m: Tensor, accept: Tensor, ratio: Tensor, untestable: Tensor,
     return torch.where(m_new < 1e-6 * curv, torch.zeros_like(m_new), m_new)
 
 
-def _step(B: _Batched, model: str, shift: float, rows, th, gr, m, atol, max_iter, near):
-    """The trust-region step ``d`` of every row and its model product ``A d`` (``A`` without μ).
-
-    ``model="auto"``: exact Hessian for the rows ``near`` the optimum, Gauss–Newton for the others
-    and for rows whose Hessian CG meets negative curvature (positive definite with the shift).
+def _cg(M: _Model, mode: str, rows, th, gr, m, atol, max_iter, sel: Tensor):
+    """CG on the rows ``sel`` with the model ``mode`` (``"shared"``, ``"hessian"`` or ``"gn"``);
+    returns ``(d, A d without μ, iterations, negative curvature met)``.
     """
+    P = M.products
+    if mode == "shared":
+        prod, add = M.shared_product, 0.0
+    else:
+        prod, add = (P.hvp, 0.0) if mode == "hessian" else (P.gn, M.shift)
 
-    def solve(use_hessian: bool, sel: Tensor):
-        add = 0.0 if use_hessian else shift
-        prod = B.hvp if use_hessian else B.gn
+    def mv(sub: Tensor, V: Tensor) -> Tensor:
+        return prod(rows[sel[sub]], th[sel[sub]], V) + (add + m[sel[sub]])[:, None] * V
 
-        def mv(sub: Tensor, V: Tensor) -> Tensor:
-            return prod(rows[sel[sub]], th[sel[sub]], V) + (add + m[sel[sub]])[:, None] * V
+    pc = None
+    if M.precond is not None:
+        sigma = M.shift + m[sel]
+        pc = lambda sub, R: M.precond(sigma[sub], R)  # noqa: E731
+    d, r, ci, neg = batched_cg(mv, -gr[sel], atol[sel], max_iter, pc)
+    return d, -gr[sel] - r - m[sel, None] * d, ci, neg
 
-        d, r, ci, neg = batched_cg(mv, -gr[sel], atol[sel], max_iter)
-        return d, -gr[sel] - r - m[sel, None] * d, ci, neg
 
-    every = torch.arange(rows.numel(), device=th.device)
-    if model == "gn":
-        d, Ad, ci, _ = solve(False, every)
-        return d, Ad, ci
-    if model == "hessian":
-        d, Ad, ci, _ = solve(True, every)
-        return d, Ad, ci
+def _step(M: _Model, recipe: NewtonRecipe, rows, th, gr, m, atol, near, own):
+    """The trust-region step ``d`` of every row, its model product ``A d`` (``A`` without μ), CG
+    iterations and whether the shared model met negative curvature.
+
+    Rows on the shared model (``~own``) solve with it. The others follow ``recipe.model`` (the
+    ``"auto"`` rule for ``"shared"``): exact Hessian for the rows ``near`` the optimum,
+    Gauss–Newton for the rest and for rows whose Hessian CG meets negative curvature.
+    """
     d, Ad = torch.zeros_like(gr), torch.zeros_like(gr)
     ci = torch.zeros(rows.numel(), dtype=torch.long, device=th.device)
-    use_gn = ~near
-    if bool(near.any()):
-        sel = near.nonzero().squeeze(1)
-        d[sel], Ad[sel], ci[sel], neg = solve(True, sel)
-        use_gn[sel[neg]] = True
+    neg = torch.zeros(rows.numel(), dtype=torch.bool, device=th.device)
+    args = (rows, th, gr, m, atol, recipe.cg_max_iter)
+    if bool((~own).any()):
+        sel = (~own).nonzero().squeeze(1)
+        d[sel], Ad[sel], ci[sel], neg[sel] = _cg(M, "shared", *args, sel)
+    model = "auto" if recipe.model == "shared" else recipe.model
+    if model in ("gn", "hessian") and bool(own.any()):
+        sel = own.nonzero().squeeze(1)
+        d[sel], Ad[sel], ci[sel], _ = _cg(M, model, *args, sel)
+        return d, Ad, ci, neg
+    use_gn = own & ~near
+    hess = own & near
+    if bool(hess.any()):
+        sel = hess.nonzero().squeeze(1)
+        d[sel], Ad[sel], ci[sel], bad = _cg(M, "hessian", *args, sel)
+        use_gn[sel[bad]] = True
     if bool(use_gn.any()):
         sel = use_gn.nonzero().squeeze(1)
-        d2, Ad2, ci2, _ = solve(False, sel)
+        d2, Ad2, ci2, _ = _cg(M, "gn", *args, sel)
         d[sel], Ad[sel], ci[sel] = d2, Ad2, ci[sel] + ci2
-    return d, Ad, ci
+    return d, Ad, ci, neg

@@ -20,6 +20,7 @@ from .problem import Params, Problem
 
 __all__ = [
     "Objective",
+    "removal_term",
     "removal_objective",
     "removal_gn",
     "pbrf_objective",
@@ -40,6 +41,7 @@ class Objective(NamedTuple):
     shift: float
     make_aux: Callable[[Problem, list[list[int]], float], dict]
     f_ref: Tensor | None = None
+    removal: Callable | None = None
 
 
 def sq(params: Params, anchor: Params | None = None) -> Tensor:
@@ -47,6 +49,19 @@ def sq(params: Params, anchor: Params | None = None) -> Tensor:
     if anchor is None:
         return sum(p.pow(2).sum() for p in params.values())
     return sum((params[k] - anchor[k]).pow(2).sum() for k in params)
+
+
+def removal_term(prob: Problem) -> Callable:
+    """``−(1/N) Σ_{m∈r} v_m L(z_m, θ)``: the part of every built-in response objective that differs
+    between removal problems (removed points ``aux["xr"]``, ``aux["tr"]``, weights ``aux["vr"]``,
+    see :func:`removed_aux`); :mod:`pbrf.newton`'s shared model takes its exact Hessian per row.
+    """
+    n = prob.n_train
+
+    def removal(params: Params, aux: dict) -> Tensor:
+        return -(aux["vr"] * prob.losses(params, aux["xr"], aux["tr"])).sum() / n
+
+    return removal
 
 
 def removal_objective(prob: Problem, prox: float = 0.0) -> Callable:
@@ -124,17 +139,17 @@ def removed_aux(prob: Problem, groups: list[list[int]], weight: float) -> dict:
 # ------------------------------------------------------------------ the built-in kinds' objectives
 def warm_objective(prob: Problem, damping: float) -> Objective:
     """``J_{−r}(θ)`` (warm and cold start; ``damping`` unused)."""
-    return Objective(removal_objective(prob), removal_gn(prob), prob.weight_decay, mask_aux)
+    return Objective(removal_objective(prob), removal_gn(prob), prob.weight_decay, removed_aux,
+                     removal=removal_term(prob))
 
 
 def proximal_objective(prob: Problem, damping: float) -> Objective:
     """``J_{−r}(θ) + (λ/2)||θ − θ^s||²``."""
     return Objective(removal_objective(prob, damping), removal_gn(prob),
-                     prob.weight_decay + damping, mask_aux)
+                     prob.weight_decay + damping, removed_aux, removal=removal_term(prob))
 
 
 def pbrf_response_objective(prob: Problem, damping: float) -> Objective:
     """The PBRF: mean Bregman divergence − removed losses + ((wd + λ)/2)||θ − θ^s||²."""
     return Objective(pbrf_objective(prob, damping), pbrf_gn(prob), prob.weight_decay + damping,
-                     removed_aux,
-                     prob.train_outputs())
+                     removed_aux, prob.train_outputs(), removal=removal_term(prob))

@@ -30,6 +30,7 @@ import dataclasses
 import inspect
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ from .influence import (
 )
 from .kinds import ResponseKind
 from .models import reinitialize
-from .newton import NewtonRecipe, newton_optimize
+from .newton import Batched, NewtonRecipe, Precision, newton_optimize
 from .objectives import (  # noqa: F401 (re-exported)
     pbrf_gn,
     pbrf_objective,
@@ -67,6 +68,8 @@ log = logging.getLogger(__name__)
 #: The built-in response kinds (:mod:`pbrf.kinds` holds their records; ``kinds.response_names()``
 #: includes kinds registered later).
 KINDS = kinds.response_names()
+#: Each problem's copy in the Newton model's product dtype (weakly keyed: it goes with the problem).
+_LOW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Default certificate threshold: a response is certified when ρ = ||∇F|| / signal ≤ this.
 RHO_THRESHOLD = 1e-2
 
@@ -242,9 +245,33 @@ class _Setting:
     progress: bool
 
 
+def _low_problem(prob: Problem, dtype: torch.dtype) -> Problem:
+    """``prob`` in the Newton model's product dtype, made once per problem."""
+    store = _LOW.setdefault(prob, {})
+    if dtype not in store:
+        store[dtype] = prob.astype(dtype)
+    return store[dtype]
+
+
+def _model_products(s: _Setting, groups) -> tuple[Precision | None, dict]:
+    """The Newton model's products in ``recipe.products`` (``None``: the problem's own dtype) and
+    the no-removal aux of the shared model, in that dtype.
+    """
+    dtype = getattr(torch, s.recipe.products)
+    same = dtype == s.prob.dtype
+    low = s.prob if same else _low_problem(s.prob, dtype)
+    obj = s.kind.objective(low, s.damping)
+    aux0 = {k: v[0] for k, v in obj.make_aux(low, [[]], s.weight).items()}
+    if same:
+        return None, aux0
+    B = Batched(low, obj.value, obj.gn, obj.make_aux(low, groups, s.weight),
+                batch_fn(low, obj.f_ref), obj.removal)
+    return Precision(B, s.prob.dtype), aux0
+
+
 def _run_newton(s: _Setting, groups, signal, desc, start=None, fallback=None):
     """Newton on ``groups`` from θ^s (or ``start``); returns ``(θ [K, p], records)``."""
-    value_fn, gn_fn, shift, make_aux, f_ref = s.kind.objective(s.prob, s.damping)
+    obj = s.kind.objective(s.prob, s.damping)
     K = len(groups)
     scale = signal.clone()
     # an empty group (the paired no-removal reference) has no signal of its own: use the batch's
@@ -252,10 +279,12 @@ def _run_newton(s: _Setting, groups, signal, desc, start=None, fallback=None):
         fallback = _median_signal(signal)
     scale = torch.where(scale > 0, scale, torch.as_tensor(fallback).to(scale))
     theta0 = (s.prob.theta if start is None else start).unsqueeze(0).expand(K, -1).clone()
-    theta, d = newton_optimize(s.prob, value_fn, gn_fn, shift, theta0,
-                               make_aux(s.prob, groups, s.weight), scale, s.recipe,
-                               batch_fn(s.prob, f_ref), s.progress, desc,
-                               exact_from_start=start is not None)
+    low, aux0 = _model_products(s, groups)
+    theta, d = newton_optimize(s.prob, obj.value, obj.gn, obj.shift, theta0,
+                               obj.make_aux(s.prob, groups, s.weight), scale, s.recipe,
+                               batch_fn(s.prob, obj.f_ref), s.progress, desc,
+                               exact_from_start=start is not None, removal_fn=obj.removal,
+                               aux0=aux0, low=low)
     return theta.detach(), RemovalDiagnostics.newton_rows(d)
 
 
@@ -290,10 +319,11 @@ def _from_continuation(th: Tensor, rows: list, groups, start: Tensor, ref_row) -
 
 def _first_order_chunk(s: _Setting, groups, init, desc):
     """A first-order recipe on ``groups`` stacked, from ``init`` (θ^s by default)."""
-    objective, _, _, make_aux, f_ref = s.kind.objective(s.prob, s.damping)
+    obj = s.kind.objective(s.prob, s.damping)
     start = s.prob.params if init is None else init
-    return run_batched(s.prob, objective, stack(start, len(groups)),
-                       make_aux(s.prob, groups, s.weight), s.recipe, f_ref, s.progress, desc)
+    return run_batched(s.prob, obj.value, stack(start, len(groups)),
+                       obj.make_aux(s.prob, groups, s.weight), s.recipe, obj.f_ref, s.progress,
+                       desc)
 
 
 def _optimise_kind(s: _Setting, groups, init=None, signal=None):
