@@ -1,4 +1,6 @@
-"""Tests for pbrf.models: shapes, parameter counts, torch.func compatibility, initialisation."""
+"""Tests for pbrf.models: shapes, parameter counts, torch.func compatibility, initialisation,
+the CNNs' activation and pooling options.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from pbrf.models import DATA_ARGUMENTS, MODELS, build, count_parameters, reinitialize
+import pbrf
+from pbrf.data import DataError, load
+from pbrf.models import (
+    DATA_ARGUMENTS,
+    MODELS,
+    build,
+    count_parameters,
+    reinitialize,
+    variant_label,
+)
 
 F64 = torch.float64
 
@@ -25,6 +36,13 @@ SMALL = {
     "resnet20": dict(in_channels=3, n_classes=3, width_mult=0.25),
     "resnet20_none": dict(in_channels=3, n_classes=3, width_mult=0.25, norm="none"),
     "resnet20_batch": dict(in_channels=3, n_classes=3, width_mult=0.25, norm="batch"),
+    # the smooth variants (and ResNet-20's global max pooling) under torch.func
+    "lenet_smooth": dict(in_channels=1, n_classes=3, input_size=28, width_mult=0.5,
+                         activation="gelu", pooling="avg"),
+    "alexnet_smooth": dict(in_channels=3, n_classes=3, input_size=16, width_mult=0.125,
+                           activation="silu", pooling="avg"),
+    "resnet20_smooth": dict(in_channels=3, n_classes=3, width_mult=0.25, activation="softplus",
+                            pooling="max"),
     "autoencoder": dict(width_mult=0.02, activation="sigmoid"),
     "transformer": dict(vocab_size=7, seq_len=6, d_model=8, n_layers=2, n_heads=2),
 }
@@ -334,6 +352,78 @@ def test_reinitialize_rejects_module_without_reset_parameters():
         reinitialize(model, 0)
 
 
+# ---------------------------------------------------------------- the CNNs' activation and pooling
+ACTIVATION_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus}
+POOL_MODULES = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+CNNS = {"lenet": dict(width_mult=0.25), "alexnet": dict(width_mult=0.125),
+        "vgg13": dict(width_mult=1 / 16), "resnet20": dict(width_mult=0.25)}
+
+
+@pytest.mark.parametrize("name", list(CNNS))
+def test_every_activation_and_pooling_builds_with_the_same_parameters(name):
+    """Each activation × pooling builds the modules asked for (ResNet-20: its global pooling),
+    runs on CIFAR-sized inputs, and has the parameter count of the default (literal) network.
+    """
+    x = torch.randn(2, 3, 32, 32)
+    literal = count_parameters(build(name, **CNNS[name]))
+    for activation, act_module in ACTIVATION_MODULES.items():
+        for pooling, pool_module in POOL_MODULES.items():
+            model = build(name, activation=activation, pooling=pooling, **CNNS[name])
+            assert count_parameters(model) == literal, (activation, pooling)
+            kinds = {type(m) for m in model.modules()}
+            assert kinds & set(ACTIVATION_MODULES.values()) == {act_module}
+            if name == "resnet20":
+                assert model.pooling == pooling and not kinds & set(POOL_MODULES.values())
+            else:
+                assert kinds & set(POOL_MODULES.values()) == {pool_module}
+            with torch.no_grad():
+                assert model(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", list(CNNS))
+def test_default_is_the_literal_network_and_the_smooth_one_has_no_kink(name):
+    literal = build(name, seed=0, **CNNS[name])
+    kinds = {type(m) for m in literal.modules()}
+    assert nn.ReLU in kinds and nn.GELU not in kinds
+    assert (literal.pooling == "avg") if name == "resnet20" else nn.MaxPool2d in kinds
+    assert variant_label(name, {}) == "ReLU, " + ("avg-pool" if name == "resnet20" else "max-pool")
+    smooth = build(name, seed=0, activation="gelu", pooling="avg", **CNNS[name])
+    assert not any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for m in smooth.modules())
+    assert variant_label(name, {"activation": "gelu", "pooling": "avg"}) == "GELU, avg-pool"
+    # the same parameters, initialised the same: only the non-linearities differ
+    assert_params_equal(literal, smooth)
+
+
+def test_variant_label_of_other_models():
+    assert variant_label("mlp", {"activation": "gelu"}) == "GELU"
+    assert variant_label("mlp", {}) == "ReLU" and variant_label("autoencoder", {}) == "tanh"
+    assert variant_label("transformer", {}) == "" and variant_label("logistic", {}) == ""
+    assert variant_label("no-such-model", {}) == ""
+
+
+def _cifar10_subset(n_train: int):
+    """A tiny CIFAR-10 subset in float64, or a skip when $PBRF_DATA has no CIFAR-10."""
+    try:
+        return load("cifar10", n_train=n_train, n_test=2, dtype=torch.float64)
+    except DataError as err:
+        pytest.skip(f"CIFAR-10 is not available: {err}")
+
+
+def test_smooth_lenet_pbrf_responses_are_certified_on_cifar10():
+    """GELU + average pooling: the PBRF objective is smooth, and its Newton optimum certifies
+    (ρ ≤ the threshold) for every removal, on a tiny LeNet trained on 32 CIFAR-10 images.
+    """
+    ds = _cifar10_subset(32)
+    data = (ds.x_train, ds.y_train)
+    model = build("lenet", seed=0, width_mult=0.25, activation="gelu", pooling="avg", dtype=F64)
+    task = pbrf.tasks.Classification()
+    recipe = pbrf.Recipe(lr=0.05, momentum=0.9, epochs=10, batch_size=None)
+    prob = pbrf.train(model, task, data, recipe, weight_decay=1e-3, progress=False).problem(
+        task, data)
+    resp = pbrf.respond(prob.astype(torch.float64), "pbrf", [0, 1], damping=0.1, progress=False)
+    assert resp.certified == [True, True], [d["rho"] for d in resp.diagnostics]
+
+
 # ---------------------------------------------------------------- errors
 def test_unknown_model_lists_models():
     with pytest.raises(ValueError, match="resnet20") as err:
@@ -348,6 +438,11 @@ def test_unknown_model_lists_models():
         ("mlp", dict(n_outputs=2), "in_shape"),
         ("mlp", dict(in_shape=(4,), n_outputs=2, activation="swish"), "activation"),
         ("vgg13", dict(norm="layer"), "norm"),
+        ("lenet", dict(pooling="mean"), r"pooling must be one of \['max', 'avg'\], got 'mean'"),
+        ("alexnet", dict(activation="swish"), r"activation must be one of \['relu', 'gelu'"),
+        ("vgg13", dict(pooling="Max"), "pooling"),
+        ("resnet20", dict(activation="ReLU"), "activation.*softplus"),
+        ("resnet20", dict(pooling=None), "pooling"),
         ("lenet", dict(width_mult=0), "width_mult"),
         ("vgg13", dict(input_size=16), "input_size"),
         ("transformer", dict(vocab_size=5, seq_len=4, d_model=10, n_heads=4), "n_heads"),

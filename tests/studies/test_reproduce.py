@@ -34,6 +34,10 @@ TINY_STUDY = {"preset": "digits-mlp", "profile": "tiny", "seeds": 2, "sets": FAC
               "values": {"width": [8, 12], "damping": [0.1, 1.0]}}
 
 
+# The stand-in rows' labels in the report: the preset's name and the activation its config builds.
+LABELS = {"digits-mlp (GELU)": "digits-mlp", "digits-binary (GELU)": "digits-binary"}
+
+
 def _tiny_tables(mp) -> None:
     """Stand-in tables on presets whose tiny profiles exist (digits), few removals."""
     mp.setattr(reproduce, "TABLE_ROWS", ("digits-mlp", "digits-binary"))
@@ -84,8 +88,9 @@ def test_reproduce_writes_table_factors_figures_and_times(smoke):
     assert f"pbrf {pbrf.__version__}" in text
     # the table in the paper's layout: one row per architecture, each cell from its summary.json
     rows = _table(text, "PBRF P")
-    assert set(rows) == {"digits-mlp", "digits-binary"}
-    for name, row in rows.items():
+    assert set(rows) == set(LABELS)
+    for label, row in rows.items():
+        name = LABELS[label]
         for col in ("cold-start LOO P", "warm-start LOO S", "PBRF P", "warm-start (paired) S",
                     "proximal P"):
             assert col in row
@@ -95,16 +100,18 @@ def test_reproduce_writes_table_factors_figures_and_times(smoke):
         assert row["cold-start LOO S"] == report.fmt_corr(corr["cold"]["spearman"])
     # certification counts, summed from the rows' certificates
     certified = _table(text, "PBRF certified")
-    for name, row in certified.items():
+    for label, row in certified.items():
+        name = LABELS[label]
         cert = json.loads((smoke / "table" / name / "summary.json").read_text())["certificates"]
         pbrf_cert = cert["by_kind"]["pbrf"]
         assert row["PBRF certified"].startswith(f"{pbrf_cert['certified']} of ")
-    assert set(certified) == {"digits-mlp", "digits-binary"}
+    assert set(certified) == set(LABELS)
     # the settings, read from each row's config.json
     settings = _table(text, "responses.tol")
     config = json.loads((smoke / "table" / "digits-mlp" / "config.json").read_text())
-    assert settings["digits-mlp"]["N"] == str(config["data"]["n_train"])
-    assert settings["digits-mlp"]["model"].startswith(config["model"]["name"])
+    assert settings["digits-mlp (GELU)"]["N"] == str(config["data"]["n_train"])
+    assert settings["digits-mlp (GELU)"]["model"].startswith(config["model"]["name"])
+    assert reproduce.VARIANT_NOTE in text
     # the factor studies: one section and one figure per factor
     for factor in ("width", "damping"):
         assert f"### {factor}" in text
@@ -256,6 +263,23 @@ def test_the_plan_is_data():
         assert profile in reproduce.TABLE_PROFILES
 
 
+def test_row_labels_say_the_variant_their_config_builds():
+    """The CIFAR-10 rows build GELU + average pooling by default and say so; the literal ReLU /
+    max-pool variant is one ``--set`` away and is labelled as such.
+    """
+    label = reproduce.row_label
+    assert label("cifar10-lenet", load_preset("cifar10-lenet", "cpu")) == (
+        "LeNet (CIFAR-10; GELU, avg-pool)")
+    literal = load_preset("cifar10-lenet", "cpu", ["model.activation=relu", "model.pooling=max"])
+    assert label("cifar10-lenet", literal) == "LeNet (CIFAR-10; ReLU, max-pool)"
+    for row in ("cifar10-alexnet", "cifar10-vgg13", "cifar10-resnet20"):
+        for profile in reproduce.PROFILES:
+            assert label(row, load_preset(row, profile)).endswith("; GELU, avg-pool)")
+    assert label("mnist-mlp", load_preset("mnist-mlp", "cpu")) == "MLP (MNIST; GELU)"
+    assert label("cifar10-vgg13", None) == "VGG13 (CIFAR-10)"  # a row whose config is unknown
+    assert label("digits-mlp", load_preset("digits-mlp", "tiny")) == "digits-mlp (GELU)"
+
+
 def _real_tiny_profiles_missing() -> str | None:
     try:
         load_preset("cifar10-lenet", "tiny")
@@ -296,8 +320,8 @@ def test_reproduce_tiny_with_the_real_tables(tmp_path, monkeypatch):
         "sets": (*study.get("sets", ()), 'responses.kinds=["linearized", "influence"]')})
     assert cli.main(_command(out)) == 0
     text = (out / "reproduction.md").read_text()
-    line = next(ln for ln in text.splitlines()
-                if ln.startswith(f"| {reproduce.ARCHITECTURES[row]} |"))
+    line = next(ln for ln in text.splitlines()  # the label says the preset's smooth variant
+                if ln.startswith("| LeNet (CIFAR-10; GELU, avg-pool) |"))
     assert "not run" not in line
     summary = json.loads((out / "table" / row / "summary.json").read_text())
     assert "test_metric_std" in summary["theta_s"]  # the profile's two seeds, aggregated

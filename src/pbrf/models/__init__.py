@@ -15,8 +15,10 @@ Models (``build(name, **kwargs)``; CIFAR-style defaults where an input is implie
 
 * ``logistic(in_shape, n_outputs)`` and ``mlp(in_shape, n_outputs, width=128, depth=2,
   activation="relu")`` flatten their input;
-* ``lenet``, ``alexnet``, ``vgg13``, ``resnet20`` (``in_channels=3, n_classes=10``, ``width_mult``;
-  ``norm`` for VGG13 and ResNet-20; ``input_size=32`` for the first three);
+* ``lenet``, ``alexnet``, ``vgg13``, ``resnet20`` (``in_channels=3, n_classes=10``, ``width_mult``,
+  ``activation="relu"``, ``pooling``: ``"max"`` for the first three, ``"avg"`` (the final global
+  pooling, its only one) for ResNet-20; ``norm`` for VGG13 and ResNet-20; ``input_size=32`` for
+  the first three);
 * ``autoencoder(in_features=784, width_mult=1.0, activation="tanh")``, the MNIST
   784-1000-500-250-30 autoencoder with a mirrored decoder;
 * ``transformer(vocab_size, seq_len, d_model=64, n_layers=2, n_heads=4, d_ff=4*d_model)``.
@@ -32,6 +34,13 @@ statistics are frozen and BN acts as a fixed affine map. With ``norm="batch"`` t
 parameters θ^s (and the running statistics) must therefore come from outside pbrf's functional
 trainer, e.g. from your own training loop.
 
+Smooth variants. ``activation`` is one of ``"relu"``, ``"gelu"``, ``"silu"``, ``"softplus"``,
+``"tanh"``, ``"sigmoid"``; ``pooling`` (convolutional networks) is ``"max"`` or ``"avg"``. The
+defaults are the literal architectures, but ReLU and max-pooling make the training objective
+non-smooth, and at a kink no gradient certificate of a PBRF optimum can hold; the CIFAR-10
+presets therefore build ``activation="gelu", pooling="avg"`` (same parameters, same count), e.g.
+``build("lenet", activation="gelu", pooling="avg")``.
+
 Shortcuts. ResNet-20 uses option-A (parameter-free: subsample + zero-pad channels) shortcuts,
 as in He et al. (2016)'s CIFAR experiments.
 
@@ -42,7 +51,7 @@ default initialisers), called in module order under a forked RNG seeded with ``s
 
 from .conv import alexnet, lenet, resnet20, vgg13
 from .mlp import autoencoder, logistic, mlp
-from .registry import DATA_ARGUMENTS, MODELS, build
+from .registry import DATA_ARGUMENTS, MODELS, build, variant_label
 from .reinit import count_parameters, reinitialize
 from .transformer import transformer
 
@@ -50,6 +59,7 @@ __all__ = [
     "MODELS",
     "DATA_ARGUMENTS",
     "build",
+    "variant_label",
     "count_parameters",
     "reinitialize",
     "logistic",

@@ -1,4 +1,5 @@
-"""Small building blocks shared by the model zoo: argument checks, activations, normalisation.
+"""Small building blocks shared by the model zoo: argument checks, activations, pooling,
+normalisation.
 
 Everything here is plain :mod:`torch.nn` so that models work with
 :func:`torch.func.functional_call`, :func:`torch.func.vmap` and forward-mode AD.
@@ -11,7 +12,11 @@ from collections.abc import Sequence
 
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
+#: Activation name → module class. ``relu`` has a kink at 0; the others are smooth.
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus,
+               "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+#: Pooling kinds of the convolutional networks: ``max`` (non-smooth) or ``avg`` (linear).
+POOLINGS = ("max", "avg")
 NORMS = ("group", "none", "batch")
 
 
@@ -55,9 +60,22 @@ def scaled(n: int, width_mult: float) -> int:
 
 
 def make_activation(name: str) -> nn.Module:
-    """A fresh activation module: ``"relu"``, ``"tanh"``, ``"gelu"`` or ``"sigmoid"``."""
+    """A fresh activation module, one of :data:`ACTIVATIONS` (``"relu"``, ``"gelu"``, ``"silu"``,
+    ``"softplus"``, ``"tanh"``, ``"sigmoid"``).
+    """
     check_choice("activation", name, list(ACTIVATIONS))
     return ACTIVATIONS[name]()
+
+
+def make_pool(kind: str, kernel: int, stride: int | None = None, padding: int = 0) -> nn.Module:
+    """A 2-d pooling layer: ``"max"`` (``nn.MaxPool2d``) or ``"avg"`` (``nn.AvgPool2d``, which
+    averages only the real pixels of a padded window: ``count_include_pad=False``). Both give the
+    same output size.
+    """
+    check_choice("pooling", kind, POOLINGS)
+    if kind == "max":
+        return nn.MaxPool2d(kernel, stride, padding=padding)
+    return nn.AvgPool2d(kernel, stride, padding=padding, count_include_pad=False)
 
 
 def group_count(channels: int) -> int:
@@ -82,10 +100,10 @@ def norm2d(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
-def conv_bn_act(c_in: int, c_out: int, norm: str, kernel: int = 3,
-                stride: int = 1) -> list[nn.Module]:
-    """``[Conv2d, norm, ReLU]`` with "same" padding; the conv has a bias only when
+def conv_bn_act(c_in: int, c_out: int, norm: str, kernel: int = 3, stride: int = 1,
+                activation: str = "relu") -> list[nn.Module]:
+    """``[Conv2d, norm, activation]`` with "same" padding; the conv has a bias only when
     ``norm="none"``.
     """
     conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=norm == "none")
-    return [conv, norm2d(norm, c_out), nn.ReLU()]
+    return [conv, norm2d(norm, c_out), make_activation(activation)]

@@ -69,7 +69,8 @@ def mlp(in_shape, n_outputs: int, width=128, depth: int = 2,
         width: hidden width (int, used ``depth`` times) or a list of hidden widths (``depth``
             ignored).
         depth: number of hidden layers when ``width`` is an int (0 gives logistic regression).
-        activation: ``"relu"``, ``"tanh"``, ``"gelu"`` or ``"sigmoid"``.
+        activation: ``"relu"``, ``"gelu"``, ``"silu"``, ``"softplus"``, ``"tanh"`` or
+            ``"sigmoid"``.
 
     Returns:
         A module mapping ``[B, *in_shape]`` to ``[B, n_outputs]`` (last layer linear).

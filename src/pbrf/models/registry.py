@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 import torch
@@ -14,7 +14,7 @@ from .mlp import autoencoder, logistic, mlp
 from .reinit import reset_parameters_
 from .transformer import transformer
 
-__all__ = ["MODELS", "DATA_ARGUMENTS", "build"]
+__all__ = ["MODELS", "DATA_ARGUMENTS", "ACTIVATION_LABELS", "build", "variant_label"]
 
 #: Model name → builder function (read-only). ``build(name, **kwargs)`` calls
 #: ``MODELS[name](**kwargs)``.
@@ -47,6 +47,31 @@ DATA_ARGUMENTS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
         "transformer": ("vocab_size", "seq_len"),
     }
 )
+
+
+#: How :func:`variant_label` writes an activation.
+ACTIVATION_LABELS = MappingProxyType({"relu": "ReLU", "gelu": "GELU", "silu": "SiLU",
+                                      "softplus": "softplus", "tanh": "tanh", "sigmoid": "sigmoid"})
+
+
+def variant_label(name: str, options: Mapping) -> str:
+    """The activation and pooling of ``build(name, **options)``, for a report's label.
+
+    The options given, else the builder's defaults: ``"GELU, avg-pool"`` for
+    ``("lenet", {"activation": "gelu", "pooling": "avg"})``, ``"ReLU, max-pool"`` for
+    ``("lenet", {})`` (the literal LeNet), ``"GELU"`` for an ``mlp`` with ``activation="gelu"``;
+    ``""`` for a model with neither argument (``logistic``, ``transformer``) or an unknown name.
+    """
+    if name not in MODELS:
+        return ""
+    params = inspect.signature(MODELS[name]).parameters
+    parts = []
+    for key in ("activation", "pooling"):
+        if key in params:
+            value = options.get(key, params[key].default)
+            parts.append(ACTIVATION_LABELS.get(value, str(value)) if key == "activation"
+                         else f"{value}-pool")
+    return ", ".join(parts)
 
 
 def _check_kwargs(name: str, kwargs: dict) -> None:

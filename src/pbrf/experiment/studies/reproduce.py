@@ -15,7 +15,9 @@ training epochs, weight decay, damping, fraction of data removed). This module r
 3. :func:`write_reproduction_report` — the report: the table in the paper's layout (mean ± std
    over seeds), θ^s accuracy against the acceptance thresholds, certification counts, the settings
    of each row (read from its ``config.json``), a decomposition figure per architecture and a
-   figure plus "how each gap moved" per factor.
+   figure plus "how each gap moved" per factor. Each row is labelled with the activation and
+   pooling its config builds (:func:`row_label`): the CIFAR-10 presets' smooth GELU /
+   average-pooling variants by default (:data:`VARIANT_NOTE` says why).
 
 The plan lives in data (:data:`TABLE_ROWS`, :data:`TABLE_PROFILES`, :data:`ACCEPTANCE`,
 :data:`FACTOR_STUDIES`): changing what is run means editing those tables only.
@@ -54,14 +56,17 @@ from pbrf.experiment.studies.sweep import (
     write_sweep,
 )
 from pbrf.fileio import atomic_write, dumps, name_os_error
+from pbrf.models import variant_label
 
 __all__ = [
     "TABLE_ROWS",
     "TABLE_PROFILES",
     "ACCEPTANCE",
     "ARCHITECTURES",
+    "row_label",
     "FACTOR_STUDIES",
     "PROFILE_NOTES",
+    "VARIANT_NOTE",
     "PROFILES",
     "PARTS",
     "RECORD_NAME",
@@ -99,7 +104,8 @@ ACCEPTANCE = {
     "cifar10-resnet20": 0.50,
 }
 
-#: The row labels of the report's table.
+#: The row labels of the report's table (:func:`row_label` adds the model's activation and
+#: pooling, read from the row's config).
 ARCHITECTURES = {
     "mnist-mlp": "MLP (MNIST)",
     "cifar10-lenet": "LeNet (CIFAR-10)",
@@ -107,6 +113,16 @@ ARCHITECTURES = {
     "cifar10-vgg13": "VGG13 (CIFAR-10)",
     "cifar10-resnet20": "ResNet-20 (CIFAR-10)",
 }
+
+#: Under the report's table: which variant the rows build, and how to get the literal one.
+VARIANT_NOTE = (
+    "Each label names the activation (and pooling) of the row's model, read from its config. The "
+    "CIFAR-10 presets build smooth variants (GELU, average pooling; ResNet-20 keeps its global "
+    "average pooling): ReLU and max-pooling make the PBRF objective non-smooth, and at a kink no "
+    "gradient certificate can hold. The literal variant is one `--set` away, "
+    "e.g. `pbrf run cifar10-lenet --set model.activation=relu --set model.pooling=max`; its report "
+    "counts the removals it certified and leaves every other one out of its statistics."
+)
 
 #: Per profile: the preset and preset profile of the factor studies, the seeds per value,
 #: optional ``--set`` overrides (``"sets"``) and the values of each of the six factors.
@@ -158,6 +174,18 @@ RECORD_NAME = "reproduce.json"
 
 def _percent(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def row_label(row: str, config: ExperimentConfig | None) -> str:
+    """A table row's name in the report: its :data:`ARCHITECTURES` label (else the preset's name)
+    with the activation and pooling that ``config`` builds (:func:`pbrf.models.variant_label`),
+    e.g. ``"LeNet (CIFAR-10; GELU, avg-pool)"``; the bare label when ``config`` is ``None``.
+    """
+    base = ARCHITECTURES.get(row, row)
+    variant = "" if config is None else variant_label(config.model.name, config.model.options)
+    if not variant:
+        return base
+    return f"{base[:-1]}; {variant})" if base.endswith(")") else f"{base} ({variant})"
 
 
 @dataclass
@@ -556,8 +584,8 @@ def _stored_config(run_dir: Path) -> dict:
         return {}
 
 
-def _settings_row(row: str, config: dict) -> list[str]:
-    """The key settings of a row, from its stored ``config.json``."""
+def _settings_row(name: str, config: dict) -> list[str]:
+    """The key settings of a row (labelled ``name``), from its stored ``config.json``."""
     def get(*keys):
         v = report.nested_get(config, *keys)
         return "—" if v is None else report.fmt_setting(v)
@@ -571,7 +599,7 @@ def _settings_row(row: str, config: dict) -> list[str]:
     what = (f" (groups of {100 * group:g}% of N)" if group
             else f" (groups of {removals['group_size']})" if removals.get("group_size", 1) != 1
             else "")
-    return [ARCHITECTURES.get(row, row), get("data", "n_train"),
+    return [name, get("data", "n_train"),
             f"{model.get('name', '—')}" + (f" ({size})" if size else ""), get("train", "epochs"),
             get("influence", "damping"), get("train", "weight_decay"),
             f"{get('removals', 'n_test_points')} × {get('removals', 'n_removals')}{what}",
@@ -644,8 +672,8 @@ def _report_head(plan: ReproductionPlan, record: dict, table: dict,
     """The report's title, the command, the machine, the profile's scale and the wall times."""
     machine = _machine(plan)
     finished = {r.factor for r in factors}  # an unfinished part has no time yet
-    row_secs = {row: part_seconds(record["table"].get(row)) if row in table else None
-                for row, _, _ in plan.rows}
+    row_secs = {row_label(row, config): part_seconds(record["table"].get(row)) if row in table
+                else None for row, config, _ in plan.rows}
     factor_secs = {f: part_seconds(record["factors"].get(f)) if f in finished else None
                    for f in (FACTOR_STUDIES[plan.profile]["values"])}
     known = [s for s in [*row_secs.values(), *factor_secs.values()] if s is not None]
@@ -666,7 +694,7 @@ def _report_head(plan: ReproductionPlan, record: dict, table: dict,
     lines += [f"Total wall time of the computation: {_seconds(sum(known)) if known else 'n/a'} "
               "(each part's time is the time it took when it was computed; a part finished by "
               "an earlier command keeps that time).", ""]
-    time_rows = [[f"table: {ARCHITECTURES.get(r, r)}", _seconds(s)] for r, s in row_secs.items()]
+    time_rows = [[f"table: {name}", _seconds(s)] for name, s in row_secs.items()]
     time_rows += [[f"factor: {f}", _seconds(s)] for f, s in factor_secs.items()]
     lines += [report.md_table(["part", "wall time"], time_rows), ""]
     return lines
@@ -680,8 +708,8 @@ def _table_section(plan: ReproductionPlan, table: dict, img: Path, path: Path) -
     header = ["architecture"] + [f"{label} {m}" for label, _ in _TABLE_COLUMNS
                                  for m in ("P", "S")]
     body, quality, certs, settings, figures = [], [], [], [], []
-    for row, _, run_dir in plan.rows:
-        name = ARCHITECTURES.get(row, row)
+    for row, config, run_dir in plan.rows:
+        name = row_label(row, config)
         s = table.get(row)
         if s is None:
             body.append([name] + ["not run"] * (len(header) - 1))
@@ -695,11 +723,11 @@ def _table_section(plan: ReproductionPlan, table: dict, img: Path, path: Path) -
         quality.append([name, report.fmt_mean_std(s, "theta_s.test_metric", fmt=_percent),
                         "—" if threshold is None else f"≥ {_percent(threshold)}", verdict])
         certs.append([name, _certified(s, "pbrf"), _certified(s, "proximal")])
-        settings.append(_settings_row(row, _stored_config(run_dir)))
+        settings.append(_settings_row(name, _stored_config(run_dir)))
         fig = report.plot_decomposition(s, img / f"decomposition-{row}.png")
         figures += [f"#### {name}", "", f"![decomposition of {name}]({_rel(fig, path.parent)})",
                     ""]
-    not_run = [ARCHITECTURES.get(r, r) for r, _, _ in plan.rows if r not in table]
+    not_run = [row_label(r, c) for r, c, _ in plan.rows if r not in table]
     lines += [report.md_table(header, body), ""]
     if not_run:
         lines += [f"Not run yet: {', '.join(not_run)} (`pbrf reproduce --profile {plan.profile}` "
@@ -708,7 +736,8 @@ def _table_section(plan: ReproductionPlan, table: dict, img: Path, path: Path) -
               "function over the certified (test point, removal) pairs; mean ± standard deviation "
               "over seeds where a row ran several. The first three response functions are the "
               "paper's columns; \"warm-start (paired)\" is measured against the no-removal "
-              "continuation (the removal's own effect), \"proximal\" is the literal chain's.", ""]
+              "continuation (the removal's own effect), \"proximal\" is the literal chain's.", "",
+              VARIANT_NOTE, ""]
     if quality:
         lines += ["### Quality of θ^s", "", report.md_table(
             ["architecture", "test accuracy of θ^s", "acceptance", "verdict"], quality), ""]
