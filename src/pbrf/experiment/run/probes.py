@@ -8,7 +8,7 @@ at growing sizes — the examples doubled from :data:`START_EXAMPLES` up to the 
 rows doubled from :data:`START_ROWS` up to the run's — and stops as soon as two sizes are
 measured and the last one took :data:`ENOUGH_SECONDS` (its time grown with the size) or
 :data:`ENOUGH_BYTES`, well above the measurements' noise (a probe costs at most about twice
-that), or at the run's own size.
+that), or at the run's own size, or after :data:`BUDGET_SECONDS` (a busy machine).
 :class:`Probe` reads the measurements at the run's size.
 
 The first size is called once to warm up (tracing, lazy initialisation: what a run pays once);
@@ -46,6 +46,8 @@ ENOUGH_SECONDS = 0.2
 #: start (and two sizes are measured).
 ENOUGH_BYTES = 256 * 2**20
 GROWTH = 1.5
+#: A probe stops growing, whatever it measured, once it has taken this long (with two sizes).
+BUDGET_SECONDS = 3.0
 #: Measured calls per size (the first size's after one warm-up call, which is timed too) ...
 REPEATS = 1
 #: ... and up to this many while a call takes under CHEAP_SECONDS (the best time is kept: on a
@@ -116,8 +118,11 @@ def probe(op: Callable[[int, int], object], rows: int, examples: int,
           device: torch.device | str = "cpu") -> Probe:
     """``op(r, e)`` measured at growing sizes up to ``(rows, examples)`` (module docstring)."""
     r, e = min(rows, START_ROWS), min(examples, START_EXAMPLES)
+    started = time.perf_counter()
     points = [_measure(op, r, e, device, warm_up=True)]
     while (r, e) != (rows, examples) and not _enough(points):
+        if len(points) >= 2 and time.perf_counter() - started >= BUDGET_SECONDS:
+            break  # a busy machine: calls that should be short are not
         if e < examples:
             e = min(2 * e, examples)
         else:
