@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     run.add_argument("--dry-run", action="store_true",
                      help="print sizes, budgets and estimates of peak memory and compute "
-                          "(measured probes at the run's sizes); write nothing")
+                          "(probes at small sizes, extrapolated; seconds); write nothing")
     _add_run_options(run)
 
     sweep = sub.add_parser("sweep",

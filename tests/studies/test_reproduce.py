@@ -294,11 +294,12 @@ def _real_tiny_profiles_missing() -> str | None:
 def test_reproduce_tiny_with_the_real_tables(tmp_path, monkeypatch):
     """The real ``pbrf reproduce --profile tiny``, cheaply: (1) its plan — every table row and every
     factor-study run resolves and its data load, nothing written; (2) every row's architecture
-    through the heavy operations of a run at its tiny size (the ``--dry-run`` probes: Gauss–Newton
-    and exact-Hessian products, per-example gradients, a stacked training step); (3) the command
-    end to end on one real row (LeNet, its tiny profile as is) and the real factor studies (their
-    sets and first values, one seed, the cheap kinds). The full-size command takes many minutes;
-    the stand-in smoke test above covers the report's every part on several seeds and values.
+    through the heavy operations of a run, up to its tiny size (the ``--dry-run`` probes:
+    Gauss–Newton and Newton products, per-example gradients, a stacked training step); (3) the
+    command end to end on one real row (LeNet, its tiny profile as is) and the real factor studies
+    (their sets and first values, one seed, the cheap kinds). The full-size command takes many
+    minutes; the stand-in smoke test above covers the report's every part on several seeds and
+    values.
     """
     out = tmp_path / "out"
     plan = reproduce.plan_reproduction("tiny", out)  # check_data: each run's data and model
@@ -309,7 +310,7 @@ def test_reproduce_tiny_with_the_real_tables(tmp_path, monkeypatch):
     assert all(len(cfgs) == int(study["seeds"]) for fp in plan.sweep.factors for cfgs in fp.configs)
     for row, config, _ in plan.rows:
         probe = dry_run(config, prepare_inputs(config))
-        assert all(probe["probe_peak_bytes"][k] > 0 for k in ("gauss_newton", "newton_hessian",
+        assert all(probe["probe_peak_bytes"][k] > 0 for k in ("gauss_newton", "newton_product",
                                                              "per_example_grads", "training_step"))
         assert probe["estimated_total_seconds"] > 0, row
 

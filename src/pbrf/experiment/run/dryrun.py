@@ -1,190 +1,413 @@
-"""``pbrf run --dry-run``: what a run will do and roughly what it will cost, before any work.
+"""``pbrf run --dry-run``: what a run will do and roughly what it will cost, in seconds, before any
+work.
 
 Nothing is written. The data are loaded and the config validated as for a real run; then the
-model at its initialisation (the costs do not depend on the trained values) is put through one of
-each heavy operation of the run, at the run's sizes, with its peak memory measured:
+model at its initialisation (the costs do not depend on the trained values) is put through each
+heavy operation of the run at small sizes, and the measured wall times and peak memories are
+extrapolated to the run's sizes: both grow linearly in the rows (stacked models or directions)
+and in the examples of a call (:mod:`pbrf.experiment.run.probes` says how the sizes are chosen;
+the CNN presets' Newton products stop at two rows over 16 or 32 examples, where the run has 9
+rows over 512). The operations:
 
-* a Gauss–Newton product for ``run.chunk_size + 1`` directions over one data chunk (the inner
-  operation of the batched Newton optimiser of the PBRF / proximal responses);
-* one vmapped gradient step of ``run.chunk_size + 1`` stacked models on one minibatch (cold and
-  warm start, the LDS retraining);
+* the Newton optimiser of the PBRF and proximal responses (its cost model below): curvature
+  products of K rows (``run.chunk_size`` removals, plus the paired no-removal reference), each at
+  its own parameters, in :data:`NEWTON_PRODUCT_DTYPE` (the exact Hessian unless
+  ``responses.model = "gn"``), and a float64 value and gradient of each row, over one data chunk
+  (``Problem.chunk_size`` examples; a full-data pass is several);
+* the influence solves' products at θ^s (``influence.curvature``) for as many directions as
+  they have right-hand sides (the test points, or K), over one data chunk;
+* one vmapped gradient of K stacked models on one minibatch (base training with one model, cold
+  and warm start, the LDS retraining);
 * the per-example gradients of one data chunk (influence);
-* the dense damped curvature, when a solver is ``exact``.
+* when a solver is ``exact``: the dense damped curvature, counted, not formed (p × p float64
+  matrices: :data:`DENSE_MATRICES` at once when it is factorised), and what it is built from,
+  probed: the batch Jacobian of one data chunk (Gauss–Newton; its vector-Jacobian products, as
+  many as the chunk's outputs, so its memory is quadratic in the chunk) or blocks of
+  :data:`DENSE_HESSIAN_BLOCK` Hessian products.
 
-The peak-memory estimate is the process's resident memory after loading (data, model, torch)
-plus the largest probe, plus the Newton state (about twelve ``[K, p]`` vectors). The compute
-estimate multiplies the probes' wall times by the number of such operations; the Newton and CG
-iteration counts are typical values (10 and 20), not the caps, so it is an order of magnitude.
+The peak-memory estimate is the process's resident memory after loading and probing (data,
+model, torch and the code the operations touch) plus the largest operation at the run's sizes
+(the Newton one with the optimiser's state, :data:`NEWTON_VECTORS` ``[K, p]`` float64 vectors,
+and the preconditioner's :data:`PRECONDITIONER_PRODUCTS` vectors), or the process's peak while it
+loaded the data, if that was higher (a dataset read whole, then cut to the run's size). The
+compute estimate multiplies the extrapolated times by the number of such operations, with typical
+iteration counts, not the caps: an order of magnitude.
+
+How close the extrapolation comes: the CNN presets' Newton operations are linear in rows ×
+examples (ResNet-20 ×0.25, float64 value and gradient: 3.3–3.6 MB per row and example measured
+at up to 8 × 64 and 4 × 256, about 3.6 extrapolated from 2 × 16). For small models a call's fixed
+costs and the allocator's kept blocks weigh on the small probes, so both time and memory come out
+high: LeNet ×0.25's operations at 9–10 rows × 512 examples 2–4 times.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, grad_and_value, jvp, vjp, vmap
 
-from pbrf import Recipe
+from pbrf import Recipe, kinds
 from pbrf.curvature import CurvatureOperator
 from pbrf.engine import stack
-from pbrf.estimators import MemoryMeter
 from pbrf.experiment import (
     report,  # noqa: F401 - a run imports it matplotlib before it ends: count it
 )
 from pbrf.experiment.config import ExperimentConfig
 from pbrf.experiment.run.inputs import build_problem
+from pbrf.experiment.run.probes import Probe, probe, process_peak_bytes, resident_bytes
 from pbrf.experiment.run.selection import random_groups
 from pbrf.influence import per_example_grads
 
-__all__ = ["dry_run", "format_dry_run"]
+__all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "PCG_ITERS",
+           "NEWTON_PRODUCT_DTYPE", "PRECONDITIONER_PRODUCTS", "NEWTON_VECTORS", "TYPICAL_CG"]
 
-#: Typical Newton (outer) and CG (inner) iterations per response, for the compute estimate.
-TYPICAL_NEWTON, TYPICAL_CG = 10, 20
+# The cost model of the Newton optimiser of the PBRF and proximal responses (pbrf.newton): typical
+# counts, not the caps, so the estimate is an order of magnitude. Per chunk of K removal rows and
+# per kind: NEWTON_OUTER outer (trust-region) iterations, each with PCG_ITERS preconditioned-CG
+# curvature products of every row at its own parameters, in NEWTON_PRODUCT_DTYPE (the objective,
+# gradient and certificate stay float64), and one float64 full-data value-and-gradient of every
+# row. Once per run (per θ^s), PRECONDITIONER_PRODUCTS products at θ^s (Lanczos) build the
+# low-rank-plus-shift preconditioner that every row and kind shares; it keeps that many [p]
+# vectors in NEWTON_PRODUCT_DTYPE.
+NEWTON_OUTER = 6
+PCG_ITERS = 15
+NEWTON_PRODUCT_DTYPE = torch.float32
+PRECONDITIONER_PRODUCTS = 128
 #: ``[K, p]`` float64 vectors the Newton optimiser keeps per chunk (θ, gradient, CG state, ...).
 NEWTON_VECTORS = 12
+#: Typical CG iterations of one linear solve of the influence estimate (its practical solver).
+TYPICAL_CG = 20
+#: p × p float64 matrices alive at once when an exact solve damps and factorises ``C`` (the data
+#: curvature, the identity and its multiple, ``C``; then ``C``, its Cholesky factor and a check).
+DENSE_MATRICES = 4
+#: Hessian products per block when the dense Hessian is built (``pbrf.curvature.dense_hessian``).
+DENSE_HESSIAN_BLOCK = 256
 
 
-def _measure(fn, repeats: int = 3) -> tuple[float, int]:
-    """Peak memory of the first call, and the best wall time of ``repeats`` further calls (the
-    first pays for tracing and allocation, which a long run pays once).
+@dataclass(frozen=True)
+class RunSizes:
+    """The sizes of a run that its costs scale with.
+
+    Attributes:
+        n, p: training points and parameters.
+        per_chunk: removal sets per chunk; ``rows`` adds the paired no-removal reference (the most
+            rows optimised together, ``K``); ``n_chunks`` chunks.
+        data_chunk: examples per call of a full-data pass (``Problem.chunk_size``, at most ``n``).
+        batch, steps: the base recipe's minibatch and steps.
+        n_test: test points (right-hand sides of the influence solve).
+        outputs: model outputs per example (rows of the Gauss–Newton Jacobian).
     """
-    with MemoryMeter() as meter:
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times, default=math.nan), int(meter.peak or 0)
+
+    n: int
+    p: int
+    per_chunk: int
+    rows: int
+    n_chunks: int
+    data_chunk: int
+    batch: int
+    steps: int
+    n_test: int
+    outputs: int
+
+
+def run_sizes(config: ExperimentConfig, problem) -> RunSizes:
+    """The :class:`RunSizes` of ``config`` on ``problem`` (θ^s's problem, data loaded)."""
+    n, rc = problem.n_train, config.removals
+    per_chunk = min(config.run.chunk_size, rc.n_removals)
+    paired = config.responses.paired and any(
+        "paired" in kinds.get(k).arguments for k in config.responses.ordered_kinds())
+    train = Recipe(**config.train.recipe_dict())
+    return RunSizes(
+        n=n, p=problem.n_params, per_chunk=per_chunk, rows=per_chunk + int(paired),
+        n_chunks=math.ceil(rc.n_removals / config.run.chunk_size),
+        data_chunk=min(problem.chunk_size, n), batch=min(train.batch_size or n, n),
+        steps=train.total_steps(n), n_test=rc.n_test_points,
+        outputs=problem.outputs_flat(problem.theta, problem.x[:1])[0].numel())
 
 
 def dry_run(config: ExperimentConfig, inputs) -> dict:
-    """Sizes, budgets and measured probes of a run (see the module docstring); writes nothing."""
+    """Sizes, budgets and the estimated costs of a run (see the module docstring); writes
+    nothing.
+    """
+    started, loading_peak = time.perf_counter(), process_peak_bytes()
     model = inputs.initial_model()
     problem = build_problem(inputs, {k: v.detach() for k, v in model.named_parameters()})
     measure = problem.astype(torch.float64)
-    base_rss = MemoryMeter.rss() or 0
-    n, p = problem.n_train, problem.n_params
-    rc, run = config.removals, config.run
-    K = min(run.chunk_size, rc.n_removals) + 1
-    n_chunks = math.ceil(rc.n_removals / run.chunk_size)
-    train = Recipe(**config.train.recipe_dict())
-    seconds, peaks = _probes(config, problem, measure, K, min(train.batch_size or n, n))
-    newton_state = NEWTON_VECTORS * K * p * 8
-    peak = base_rss + max(max(peaks["gauss_newton"], peaks["newton_hessian"]) + newton_state,
-                          peaks["training_step"], peaks["per_example_grads"],
-                          peaks["dense_curvature"])
-    steps = train.total_steps(n)
-    compute = _compute_seconds(config, n, K, min(measure.chunk_size, n), steps, seconds)
+    loaded = resident_bytes()
+    s = run_sizes(config, problem)
+    probes = _probe_all(config, problem, measure, s)
+    baseline = resident_bytes()
+    stages, state = _memory(config, s, probes)
+    newton = max((v for k, v in stages.items() if k.startswith("newton")), default=0)
+    peak = max(baseline + max(newton + state, *stages.values()), loading_peak)
+    compute = _compute_seconds(config, s, probes)
+    rc = config.removals
     if rc.strategy == "random":
-        random_groups(config, n)  # the choice works (validated again by the run)
+        random_groups(config, s.n)  # the choice works (validated again by the run)
     return {
-        "name": config.name, "profile": config.profile, "dataset": config.data.name, "n_train": n,
-        "n_params": p, "dtype": run.dtype, "device": run.device, "task": inputs.task_name,
-        "n_test_points": rc.n_test_points, "n_removals": rc.n_removals,
-        "group_size": rc.resolved_group_size(n), "chunk_size": run.chunk_size, "n_chunks": n_chunks,
-        "kinds": list(config.responses.ordered_kinds()), "seeds": config.run.seeds,
-        "train_seed": config.train.seed, "base_steps": steps,
+        "name": config.name, "profile": config.profile, "dataset": config.data.name, "n_train": s.n,
+        "n_params": s.p, "dtype": config.run.dtype, "device": config.run.device,
+        "task": inputs.task_name, "n_test_points": rc.n_test_points, "n_removals": rc.n_removals,
+        "group_size": rc.resolved_group_size(s.n), "chunk_size": config.run.chunk_size,
+        "n_chunks": s.n_chunks, "kinds": list(config.responses.ordered_kinds()),
+        "seeds": config.run.seeds, "train_seed": config.train.seed, "base_steps": s.steps,
         "cold_seeds": list(config.responses.cold_seeds),
         "response_recipe": config.responses.recipe_dict(), "lds_subsets": config.lds.subsets,
-        "baseline_rss_bytes": base_rss, "probe_peak_bytes": peaks,
-        "newton_state_bytes": newton_state, "estimated_peak_bytes": peak,
-        "probe_seconds": seconds,
+        "newton_model": _newton_model(config),
+        "loading_peak_bytes": loading_peak, "loaded_rss_bytes": loaded,
+        "baseline_rss_bytes": baseline, "probe_peak_bytes": stages,
+        "newton_state_bytes": state, "estimated_peak_bytes": peak,
+        "probes": {k: v.to_dict() for k, v in probes.items()},
+        "probe_seconds": {k: v.seconds(*_run_size(k, s)) for k, v in probes.items()},
+        "dry_run_seconds": time.perf_counter() - started,
         "estimated_seconds": compute, "estimated_total_seconds": sum(compute.values()),
     }
 
 
-def _probes(config: ExperimentConfig, problem, measure, K: int,
-            batch: int) -> tuple[dict[str, float], dict[str, int]]:
-    """Wall time and peak memory of each heavy operation of the run, at its sizes: a Gauss–Newton
-    product of K directions over one data chunk, a stacked training step of K models on one
-    minibatch of ``batch``, the per-example gradients of one data chunk and, when the run does
-    them, the Newton optimiser's exact Hessian products and the dense curvature.
+def _newton_model(config: ExperimentConfig) -> dict | None:
+    """The Newton cost model in force (``None`` when no kind is optimised by Newton)."""
+    if not _newton_kinds(config) or config.responses.optimizer != "newton":
+        return None
+    return {"outer": NEWTON_OUTER, "pcg": PCG_ITERS, "preconditioner": PRECONDITIONER_PRODUCTS,
+            "dtype": str(NEWTON_PRODUCT_DTYPE).removeprefix("torch."),
+            "product": "gauss-newton" if config.responses.model == "gn" else "hessian"}
+
+
+def _newton_kinds(config: ExperimentConfig) -> list[str]:
+    return [k for k in ("pbrf", "proximal") if k in config.responses.ordered_kinds()]
+
+
+def _kind_rows(config: ExperimentConfig, kind: str, s: RunSizes) -> int:
+    """Rows optimised together for ``kind``: the chunk's removals (+ the paired reference)."""
+    paired = config.responses.paired and "paired" in kinds.get(kind).arguments
+    return s.per_chunk + int(paired)
+
+
+def _run_size(name: str, s: RunSizes) -> tuple[int, int]:
+    """``(rows, examples)`` of one call of a probed operation in the run."""
+    sizes = {"training_step": (s.rows, s.batch),
+             "gauss_newton": (max(s.n_test, s.rows), s.data_chunk),
+             "per_example_grads": (1, s.data_chunk),
+             "dense_jacobian": (s.data_chunk * s.outputs, s.data_chunk)}
+    return sizes.get(name, (s.rows, s.data_chunk))  # the Newton operations
+
+
+def _probe_all(config: ExperimentConfig, problem, measure, s: RunSizes) -> dict[str, Probe]:
+    """Each heavy operation of the run probed up to its size in the run (module docstring)."""
+    inf, resp, dev = config.influence, config.responses, problem.device
+    ops = {"training_step": _training_step(problem),
+           "gauss_newton": _curvature_product(measure, inf.curvature, inf.damping),
+           "per_example_grads": _example_grads(measure)}
+    if _newton_kinds(config) and resp.optimizer == "newton":
+        ops["newton_product"] = _newton_product(measure.astype(NEWTON_PRODUCT_DTYPE), resp.model)
+        ops["newton_value_grad"] = _value_grad(measure)
+    if "exact" in (inf.solver, inf.accurate_solver) and inf.curvature == "ggn":
+        ops["dense_jacobian"] = _jacobian_rows(measure)
+    return {k: probe(op, *_run_size(k, s), dev) for k, op in ops.items()}
+
+
+def _memory(config: ExperimentConfig, s: RunSizes, probes: dict[str, Probe]
+            ) -> tuple[dict[str, int], int]:
+    """Peak bytes above the baseline of each operation at the run's sizes, and the Newton state
+    (its ``[K, p]`` vectors and the preconditioner's).
     """
-    kinds = config.responses.ordered_kinds()
-    data_chunk = min(measure.chunk_size, problem.n_train)
-    V = torch.randn(K, problem.n_params, dtype=measure.dtype,
-                    generator=torch.Generator().manual_seed(0))
-    idx = torch.arange(data_chunk)
-    op = CurvatureOperator(measure, config.influence.curvature, config.influence.damping)
-    gn_seconds, gn_peak = _measure(lambda: op.matvec(V, index=idx))
-    step_seconds, step_peak = _measure(lambda: _stacked_step(problem, K, batch))
-    grad_seconds, grad_peak = _measure(lambda: per_example_grads(
-        measure, measure.x[:data_chunk], measure.t[:data_chunk]))
-
-    hess_peak = 0
-    if config.responses.optimizer == "newton" and config.responses.model != "gn" and (
-            {"pbrf", "proximal"} & set(kinds)):
-        _, hess_peak = _measure(lambda: _newton_hessian(measure, K, data_chunk))
-
-    dense_peak = 0
-    if "exact" in (config.influence.solver, config.influence.accurate_solver):
-        _, dense_peak = _measure(lambda: op.dense(), repeats=0)  # the exact solves' dense C
-    seconds = {"gauss_newton": gn_seconds, "training_step": step_seconds,
-               "per_example_grads": grad_seconds}
-    peaks = {"gauss_newton": gn_peak, "training_step": step_peak, "per_example_grads": grad_peak,
-             "newton_hessian": hess_peak, "dense_curvature": dense_peak}
-    return seconds, peaks
+    stages = {k: probes[k].peak_bytes(*_run_size(k, s))
+              for k in ("training_step", "gauss_newton", "per_example_grads",
+                        "newton_product", "newton_value_grad") if k in probes}
+    if _newton_kinds(config) and "newton_product" not in probes:  # first-order PBRF/proximal
+        stages["training_step"] = max(stages["training_step"], probes["training_step"].peak_bytes(
+            s.rows, _response_recipe(config, s)[1]))
+    stages["dense_curvature"] = _dense_bytes(config, s, probes)
+    state = 0
+    if "newton_product" in probes:
+        state = (NEWTON_VECTORS * s.rows * s.p * 8
+                 + PRECONDITIONER_PRODUCTS * s.p * NEWTON_PRODUCT_DTYPE.itemsize)
+    return stages, state
 
 
-def _compute_seconds(config: ExperimentConfig, n: int, K: int, data_chunk: int, steps: int,
-                     probe: dict[str, float]) -> dict[str, float]:
-    """Estimated seconds per part of the run, from the probes' wall times (typical iteration
-    counts), summed over the run's θ^s seeds (one whole run each, one after another).
+def _dense_bytes(config: ExperimentConfig, s: RunSizes, probes: dict[str, Probe]) -> int:
+    """The exact solves' dense ``C``: built chunk by chunk (what it is built from, probed, next to
+    the sum so far and one more p × p product), then damped and factorised
+    (:data:`DENSE_MATRICES` p × p matrices, counted).
     """
-    rc, run = config.removals, config.run
-    kinds = config.responses.ordered_kinds()
-    gn_seconds, step_seconds = probe["gauss_newton"], probe["training_step"]
-    n_chunks = math.ceil(rc.n_removals / run.chunk_size)
-    seeds = len(config.responses.cold_seeds)
-    data_passes = math.ceil(n / data_chunk)
-    newton_kinds = [k for k in ("pbrf", "proximal") if k in kinds]
+    inf = config.influence
+    if "exact" not in (inf.solver, inf.accurate_solver):
+        return 0
+    matrix = s.p**2 * 8
+    if "dense_jacobian" in probes:
+        build = probes["dense_jacobian"].peak_bytes(*_run_size("dense_jacobian", s))
+    else:
+        build = probes["gauss_newton"].peak_bytes(min(DENSE_HESSIAN_BLOCK, s.p), s.data_chunk)
+    return max(build + 2 * matrix, DENSE_MATRICES * matrix)
+
+
+def _response_recipe(config: ExperimentConfig, s: RunSizes) -> tuple[int, int]:
+    """``(steps, batch)`` of first-order PBRF / proximal responses."""
+    rec = Recipe(**config.responses.recipe_dict())
+    return rec.total_steps(s.n), min(rec.batch_size or s.n, s.n)
+
+
+def _compute_seconds(config: ExperimentConfig, s: RunSizes,
+                     probes: dict[str, Probe]) -> dict[str, float]:
+    """Estimated seconds per part of the run, from the probes (typical iteration counts), summed
+    over the run's θ^s seeds (one whole run each, one after another).
+    """
+    ordered = config.responses.ordered_kinds()
+    step = probes["training_step"]
+
+    def retrain(kind: str, steps: int, batch: int) -> float:
+        if kind not in ordered:
+            return 0.0
+        return s.n_chunks * steps * step.seconds(_kind_rows(config, kind, s), batch)
+
+    lds_rows = min(config.run.chunk_size, config.lds.subsets)
+    newton = "Newton" if "newton_product" in probes else "first-order"
     compute = {
-        "base training": steps * step_seconds / K,
-        "cold start": (steps * step_seconds * seeds * n_chunks) if "cold" in kinds else 0.0,
-        "warm start": (steps * step_seconds * n_chunks) if "warm" in kinds else 0.0,
-        "PBRF / proximal (Newton)": (len(newton_kinds) * n_chunks * TYPICAL_NEWTON * TYPICAL_CG
-                                     * data_passes * gn_seconds),
-        "influence": (rc.n_test_points * TYPICAL_CG * data_passes * gn_seconds / K
-                      + data_passes * probe["per_example_grads"]),
-        "LDS": (steps * step_seconds * math.ceil(config.lds.subsets / run.chunk_size)
+        "base training": s.steps * step.seconds(1, s.batch),
+        "cold start": len(config.responses.cold_seeds) * retrain("cold", s.steps, s.batch),
+        "warm start": retrain("warm", s.steps, s.batch),
+        f"PBRF / proximal ({newton})": _newton_seconds(config, s, probes),
+        "influence": _influence_seconds(s, probes),
+        "LDS": (s.steps * step.seconds(lds_rows, s.batch)
+                * math.ceil(config.lds.subsets / config.run.chunk_size)
                 * len(config.lds.seeds or config.responses.cold_seeds)),
     }
     return {k: v * config.run.seeds for k, v in compute.items()}
 
 
-def _newton_hessian(measure, K: int, n: int) -> None:
-    """Exact Hessian products of K problems, each at its own parameters, on one data chunk: what
-    the Newton optimiser of the PBRF and proximal responses computes near their optima (``model =
-    "auto"``; K forward-over-reverse passes, more memory than K Gauss–Newton products at one θ).
+def _newton_seconds(config: ExperimentConfig, s: RunSizes, probes: dict[str, Probe]) -> float:
+    """The PBRF and proximal responses: the Newton cost model (module constants) or, with a
+    first-order recipe, its steps of K stacked models.
     """
-    x, t = measure.x[:n], measure.t[:n]
-    theta = measure.flatten(measure.params).detach()
-    stacked = theta.expand(K, -1).clone()
-    V = torch.randn(stacked.shape, dtype=stacked.dtype,
-                    generator=torch.Generator().manual_seed(1)).to(stacked.device)
+    names = _newton_kinds(config)
+    if "newton_product" not in probes:
+        steps, batch = _response_recipe(config, s)
+        return sum(s.n_chunks * steps * probes["training_step"].seconds(
+            _kind_rows(config, k, s), batch) for k in names)
+    product, value_grad = probes["newton_product"], probes["newton_value_grad"]
 
-    def loss(flat):
-        return measure.losses(measure.unflatten(flat), x, t).mean()
+    def data_pass(op: Probe, rows: int) -> float:
+        return op.pass_seconds(rows, s.n, s.data_chunk)
 
-    vmap(lambda th, v: jvp(grad(loss), (th,), (v,))[1])(stacked, V)
-
-
-def _stacked_step(problem, K: int, batch: int) -> None:
-    """One gradient of K stacked copies of the model on one minibatch (vmap, as the engine)."""
-    stacked = stack(problem.params, K)
-    x, t = problem.x[:batch], problem.t[:batch]
-
-    def loss(params):
-        return problem.losses(params, x, t).mean()
-
-    vmap(grad(loss))(stacked)
+    per_chunk = sum(NEWTON_OUTER * (PCG_ITERS * data_pass(product, r) + data_pass(value_grad, r))
+                    for r in (_kind_rows(config, k, s) for k in names))
+    return s.n_chunks * per_chunk + PRECONDITIONER_PRODUCTS * data_pass(product, 1)
 
 
+def _influence_seconds(s: RunSizes, probes: dict[str, Probe]) -> float:
+    """Per chunk (as the run does it): the influence solve for the test points and the practical
+    solve of the chunk's removals (its output change), :data:`TYPICAL_CG` products each, and the
+    gradients of the test and removed points.
+    """
+    curvature, grads = probes["gauss_newton"], probes["per_example_grads"]
+    solves = TYPICAL_CG * (curvature.pass_seconds(s.n_test, s.n, s.data_chunk)
+                           + curvature.pass_seconds(s.per_chunk, s.n, s.data_chunk))
+    return s.n_chunks * (solves + grads.pass_seconds(1, s.n_test + s.per_chunk, s.data_chunk))
+
+
+# ---------------------------------------------------------------------------- the operations
+def _directions(prob, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ^s stacked ``[rows, p]`` and as many random directions."""
+    theta = prob.theta.detach()
+    V = torch.randn(rows, theta.numel(), dtype=theta.dtype,
+                    generator=torch.Generator().manual_seed(0)).to(theta.device)
+    return theta.expand(rows, -1).clone(), V
+
+
+def _newton_product(prob, model: str):
+    """``op(r, e)``: curvature products of r rows, each at its own parameters, over e examples, as
+    the Newton optimiser computes them: exact Hessian (forward-over-reverse) or, with ``model =
+    "gn"``, Gauss–Newton.
+    """
+
+    def op(rows: int, examples: int) -> None:
+        x, t = prob.x[:examples], prob.t[:examples]
+        theta, V = _directions(prob, rows)
+
+        def loss(th):
+            return prob.losses(prob.unflatten(th), x, t).mean()
+
+        def hessian(th, v):
+            return jvp(grad(loss), (th,), (v,))[1]
+
+        def gauss_newton(th, v):
+            def f(q):
+                return prob.outputs(prob.unflatten(q), x)
+
+            out, jv = jvp(f, (th,), (v,))
+            hjv = jvp(grad(lambda o: prob.task.loss(o, t).mean()), (out,), (jv,))[1]
+            return vjp(f, th)[1](hjv)[0]
+
+        vmap(gauss_newton if model == "gn" else hessian)(theta, V)
+
+    return op
+
+
+def _value_grad(prob):
+    """``op(r, e)``: the value and gradient of r rows, each at its own parameters, on e examples."""
+
+    def op(rows: int, examples: int) -> None:
+        x, t = prob.x[:examples], prob.t[:examples]
+        theta, _ = _directions(prob, rows)
+        vmap(grad_and_value(lambda th: prob.losses(prob.unflatten(th), x, t).mean()))(theta)
+
+    return op
+
+
+def _curvature_product(prob, curvature: str, damping: float):
+    """``op(r, e)``: the damped curvature at θ^s times r directions, on e examples."""
+    operator = CurvatureOperator(prob, curvature, damping)
+
+    def op(rows: int, examples: int) -> None:
+        operator.matvec(_directions(prob, rows)[1], index=torch.arange(examples,
+                                                                         device=prob.device))
+
+    return op
+
+
+def _training_step(prob):
+    """``op(r, e)``: one gradient of r stacked copies of the model on e examples (vmap, as the
+    engine).
+    """
+
+    def op(rows: int, examples: int) -> None:
+        x, t = prob.x[:examples], prob.t[:examples]
+        vmap(grad(lambda params: prob.losses(params, x, t).mean()))(stack(prob.params, rows))
+
+    return op
+
+
+def _example_grads(prob):
+    """``op(_, e)``: the per-example gradients of e examples."""
+
+    def op(rows: int, examples: int) -> None:
+        per_example_grads(prob, prob.x[:examples], prob.t[:examples])
+
+    return op
+
+
+def _jacobian_rows(prob):
+    """``op(r, e)``: r vector-Jacobian products of the outputs of e examples — the batch
+    Jacobian of a data chunk, from which the dense Gauss–Newton matrix is built, is ``e ·
+    outputs`` of them.
+    """
+
+    def op(rows: int, examples: int) -> None:
+        x = prob.x[:examples]
+        out, pullback = vjp(lambda q: prob.outputs_flat(q, x), prob.theta.detach())
+        U = torch.randn(rows, *out.shape, dtype=out.dtype,
+                        generator=torch.Generator().manual_seed(1)).to(out.device)
+        vmap(lambda u: pullback(u)[0])(U)
+
+    return op
+
+
+# ---------------------------------------------------------------------------- the text
 def format_dry_run(d: dict) -> str:
     """The dry run as text for the terminal."""
-    gib = 2**30
     lines = [
         f"dry run of {d['name']} ({d['profile']}): nothing computed, nothing written",
         f"  data      {d['dataset']}: N = {d['n_train']:,} training points, task {d['task']}",
@@ -193,20 +416,46 @@ def format_dry_run(d: dict) -> str:
         f"{d['group_size']} point(s), in {d['n_chunks']} chunk(s) of {d['chunk_size']}",
         f"  kinds     {', '.join(d['kinds'])}",
         *([f"  seeds     {d['seeds']} base models θ^s (train.seed {d['train_seed']}.."
-            f"{d['train_seed'] + d['seeds'] - 1}), each a whole run, one after another: "
-            "the compute below is their total, the memory that of one"] if d.get("seeds", 1) > 1
+           f"{d['train_seed'] + d['seeds'] - 1}), each a whole run, one after another: "
+           "the compute below is their total, the memory that of one"] if d.get("seeds", 1) > 1
           else []),
         f"  budgets   base training {d['base_steps']:,} steps; cold-start seeds {d['cold_seeds']}; "
         f"PBRF/proximal recipe {d['response_recipe']}; LDS subsets {d['lds_subsets']}",
-        f"  memory    about {d['estimated_peak_bytes'] / gib:.2f} GiB peak resident "
-        f"(loaded {d['baseline_rss_bytes'] / gib:.2f} GiB + largest measured probe "
-        f"{max(d['probe_peak_bytes'].values()) / gib:.2f} GiB + Newton state "
-        f"{d['newton_state_bytes'] / gib:.2f} GiB)",
-        f"  compute   roughly {_duration(d['estimated_total_seconds'])} at this machine's speed "
-        "(typical iteration counts; an order of magnitude):",
+        _memory_line(d),
+        f"  compute   roughly {_duration(d['estimated_total_seconds'])} at this machine's speed:",
     ]
     lines += [f"              {k}: {_duration(v)}" for k, v in d["estimated_seconds"].items() if v]
+    lines += _caveat(d)
     return "\n".join(lines)
+
+
+def _memory_line(d: dict) -> str:
+    """The peak-memory estimate and its parts."""
+    gib = 2**30
+    stages = d["probe_peak_bytes"]
+    largest = max(stages, key=stages.get)
+    parts = (f"the process after loading and probing {d['baseline_rss_bytes'] / gib:.2f} GiB + the "
+             f"largest operation at the run's sizes, {largest}, {stages[largest] / gib:.2f} GiB")
+    if d["newton_state_bytes"]:
+        parts += f" + Newton state {d['newton_state_bytes'] / gib:.2f} GiB"
+    if d["loading_peak_bytes"] >= d["estimated_peak_bytes"]:
+        parts = f"reached while loading the data; then {parts}"
+    return f"  memory    about {d['estimated_peak_bytes'] / gib:.2f} GiB peak resident ({parts})"
+
+
+def _caveat(d: dict) -> list[str]:
+    """The lines that say how rough the estimate is and where it comes from."""
+    most = max((p["rows"] * p["examples"], p["rows"], p["examples"])
+               for probe_ in d["probes"].values() for p in probe_["points"])
+    lines = [f"  estimate  an order of magnitude: extrapolated from probes at small sizes (at most "
+             f"{most[1]} row(s) x {most[2]} example(s); {d['dry_run_seconds']:.0f} s for this "
+             "dry run), with typical iteration counts, not the caps"]
+    m = d.get("newton_model")
+    if m:
+        lines.append(f"            Newton: {m['outer']} outer iterations per removal, each "
+                     f"{m['pcg']} {m['dtype']} {m['product']} products and one float64 gradient "
+                     f"over the data; {m['preconditioner']} preconditioner products per run")
+    return lines
 
 
 def _duration(seconds: float) -> str:
@@ -215,3 +464,4 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
