@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,9 @@ MODELS = ("shared", "auto", "gn", "hessian")
 #: The most memory the preconditioner's basis may take (its rank is cut to fit: a big model gets a
 #: smaller rank, hence more CG iterations, never a different answer).
 PRECONDITIONER_BYTES = 2**29
+#: The last Nyström sketch of each problem (weakly keyed: it goes with the problem), reused by the
+#: next call from the same start (the chunks of one ``respond``).
+_SKETCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: The dtype of the trust-region model's curvature products (the objective, the gradient and the
 #: certificate are always in the problem's own dtype, float64 in a measured run).
 PRODUCTS = ("float32", "float64")
@@ -596,6 +600,13 @@ def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | 
     if aux0 is None or rank == 0 or shift <= 0:
         return None
     rank = min(rank, p, max(8, PRECONDITIONER_BYTES // (8 * p)))
+    # chunks of one respond call share their start: sketch it once per problem and start
+    prob = products.batched.prob if isinstance(products, Precision) else products.prob
+    t = theta0.double()
+    key = (rank, float(t.sum()), float(t.norm()), float(t[:: max(1, p // 97)].sum()))
+    store = _SKETCHES.setdefault(prob, {})
+    if key in store:
+        return store[key]
 
     def matvec(V: Tensor) -> Tensor:
         return torch.cat([products.shared("gn", theta0, aux0, V[i: i + block])
@@ -604,7 +615,9 @@ def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | 
     eps = torch.finfo(products.batched.prob.dtype if isinstance(products, Precision)
                       else theta0.dtype).eps
     values, vectors = nystrom(matvec, p, rank, theta0, eps=eps)
-    return Preconditioner(values, vectors)
+    store.clear()  # one sketch per problem: a new start replaces the last
+    store[key] = Preconditioner(values, vectors)
+    return store[key]
 
 
 def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows: Tensor,
