@@ -17,7 +17,22 @@ Levenberg–Marquardt parameter ``μ`` per problem. For the PBRF, ``G(θ^s) + (w
 the damped curvature ``C`` of the influence estimate, so the first step from θ^s is the (GN)
 linearised PBRF and the next ones correct its nonlinearity; the method converges to machine
 precision in a handful of iterations. Terms that are not convex in the outputs (the PBRF's
-``−(1/N) Σ_{m∈r} L(z_m, θ)``) enter the gradient and the objective but not the model.
+``−(1/N) Σ_{m∈r} L(z_m, θ)``) enter the gradient and the objective but not that model.
+
+The shared model (``model="shared"``, the default). The K objectives differ only in their removal
+terms ``R_k(θ) = −(1/N) Σ_{m∈r_k} v_m L_m(θ)`` (``Objective.removal``). Every row starts on the
+model ``S + ∇²R_k(θ_k) + μ I``: ``S`` is ONE curvature of the no-removal objective at the common
+start θ_0 (its Gauss–Newton part at θ^s for the PBRF, where it is exact; its exact Hessian at the
+continuation for proximal and warm start), applied to all rows' vectors with one shared forward
+pass, and ``∇²R_k`` is each row's removed points' exact Hessian at its own θ_k (a few examples).
+At θ^s this is the PBRF's exact Hessian. A row whose shared model fails twice to cut its gradient
+4-fold (or meets negative curvature) continues on its own model (the ``"auto"`` rule below).
+
+Precision and preconditioning: the model's products run in ``products`` (float32 by default, TF32
+off), while the objective, the gradient and hence the certificate stay in the problem's dtype.
+Every CG solve is preconditioned by ``(U Λ Uᵀ + σ_k I)⁻¹``, a rank-``precondition`` Nyström sketch
+of the Gauss–Newton curvature at θ_0 (one block of shared products, reused by every chunk from the
+same start) with each row's shift ``σ_k = s + μ_k``.
 
 Stopping: problem ``k`` stops when ``||∇F_k|| ≤ tol · scale_k`` (``scale_k`` is the removal's
 own signal ``(1/N)||Σ_{m∈r} ∇L_m(θ^s)||``, see :mod:`pbrf.respond`), when ``max_iter`` is
