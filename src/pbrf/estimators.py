@@ -578,17 +578,25 @@ class Trak(Estimator):
         return out / context["ensemble"]
 
 
+def proc_bytes(path: str, key: str) -> int | None:
+    """The ``key: N kB`` field of a Linux ``/proc`` file in bytes; ``None`` if unreadable."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` in bytes (``MemAvailable`` for the CPU); ``None`` if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    free = proc_bytes("/proc/meminfo", "MemAvailable")
+    if free is not None:
+        return free
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

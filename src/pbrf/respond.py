@@ -253,14 +253,14 @@ def _low_problem(prob: Problem, dtype: torch.dtype) -> Problem:
     return store[dtype]
 
 
-def _model_products(s: _Setting, groups) -> tuple[Precision | None, dict]:
+def _model_products(s: _Setting, groups, obj) -> tuple[Precision | None, dict]:
     """The Newton model's products in ``recipe.products`` (``None``: the problem's own dtype) and
     the no-removal aux of the shared model, in that dtype.
     """
     dtype = getattr(torch, s.recipe.products)
     same = dtype == s.prob.dtype
     low = s.prob if same else _low_problem(s.prob, dtype)
-    obj = s.kind.objective(low, s.damping)
+    obj = obj if same else s.kind.objective(low, s.damping)
     aux0 = {k: v[0] for k, v in obj.make_aux(low, [[]], s.weight).items()}
     if same:
         return None, aux0
@@ -279,7 +279,7 @@ def _run_newton(s: _Setting, groups, signal, desc, start=None, fallback=None):
         fallback = _median_signal(signal)
     scale = torch.where(scale > 0, scale, torch.as_tensor(fallback).to(scale))
     theta0 = (s.prob.theta if start is None else start).unsqueeze(0).expand(K, -1).clone()
-    low, aux0 = _model_products(s, groups)
+    low, aux0 = _model_products(s, groups, obj)
     theta, d = newton_optimize(s.prob, obj.value, obj.gn, obj.shift, theta0,
                                obj.make_aux(s.prob, groups, s.weight), scale, s.recipe,
                                batch_fn(s.prob, obj.f_ref), s.progress, desc,

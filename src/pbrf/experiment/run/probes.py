@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from pbrf.estimators import MemoryMeter
+from pbrf.estimators import MemoryMeter, proc_bytes
 
 __all__ = ["Point", "Probe", "probe", "resident_bytes", "process_peak_bytes", "START_ROWS",
            "START_EXAMPLES", "ENOUGH_SECONDS", "ENOUGH_BYTES", "REPEATS"]
@@ -224,12 +224,8 @@ def process_peak_bytes() -> int:
     ``ru_maxrss`` (which Linux carries over an ``exec``: a process started from a large one
     reports the parent's size).
     """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    hwm = proc_bytes("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
