@@ -67,10 +67,11 @@ def retrain(
     chunk_size: int = 16,
     progress: bool = False,
     measure: Problem | None = None,
-) -> tuple[np.ndarray, list[dict]]:
-    """Retrain without each removal set (cold start, paired seeds); ``Δm`` ``[n_test, K]`` and the
-    per-subset diagnostics. ``measure``: the problem (e.g. its float64 copy) on which Δm is
-    evaluated.
+    per_seed: bool = False,
+) -> tuple:
+    """Retrain without each removal set (cold start, paired seeds); ``Δm`` ``[n_test, K]`` (the
+    mean over seeds) and the per-subset diagnostics. ``measure``: the problem (e.g. its float64
+    copy) on which Δm is evaluated. ``per_seed``: also each seed's ``Δm``, ``[S, n_test, K]``.
     """
     resp = respond(
         problem,
@@ -85,7 +86,10 @@ def retrain(
     if measure is not None:
         resp = resp.to(measure)
     dm = resp.loss_change(test=test).detach().cpu().double().numpy()
-    return dm, [d.to_dict() for d in resp.diagnostics]
+    diags = [d.to_dict() for d in resp.diagnostics]
+    if per_seed:
+        return dm, diags, resp.loss_change_per_seed(test).detach().cpu().double().numpy()
+    return dm, diags
 
 
 def group_scores(point_scores: np.ndarray | Tensor, groups: list[list[int]]) -> np.ndarray:

@@ -172,6 +172,20 @@ class Response:
                         R in zip(self.params_flat, self.reference)]
             return torch.stack(per_seed).mean(0).T
 
+    def loss_change_per_seed(self, test, measurement: Measurement | None = None) -> Tensor:
+        """Cold start's ``Δm`` of each seed separately, ``[S, n_test, K]`` (``loss_change`` is
+        their mean): what a noise floor between seeds is computed from.
+        """
+        if self.reference is None:
+            raise ValueError(f"{self.kind} response has no per-seed runs; only cold start has.")
+        prob = self.problem
+        xt, tt = prob.prepare(test, "test")
+        meas = prob.task.loss if measurement is None else measurement
+        m = lambda th: meas(prob.outputs_flat(th, xt), tt)  # noqa: E731
+        with torch.no_grad():
+            return torch.stack([(self._map(m, P) - m(R)[None]).T
+                                for P, R in zip(self.params_flat, self.reference)])
+
     def output_change(self, test, first_order: bool | None = None, paired: bool = False) -> Tensor:
         """Change of the test outputs ``f(θ_r, x) − f(θ_ref, x)``, ``[K, n_test, *out]`` (cold: mean
         over seeds).

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 #: The profiles of the presets (``quick``, the default, is the base tables where a preset has none).
-PROFILES = ("quick", "paper", "tiny")
+PROFILES = ("quick", "paper", "tiny", "study")
 
 _REPLACED = ("solver_options", "accurate_options")
 

@@ -110,11 +110,18 @@ def compute_chunk(ctx: Context, chunk: int, kind: str) -> ChunkResult:
         extra = resp.loss_change(test=ctx.test, first_order=False).detach().cpu().double().numpy()
     elif resp.paired_reference is not None:
         extra = resp.loss_change(test=ctx.test, paired=True).detach().cpu().double().numpy()
+    elif resp.reference is not None:  # cold start: each seed's Δm, [n_test, k, S] (noise floors)
+        extra = per_seed_dm(resp, ctx.test)
     diagnostics = [d.to_dict() for d in resp.diagnostics]
     if spec.method == "linear":
         for d in diagnostics:
             d["residual_flag"] = bool(not (d.get("residual", math.nan) < 1.0))
     return ChunkResult(kind, chunk, dm, df, diagnostics, time.perf_counter() - start, extra)
+
+
+def per_seed_dm(resp, test) -> np.ndarray:
+    """Cold start's Δm of each seed, ``[n_test, k, S]`` (stored as the chunk's ``extra``)."""
+    return np.moveaxis(resp.loss_change_per_seed(test).detach().cpu().double().numpy(), 0, -1)
 
 
 def _influence_output_change(ctx: Context, chunk: int) -> np.ndarray:

@@ -62,19 +62,12 @@ def run_lds(ctx: Context, store: Store, progress: bool = True) -> None:
     recipe = make_recipe(config.train.recipe_dict(), response_seed(config))
     for i in tqdm(todo, desc="LDS retraining", unit="chunk", disable=not progress):
         start = time.perf_counter()
-        dm, diags = lds.retrain(
-            ctx.problem,
-            ctx.test,
-            groups[i * cs : (i + 1) * cs],
-            recipe,
-            seeds,
-            model_init,
-            chunk_size=cs,
-            measure=ctx.measure_problem,
-        )
-        store.put_chunk(
-            ChunkResult(LDS_KIND, i, dm, None, diags, time.perf_counter() - start, None)
-        )
+        dm, diags, per_seed = lds.retrain(ctx.problem, ctx.test, groups[i * cs : (i + 1) * cs],
+                                          recipe, seeds, model_init, chunk_size=cs,
+                                          measure=ctx.measure_problem, per_seed=True)
+        # each seed's Δm, [n_test, k, S]: the LDS noise floor between retraining seeds
+        store.put_chunk(ChunkResult(LDS_KIND, i, dm, None, diags, time.perf_counter() - start,
+                                    np.moveaxis(per_seed, 0, -1)))
     store.set_meta("lds_done", True)
 
 
