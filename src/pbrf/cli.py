@@ -41,7 +41,7 @@ import torch
 from pbrf import data, estimators
 from pbrf.data import DataError
 from pbrf.experiment import report
-from pbrf.experiment.bench import evaluate, leaderboard
+from pbrf.experiment.bench import evaluate, leaderboard, study
 from pbrf.experiment.config import ConfigError, list_presets, parse_set, resolve
 from pbrf.experiment.run.driver import prepare_inputs, run_experiment
 from pbrf.experiment.run.dryrun import dry_run, format_dry_run
@@ -176,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score every training point with each estimator, compare with the run's PBRF, "
                     "paired warm start, cold-start LOO and LDS, and write a leaderboard "
                     "(RUN_DIR/estimators/leaderboard.md, .json, .png). Resumable per estimator.")
-    est.add_argument("run", nargs="?", metavar="RUN_DIR", help="a finished run directory")
+    est.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                     help="finished run directories; several (with --out) make a study across "
+                          "tasks")
+    est.add_argument("--out", default=None, metavar="DIR",
+                     help="write the cross-task study (study.md, .json, .png) here; each run's "
+                          "own leaderboard still goes in RUN_DIR/estimators")
     est.add_argument("--methods", default=None,
                      help="comma-separated estimators (default: all built-in ones but kronfluence; "
                           "`pbrf estimators --list` shows them)")
@@ -396,9 +401,12 @@ def cmd_estimators(args) -> int:
         for name, cls in estimators.ESTIMATORS.items():
             print(f"{name.ljust(18)}  {cls.summary}")
         return 0
-    if args.run is None:
+    if not args.runs:
         raise UsageError(
             "pbrf estimators: pass a finished RUN_DIR (or --list to see the estimators).")
+    if len(args.runs) > 1 or args.out is not None:
+        return _estimators_study(args)
+    args.run = args.runs[0]
     methods = leaderboard.DEFAULT_METHODS if args.methods is None else tuple(
         m.strip() for m in args.methods.split(",") if m.strip())
     pairs = [item.partition("=") for item in args.scores]
@@ -425,6 +433,33 @@ def cmd_estimators(args) -> int:
         if board["skipped"]:
             print("skipped: " + "; ".join(f"{k} ({v})" for k, v in board["skipped"].items()))
         print(f"leaderboard: {paths['markdown']}")
+    return 0
+
+
+def _estimators_study(args) -> int:
+    """``pbrf estimators RUN [RUN ...] --out DIR``: each run's leaderboard and the study."""
+    if args.scores:
+        raise UsageError("pbrf estimators: --scores belongs to one run; score external files "
+                         "run by run (pbrf estimators RUN --scores LABEL=FILE).")
+    out = study.check_out(args.out, args.runs)
+    methods = leaderboard.DEFAULT_METHODS if args.methods is None else tuple(
+        m.strip() for m in args.methods.split(",") if m.strip())
+    hp = leaderboard.parse_hyperparameters(args.hp)
+    log = (lambda msg: None) if args.json else (lambda msg: print(f"pbrf: {msg}", file=sys.stderr))
+    command = " ".join(["pbrf estimators", *map(shlex.quote, args.runs), "--out",
+                        shlex.quote(args.out)]
+                       + (["--methods", ",".join(methods)] if args.methods else [])
+                       + [f"--hp {shlex.quote(h)}" for h in args.hp]
+                       + ([f"--threads {args.threads}"] if args.threads else []))
+    result = study.run_study(args.runs, methods, hp, log=log, command=command)
+    paths = study.write_study(result, out, command=command)
+    if args.json:
+        print(json.dumps(leaderboard.jsonable(result), indent=2))
+        return 0
+    print(study.tasks_table(result, markdown=False))
+    for line in study.claim_lines(result):
+        print(line)
+    print(f"study: {paths['markdown']}")
     return 0
 
 

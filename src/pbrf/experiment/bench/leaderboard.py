@@ -33,11 +33,12 @@ import torch
 
 from pbrf import estimators, lds, load_run
 from pbrf.experiment import analysis
+from pbrf.experiment.bench import uncertainty
 from pbrf.experiment.bench.evaluate import finite_scaled, load_scores, map_scores
 from pbrf.experiment.config import ConfigError
 from pbrf.experiment.report import save_figure, text_table
 from pbrf.experiment.run.arrays import run_arrays
-from pbrf.experiment.run.lds_stage import lds_actual
+from pbrf.experiment.run.lds_stage import LDS_KIND, lds_actual
 from pbrf.experiment.run.load import stored_responses
 from pbrf.experiment.run.rundir import exclusive
 from pbrf.experiment.run.store import ChunkResult, Store, atomic_write_text
@@ -56,6 +57,14 @@ __all__ = [
     "check_labels",
     "row_notes",
     "board_notes",
+    "floors_of",
+    "check_methods",
+    "board_legend",
+    "md_table",
+    "residual_cell",
+    "format_per_test",
+    "format_floors",
+    "ci_cell",
 ]
 
 #: Ground truths of the leaderboard: (key in Run.responses(), column label).
@@ -77,6 +86,15 @@ DEFAULT_METHODS = (
 )
 PREFIX = "estimator:"
 FOLDER = "estimators"
+#: Bootstrap replicates of every interval, and their seed (the intervals are reproducible).
+BOOTSTRAP = 1000
+BOOTSTRAP_SEED = 0
+#: Why a ground truth has no measured noise floor.
+NO_FLOOR = {
+    "pbrf": "deterministic and certified (ρ ≤ tol): no seed noise to measure",
+    "warm_paired": "one warm-start seed: not measured",
+    "warm": "one warm-start seed: not measured",
+}
 
 
 def parse_hyperparameters(items: list[str]) -> dict[str, dict]:
@@ -122,15 +140,22 @@ def score_row(
         "hyperparameters": info.get("hyperparameters", {}),
         "correlations": {},
     }
+    if info.get("residual") is not None:
+        row["residual"] = info["residual"]
     for key, _ in TRUTHS:
         if key in truths:
-            row["correlations"][key] = analysis.correlation_entry(removal_scores, truths[key])
+            entry = analysis.correlation_entry(removal_scores, truths[key])
+            entry["ci"] = uncertainty.bootstrap_correlations(
+                removal_scores, truths[key], n_boot=BOOTSTRAP, seed=BOOTSTRAP_SEED)
+            row["correlations"][key] = entry
     notes = row_notes(removal_scores)
     if notes:
         row["notes"] = notes
     if lds_scores is not None and lds_truth is not None:
         out = lds.lds(finite_scaled(lds_scores), lds_truth[0])
         row["lds"] = {k: out[k] for k in ("lds", "stderr", "n_test")}
+        row["lds"]["ci"] = uncertainty.bootstrap_lds(finite_scaled(lds_scores), lds_truth[0],
+                                                     n_boot=BOOTSTRAP, seed=BOOTSTRAP_SEED)
     return row
 
 
@@ -208,6 +233,33 @@ def truths_of(run_dir) -> dict:
     }
 
 
+def floors_of(run_dir, truths: dict, n_lds_chunks: int | None) -> dict:
+    """The noise floor of each ground truth: cold LOO and the LDS between disjoint halves of
+    their seeds (:mod:`~pbrf.experiment.bench.uncertainty`; ``None`` with fewer than two seeds),
+    and why the others have none. Cold LOO leaves out the removals its truth leaves out.
+    """
+    arrays = run_arrays(run_dir)
+    n_chunks = math.ceil(len(arrays["groups"]) / arrays["config"].run.chunk_size)
+    with Store(run_dir, readonly=True) as store:
+        cold = store.gather_extra("cold", n_chunks) if "cold" in truths else None
+        per_lds = None if not n_lds_chunks else store.gather_extra(LDS_KIND, n_lds_chunks)
+    out: dict = {k: {"note": v} for k, v in NO_FLOOR.items() if k in truths}
+    if "cold" in truths:
+        floor = None
+        if cold is not None and cold.ndim == 3:
+            cold = cold.copy()
+            cold[:, np.isnan(truths["cold"]).all(axis=0)] = np.nan
+            floor = uncertainty.seed_floor(cold, n_boot=BOOTSTRAP, seed=BOOTSTRAP_SEED)
+        out["cold"] = floor or {"note": "one cold-start seed (or a run stored before per-seed "
+                                         "Δm): not measured"}
+    if n_lds_chunks:
+        floor = None
+        if per_lds is not None and per_lds.ndim == 3:
+            floor = uncertainty.lds_floor(per_lds, n_boot=BOOTSTRAP, seed=BOOTSTRAP_SEED)
+        out["lds"] = floor or {"note": "one retraining seed: not measured"}
+    return out
+
+
 def board_header(
     config,
     n_train: int,
@@ -240,12 +292,18 @@ def board_header(
         },
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
+        "bootstrap": {"replicates": BOOTSTRAP, "seed": BOOTSTRAP_SEED, "level": 0.95,
+                      "resampled": "test points and removals (LDS: subsets), independently"},
         "rows": [],
         "skipped": {},
+        "floors": {},
     }
 
 
-def _check_methods(methods, hyperparameters: dict) -> None:
+def check_methods(methods, hyperparameters: dict) -> None:
+    """Refuse (one line naming the fix) an empty or unknown method list, or ``--hp`` for a
+    method not run.
+    """
     if not methods:
         raise ConfigError("--methods lists no estimator; name at least one, e.g. --methods trak.")
     unknown = [m for m in methods if m not in estimators.ESTIMATORS]
@@ -280,6 +338,7 @@ def _score(store, run, name: str, est, log) -> tuple[np.ndarray, dict]:
     info = {
         "seconds": res.seconds,
         "peak_memory_mb": peak,
+        "residual": getattr(res, "residual", None),
         "hyperparameters": res.hyperparameters,
         "requested": jsonable(est.hyperparameters),
         "threads": torch.get_num_threads(),
@@ -312,7 +371,7 @@ def run_estimators(
     stored by earlier invocations stay on the board.
     """
     hyperparameters = hyperparameters or {}
-    _check_methods(methods, hyperparameters)
+    check_methods(methods, hyperparameters)
     chosen = {}
     for name in methods:  # every estimator and hyperparameter checked before any is computed
         try:
@@ -353,8 +412,13 @@ def run_estimators(
         rows.append(external_row(label, arr, run.removals, run.n_train, truths, lds_truth))
     board = board_header(run.config, run.n_train, run.problem.n_params, run.n_test,
                          len(run.removals), truths, lds_truth, run_dir)
-    board.update(rows=rows, skipped=skipped)
+    board.update(rows=rows, skipped=skipped, floors=floors_of(run_dir, truths, _lds_chunks(
+        lds_truth, run.config)))
     return board
+
+
+def _lds_chunks(lds_truth, config) -> int | None:
+    return None if lds_truth is None else math.ceil(len(lds_truth[1]) / config.run.chunk_size)
 
 
 def evaluate_board(scores_path, run_dir) -> dict:
@@ -380,6 +444,7 @@ def evaluate_board(scores_path, run_dir) -> dict:
             Path(scores_path).stem, scores, arrays["groups"], arrays["n_train"], truths, lds_truth
         )
     ]
+    board["floors"] = floors_of(run_dir, truths, _lds_chunks(lds_truth, arrays["config"]))
     return board
 
 
@@ -401,40 +466,112 @@ def _f(x, digits: int = 3) -> str:
     )
 
 
+def ci_cell(value, ci, digits: int = 3) -> str:
+    """``0.681 ± 0.052``: a statistic and half the width of its 95% bootstrap interval (the
+    interval itself is in the JSON; it need not be symmetric).
+    """
+    text = _f(value, digits)
+    if text == "n/a" or not ci or ci[0] is None or ci[1] is None:
+        return text
+    return f"{text} ± {_f((ci[1] - ci[0]) / 2, digits)}"
+
+
+def residual_cell(row: dict) -> str:
+    """The largest relative residual of an estimator's solves (``—``: it solves no system)."""
+    res = row.get("residual")
+    return "—" if not res or res.get("max") is None else f"{res['max']:.1e}"
+
+
+def _by_pbrf(rows: list[dict]) -> list[dict]:
+    def key(row):
+        s = (row["correlations"].get("pbrf") or {}).get("spearman")
+        return -(s if s is not None else -math.inf)
+
+    return sorted(rows, key=key)
+
+
+def _corr_cells(row: dict, truths, stats) -> list[str]:
+    cells = []
+    for k in truths:
+        c = row["correlations"].get(k) or {}
+        cells += [ci_cell(c.get(s), (c.get("ci") or {}).get(s)) for s in stats]
+    return cells
+
+
+def md_table(header: list[str], lines: list[list[str]], markdown: bool, last_left: bool) -> str:
+    """A markdown table (numbers right-aligned; ``last_left``: the last column is text), or the
+    aligned terminal table.
+    """
+    if not markdown:
+        return text_table(header, lines)
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    if last_left:
+        align[-1] = "---"
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    return "\n".join(out + ["| " + " | ".join(c) + " |" for c in lines])
+
+
 def format_leaderboard(board: dict, markdown: bool = True) -> str:
-    """The leaderboard as a table, best Spearman against the PBRF first."""
+    """The leaderboard (pooled correlations ± their 95% intervals), best Spearman against the
+    PBRF first.
+    """
     truths = list(board["truths"])
-    header = ["estimator", "time (s)", "peak MB"]
+    header = ["estimator", "time (s)", "peak MB", "residual"]
     for key in truths:
         header += [f"{board['truths'][key]} P", f"{board['truths'][key]} S"]
     if board.get("lds"):
         header.append("LDS")
     header.append("hyperparameters")
-
-    def key(row):
-        s = (row["correlations"].get("pbrf") or {}).get("spearman")
-        return -(s if s is not None else -math.inf)
-
     lines = []
-    for row in sorted(board["rows"], key=key):
-        cells = [row["method"], _f(row.get("seconds"), 2), _f(row.get("peak_memory_mb"), 0)]
-        for k in truths:
-            c = row["correlations"].get(k) or {}
-            cells += [_f(c.get("pearson")), _f(c.get("spearman"))]
+    for row in _by_pbrf(board["rows"]):
+        cells = [row["method"], _f(row.get("seconds"), 2), _f(row.get("peak_memory_mb"), 0),
+                 residual_cell(row)] + _corr_cells(row, truths, ("pearson", "spearman"))
         if board.get("lds"):
             lds = row.get("lds")
-            cells.append("n/a" if not lds else f"{_f(lds['lds'])} ± {_f(lds['stderr'])}")
+            cells.append("n/a" if not lds else ci_cell(lds["lds"], lds.get("ci")))
         cells.append(_hp_text(row.get("hyperparameters") or {}))
         lines.append(cells)
     if markdown:
-        out = [
-            "| " + " | ".join(header) + " |",
-            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header) - 1)) + "|---|",
-        ]
-        out += ["| " + " | ".join(c) + " |" for c in lines]
-        return "\n".join(out)
+        return md_table(header, lines, True, last_left=True)
     # the terminal table leaves the hyperparameters column out
     return text_table(header[:-1], [c[:-1] for c in lines])
+
+
+def format_per_test(board: dict, markdown: bool = True) -> str:
+    """The per-test protocol: each test point's correlation across removals, averaged over test
+    points (± the 95% bootstrap interval), in the order of :func:`format_leaderboard`.
+    """
+    truths = list(board["truths"])
+    header = ["estimator"]
+    for key in truths:
+        header += [f"{board['truths'][key]} P/test", f"{board['truths'][key]} S/test"]
+    lines = [[row["method"]] + _corr_cells(row, truths, ("pearson_per_test", "spearman_per_test"))
+             for row in _by_pbrf(board["rows"])]
+    return md_table(header, lines, markdown, last_left=False)
+
+
+def format_floors(board: dict, markdown: bool = True) -> str:
+    """The noise floor of each ground truth: the agreement of two disjoint halves of its seeds
+    (± 95% interval) and the Spearman–Brown ceiling it implies for the full average; or why none.
+    """
+    header = ["ground truth", "P", "S", "P/test", "S/test", "ceiling P / S", "how"]
+    labels = {**dict(TRUTHS), "lds": "LDS"}
+    lines = []
+    for key, floor in (board.get("floors") or {}).items():
+        if "note" in floor:
+            lines.append([labels.get(key, key)] + ["—"] * 5 + [floor["note"]])
+            continue
+        if key == "lds":
+            cells = ["—", ci_cell(floor.get("lds"), floor.get("lds_ci")), "—", "—",
+                     f"— / {_f(floor.get('ceiling_lds'))}"]
+        else:
+            cells = [ci_cell(floor.get(s), floor.get(f"{s}_ci")) for s in
+                     ("pearson", "spearman", "pearson_per_test", "spearman_per_test")]
+            ceilings = (_f(floor.get("ceiling_pearson")), _f(floor.get("ceiling_spearman")))
+            cells.append(" / ".join(ceilings))
+        lines.append([labels.get(key, key)] + cells
+                     + [f"seed halves {floor.get('halves')} of {floor.get('n_seeds')} seeds"])
+    return md_table(header, lines, markdown, last_left=True)
 
 
 def _threads(board: dict) -> str:
@@ -479,6 +616,32 @@ def _figure(board: dict, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def board_legend(board: dict) -> list[str]:
+    """What the leaderboard's columns mean (one paragraph each)."""
+    boot = board.get("bootstrap") or {}
+    parts = [
+        "P / S: Pearson / Spearman correlation over all (test point, removal) pairs with each "
+        "ground truth, over the removals where it is certified and did not diverge "
+        f"(removals left out: {board['excluded_removals']}); ± is half the width of the 95% "
+        f"bootstrap interval ({boot.get('replicates', BOOTSTRAP)} replicates resampling "
+        f"{boot.get('resampled', 'test points and removals')}). Time and peak memory (resident "
+        "set above the start, sampled) cover scoring all N training points, fitting included. "
+        "Residual: the largest relative residual ‖(C + λI)x − g‖/‖g‖ over test points of the "
+        "inverse-curvature product each solving estimator implies (— for methods that solve no "
+        "system)."
+    ]
+    if board.get("lds"):
+        l = board["lds"]  # noqa: E741
+        parts.append(
+            "LDS: mean over test points of the Spearman correlation across "
+            f"{l['subsets']} random subsets "
+            f"(each keeping {100 * l['alpha']:.0f}% of the data, retrained from scratch with seeds "
+            f"{l['seeds']}), ± half its 95% bootstrap interval (test points and subsets "
+            "resampled)."
+        )
+    return parts
+
+
 def write_leaderboard(
     board: dict, run_dir: str | Path, command: str | None = None
 ) -> dict[str, Path]:
@@ -497,24 +660,14 @@ def write_leaderboard(
     ]
     if command:
         parts += ["Regenerate with:", "", "```sh", command, "```", ""]
-    parts += [
-        format_leaderboard(board),
-        "",
-        "P / S: Pearson / Spearman correlation over all (test point, removal) pairs with each "
-        "ground truth, "
-        "over the removals where it is certified and did not diverge "
-        f"(removals left out: {board['excluded_removals']}). Time and peak memory (resident set "
-        "above the "
-        "start, sampled) cover scoring all N training points, fitting included.",
-    ]
-    if board.get("lds"):
-        l = board["lds"]  # noqa: E741
-        parts.append(
-            "LDS: mean over test points of the Spearman correlation across "
-            f"{l['subsets']} random subsets "
-            f"(each keeping {100 * l['alpha']:.0f}% of the data, retrained from scratch with seeds "
-            f"{l['seeds']}), ± its standard error."
-        )
+    parts += [format_leaderboard(board), "", *board_legend(board), "",
+              "Per test point (each test point's correlation across removals, averaged over test "
+              "points: the protocol of the published per-test numbers):", "",
+              format_per_test(board), ""]
+    if board.get("floors"):
+        parts += ["Noise floors: how well two disjoint halves of a ground truth's seeds agree, "
+                  "and the ceiling that implies for any estimator against the all-seed average "
+                  "(Spearman–Brown, √(2r/(1+r))):", "", format_floors(board)]
     if board_notes(board):
         parts += ["", "Notes: " + "; ".join(board_notes(board)) + "."]
     if board.get("skipped"):
