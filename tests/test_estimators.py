@@ -1,6 +1,7 @@
 """Built-in estimators against independent references (float64), and the LDS ground truth."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 import pbrf
 from pbrf import estimators, lds
 from pbrf.curvature import CurvatureOperator
+from pbrf.solvers import solve
 
 from .conftest import tiny_problem
 
@@ -237,3 +239,112 @@ def test_cg_and_lissa_influence_estimators_against_a_dense_solve():
         prob, test, REMOVALS
     ).scores  # full-batch LiSSA is a convergent Neumann series
     torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------- solver residuals
+def dense_regression_curvature(prob, damping):
+    """``C = (1/N) Σ J_iᵀ J_i + (wd + λ) I`` of the regression task (output Hessian ``I``) from one
+    ``torch.func.jacrev`` of all the training outputs: independent of the matrix-free products.
+    """
+    J = torch.func.jacrev(lambda th: prob.outputs_flat(th, prob.x))(prob.theta)
+    J = J.reshape(-1, prob.n_params)
+    eye = torch.eye(prob.n_params, dtype=J.dtype)
+    return J.T @ J / prob.n_train + (prob.weight_decay + damping) * eye
+
+
+def dense_cg(C, b, steps):
+    """Textbook conjugate gradients from ``x = 0`` on one dense system, ``steps`` iterations."""
+    x, r = torch.zeros_like(b), b.clone()
+    d = r.clone()
+    for _ in range(steps):
+        alpha = (r @ r) / (d @ C @ d)
+        x, r_new = x + alpha * d, r - alpha * (C @ d)
+        d, r = r_new + (r_new @ r_new) / (r @ r) * d, r_new
+    return x
+
+
+def rel_residuals(C, X, G):
+    return (X @ C - G).norm(dim=1) / G.norm(dim=1)
+
+
+def test_influence_residuals_exact_and_truncated_cg_against_a_dense_brute_force():
+    prob = tiny_problem("regression")
+    test = held_out("regression")
+    exact = estimators.get("influence-exact", damping=DAMPING).scores(prob, test, REMOVALS)
+    assert exact.residual["max"] <= 1e-10 and exact.residual["median"] <= exact.residual["max"]
+    assert "C x = g_t" in exact.residual["what"]
+    cg = estimators.get("influence-cg", damping=DAMPING, solver_options={"max_iter": 2})
+    res = cg.scores(prob, test, REMOVALS)
+    assert res.residual["max"] > 1e-2 and res.residual["max"] > 1e6 * exact.residual["max"]
+    assert res.diagnostics["iterations"] == 2 and not res.diagnostics["converged"]
+    # brute force: a dense C, a dense two-step CG on each test gradient, its residuals
+    C = dense_regression_curvature(prob, DAMPING)
+    xt, tt = prob.prepare(test)
+    G = dense_grads(prob, xt, tt)
+    rows = rel_residuals(C, torch.stack([dense_cg(C, g, 2) for g in G]), G)
+    assert res.residual["max"] == pytest.approx(float(rows.max()), rel=1e-8)
+    assert res.residual["median"] == pytest.approx(float(rows.quantile(0.5)), rel=1e-8)
+    assert exact.residual["max"] < 1e-10 < float(rows.min())
+
+
+def test_arnoldi_and_trak_residuals_show_what_their_inverse_leaves_out():
+    prob = tiny_problem("classification")
+    test = held_out("classification")
+    p = prob.n_params
+    full = estimators.get("arnoldi", rank=p, iterations=p, damping=DAMPING)
+    assert full.scores(prob, test, REMOVALS).residual["max"] <= 1e-8
+    one = estimators.get("arnoldi", rank=1, damping=DAMPING).scores(prob, test, REMOVALS)
+    assert one.residual["max"] > 0.1
+    # with exact top eigenvectors U (iterations = p), C x_t = UᵀU g_t: the residual is the part of
+    # g_t outside the top-rank eigenspace, ‖(I − UᵀU) g_t‖ / ‖g_t‖ (dense eigendecomposition)
+    top = estimators.get("arnoldi", rank=3, iterations=p, damping=DAMPING)
+    got = top.scores(prob, test, REMOVALS).residual
+    U = torch.linalg.eigh(CurvatureOperator(prob, "ggn", DAMPING).dense())[1][:, -3:]
+    xt, tt = prob.prepare(test)
+    G = dense_grads(prob, xt, tt)
+    rows = (G - (G @ U) @ U.T).norm(dim=1) / G.norm(dim=1)
+    assert got["max"] == pytest.approx(float(rows.max()), rel=1e-7)
+    assert got["median"] == pytest.approx(float(rows.quantile(0.5)), rel=1e-7)
+    for dim, ensemble in ((p, 1), (p + 17, 2)):
+        trak = estimators.get("trak", dim=dim, ensemble=ensemble, damping=DAMPING)
+        assert trak.scores(prob, test, REMOVALS).residual["max"] <= 1e-8
+    small = estimators.get("trak", dim=5, damping=DAMPING).scores(prob, test, REMOVALS)
+    assert small.residual["max"] > 0.1 and "projected" in small.residual["what"]
+
+
+def test_published_lissa_keeps_depth_n_with_the_smallest_stable_scale_of_its_grid():
+    prob = tiny_problem("regression")
+    test = held_out("regression")
+    assert "influence-lissa-published" in estimators.ESTIMATORS
+    res = estimators.get("influence-lissa-published", damping=DAMPING).scores(prob, test, REMOVALS)
+    hp, extra = res.hyperparameters, res.diagnostics["extra"]
+    assert (hp["depth"], hp["batch_size"], hp["scale"]) == (prob.n_train, 1, "tuned")
+    assert res.diagnostics["iterations"] == prob.n_train  # depth N, not run to convergence
+    assert math.isfinite(res.residual["max"]) and 0 < res.residual["median"] <= res.residual["max"]
+    # the scale: the first of λ̂·10^k (k = 0, 1, ...) whose recursion does not diverge
+    lam, trials = extra["lambda_max_estimate"], extra["scale_trials"]
+    assert trials == [lam * 10.0**k for k in range(len(trials))] and extra["scale"] == trials[-1]
+    vals = torch.linalg.eigvalsh(CurvatureOperator(prob, "ggn", DAMPING).dense())
+    assert lam == pytest.approx(float(vals[-1]), rel=1e-6)
+    op = CurvatureOperator(prob, "ggn", DAMPING)
+    xt, tt = prob.prepare(test)
+    G = pbrf.per_example_grads(prob, xt, tt)
+    lissa = dict(depth=prob.n_train, batch_size=1)
+    for s in trials[:-1]:
+        assert solve(op, G, "lissa", scale=s, **lissa)[1].diverged
+    fixed = estimators.get(
+        "influence-lissa", damping=DAMPING, solver_options={**lissa, "scale": trials[-1]}
+    ).scores(prob, test, REMOVALS)
+    torch.testing.assert_close(res.scores, fixed.scores, rtol=0, atol=0)
+    assert res.residual == fixed.residual
+    # solver options override; a run's own LiSSA options do not leak in
+    over = estimators.get(
+        "influence-lissa-published", damping=DAMPING, solver_options={"depth": 5, "scale": 50.0}
+    ).scores(prob, test, REMOVALS)
+    assert (over.hyperparameters["depth"], over.hyperparameters["scale"]) == (5, 50.0)
+    assert over.diagnostics["extra"]["scale"] == 50.0 and over.diagnostics["iterations"] == 5
+    run = SimpleNamespace(n_train=7, influence_settings={"solver": "lissa",
+                                                         "solver_options": {"depth": 3}})
+    reported = estimators.get("influence-lissa-published").reported({"run": run})
+    assert reported["depth"] == 7 and "solver_options" not in reported
+    assert estimators.get("grad-dot").scores(prob, test, REMOVALS).residual is None

@@ -14,6 +14,9 @@ Built in (``estimators.ESTIMATORS``):
 
 * ``influence-exact``, ``influence-cg``, ``influence-lissa`` — :func:`pbrf.influence` with that
   solver: ``C = G + (wd + λ) I`` (or the damped Hessian).
+* ``influence-lissa-published`` — LiSSA in the published setting (Koh & Liang 2017; Bae et al.
+  2022): recursion depth ``N`` (the problem's training points), batch size 1 and a tuned scale
+  (:class:`PublishedLissaInfluence`), kept truncated whatever residual that leaves.
 * ``arnoldi`` — the top ``rank`` eigenpairs ``(μ_j, u_j)`` of ``C`` by Lanczos with full
   reorthogonalisation (Schioppa et al. 2022): ``(1/N) Σ_j (∇m_t·u_j)(u_j·∇L_i)/μ_j``; the
   complement of the top eigenspace is dropped. With ``rank = p`` it equals exact influence.
@@ -30,12 +33,23 @@ Built in (``estimators.ESTIMATORS``):
 Cost: :meth:`Estimator.scores` returns the wall time and the peak memory of the call: on the CPU
 the resident set sampled every 2 ms above its level at the start (freed heap pages are returned to
 the OS first, so the growth shows), on a GPU CUDA's peak allocation.
+
+Residual: every estimator that solves a system with the damped curvature ``C`` (the run's ggn or
+hessian at the resolved damping) reports, in ``EstimatorResult.residual``, how well it solved it:
+the relative residual ``‖C x_t − g_t‖ / ‖g_t‖`` of its implied preconditioned test gradient ``x_t``
+for each test point ``t`` (``g_t`` = the test point's measurement gradient), as its max and median
+over the test points. ``x_t`` is the solve's row for the influence estimators,
+``Uᵀ diag(1/μ) U g_t`` for arnoldi and ``P (PᵀCP)⁺ Pᵀ g_t`` (mean over the ensemble) for trak. It
+is computed after the timed part (one batched curvature product over the test points), so
+``seconds`` and the peak memory are those of the scores alone. The methods without ``C``
+(grad-dot, grad-cos, tracin) and kronfluence (its own solve, outside pbrf) report ``None``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import math
 import os
 import threading
@@ -48,10 +62,10 @@ from torch import Tensor
 
 from .curvature import CURVATURES, CurvatureOperator
 from .fileio import dumps
-from .influence import influence, normalize_removals, per_example_grads, removal_matrix
+from .influence import normalize_removals, per_example_grads, removal_matrix
 from .kron import kronfluence_scores
 from .problem import Problem
-from .solvers import check_options, check_values
+from .solvers import SolveInfo, SolverDivergedError, check_options, check_values, solve
 
 __all__ = [
     "Estimator",
@@ -64,6 +78,8 @@ __all__ = [
     "lanczos",
 ]
 
+log = logging.getLogger(__name__)
+
 
 class EstimatorUnavailable(RuntimeError):
     """The estimator cannot run here (missing optional package or training checkpoints)."""
@@ -71,13 +87,23 @@ class EstimatorUnavailable(RuntimeError):
 
 @dataclass
 class EstimatorResult:
-    """Scores ``[n_test, n_removals]`` in pbrf's conventions, with what they cost."""
+    """Scores ``[n_test, n_removals]`` in pbrf's conventions, with what they cost.
+
+    ``residual``: ``{"max", "median", "what"}`` — the max and median over the test points of the
+    relative residual ``‖C x_t − g_t‖ / ‖g_t‖`` of the estimator's implied ``x_t ≈ C⁻¹ g_t``
+    (``C`` the damped curvature it was given, ``g_t`` the test gradient; ``what`` names ``x_t``);
+    ``None`` for methods that solve no system with ``C``. ``diagnostics``: the solver's
+    :class:`~pbrf.solvers.SolveInfo` for the influence estimators (iterations, the LiSSA scale and
+    the scales tried when tuned), else empty. Neither is part of the timed work.
+    """
 
     name: str
     scores: Tensor
     seconds: float
     peak_memory_bytes: int | None
     hyperparameters: dict = field(default_factory=dict)
+    residual: dict | None = None
+    diagnostics: dict = field(default_factory=dict)
 
 
 class MemoryMeter:
@@ -168,13 +194,37 @@ class Estimator:
         fit in memory on ``problem``'s device; nothing to check by default.
         """
 
+    #: what the implied ``x_t`` of :meth:`residual` is (a short phrase; methods that solve with C)
+    implied = ""
+
     def point_scores(
         self, problem: Problem, test: tuple[Tensor, Tensor], points: Tensor, context: dict
     ) -> Tensor:
         """Scores of the single training points ``points`` (``[u]`` indices) on the prepared test
         points ``(x, targets)``: ``[n_test, u]``.
+
+        A method that solves with ``C`` leaves ``context["implied"] = (g_test, x)``: the test
+        gradients ``[n_test, p]`` and its implied ``x_t ≈ C⁻¹ g_t`` as rows, or a function of no
+        arguments that builds them (called after the timed part); optionally
+        ``context["diagnostics"]`` (a dict).
         """
         raise NotImplementedError
+
+    def residual(self, problem: Problem, test: tuple[Tensor, Tensor], context: dict) -> dict | None:
+        """``{"max", "median", "what"}`` of the relative residuals ``‖C x_t − g_t‖ / ‖g_t‖`` over
+        the test points, from what :meth:`point_scores` left in ``context`` (``None`` if nothing:
+        the method solves no system with ``C``). One batched curvature product; ``‖g_t‖ = 0``
+        gives ``‖C x_t‖``, as the solvers report.
+        """
+        if context.get("implied") is None:
+            return None
+        g, x = context["implied"]
+        x = x() if callable(x) else x
+        op = CurvatureOperator(problem, context["curvature"], context["damping"])
+        r, gn = (op.matvec(x) - g).norm(dim=1), g.norm(dim=1)
+        rows = torch.where(gn > 0, r / gn.clamp_min(torch.finfo(g.dtype).tiny), r).double()
+        return {"max": float(rows.max()), "median": float(rows.quantile(0.5)),
+                "what": self.implied}
 
     def reported(self, context: dict) -> dict:
         """The resolved hyperparameters as reported with a result (JSON-able, no tensors): what
@@ -200,18 +250,22 @@ class Estimator:
             removals: single points or groups as in :func:`pbrf.influence`; default the run's.
         """
         problem, test, removals, context = _unpack(run_or_problem, test, removals)
+        context["n_train"] = problem.n_train
         groups = normalize_removals(removals, problem.n_train)
         xt, tt = problem.prepare(test, "test")
         hp = self.resolved(context)
+        work = {**context, **hp}  # point_scores may leave its implied solve here
         with MemoryMeter(problem.device) as meter:
             start = time.perf_counter()
             unique, R = removal_matrix(groups, problem.device, problem.dtype)
-            point = self.point_scores(problem, (xt, tt), unique, {**context, **hp})
+            point = self.point_scores(problem, (xt, tt), unique, work)
             out = point @ R
             if problem.device.type == "cuda":
                 torch.cuda.synchronize(problem.device)
             seconds = time.perf_counter() - start
-        return EstimatorResult(self.name, out.detach(), seconds, meter.peak, _plain(hp))
+        residual = self.residual(problem, (xt, tt), work)  # after the timed part
+        return EstimatorResult(self.name, out.detach(), seconds, meter.peak, _plain(hp), residual,
+                               dict(work.get("diagnostics") or {}))
 
 
 def _is_int(v) -> bool:
@@ -304,6 +358,9 @@ def get(name: str, **hyperparameters) -> Estimator:
 class _Influence(Estimator):
     options = ("solver_options",)
     solver = "exact"
+    implied = "the solver's solution x_t of C x = g_t"
+    #: whether a run's own influence solver options apply when its solver is this one
+    run_options = True
 
     def __init__(self, **hp) -> None:
         super().__init__(**hp)
@@ -321,7 +378,8 @@ class _Influence(Estimator):
         hp = super().resolved(context)
         run = context.get("run")
         if (
-            "solver_options" not in hp
+            self.run_options
+            and "solver_options" not in hp
             and run is not None
             and run.influence_settings.get("solver") == self.solver
         ):
@@ -329,21 +387,45 @@ class _Influence(Estimator):
         return hp
 
     def point_scores(self, problem, test, points, context):
-        return influence(
-            problem,
-            test,
-            points,
-            damping=context["damping"],
-            solver=self.solver,
-            curvature=context["curvature"],
-            solver_options=context.get("solver_options"),
+        """:func:`pbrf.influence`'s computation (rows ``x_t = C⁻¹ g_t``, then ``x_t·∇L_i / N``),
+        keeping the solution for :meth:`residual`.
+        """
+        op = CurvatureOperator(problem, context["curvature"], context["damping"])
+        g_test = per_example_grads(problem, *test)
+        X, info = self.solve_rows(op, g_test, context)
+        context["implied"] = (g_test, X)
+        context["diagnostics"] = info.to_dict()
+        return _chunked_dot(problem, X, points) / problem.n_train
+
+    def solve_rows(
+        self, op: CurvatureOperator, B: Tensor, context: dict
+    ) -> tuple[Tensor, SolveInfo]:
+        """``C X = B`` with this estimator's solver and options (as :func:`pbrf.influence`)."""
+        return _solved(*solve(op, B, self.solver, **(context.get("solver_options") or {})))
+
+
+def _solved(X: Tensor, info: SolveInfo) -> tuple[Tensor, SolveInfo]:
+    """A solve's result as :func:`pbrf.influence` takes it: ``SolverDivergedError`` when it
+    diverged, a logged warning when it stopped above its tolerance.
+    """
+    if info.diverged:
+        raise SolverDivergedError(
+            f"{info.solver} solve failed: {info.message}. Diagnostics: {info.to_dict()}"
         )
+    if not info.converged:
+        log.warning("%s solve did not reach its tolerance: relative residual %.3g", info.solver,
+                    info.residual)
+    return X, info
 
 
 _SUMMARIES = {
     "influence-exact": "exact influence: dense Cholesky solve of C (p up to max_params)",
     "influence-cg": "influence with conjugate gradients (solver_options: max_iter, tol)",
     "influence-lissa": "influence with LiSSA (solver_options: depth, batch_size, scale)",
+    "influence-lissa-published": (
+        "LiSSA as published: depth N, batch size 1, scale = smallest lambda_max*10^k (k=0..8) "
+        "that does not diverge"
+    ),
     "kronfluence-ekfac": "EK-FAC influence through kronfluence (optional package)",
     "kronfluence-kfac": "K-FAC influence through kronfluence (optional package)",
 }
@@ -358,6 +440,77 @@ def _variant(base: type[Estimator], name: str, cls_name: str, **attrs) -> type:
 ExactInfluence = _variant(_Influence, "influence-exact", "ExactInfluence", solver="exact")
 CGInfluence = _variant(_Influence, "influence-cg", "CGInfluence", solver="cg")
 LissaInfluence = _variant(_Influence, "influence-lissa", "LissaInfluence", solver="lissa")
+
+#: Powers of ten ``k`` of the published LiSSA's scale grid ``λ̂ · 10^k``, tried in this order.
+PUBLISHED_SCALE_POWERS = tuple(range(9))
+#: Lanczos steps of the estimate ``λ̂`` of the largest eigenvalue of ``C`` (at most ``p``).
+PUBLISHED_LANCZOS_STEPS = 20
+
+
+@register("influence-lissa-published")
+class PublishedLissaInfluence(_Influence):
+    """LiSSA in the published setting (Koh & Liang 2017; Bae et al. 2022), *not* run to
+    convergence: recursion depth ``N`` (the problem's number of training points, resolved when it
+    runs and reported as ``depth``), batch size 1 (``batch_size``), one repeat, and a tuned scale.
+
+    Tuning rule of the scale: ``λ̂`` = the largest eigenvalue of the damped curvature ``C``
+    estimated by :data:`PUBLISHED_LANCZOS_STEPS` Lanczos steps (:func:`lanczos`, seeded with the
+    solver seed); the candidates are ``λ̂ · 10^k`` for ``k = 0, 1, …, 8``
+    (:data:`PUBLISHED_SCALE_POWERS`), and the scale is the smallest of them whose depth-``N``
+    recursion does not diverge — as ``solve_lissa`` reports divergence: non-finite values, growth
+    beyond its bound, or a relative residual of 1 or more (no better than ``x = 0``). The grid
+    starts at ``λ̂`` because a smaller power of ten lies below ``λ_max / 2``, where even the
+    full-batch recursion diverges. The result of the first candidate that does not diverge is the
+    estimate (no extra solve); the failed candidates are part of the timed cost. All candidates
+    diverging raises :class:`~pbrf.solvers.SolverDivergedError`. ``diagnostics`` holds the scale
+    used, ``lambda_max_estimate`` and ``scale_trials``.
+
+    ``solver_options`` override any of it (``depth``, ``batch_size``, ``repeats``, ``seed``; a
+    ``scale`` fixes the scale and skips the tuning); the run's own influence solver options do
+    not apply. The depth stays as set whatever residual it leaves: beside ``influence-lissa`` (run
+    to convergence) it shows what the published truncated setting gives.
+    """
+
+    summary = _SUMMARIES["influence-lissa-published"]
+    solver = "lissa"
+    run_options = False
+
+    def resolved(self, context: dict) -> dict:
+        hp = super().resolved(context)
+        options = hp.get("solver_options") or {}
+        run = context.get("run")
+        n = context.get("n_train", run.n_train if run is not None else None)
+        hp["depth"] = options.get("depth", n if n is not None else "N")
+        hp["batch_size"] = options.get("batch_size", 1)
+        hp["scale"] = "tuned" if options.get("scale") is None else options["scale"]
+        return hp
+
+    def solve_rows(
+        self, op: CurvatureOperator, B: Tensor, context: dict
+    ) -> tuple[Tensor, SolveInfo]:
+        """The depth-``N`` LiSSA solve with the tuned scale (class docstring)."""
+        options = {**(context.get("solver_options") or {}),
+                   "depth": context["depth"], "batch_size": context["batch_size"]}
+        if options.get("scale") is not None:
+            return _solved(*solve(op, B, "lissa", **options))
+        steps = min(PUBLISHED_LANCZOS_STEPS, op.n_params)
+        lam = float(lanczos(op.matvec, op.n_params, steps, op.theta, options.get("seed", 0))[0][0])
+        if not (lam > 0 and math.isfinite(lam)):
+            raise SolverDivergedError(
+                f"{self.name}: the estimated largest eigenvalue of C is {lam:.3g} (not positive); "
+                "use curvature='ggn', more damping, or pass solver_options={scale=...}"
+            )
+        trials = []
+        for k in PUBLISHED_SCALE_POWERS:
+            trials.append(lam * 10.0**k)
+            X, info = solve(op, B, "lissa", **{**options, "scale": trials[-1]})
+            if not info.diverged:
+                info.extra.update(lambda_max_estimate=lam, scale_trials=trials)
+                return _solved(X, info)
+        tried = ", ".join(f"{s:.3g}" for s in trials)
+        raise SolverDivergedError(
+            f"{self.name}: LiSSA diverged at every scale tried ({tried}); last: {info.message}"
+        )
 
 
 # ---------------------------------------------------------------------------- Arnoldi
@@ -414,6 +567,7 @@ class Arnoldi(Estimator):
 
     summary = "influence in the top-rank eigenspace of C, by Lanczos (rank, iterations, seed)"
     options = ("rank", "iterations", "seed")
+    implied = "the truncated inverse U^T diag(1/mu) U g_t"
 
     def __init__(self, rank: int = 50, iterations: int | None = None, seed: int = 0, **hp) -> None:
         if not (_is_int(rank) and rank > 0):
@@ -437,13 +591,16 @@ class Arnoldi(Estimator):
             )
         g_test = per_example_grads(problem, *test)
         left = (g_test @ U.T) / vals  # [n_test, rank]
+        context["implied"] = (g_test, lambda: left @ U)  # x_t = Uᵀ diag(1/μ) U g_t
         return _chunked_dot(problem, left, points, transform=lambda g: g @ U.T) / problem.n_train
 
 
 # ---------------------------------------------------------------------------- gradient similarity
 @register("grad-dot")
 class GradDot(Estimator):
-    """``(1/N) ∇m_t·∇L_i`` at θ^s: influence with ``C = I``."""
+    """``(1/N) ∇m_t·∇L_i`` at θ^s: influence with ``C = I``. It solves no system with the damped
+    curvature, so its ``residual`` is ``None``.
+    """
 
     summary = "(1/N) gradient dot product: influence with C = I"
 
@@ -455,7 +612,9 @@ class GradDot(Estimator):
 
 @register("grad-cos")
 class GradCos(Estimator):
-    """Cosine similarity of ``∇m_t`` and ``∇L_i`` at θ^s (summed over a group's points)."""
+    """Cosine similarity of ``∇m_t`` and ``∇L_i`` at θ^s (summed over a group's points). No
+    system with the damped curvature is solved: its ``residual`` is ``None``.
+    """
 
     summary = "cosine similarity of test and training gradients"
 
@@ -478,7 +637,8 @@ class TracIn(Estimator):
     """TracIn-CP over training checkpoints: ``(1/N) Σ_c η_c ∇m_t(θ_c)·∇L_i(θ_c)``.
 
     Checkpoints come from the run (``train.checkpoints``) or ``checkpoints=[{"params", "lr"}]``;
-    ``lr_weighted=False`` drops ``η_c``.
+    ``lr_weighted=False`` drops ``η_c``. No system with the damped curvature is solved: its
+    ``residual`` is ``None``.
     """
 
     summary = "TracIn-CP over the base training checkpoints (train.checkpoints; lr_weighted)"
@@ -528,12 +688,17 @@ class TracIn(Estimator):
 class Trak(Estimator):
     """Projected-gradient Gauss–Newton influence (``dim``: projection size, ``ensemble``:
     independent projections averaged, ``seed``).
+
+    Its implied ``x_t`` (for ``residual``) is the projection's inverse in parameter space,
+    ``P (PᵀCP)⁺ Pᵀ g_t``, averaged over the ensemble as the scores are; the projections are drawn
+    again from their seeds after the timed part.
     """
 
     summary = (
         "TRAK-style: random projection, Gauss-Newton in the projected space (dim, ensemble, seed)"
     )
     options = ("dim", "ensemble", "seed")
+    implied = "the projected inverse P (P^T C P)^+ P^T g_t, ensemble mean"
 
     def __init__(self, dim: int = 512, ensemble: int = 1, seed: int = 0, **hp) -> None:
         if not (_is_int(dim) and dim > 0) or not (_is_int(ensemble) and ensemble > 0):
@@ -559,7 +724,7 @@ class Trak(Estimator):
         self.check_size(problem)
         op = CurvatureOperator(problem, context["curvature"], context["damping"])
         g_test = per_example_grads(problem, *test)
-        out = None
+        out, lefts = None, []
         for e in range(context["ensemble"]):
             P = self.projection(
                 problem.n_params, context["dim"], context["seed"] + e, problem.theta
@@ -573,9 +738,20 @@ class Trak(Estimator):
             keep = vals > vals.abs().max() * 1e-12  # pseudo-inverse: dim > p leaves a null space
             Minv = (V[:, keep] / vals[keep]) @ V[:, keep].T
             left = (g_test @ P) @ Minv
+            lefts.append(left)
             term = _chunked_dot(problem, left, points, transform=lambda g: g @ P) / problem.n_train
             out = term if out is None else out + term
+        context["implied"] = (g_test, lambda: self.implied_rows(problem, lefts, context))
         return out / context["ensemble"]
+
+    def implied_rows(self, problem: Problem, lefts: list[Tensor], context: dict) -> Tensor:
+        """``x_t = mean_e P_e M_e⁺ P_eᵀ g_t`` from the rows ``lefts[e] = g_tᵀ P_e M_e⁺``, the
+        projections drawn again from their seeds.
+        """
+        p, dim, seed = problem.n_params, context["dim"], context["seed"]
+        x = sum(left @ self.projection(p, dim, seed + e, problem.theta).T
+                for e, left in enumerate(lefts))
+        return x / len(lefts)
 
 
 def proc_bytes(path: str, key: str) -> int | None:
@@ -623,6 +799,10 @@ def _blocks(n: int, size: int):
 
 # ---------------------------------------------------------------------------- kronfluence
 class _Kronfluence(Estimator):
+    """Influence through kronfluence; its solve (K-FAC / EK-FAC) is kronfluence's, outside pbrf,
+    so its ``residual`` is ``None``.
+    """
+
     options = ("seed",)
     strategy = "ekfac"
 
