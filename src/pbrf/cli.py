@@ -399,7 +399,7 @@ def cmd_estimators(args) -> int:
     """``pbrf estimators``."""
     if args.list:
         for name, cls in estimators.ESTIMATORS.items():
-            print(f"{name.ljust(18)}  {cls.summary}")
+            print(f"{name.ljust(max(map(len, estimators.ESTIMATORS)))}  {cls.summary}")
         return 0
     if not args.runs:
         raise UsageError(

@@ -35,8 +35,8 @@ def test_evaluate_and_leaderboard_tables_are_the_kits():
          "hyperparameters": {"damping": 0.1}}]}
     text = leaderboard.format_leaderboard(board, markdown=False)
     # the terminal table leaves out the hyperparameters column
-    assert text == kit.text_table(["estimator", "time (s)", "peak MB", "PBRF P", "PBRF S"],
-                                  [["ekfac", "1.50", "12", "0.900", "0.800"]])
+    assert text == kit.text_table(["estimator", "time (s)", "peak MB", "residual", "PBRF P",
+                                   "PBRF S"], [["ekfac", "1.50", "12", "—", "0.900", "0.800"]])
 
 
 @pytest.mark.parametrize("value, std, expected", [

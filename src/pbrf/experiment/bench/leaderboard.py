@@ -78,6 +78,7 @@ DEFAULT_METHODS = (
     "influence-exact",
     "influence-cg",
     "influence-lissa",
+    "influence-lissa-published",
     "arnoldi",
     "trak",
     "tracin",
@@ -142,6 +143,8 @@ def score_row(
     }
     if info.get("residual") is not None:
         row["residual"] = info["residual"]
+    if info.get("solver"):
+        row["solver"] = info["solver"]
     for key, _ in TRUTHS:
         if key in truths:
             entry = analysis.correlation_entry(removal_scores, truths[key])
@@ -338,7 +341,8 @@ def _score(store, run, name: str, est, log) -> tuple[np.ndarray, dict]:
     info = {
         "seconds": res.seconds,
         "peak_memory_mb": peak,
-        "residual": getattr(res, "residual", None),
+        "residual": res.residual,
+        "solver": _solver_facts(res.diagnostics),
         "hyperparameters": res.hyperparameters,
         "requested": jsonable(est.hyperparameters),
         "threads": torch.get_num_threads(),
@@ -348,6 +352,13 @@ def _score(store, run, name: str, est, log) -> tuple[np.ndarray, dict]:
     store.put_chunk(ChunkResult(PREFIX + name, 0, scores, None, [info], res.seconds, None))
     log(f"{name}: {res.seconds:.2f} s")
     return scores, info
+
+
+def _solver_facts(diagnostics: dict | None) -> dict | None:
+    """What a solving estimator chose at run time (e.g. the published LiSSA's tuned scale)."""
+    extra = (diagnostics or {}).get("extra") or {}
+    facts = {k: extra[k] for k in ("scale", "lambda_max_estimate") if k in extra}
+    return facts or None
 
 
 def _changed(have: dict, want: dict) -> str:
@@ -529,7 +540,9 @@ def format_leaderboard(board: dict, markdown: bool = True) -> str:
         if board.get("lds"):
             lds = row.get("lds")
             cells.append("n/a" if not lds else ci_cell(lds["lds"], lds.get("ci")))
-        cells.append(_hp_text(row.get("hyperparameters") or {}))
+        chosen = {f"chosen {k}": f"{v:.3g}" for k, v in (row.get("solver") or {}).items()
+                  if k == "scale"}
+        cells.append(_hp_text({**(row.get("hyperparameters") or {}), **chosen}))
         lines.append(cells)
     if markdown:
         return md_table(header, lines, True, last_left=True)
@@ -662,7 +675,8 @@ def write_leaderboard(
         parts += ["Regenerate with:", "", "```sh", command, "```", ""]
     parts += [format_leaderboard(board), "", *board_legend(board), "",
               "Per test point (each test point's correlation across removals, averaged over test "
-              "points: the protocol of the published per-test numbers):", "",
+              "points: the protocol of the published per-test numbers; warm LOO and warm (paired) "
+              "agree exactly here, as they differ by one constant per test point, the drift):", "",
               format_per_test(board), ""]
     if board.get("floors"):
         parts += ["Noise floors: how well two disjoint halves of a ground truth's seeds agree, "

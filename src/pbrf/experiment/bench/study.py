@@ -52,8 +52,10 @@ LEGEND = (
     "removals where it is certified and did not diverge; S/test: each test point's Spearman "
     "across removals, averaged over test points (the per-test protocol). ± is half the width of "
     "the 95% bootstrap interval (test points and removals resampled independently; the LDS: test "
-    "points and subsets); each run's leaderboard (RUN_DIR/estimators/leaderboard.md) has the "
-    "same cells, the Pearson correlations and the intervals' end points in its JSON. Noise floor: "
+    "points and subsets). Per test point, warm LOO and warm (paired) agree exactly: they differ by "
+    "the drift of the continuation, one constant per test point. Each run's leaderboard "
+    "(RUN_DIR/estimators/leaderboard.md) has the same cells, the Pearson correlations and the "
+    "intervals' end points in its JSON. Noise floor: "
     "the agreement of two disjoint halves of the ground truth's seeds; ceiling: the correlation "
     "that implies for a perfect estimator against the all-seed average (Spearman–Brown "
     "√(2r/(1+r))). Residual: the largest relative residual ‖(C + λI)x − g‖/‖g‖ over test points "
@@ -246,7 +248,7 @@ def _figure(study: dict, path: Path) -> Path | None:
             if ceiling is not None:
                 ax.hlines(ceiling, xs[0] - width / 2, xs[-1] + width / 2, colors=f"C{j}",
                           linestyles="dashed", linewidth=0.8)
-        ax.set_ylabel(f"{label}: {'LDS' if truth == 'lds' else 'Spearman'}")
+        ax.set_ylabel(label if truth == "lds" else f"{label}: Spearman")
         ax.set_xticks(np.arange(len(methods)), methods, rotation=20, fontsize=8)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.grid(axis="y", alpha=0.3)
