@@ -26,7 +26,7 @@ from pbrf.experiment.bench.leaderboard import ci_cell, md_table, residual_cell
 from pbrf.experiment.config import ConfigError
 from pbrf.experiment.report import save_figure
 from pbrf.experiment.run.arrays import run_arrays
-from pbrf.experiment.run.store import atomic_write_text
+from pbrf.experiment.run.store import Store, atomic_write_text
 
 __all__ = [
     "run_study",
@@ -37,6 +37,7 @@ __all__ = [
     "claim_check",
     "write_study",
     "claim_lines",
+    "run_facts",
     "check_out",
 ]
 
@@ -94,7 +95,26 @@ def run_study(run_dirs, methods, hyperparameters: dict | None = None, external=N
         board = leaderboard.run_estimators(run_dir, methods, hyperparameters, external, log=log)
         leaderboard.write_leaderboard(board, run_dir, command=command)
         boards.append(board)
-    return {"tasks": task_labels(boards), "boards": boards}
+    return {"tasks": task_labels(boards), "boards": boards,
+            "facts": [run_facts(r) for r in run_dirs]}
+
+
+def run_facts(run_dir) -> dict:
+    """What the run's own summary says of θ^s (test metric) and of its certified PBRF."""
+    path = Path(run_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    theta = summary.get("theta_s") or {}
+    pbrf = ((summary.get("certificates") or {}).get("by_kind") or {}).get("pbrf") or {}
+    with Store(run_dir, readonly=True) as store:
+        seconds = store.kind_seconds()
+    ground = sum(v for k, v in seconds.items() if not k.startswith(leaderboard.PREFIX))
+    return {"metric": theta.get("metric"), "test_metric": theta.get("test_metric"),
+            "pbrf_certified": pbrf.get("certified"),
+            "pbrf_max_rho": pbrf.get("max_rho"),
+            # compute time of the run's ground truths (responses and LDS; base training aside)
+            "ground_truth_seconds": ground,
+            "estimator_seconds": sum(v for k, v in seconds.items()
+                                     if k.startswith(leaderboard.PREFIX))}
 
 
 def task_labels(boards: list[dict]) -> list[str]:
@@ -172,16 +192,26 @@ def residual_table(study: dict, markdown: bool = True) -> str:
 
 def tasks_table(study: dict, markdown: bool = True) -> str:
     """One line per task: sizes, damping, and the removals each ground truth leaves out."""
-    header = ["task", "profile", "N", "p", "test × removals", "λ", "left out (uncertified or "
-              "diverged)", "threads"]
+    header = ["task", "profile", "N", "p", "test × removals", "λ", "θ^s test", "PBRF certified",
+              "left out (uncertified or diverged)", "ground truths (min)", "estimators (min)"]
     lines = []
-    for task, b in zip(study["tasks"], study["boards"]):
+    facts = study.get("facts") or [{} for _ in study["boards"]]
+    for task, b, f in zip(study["tasks"], study["boards"], facts):
         left = ", ".join(f"{lbl} {b['excluded_removals'].get(k, 0)}" for k, lbl in
                          leaderboard.TRUTHS if k in b["truths"])
+        metric = ("n/a" if f.get("test_metric") is None
+                  else f"{f['metric']} {f['test_metric']:.3f}")
+        cert = ("n/a" if f.get("pbrf_certified") is None else
+                f"{f['pbrf_certified']} of {b['n_removals']} (max ρ {f['pbrf_max_rho']:.1e})")
         lines.append([task, str(b["profile"]), str(b["n_train"]), str(b["n_params"]),
-                      f"{b['n_test']} × {b['n_removals']}", f"{b['damping']:g}", left,
-                      str(b.get("threads"))])
+                      f"{b['n_test']} × {b['n_removals']}", f"{b['damping']:g}", metric, cert,
+                      left, _minutes(f.get("ground_truth_seconds")),
+                      _minutes(f.get("estimator_seconds"))])
     return md_table(header, lines, markdown, last_left=False)
+
+
+def _minutes(seconds) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f}"
 
 
 def _stat(board: dict, method: str, stat: str):
@@ -287,7 +317,12 @@ def write_study(study: dict, out: str | Path, command: str | None = None) -> dic
     parts = ["# Estimator study across tasks", ""]
     if command:
         parts += ["Regenerate with:", "", "```sh", command, "```", ""]
-    parts += [tasks_table(study), "", "## The published claim", "",
+    b0 = study["boards"][0]
+    parts += [tasks_table(study), "",
+              "θ^s test: the base model's test metric. Times: compute seconds stored with the "
+              "results (responses and LDS retraining; the estimators' scoring), "
+              f"{b0.get('threads')} torch thread(s) per process on a {b0.get('cpus')}-CPU "
+              "machine.", "", "## The published claim", "",
               "\"EK-FAC ≈ LiSSA > gradient dot product\" against the PBRF, per task: ≈ when the "
               "95% intervals overlap, > when both lie above grad-dot's.", "", *claim_lines(study)]
     for truth, label in COLUMNS:
