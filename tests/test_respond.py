@@ -446,6 +446,12 @@ def test_cold_reference_reproduces_training_and_loss_change_is_seed_mean():
     per1 = m(cold.params_flat[1, 0]) - m(cold.reference[1])
     assert (per0 - per1).abs().max() > 1e-6
     assert len(cold.diagnostics) == 2 and all(len(d["seeds"]) == 2 for d in cold.diagnostics)
+    # each seed's Δm separately (the noise floors between seeds): the manual per-seed changes
+    per_seed = cold.loss_change_per_seed((xt, yt))
+    assert per_seed.shape == (2, 5, 2)
+    torch.testing.assert_close(per_seed[0, :, 0], per0, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(per_seed[1, :, 0], per1, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(per_seed.mean(0), manual, rtol=1e-10, atol=1e-13)
 
 
 def test_warm_default_recipe_comes_from_problem_and_loss_change_is_manual():
