@@ -11,6 +11,8 @@ from pbrf import cli
 from pbrf.experiment import config as cfg
 from pbrf.experiment.bench import leaderboard
 from pbrf.experiment.run import driver as pipeline
+from pbrf.experiment.run import load
+from pbrf.experiment.run.arrays import run_arrays
 from pbrf.experiment.run.store import ChunkResult, Store
 
 TINY_SETS = ["lds.subsets=6", "train.checkpoints=3"]
@@ -248,3 +250,15 @@ def test_stored_scores_are_reused_only_at_the_resolved_hyperparameters(tiny_run)
         again = store.get_chunk("estimator:influence-exact", 0)
     assert again.diagnostics[0]["hyperparameters"]["damping"] == now
     assert np.allclose(again.dm, got.dm)
+
+
+def test_ground_truths_leave_out_both_diverged_and_uncertified_removals(tiny_run, monkeypatch):
+    """A kind with a diverged removal *and* uncertified ones loses all of them (a dict merge once
+    kept only the uncertified list, so a diverged PBRF entered the leaderboard's ground truth).
+    """
+    real = run_arrays(tiny_run)
+    fake = {**real, "diverged": {"pbrf": [0]}, "uncertified": {"pbrf": [1, 2]}}
+    monkeypatch.setattr(load, "run_arrays", lambda run_dir: fake)
+    truth = load.stored_responses(tiny_run)["pbrf"]
+    assert np.isnan(truth[:, [0, 1, 2]]).all()
+    assert np.isfinite(truth[:, 3:]).all()

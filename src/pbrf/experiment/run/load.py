@@ -134,8 +134,8 @@ def stored_responses(run_dir: str | Path, certified_only: bool = True) -> dict[s
                 extra = store.gather_extra(kind, n_chunks)
                 if extra is not None:
                     out[f"{kind}_paired"] = extra
-    if certified_only:
-        for kind, bad in {**arrays["diverged"], **arrays["uncertified"]}.items():
+    if certified_only:  # both lists: a kind may have diverged removals and uncertified ones
+        for kind, bad in [*arrays["diverged"].items(), *arrays["uncertified"].items()]:
             for name in (kind, f"{kind}_paired"):
                 if name in out:
                     out[name][:, bad] = np.nan
