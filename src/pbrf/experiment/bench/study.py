@@ -110,7 +110,7 @@ def run_facts(run_dir) -> dict:
     ground = sum(v for k, v in seconds.items() if not k.startswith(leaderboard.PREFIX))
     return {"metric": theta.get("metric"), "test_metric": theta.get("test_metric"),
             "pbrf_certified": pbrf.get("certified"),
-            "pbrf_max_rho": pbrf.get("max_rho"),
+            "pbrf_median_rho": pbrf.get("median_rho"),
             # compute time of the run's ground truths (responses and LDS; base training aside)
             "ground_truth_seconds": ground,
             "estimator_seconds": sum(v for k, v in seconds.items()
@@ -202,7 +202,8 @@ def tasks_table(study: dict, markdown: bool = True) -> str:
         metric = ("n/a" if f.get("test_metric") is None
                   else f"{f['metric']} {f['test_metric']:.3f}")
         cert = ("n/a" if f.get("pbrf_certified") is None else
-                f"{f['pbrf_certified']} of {b['n_removals']} (max ρ {f['pbrf_max_rho']:.1e})")
+                f"{f['pbrf_certified']} of {b['n_removals']} (median ρ "
+                f"{f['pbrf_median_rho']:.0e})")
         lines.append([task, str(b["profile"]), str(b["n_train"]), str(b["n_params"]),
                       f"{b['n_test']} × {b['n_removals']}", f"{b['damping']:g}", metric, cert,
                       left, _minutes(f.get("ground_truth_seconds")),
@@ -252,10 +253,18 @@ def claim_lines(study: dict) -> list[str]:
                                                               "per-test Spearman")):
             verdicts = [claim_check(b, lissa, stat) for b in study["boards"]]
             held = sum(v == "holds" for v in verdicts)
-            detail = "; ".join(f"{t}: {v}" for t, v in zip(study["tasks"], verdicts))
+            detail = "; ".join(f"{t}: {v}{_residual_note(b, lissa)}"
+                               for t, v, b in zip(study["tasks"], verdicts, study["boards"]))
             out.append(f"- {setting} LiSSA (`{lissa}`), {what} against the PBRF: holds on "
                        f"{held} of {len(verdicts)} tasks ({detail}).")
     return out
+
+
+def _residual_note(board: dict, method: str) -> str:
+    """`` (LiSSA residual 3.6e-01)``: how far the LiSSA of a verdict is from solving C x = g."""
+    row = _row(board, method)
+    return "" if row is None or residual_cell(row) == "—" else (
+        f" (LiSSA residual {residual_cell(row)})")
 
 
 def _figure(study: dict, path: Path) -> Path | None:
