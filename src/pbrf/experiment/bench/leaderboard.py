@@ -238,8 +238,9 @@ def truths_of(run_dir) -> dict:
 
 def floors_of(run_dir, truths: dict, n_lds_chunks: int | None) -> dict:
     """The noise floor of each ground truth: cold LOO and the LDS between disjoint halves of
-    their seeds (:mod:`~pbrf.experiment.bench.uncertainty`; ``None`` with fewer than two seeds),
-    and why the others have none. Cold LOO leaves out the removals its truth leaves out.
+    their seeds (:mod:`~pbrf.experiment.bench.uncertainty`), or ``{"note": why not}`` (one seed,
+    a run stored before per-seed Δm, the PBRF and warm start). Cold LOO leaves out the removals
+    its truth leaves out.
     """
     arrays = run_arrays(run_dir)
     n_chunks = math.ceil(len(arrays["groups"]) / arrays["config"].run.chunk_size)
