@@ -201,9 +201,10 @@ def tasks_table(study: dict, markdown: bool = True) -> str:
                          leaderboard.TRUTHS if k in b["truths"])
         metric = ("n/a" if f.get("test_metric") is None
                   else f"{f['metric']} {f['test_metric']:.3f}")
+        rho = f.get("pbrf_median_rho")
         cert = ("n/a" if f.get("pbrf_certified") is None else
-                f"{f['pbrf_certified']} of {b['n_removals']} (median ρ "
-                f"{f['pbrf_median_rho']:.0e})")
+                f"{f['pbrf_certified']} of {b['n_removals']}"
+                + ("" if rho is None else f" (median ρ {rho:.0e})"))
         lines.append([task, str(b["profile"]), str(b["n_train"]), str(b["n_params"]),
                       f"{b['n_test']} × {b['n_removals']}", f"{b['damping']:g}", metric, cert,
                       left, _minutes(f.get("ground_truth_seconds")),
