@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import logging
 import math
 import os
 import threading
@@ -62,7 +61,7 @@ from torch import Tensor
 
 from .curvature import CURVATURES, CurvatureOperator
 from .fileio import dumps
-from .influence import normalize_removals, per_example_grads, removal_matrix
+from .influence import check_solve, normalize_removals, per_example_grads, removal_matrix
 from .kron import kronfluence_scores
 from .problem import Problem
 from .solvers import SolveInfo, SolverDivergedError, check_options, check_values, solve
@@ -77,9 +76,6 @@ __all__ = [
     "MemoryMeter",
     "lanczos",
 ]
-
-log = logging.getLogger(__name__)
-
 
 class EstimatorUnavailable(RuntimeError):
     """The estimator cannot run here (missing optional package or training checkpoints)."""
@@ -401,21 +397,7 @@ class _Influence(Estimator):
         self, op: CurvatureOperator, B: Tensor, context: dict
     ) -> tuple[Tensor, SolveInfo]:
         """``C X = B`` with this estimator's solver and options (as :func:`pbrf.influence`)."""
-        return _solved(*solve(op, B, self.solver, **(context.get("solver_options") or {})))
-
-
-def _solved(X: Tensor, info: SolveInfo) -> tuple[Tensor, SolveInfo]:
-    """A solve's result as :func:`pbrf.influence` takes it: ``SolverDivergedError`` when it
-    diverged, a logged warning when it stopped above its tolerance.
-    """
-    if info.diverged:
-        raise SolverDivergedError(
-            f"{info.solver} solve failed: {info.message}. Diagnostics: {info.to_dict()}"
-        )
-    if not info.converged:
-        log.warning("%s solve did not reach its tolerance: relative residual %.3g", info.solver,
-                    info.residual)
-    return X, info
+        return check_solve(*solve(op, B, self.solver, **(context.get("solver_options") or {})))
 
 
 _SUMMARIES = {
@@ -492,7 +474,7 @@ class PublishedLissaInfluence(_Influence):
         options = {**(context.get("solver_options") or {}),
                    "depth": context["depth"], "batch_size": context["batch_size"]}
         if options.get("scale") is not None:
-            return _solved(*solve(op, B, "lissa", **options))
+            return check_solve(*solve(op, B, "lissa", **options))
         steps = min(PUBLISHED_LANCZOS_STEPS, op.n_params)
         lam = float(lanczos(op.matvec, op.n_params, steps, op.theta, options.get("seed", 0))[0][0])
         if not (lam > 0 and math.isfinite(lam)):
@@ -506,7 +488,7 @@ class PublishedLissaInfluence(_Influence):
             X, info = solve(op, B, "lissa", **{**options, "scale": trials[-1]})
             if not info.diverged:
                 info.extra.update(lambda_max_estimate=lam, scale_trials=trials)
-                return _solved(X, info)
+                return check_solve(X, info)
         tried = ", ".join(f"{s:.3g}" for s in trials)
         raise SolverDivergedError(
             f"{self.name}: LiSSA diverged at every scale tried ({tried}); last: {info.message}"

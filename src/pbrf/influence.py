@@ -36,6 +36,7 @@ __all__ = [
     "per_example_grads",
     "normalize_removals",
     "InfluenceInfo",
+    "check_solve",
     "Measurement",
 ]
 
@@ -172,19 +173,24 @@ def _check_damping(damping) -> float:
     return float(damping)
 
 
+def check_solve(X: Tensor, info: SolveInfo) -> tuple[Tensor, SolveInfo]:
+    """A solve's result as influence takes it: ``SolverDivergedError`` when it diverged, a logged
+    warning when it stopped above its tolerance.
+    """
+    if info.diverged:
+        raise SolverDivergedError(
+            f"{info.solver} solve failed: {info.message}. Diagnostics: {info.to_dict()}"
+        )
+    if not info.converged:
+        log.warning("%s solve did not reach its tolerance: relative residual %.3g", info.solver,
+                    info.residual)
+    return X, info
+
+
 def _solve_or_raise(
     op: CurvatureOperator, B: Tensor, solver: str, options: dict | None
 ) -> tuple[Tensor, SolveInfo]:
-    X, info = solve(op, B, solver, **(options or {}))
-    if info.diverged:
-        raise SolverDivergedError(
-            f"{solver} solve failed: {info.message}. Diagnostics: {info.to_dict()}"
-        )
-    if not info.converged:
-        log.warning(
-            "%s solve did not reach its tolerance: relative residual %.3g", solver, info.residual
-        )
-    return X, info
+    return check_solve(*solve(op, B, solver, **(options or {})))
 
 
 def influence(

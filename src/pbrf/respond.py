@@ -165,12 +165,10 @@ class Response:
         if first_order:
             return per_example_grads(prob, xt, tt, measurement) @ self.delta.T
         m = lambda th: meas(prob.outputs_flat(th, xt), tt)  # noqa: E731
+        if self.reference is not None:  # cold start: the mean of each seed's change
+            return self.loss_change_per_seed(test, measurement).mean(0)
         with torch.no_grad():
-            if self.reference is None:
-                return (self._map(m, self.params_flat) - m(prob.theta)).T
-            per_seed = [self._map(m, P) - m(R)[None] for P,
-                        R in zip(self.params_flat, self.reference)]
-            return torch.stack(per_seed).mean(0).T
+            return (self._map(m, self.params_flat) - m(prob.theta)).T
 
     def loss_change_per_seed(self, test, measurement: Measurement | None = None) -> Tensor:
         """Cold start's ``Δm`` of each seed separately, ``[S, n_test, K]`` (``loss_change`` is

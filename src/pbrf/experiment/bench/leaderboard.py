@@ -65,6 +65,7 @@ __all__ = [
     "format_per_test",
     "format_floors",
     "ci_cell",
+    "cell",
 ]
 
 #: Ground truths of the leaderboard: (key in Run.responses(), column label).
@@ -502,12 +503,19 @@ def _by_pbrf(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=key)
 
 
+def cell(row: dict, truth: str, stat: str = "spearman") -> str:
+    """One cell of a row: its ``stat`` against ``truth`` ± half its interval (``"lds"``: the LDS),
+    ``n/a`` where the row has none; the leaderboards and the study print exactly this.
+    """
+    if truth == "lds":
+        lds = row.get("lds")
+        return "n/a" if not lds else ci_cell(lds["lds"], lds.get("ci"))
+    c = row["correlations"].get(truth)
+    return "n/a" if c is None else ci_cell(c.get(stat), (c.get("ci") or {}).get(stat))
+
+
 def _corr_cells(row: dict, truths, stats) -> list[str]:
-    cells = []
-    for k in truths:
-        c = row["correlations"].get(k) or {}
-        cells += [ci_cell(c.get(s), (c.get("ci") or {}).get(s)) for s in stats]
-    return cells
+    return [cell(row, k, s) for k in truths for s in stats]
 
 
 def md_table(header: list[str], lines: list[list[str]], markdown: bool, last_left: bool) -> str:
@@ -539,8 +547,7 @@ def format_leaderboard(board: dict, markdown: bool = True) -> str:
         cells = [row["method"], _f(row.get("seconds"), 2), _f(row.get("peak_memory_mb"), 0),
                  residual_cell(row)] + _corr_cells(row, truths, ("pearson", "spearman"))
         if board.get("lds"):
-            lds = row.get("lds")
-            cells.append("n/a" if not lds else ci_cell(lds["lds"], lds.get("ci")))
+            cells.append(cell(row, "lds"))
         chosen = {f"chosen {k}": f"{v:.3g}" for k, v in (row.get("solver") or {}).items()
                   if k == "scale"}
         cells.append(_hp_text({**(row.get("hyperparameters") or {}), **chosen}))

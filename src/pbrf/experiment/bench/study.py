@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from pbrf.experiment.bench import leaderboard
-from pbrf.experiment.bench.leaderboard import ci_cell, md_table, residual_cell
+from pbrf.experiment.bench.leaderboard import cell, ci_cell, md_table, residual_cell
 from pbrf.experiment.config import ConfigError
 from pbrf.experiment.report import save_figure
 from pbrf.experiment.run.arrays import run_arrays
@@ -140,13 +140,7 @@ def _row(board: dict, method: str) -> dict | None:
 
 def _cell(board: dict, method: str, truth: str, stat: str) -> str:
     row = _row(board, method)
-    if row is None:
-        return "—"
-    if truth == "lds":
-        lds = row.get("lds")
-        return "n/a" if not lds else ci_cell(lds["lds"], lds.get("ci"))
-    entry = row["correlations"].get(truth)
-    return "n/a" if entry is None else ci_cell(entry.get(stat), (entry.get("ci") or {}).get(stat))
+    return "—" if row is None else cell(row, truth, stat)
 
 
 def _floor_cells(board: dict, truth: str, stats) -> tuple[list[str], list[str]]:
@@ -154,13 +148,10 @@ def _floor_cells(board: dict, truth: str, stats) -> tuple[list[str], list[str]]:
     if "note" in floor:
         return ["—"] * len(stats), ["—"] * len(stats)
     if truth == "lds":
-        return [ci_cell(floor.get("lds"), floor.get("lds_ci"))], [_fmt(floor.get("ceiling_lds"))]
+        return ([ci_cell(floor.get("lds"), floor.get("lds_ci"))],
+                [ci_cell(floor.get("ceiling_lds"), None)])
     return ([ci_cell(floor.get(s), floor.get(f"{s}_ci")) for s in stats],
-            [_fmt(floor.get(f"ceiling_{s}")) for s in stats])
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
+            [ci_cell(floor.get(f"ceiling_{s}"), None) for s in stats])
 
 
 def study_table(study: dict, truth: str, markdown: bool = True) -> str:
