@@ -16,7 +16,8 @@ from torch import nn
 import pbrf
 from pbrf import tasks
 from pbrf.diagnostics import RemovalDiagnostics
-from pbrf.newton import NewtonRecipe, batched_cg
+from pbrf.engine import batch_fn
+from pbrf.newton import Batched, NewtonRecipe, Precision, batched_cg, newton_optimize
 from pbrf.respond import removal_signal
 
 from .reference import make_objective, newton, rel
@@ -248,3 +249,27 @@ def test_the_engine_stays_safe_where_unguarded_shared_newton_diverges():
         assert math.isfinite(d.objective) and d.objective <= d.initial_objective
         assert not d.diverged
     assert sum(resp.certified) == len(groups)  # here it certifies both
+
+
+def test_rows_whose_low_precision_model_stalls_continue_in_float64():
+    """Products too coarse for the problem (bfloat16 at λ = 1e-3 on the tiny CNN: its round-off
+    times the curvature's condition number is above one) stall the trust region at a gradient
+    of ~2e-9. The engine does not stop those rows: they continue with float64 products on their
+    own model and reach the tolerance (1e-12), so the products' precision costs iterations,
+    never a certificate."""
+    prob, groups, lam = _tiny_smooth_cnn(), [[0], [5], [11], [2, 3]], 1e-3
+    obj = pbrf.kinds.get("pbrf").objective(prob, lam)
+    low = prob.astype(torch.bfloat16)
+    lobj = pbrf.kinds.get("pbrf").objective(low, lam)
+    aux0 = {k: v[0] for k, v in lobj.make_aux(low, [[]], 1.0).items()}
+    products = Precision(Batched(low, lobj.value, lobj.gn, lobj.make_aux(low, groups, 1.0),
+                                 batch_fn(low, lobj.f_ref), lobj.removal), F64)
+    theta0 = prob.theta.unsqueeze(0).expand(len(groups), -1).clone()
+    theta, d = newton_optimize(
+        prob, obj.value, obj.gn, obj.shift, theta0, obj.make_aux(prob, groups, 1.0),
+        torch.ones(len(groups), dtype=F64), NewtonRecipe(tol=1e-12, max_iter=60),
+        batch_fn(prob, obj.f_ref), False, removal_fn=obj.removal, aux0=aux0, low=products)
+    assert bool(d["wide"].any())  # the case needs it
+    assert not bool(d["stalled"].any())
+    assert float(d["grad_norm"].max()) <= 1e-12  # float64 gradients: certified
+    assert bool(torch.isfinite(theta).all())

@@ -29,7 +29,11 @@ At θ^s this is the PBRF's exact Hessian. A row whose shared model fails twice t
 4-fold (or meets negative curvature) continues on its own model (the ``"auto"`` rule below).
 
 Precision and preconditioning: the model's products run in ``products`` (float32 by default, TF32
-off), while the objective, the gradient and hence the certificate stay in the problem's dtype.
+off), while the objective, the gradient and hence the certificate stay in the problem's dtype. A
+row whose low-precision model stalls (near the optimum its round-off times the curvature's
+condition number can exceed one, and steps stop cutting the gradient) is not stopped: it
+continues on its own model with products in the problem's own dtype, as the engine before float32
+products did, so float32 costs iterations, never a certificate.
 Every CG solve is preconditioned by ``(U Λ Uᵀ + σ_k I)⁻¹``, a rank-``precondition`` Nyström sketch
 of the Gauss–Newton curvature at θ_0 (one block of shared products, reused by every chunk from the
 same start) with each row's shift ``σ_k = s + μ_k``.
@@ -405,6 +409,8 @@ class _NewtonState:
         own: the row uses its own model (``"auto"``) instead of the shared one; slow: shared-model
             iterations in a row that did not cut the gradient norm 4-fold; own_iterations: outer
             iterations on the row's own model.
+        wide: the row's model products are in the problem's own dtype (float64), not the lower
+            ``products`` dtype: set where the low-precision model stalled (see :meth:`watch`).
     """
 
     theta: Tensor
@@ -428,6 +434,7 @@ class _NewtonState:
     own: Tensor
     slow: Tensor
     own_iterations: Tensor
+    wide: Tensor
 
     @classmethod
     def start(cls, B: Batched, theta0: Tensor, scale: Tensor, tol: float,
@@ -451,7 +458,8 @@ class _NewtonState:
                    runaway=zeros(torch.bool), steps=zeros(torch.long),
                    iterations=zeros(torch.long), cg_iterations=zeros(torch.long),
                    own=torch.full((K,), not shared, dtype=torch.bool, device=dev),
-                   slow=zeros(torch.long), own_iterations=zeros(torch.long))
+                   slow=zeros(torch.long), own_iterations=zeros(torch.long),
+                   wide=zeros(torch.bool))
 
     def rows_to_go(self) -> tuple[Tensor, Tensor]:
         """``(rows, gradient norms [K])``: the problems still active once those whose gradient
@@ -474,11 +482,15 @@ class _NewtonState:
         self.steps[rows] += accept.long()
 
     def watch(self, rows: Tensor, accept: Tensor, mu: Tensor, curv: Tensor,
-              untestable: Tensor) -> None:
+              untestable: Tensor, can_widen: bool) -> None:
         """Stop the rows that stalled or ran away.
 
         Stalled: the trust region has shrunk to nothing (μ ≫ the curvature), or the gradient norm
         has not halved in 3 iterations while the steps are below the objective's round-off.
+        With ``can_widen`` (the model's products are in a lower precision than the gradient), a
+        row that would stall on the low-precision model is not stopped: it continues on its own
+        model with products in the problem's own dtype (``wide``), μ reset — the engine before
+        float32 products, so that float32 can cost iterations but never a certificate.
         Runaway: accepted descent steps while the gradient grows by orders of magnitude — the
         objective has no minimum near the start (e.g. a PBRF whose removed point's curvature
         exceeds wd + λ); the response is treated as diverged.
@@ -489,6 +501,14 @@ class _NewtonState:
         self.idle[rows] = torch.where(halved, torch.zeros_like(self.idle[rows]),
                                       self.idle[rows] + 1)
         stuck = (~accept & (mu > 1e10 * curv)) | ((self.idle[rows] >= 3) & untestable)
+        if can_widen:
+            widen = stuck & ~self.wide[rows]
+            self.wide[rows] |= widen
+            self.own[rows] |= widen
+            self.mu[rows] = torch.where(widen, torch.zeros_like(mu), self.mu[rows])
+            self.idle[rows] = torch.where(widen, torch.zeros_like(self.idle[rows]),
+                                          self.idle[rows])
+            stuck = stuck & ~widen
         self.stalled[rows] |= stuck
         dt = self.theta.dtype
         away = self.g[rows].norm(dim=1) > 1e2 * torch.maximum(self.gn0[rows],
@@ -503,6 +523,7 @@ class _NewtonState:
                     | self.runaway)
         return {"steps": self.steps, "iterations": self.iterations,
                 "cg_iterations": self.cg_iterations, "own_iterations": self.own_iterations,
+                "wide": self.wide,
                 "objective": self.F, "grad_norm": gnorm,
                 "initial_objective": self.F0, "initial_grad_norm": self.gn0,
                 "stalled": self.stalled, "runaway": self.runaway, "diverged": diverged}
@@ -524,6 +545,7 @@ class _Model:
     form: str = "gn"
     floor: float = 0.0
     precond: Preconditioner | None = None
+    wide: Batched | None = None
 
     def shared_product(self, rows: Tensor, th: Tensor, V: Tensor) -> Tensor:
         """``(S + ∇²R_k(θ_k)) v_k``: the shared curvature plus each row's removal term."""
@@ -581,7 +603,7 @@ def newton_optimize(
         descent steps: no minimum near the start) and ``diverged`` (non-finite, or runaway).
     """
     B = Batched(prob, value_fn, gn_fn, aux, batch_fn, removal_fn)
-    M = _model(B if low is None else low, recipe, shift, theta0[0], aux0, exact_from_start)
+    M = _model(B, low, recipe, shift, theta0[0], aux0, exact_from_start)
     state = _NewtonState.start(B, theta0, scale, recipe.tol, exact_from_start, M.theta0 is not None)
     bar = tqdm(total=recipe.max_iter, desc=desc, disable=not progress, leave=False, mininterval=0.5)
     for _ in range(recipe.max_iter):
@@ -594,15 +616,19 @@ def newton_optimize(
     return state.theta, state.diagnostics()
 
 
-def _model(products: Batched | Precision, recipe: NewtonRecipe, shift: float, theta0: Tensor,
+def _model(B: Batched, low: Precision | None, recipe: NewtonRecipe, shift: float, theta0: Tensor,
            aux0: dict | None, exact_from_start: bool) -> _Model:
-    """The trust-region model of :func:`newton_optimize` (see :class:`_Model`)."""
+    """The trust-region model of :func:`newton_optimize` (see :class:`_Model`): products in
+    ``low``'s dtype (if given; ``B``'s own for the rows that widen) or in ``B``'s.
+    """
+    products = B if low is None else low
     shared = recipe.model == "shared" and products.has_removal and aux0 is not None
     low = products.low if isinstance(products, Precision) else theta0.dtype
     floor = 10 * torch.finfo(low).eps if low != theta0.dtype else 0.0
     return _Model(products, shift, recipe.model, theta0 if shared else None, aux0,
                   "hessian" if exact_from_start else "gn", floor,
-                  _preconditioner(products, theta0, aux0, recipe.precondition, shift))
+                  _preconditioner(products, theta0, aux0, recipe.precondition, shift),
+                  None if low is None else B)
 
 
 def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | None, rank: int,
@@ -644,12 +670,13 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     own = st.own[rows]
     eta = (gn / st.gn0[rows].clamp_min(tiny)).clamp(max=recipe.forcing)
     # the shared model converges linearly: no use solving its systems far below its rate
-    eta = torch.where(own, eta, eta.clamp(min=1e-3)).clamp(min=M.floor)
+    eta = torch.where(own, eta, eta.clamp(min=1e-3))
+    eta = torch.where(st.wide[rows], eta, eta.clamp(min=M.floor))
     # exact Hessian near the optimum: a small gradient, or steps below the objective's round-off
     # (where only the gradient can judge a step, and only the exact model reduces it reliably)
     switch_at = recipe.switch * torch.maximum(st.scale[rows].to(dt), st.gn0[rows])
     near = (gn <= switch_at) | st.at_roundoff[rows]
-    d, Ad, ci, neg = _step(M, recipe, rows, th, gr, m, eta * gn, near, own)
+    d, Ad, ci, neg = _step(M, recipe, rows, th, gr, m, eta * gn, near, own, st.wide[rows])
     st.cg_iterations[rows] += ci
     st.iterations[rows] += 1
     st.own_iterations[rows] += own.long()
@@ -666,7 +693,7 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     st.slow[rows] = torch.where(slow & ~own, st.slow[rows] + 1, torch.zeros_like(st.slow[rows]))
     st.own[rows] |= (st.slow[rows] >= 2) | (neg & ~own)
     st.take(rows, accept, d, F_new, g_new, mu)
-    st.watch(rows, accept, mu, curv, untestable)
+    st.watch(rows, accept, mu, curv, untestable, M.wide is not None)
 
 
 def _judge(F: Tensor, gn: Tensor, pred: Tensor, F_new: Tensor,
@@ -701,11 +728,12 @@ def _next_mu(m: Tensor, accept: Tensor, ratio: Tensor, untestable: Tensor,
     return torch.where(m_new < 1e-6 * curv, torch.zeros_like(m_new), m_new)
 
 
-def _cg(M: _Model, mode: str, rows, th, gr, m, atol, max_iter, sel: Tensor):
-    """CG on the rows ``sel`` with the model ``mode`` (``"shared"``, ``"hessian"`` or ``"gn"``);
-    returns ``(d, A d without μ, iterations, negative curvature met)``.
+def _cg(M: _Model, mode: str, rows, th, gr, m, atol, max_iter, sel: Tensor, wide: bool = False):
+    """CG on the rows ``sel`` with the model ``mode`` (``"shared"``, ``"hessian"`` or ``"gn"``),
+    its products in the problem's own dtype if ``wide``; returns ``(d, A d without μ,
+    iterations, negative curvature met)``.
     """
-    P = M.products
+    P = M.wide if wide else M.products
     if mode == "shared":
         prod, add = M.shared_product, 0.0
     else:
@@ -722,13 +750,14 @@ def _cg(M: _Model, mode: str, rows, th, gr, m, atol, max_iter, sel: Tensor):
     return d, -gr[sel] - r - m[sel, None] * d, ci, neg
 
 
-def _step(M: _Model, recipe: NewtonRecipe, rows, th, gr, m, atol, near, own):
+def _step(M: _Model, recipe: NewtonRecipe, rows, th, gr, m, atol, near, own, wide):
     """The trust-region step ``d`` of every row, its model product ``A d`` (``A`` without μ), CG
     iterations and whether the shared model met negative curvature.
 
     Rows on the shared model (``~own``) solve with it. The others follow ``recipe.model`` (the
     ``"auto"`` rule for ``"shared"``): exact Hessian for the rows ``near`` the optimum,
-    Gauss–Newton for the rest and for rows whose Hessian CG meets negative curvature.
+    Gauss–Newton for the rest and for rows whose Hessian CG meets negative curvature; the rows
+    ``wide`` with products in the problem's own dtype, the rest in the model's.
     """
     d, Ad = torch.zeros_like(gr), torch.zeros_like(gr)
     ci = torch.zeros(rows.numel(), dtype=torch.long, device=th.device)
@@ -738,18 +767,22 @@ def _step(M: _Model, recipe: NewtonRecipe, rows, th, gr, m, atol, near, own):
         sel = (~own).nonzero().squeeze(1)
         d[sel], Ad[sel], ci[sel], neg[sel] = _cg(M, "shared", *args, sel)
     model = "auto" if recipe.model == "shared" else recipe.model
-    if model in ("gn", "hessian") and bool(own.any()):
-        sel = own.nonzero().squeeze(1)
-        d[sel], Ad[sel], ci[sel], _ = _cg(M, model, *args, sel)
-        return d, Ad, ci, neg
-    use_gn = own & ~near
-    hess = own & near
-    if bool(hess.any()):
-        sel = hess.nonzero().squeeze(1)
-        d[sel], Ad[sel], ci[sel], bad = _cg(M, "hessian", *args, sel)
-        use_gn[sel[bad]] = True
-    if bool(use_gn.any()):
-        sel = use_gn.nonzero().squeeze(1)
-        d2, Ad2, ci2, _ = _cg(M, "gn", *args, sel)
-        d[sel], Ad[sel], ci[sel] = d2, Ad2, ci[sel] + ci2
+    for w in (False, True):
+        mine = own & (wide if w else ~wide)
+        if not bool(mine.any()):
+            continue
+        if model in ("gn", "hessian"):
+            sel = mine.nonzero().squeeze(1)
+            d[sel], Ad[sel], ci[sel], _ = _cg(M, model, *args, sel, w)
+            continue
+        use_gn = mine & ~near
+        hess = mine & near
+        if bool(hess.any()):
+            sel = hess.nonzero().squeeze(1)
+            d[sel], Ad[sel], ci[sel], bad = _cg(M, "hessian", *args, sel, w)
+            use_gn[sel[bad]] = True
+        if bool(use_gn.any()):
+            sel = use_gn.nonzero().squeeze(1)
+            d2, Ad2, ci2, _ = _cg(M, "gn", *args, sel, w)
+            d[sel], Ad[sel], ci[sel] = d2, Ad2, ci[sel] + ci2
     return d, Ad, ci, neg
