@@ -77,7 +77,8 @@ def test_the_resnet20_quick_dry_run_probes_far_below_the_runs_sizes():
     d = dry_run(config, prepare_inputs(config))
     assert (d["n_train"], d["n_params"]) == (1000, 17326)
     run_units = 9 * 512
-    for name in ("newton_product", "newton_value_grad", "gauss_newton", "per_example_grads"):
+    for name in ("newton_product", "newton_value_grad", "newton_shared_gn",
+                 "newton_shared_hessian", "gauss_newton", "per_example_grads"):
         points = d["probes"][name]["points"]
         assert max(p["rows"] * p["examples"] for p in points) <= run_units / 16, (name, points)
     assert all(p["peak_bytes"] < 2 * ENOUGH_BYTES + 2**28

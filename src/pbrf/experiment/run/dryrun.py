@@ -10,8 +10,10 @@ the CNN presets' Newton products stop at two rows over 16 or 32 examples, where 
 rows over 512). The operations:
 
 * the Newton optimiser of the PBRF and proximal responses (its cost model below): curvature
-  products of K rows (``run.chunk_size`` removals, plus the paired no-removal reference), each at
-  its own parameters, in :data:`NEWTON_PRODUCT_DTYPE` (the exact Hessian unless
+  products of K rows (``run.chunk_size`` removals, plus the paired no-removal reference) in
+  :data:`NEWTON_PRODUCT_DTYPE`, both of ONE shared curvature (the shared model: Gauss–Newton for
+  the PBRF, the exact Hessian for the proximal response; one forward pass for all rows) and of
+  each row's exact Hessian at its own parameters (the own model; Gauss–Newton with
   ``responses.model = "gn"``), and a float64 value and gradient of each row, over one data chunk
   (``Problem.chunk_size`` examples; a full-data pass is several);
 * the influence solves' products at θ^s (``influence.curvature``) for as many directions as
@@ -60,21 +62,30 @@ from pbrf.experiment.run.inputs import build_problem
 from pbrf.experiment.run.probes import Probe, probe, process_peak_bytes, resident_bytes
 from pbrf.experiment.run.selection import random_groups
 from pbrf.influence import per_example_grads
+from pbrf.newton import PRECONDITIONER_BYTES
 
-__all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "PCG_ITERS",
+__all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHARED_OUTER",
+           "NEWTON_OWN_OUTER", "PCG_ITERS",
            "NEWTON_PRODUCT_DTYPE", "PRECONDITIONER_PRODUCTS", "NEWTON_VECTORS", "TYPICAL_CG"]
 
 # The cost model of the Newton optimiser of the PBRF and proximal responses (pbrf.newton): typical
 # counts, not the caps, so the estimate is an order of magnitude. Per chunk of K removal rows and
-# per kind: NEWTON_OUTER outer (trust-region) iterations, each with PCG_ITERS preconditioned-CG
-# curvature products of every row at its own parameters, in NEWTON_PRODUCT_DTYPE (the objective,
-# gradient and certificate stay float64), and one float64 full-data value-and-gradient of every
-# row. PRECONDITIONER_PRODUCTS products at the common start (a Nyström sketch, pbrf.newton) build
-# the low-rank-plus-shift preconditioner (counted once per run here; the engine builds it once per
-# chunk and kind); it keeps that many [p] vectors (float64). Measured with the engine of issue 17
-# (rank 256): smooth LeNet ×0.5, N = 500, K = 4: 6–14 outer iterations and 61–155 CG products per
-# removal; mnist-mlp quick, K = 4: 4–7 outer iterations, 25–43 CG products.
-NEWTON_OUTER = 8
+# per kind: NEWTON_SHARED_OUTER outer (trust-region) iterations on the shared model and
+# NEWTON_OWN_OUTER on each row's own model, each with PCG_ITERS preconditioned-CG curvature
+# products, in NEWTON_PRODUCT_DTYPE (the objective, gradient and certificate stay float64), and one
+# float64 full-data value-and-gradient of every row per outer iteration. The shared model's
+# products are of ONE curvature (Gauss–Newton at θ^s for the PBRF, the exact Hessian at the
+# continuation for the proximal response) for all K vectors, one forward pass shared; the own
+# model's are each row's exact Hessian at its own parameters (K forward passes, batched).
+# PRECONDITIONER_PRODUCTS shared Gauss–Newton products build the Nyström preconditioner (once per
+# run and kind's start); it keeps that many [p] vectors. Measured with the engine of issue 17
+# (rank 256): smooth LeNet ×0.5, N = 500, K = 4, PBRF: 6–14 outer iterations, of which 1–3 on the
+# shared model (a row leaves it once it stops cutting its gradient 4-fold per step), and 61–155 CG
+# products per removal; mnist-mlp quick, K = 64: 4–7 outer iterations and 23–61 CG products for
+# most removals.
+NEWTON_SHARED_OUTER = 2
+NEWTON_OWN_OUTER = 8
+NEWTON_OUTER = NEWTON_SHARED_OUTER + NEWTON_OWN_OUTER
 PCG_ITERS = 10
 NEWTON_PRODUCT_DTYPE = torch.float32
 PRECONDITIONER_PRODUCTS = 256
@@ -173,13 +184,22 @@ def _newton_model(config: ExperimentConfig) -> dict | None:
     """The Newton cost model in force (``None`` when no kind is optimised by Newton)."""
     if not _newton_kinds(config) or config.responses.optimizer != "newton":
         return None
-    return {"outer": NEWTON_OUTER, "pcg": PCG_ITERS, "preconditioner": PRECONDITIONER_PRODUCTS,
+    return {"outer": NEWTON_OUTER,
+            "shared_outer": NEWTON_SHARED_OUTER if config.responses.model == "shared" else 0,
+            "pcg": PCG_ITERS, "preconditioner": PRECONDITIONER_PRODUCTS,
             "dtype": str(NEWTON_PRODUCT_DTYPE).removeprefix("torch."),
             "product": "gauss-newton" if config.responses.model == "gn" else "hessian"}
 
 
 def _newton_kinds(config: ExperimentConfig) -> list[str]:
     return [k for k in ("pbrf", "proximal") if k in config.responses.ordered_kinds()]
+
+
+def _shared_form(kind: str) -> str:
+    """The shared curvature of ``kind``'s Newton model: Gauss–Newton at θ^s (PBRF) or the
+    exact Hessian at the continuation (proximal).
+    """
+    return "gn" if kind == "pbrf" else "hessian"
 
 
 def _kind_rows(config: ExperimentConfig, kind: str, s: RunSizes) -> int:
@@ -204,8 +224,12 @@ def _probe_all(config: ExperimentConfig, problem, measure, s: RunSizes) -> dict[
            "gauss_newton": _curvature_product(measure, inf.curvature, inf.damping),
            "per_example_grads": _example_grads(measure)}
     if _newton_kinds(config) and resp.optimizer == "newton":
-        ops["newton_product"] = _newton_product(measure.astype(NEWTON_PRODUCT_DTYPE), resp.model)
+        low = measure.astype(NEWTON_PRODUCT_DTYPE)
+        ops["newton_product"] = _newton_product(low, resp.model)
         ops["newton_value_grad"] = _value_grad(measure)
+        if resp.model == "shared":
+            ops |= {f"newton_shared_{form}": _shared_product(low, form)
+                    for form in {_shared_form(k) for k in _newton_kinds(config)}}
     if "exact" in (inf.solver, inf.accurate_solver) and inf.curvature == "ggn":
         ops["dense_jacobian"] = _jacobian_rows(measure)
     return {k: probe(op, *_run_size(k, s), dev) for k, op in ops.items()}
@@ -218,15 +242,17 @@ def _memory(config: ExperimentConfig, s: RunSizes, probes: dict[str, Probe]
     """
     stages = {k: probes[k].peak_bytes(*_run_size(k, s))
               for k in ("training_step", "gauss_newton", "per_example_grads",
-                        "newton_product", "newton_value_grad") if k in probes}
+                        "newton_product", "newton_value_grad", "newton_shared_gn",
+                        "newton_shared_hessian") if k in probes}
     if _newton_kinds(config) and "newton_product" not in probes:  # first-order PBRF/proximal
         stages["training_step"] = max(stages["training_step"], probes["training_step"].peak_bytes(
             s.rows, _response_recipe(config, s)[1]))
     stages["dense_curvature"] = _dense_bytes(config, s, probes)
     state = 0
     if "newton_product" in probes:
-        state = (NEWTON_VECTORS * s.rows * s.p * 8
-                 + PRECONDITIONER_PRODUCTS * s.p * NEWTON_PRODUCT_DTYPE.itemsize)
+        # one float64 sketch kept per Newton kind (pbrf.newton.KEPT_SKETCHES), each capped
+        sketch = min(PRECONDITIONER_PRODUCTS * s.p * 8, PRECONDITIONER_BYTES)
+        state = NEWTON_VECTORS * s.rows * s.p * 8 + len(_newton_kinds(config)) * sketch
     return stages, state
 
 
@@ -289,14 +315,23 @@ def _newton_seconds(config: ExperimentConfig, s: RunSizes, probes: dict[str, Pro
         steps, batch = _response_recipe(config, s)
         return sum(s.n_chunks * steps * probes["training_step"].seconds(
             _kind_rows(config, k, s), batch) for k in names)
-    product, value_grad = probes["newton_product"], probes["newton_value_grad"]
+    own, value_grad = probes["newton_product"], probes["newton_value_grad"]
 
     def data_pass(op: Probe, rows: int) -> float:
         return op.pass_seconds(rows, s.n, s.data_chunk)
 
-    per_chunk = sum(NEWTON_OUTER * (PCG_ITERS * data_pass(product, r) + data_pass(value_grad, r))
-                    for r in (_kind_rows(config, k, s) for k in names))
-    return s.n_chunks * per_chunk + PRECONDITIONER_PRODUCTS * data_pass(product, 1)
+    def per_kind(kind: str) -> float:
+        r = _kind_rows(config, kind, s)
+        shared = probes.get(f"newton_shared_{_shared_form(kind)}")
+        if shared is None:  # every iteration on the rows' own models
+            return NEWTON_OUTER * (PCG_ITERS * data_pass(own, r) + data_pass(value_grad, r))
+        return (PCG_ITERS * (NEWTON_SHARED_OUTER * data_pass(shared, r)
+                             + NEWTON_OWN_OUTER * data_pass(own, r))
+                + NEWTON_OUTER * data_pass(value_grad, r))
+
+    sketch = probes.get("newton_shared_gn", own)
+    return (s.n_chunks * sum(per_kind(k) for k in names)
+            + len(names) * PRECONDITIONER_PRODUCTS * data_pass(sketch, 1))
 
 
 def _influence_seconds(s: RunSizes, probes: dict[str, Probe]) -> float:
@@ -344,6 +379,33 @@ def _newton_product(prob, model: str):
             return vjp(f, th)[1](hjv)[0]
 
         vmap(gauss_newton if model == "gn" else hessian)(theta, V)
+
+    return op
+
+
+def _shared_product(prob, form: str):
+    """``op(r, e)``: products of ONE curvature at θ^s (Gauss–Newton or exact Hessian) with r
+    vectors over e examples, as the shared Newton model computes them (the forward pass shared,
+    only the tangents batched).
+    """
+
+    def op(rows: int, examples: int) -> None:
+        x, t = prob.x[:examples], prob.t[:examples]
+        theta, V = _directions(prob, rows)
+
+        def f(q):
+            return prob.outputs(prob.unflatten(q), x)
+
+        def gauss_newton(v):
+            out, jv = jvp(f, (theta[0],), (v,))
+            hjv = jvp(grad(lambda o: prob.task.loss(o, t).mean()), (out,), (jv,))[1]
+            return vjp(f, theta[0])[1](hjv)[0]
+
+        def hessian(v):
+            loss = lambda th: prob.losses(prob.unflatten(th), x, t).mean()  # noqa: E731
+            return jvp(grad(loss), (theta[0],), (v,))[1]
+
+        vmap(gauss_newton if form == "gn" else hessian)(V)
 
     return op
 
@@ -454,9 +516,13 @@ def _caveat(d: dict) -> list[str]:
              "dry run), with typical iteration counts, not the caps"]
     m = d.get("newton_model")
     if m:
-        lines.append(f"            Newton: {m['outer']} outer iterations per removal, each "
-                     f"{m['pcg']} {m['dtype']} {m['product']} products and one float64 gradient "
-                     f"over the data; {m['preconditioner']} preconditioner products per run")
+        own = m["outer"] - m.get("shared_outer", 0)
+        where = (f" ({m['shared_outer']} on the shared curvature, one forward pass for all rows; "
+                 f"{own} on each row's own {m['product']})" if m.get("shared_outer")
+                 else f" on each row's own {m['product']}")
+        lines.append(f"            Newton: {m['outer']} outer iterations per removal{where}, each "
+                     f"{m['pcg']} {m['dtype']} products and one float64 gradient over the data; "
+                     f"{m['preconditioner']} preconditioner products per kind")
     return lines
 
 
