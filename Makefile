@@ -1,21 +1,26 @@
-# Two entry points: `make demo` (install + run the main job) and `make test` (install + run the tests).
+# Two entry points: `make demo` (install the package + run the main job) and `make test` (install
+# everything, the test and Ray extras and kronfluence too, + run the tests).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PBRF_DATA ?= $(abspath ../shared/datasets)
 export PBRF_DATA
 
-.PHONY: install demo test bench clean
+.PHONY: install install-core demo test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# what `pbrf run` needs, no more (the demo's first minute is this install)
+install-core: $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e .
+
 install: $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,ray]"
 	$(BIN)/pip install -q -c constraints.txt --no-deps kronfluence==1.0.1 && $(BIN)/pip install -q -c constraints.txt accelerate einops einconv opt-einsum
 
-demo: install
+demo: install-core
 	$(BIN)/pbrf run
 
 # Two workers (one torch thread each, see tests/conftest.py); the 15 slowest tests are printed at
