@@ -59,19 +59,15 @@ from torch.func import grad, grad_and_value, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
 __all__ = ["NewtonRecipe", "NewtonOptions", "newton_optimize", "batched_cg", "MODELS",
-           "PRODUCTS", "Batched", "Precision", "exact_matmul", "PRECONDITIONER_BYTES",
-           "KEPT_SKETCHES"]
+           "PRODUCTS", "Batched", "Precision", "exact_matmul", "PRECONDITIONER_BYTES"]
 
 MODELS = ("shared", "auto", "gn", "hessian")
 #: The most memory the preconditioner's basis may take (its rank is cut to fit: a big model gets a
 #: smaller rank, hence more CG iterations, never a different answer).
 PRECONDITIONER_BYTES = 2**29
-#: The last Nyström sketches of each problem (weakly keyed: they go with the problem), reused by
-#: the next call from the same start (the chunks of one ``respond``, and a run's chunks, which
-#: alternate the kinds: PBRF from θ^s, proximal and warm start from their continuations) ...
+#: The last Nyström sketch of each problem (weakly keyed: it goes with the problem), reused by the
+#: next call from the same start (the chunks of one ``respond``).
 _SKETCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: ... at most this many per problem (the oldest goes first).
-KEPT_SKETCHES = 3
 #: The dtype of the trust-region model's curvature products (the objective, the gradient and the
 #: certificate are always in the problem's own dtype, float64 in a measured run).
 PRODUCTS = ("float32", "float64")
@@ -660,8 +656,7 @@ def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | 
     eps = torch.finfo(products.batched.prob.dtype if isinstance(products, Precision)
                       else theta0.dtype).eps
     values, vectors = nystrom(matvec, p, rank, theta0, eps=eps)
-    while len(store) >= KEPT_SKETCHES:
-        store.pop(next(iter(store)))
+    store.clear()  # one sketch per problem: a new start replaces the last
     store[key] = Preconditioner(values, vectors)
     return store[key]
 

@@ -77,12 +77,13 @@ __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHAR
 # products are of ONE curvature (Gauss–Newton at θ^s for the PBRF, the exact Hessian at the
 # continuation for the proximal response) for all K vectors, one forward pass shared; the own
 # model's are each row's exact Hessian at its own parameters (K forward passes, batched).
-# PRECONDITIONER_PRODUCTS shared Gauss–Newton products build the Nyström preconditioner (once per
-# run and kind's start); it keeps that many [p] vectors. Measured with the engine of issue 17
-# (rank 256): smooth LeNet ×0.5, N = 500, K = 4, PBRF: 6–14 outer iterations, of which 1–3 on the
-# shared model (a row leaves it once it stops cutting its gradient 4-fold per step), and 61–155 CG
-# products per removal; mnist-mlp quick, K = 64: 4–7 outer iterations and 23–61 CG products for
-# most removals.
+# PRECONDITIONER_PRODUCTS shared Gauss–Newton products build the Nyström preconditioner (counted
+# once per kind; the engine keeps one sketch per problem, so a run whose chunks alternate PBRF and
+# proximal rebuilds it per chunk); it keeps that many [p] vectors. Measured with the engine of
+# issue 17 (rank 256): smooth LeNet ×0.5, N = 500, K = 4, PBRF: 6–14 outer iterations, of which
+# 1–3 on the shared model (a row leaves it once it stops cutting its gradient 4-fold per step),
+# and 61–155 CG products per removal; mnist-mlp quick, K = 64: 4–7 outer iterations and 23–61 CG
+# products for most removals.
 NEWTON_SHARED_OUTER = 2
 NEWTON_OWN_OUTER = 8
 NEWTON_OUTER = NEWTON_SHARED_OUTER + NEWTON_OWN_OUTER
@@ -250,9 +251,9 @@ def _memory(config: ExperimentConfig, s: RunSizes, probes: dict[str, Probe]
     stages["dense_curvature"] = _dense_bytes(config, s, probes)
     state = 0
     if "newton_product" in probes:
-        # one float64 sketch kept per Newton kind (pbrf.newton.KEPT_SKETCHES), each capped
+        # one float64 sketch kept per problem (pbrf.newton), capped
         sketch = min(PRECONDITIONER_PRODUCTS * s.p * 8, PRECONDITIONER_BYTES)
-        state = NEWTON_VECTORS * s.rows * s.p * 8 + len(_newton_kinds(config)) * sketch
+        state = NEWTON_VECTORS * s.rows * s.p * 8 + sketch
     return stages, state
 
 
