@@ -641,17 +641,22 @@ def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | 
     if aux0 is None or rank == 0 or shift <= 0:
         return None
     rank = min(rank, p, max(8, PRECONDITIONER_BYTES // (8 * p)))
-    # chunks of one respond call share their start: sketch it once per problem and start
     prob = products.batched.prob if isinstance(products, Precision) else products.prob
-    t = theta0.double()
-    key = (rank, float(t.sum()), float(t.norm()), float(t[:: max(1, p // 97)].sum()))
-    store = _SKETCHES.setdefault(prob, {})
-    if key in store:
-        return store[key]
 
     def matvec(V: Tensor) -> Tensor:
         return torch.cat([products.shared("gn", theta0, aux0, V[i: i + block])
                           for i in range(0, V.shape[0], block)])
+
+    # chunks of one respond call share their start: sketch it once per problem, start and
+    # curvature (one product tells the kinds' objectives apart: which kind built a sketch first
+    # must not change another's path)
+    t = theta0.double()
+    one = matvec(torch.ones(1, p, dtype=theta0.dtype, device=theta0.device)).double()
+    key = (rank, float(t.sum()), float(t.norm()), float(t[:: max(1, p // 97)].sum()),
+           float(one.sum()), float(one.norm()))
+    store = _SKETCHES.setdefault(prob, {})
+    if key in store:
+        return store[key]
 
     eps = torch.finfo(products.batched.prob.dtype if isinstance(products, Precision)
                       else theta0.dtype).eps

@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 KINDS = kinds.response_names()
 #: Each problem's copy in the Newton model's product dtype (weakly keyed: it goes with the problem).
 _LOW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Each problem's no-removal continuations (weakly keyed), per kind, damping, recipe and θ: a run
+#: calls ``respond`` once per chunk of removals, and every chunk starts from the same one.
+_CONTINUATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Default certificate threshold: a response is certified when ρ = ||∇F|| / signal ≤ this.
 RHO_THRESHOLD = 1e-2
 
@@ -302,17 +305,24 @@ def _run_newton(s: _Setting, groups, signal, desc, start=None, fallback=None):
 
 def _continuation(s: _Setting, signal):
     """Warm start / proximal with a NewtonRecipe: the no-removal continuation (the same objective
-    without removal, from θ^s), solved once; every removal problem then starts from it, so that
-    each only has to resolve its own O(1/N) effect instead of the whole drift again.
+    without removal, from θ^s), solved once per problem, kind, damping and recipe (kept for the
+    next call: a run's chunks); every removal problem then starts from it, so that each only has
+    to resolve its own O(1/N) effect instead of the whole drift again.
     """
     fallback = _median_signal(signal)
-    # solved to its round-off floor (a vanishing tolerance; it stops when steps no longer reduce the
-    # gradient), so that it does not depend on which removals share its chunk
-    floor = torch.tensor(torch.finfo(signal.dtype).tiny, dtype=signal.dtype)
-    unit = dataclasses.replace(s, weight=1.0)
-    th, rows = _run_newton(unit, [[]], signal.new_zeros(1), f"{s.kind.name} continuation",
-                           fallback=floor)
-    return th[0], rows[0], fallback
+    t = s.prob.theta.detach().double()
+    key = (s.kind.name, float(s.damping), s.recipe, float(t.sum()), float(t.norm()))
+    store = _CONTINUATIONS.setdefault(s.prob, {})
+    if key not in store:
+        # solved to its round-off floor (a vanishing tolerance; it stops when steps no longer
+        # reduce the gradient), so that it does not depend on which removals share its chunk
+        floor = torch.tensor(torch.finfo(signal.dtype).tiny, dtype=signal.dtype)
+        unit = dataclasses.replace(s, weight=1.0)
+        th, rows = _run_newton(unit, [[]], signal.new_zeros(1), f"{s.kind.name} continuation",
+                               fallback=floor)
+        store[key] = (th[0], rows[0])
+    start, row = store[key]
+    return start.clone(), row, fallback
 
 
 def _from_continuation(th: Tensor, rows: list, groups, start: Tensor, ref_row) -> list:
