@@ -57,7 +57,7 @@ REFERENCE = Path(__file__).parent.parent / "fixtures" / "tiny_digits_summary.jso
 #: (below the certificate's threshold, wherever the engine happened to stop). The certified counts,
 #: every Δm, correlation and gap stay compared.
 PATH_FIELDS = {"mean_cg_iterations", "mean_iterations", "mean_steps", "mean_rho", "max_rho",
-               "median_rho"}
+               "median_rho", "mean_grad_norm"}
 
 
 def _numbers_differ(a, b, path="summary"):
