@@ -59,7 +59,8 @@ from torch.func import grad, grad_and_value, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
 __all__ = ["NewtonRecipe", "NewtonOptions", "newton_optimize", "batched_cg", "MODELS",
-           "PRODUCTS", "Batched", "Precision", "exact_matmul", "PRECONDITIONER_BYTES"]
+           "PRODUCTS", "Batched", "Precision", "exact_matmul", "PRECONDITIONER_BYTES",
+           "fingerprint"]
 
 MODELS = ("shared", "auto", "gn", "hessian")
 #: The most memory the preconditioner's basis may take (its rank is cut to fit: a big model gets a
@@ -152,6 +153,14 @@ class NewtonRecipe(NewtonOptions):
     def to_dict(self) -> dict:
         """The fields as a plain dict."""
         return dataclasses.asdict(self)
+
+
+def fingerprint(t: Tensor) -> tuple[float, ...]:
+    """A few float64 sums of ``t`` (a flat vector): the key of a cache of things computed at a
+    point (two different points share one only by accident of ~1e-16).
+    """
+    d = t.detach().double()
+    return float(d.sum()), float(d.norm()), float(d[:: max(1, d.numel() // 97)].sum())
 
 
 def _rows_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -623,8 +632,7 @@ def _model(B: Batched, low: Precision | None, recipe: NewtonRecipe, shift: float
     """
     products = B if low is None else low
     shared = recipe.model == "shared" and products.has_removal and aux0 is not None
-    low = products.low if isinstance(products, Precision) else theta0.dtype
-    floor = 10 * torch.finfo(low).eps if low != theta0.dtype else 0.0
+    floor = 0.0 if low is None else 10 * torch.finfo(low.low).eps
     return _Model(products, shift, recipe.model, theta0 if shared else None, aux0,
                   "hessian" if exact_from_start else "gn", floor,
                   _preconditioner(products, theta0, aux0, recipe.precondition, shift),
@@ -650,10 +658,8 @@ def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | 
     # chunks of one respond call share their start: sketch it once per problem, start and
     # curvature (one product tells the kinds' objectives apart: which kind built a sketch first
     # must not change another's path)
-    t = theta0.double()
-    one = matvec(torch.ones(1, p, dtype=theta0.dtype, device=theta0.device)).double()
-    key = (rank, float(t.sum()), float(t.norm()), float(t[:: max(1, p // 97)].sum()),
-           float(one.sum()), float(one.norm()))
+    one = matvec(torch.ones(1, p, dtype=theta0.dtype, device=theta0.device))
+    key = (rank, *fingerprint(theta0), *fingerprint(one[0]))
     store = _SKETCHES.setdefault(prob, {})
     if key in store:
         return store[key]

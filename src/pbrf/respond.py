@@ -51,7 +51,7 @@ from .influence import (
 )
 from .kinds import ResponseKind
 from .models import reinitialize
-from .newton import Batched, NewtonRecipe, Precision, newton_optimize
+from .newton import Batched, NewtonRecipe, Precision, fingerprint, newton_optimize
 from .objectives import (  # noqa: F401 (re-exported)
     pbrf_gn,
     pbrf_objective,
@@ -310,8 +310,7 @@ def _continuation(s: _Setting, signal):
     to resolve its own O(1/N) effect instead of the whole drift again.
     """
     fallback = _median_signal(signal)
-    t = s.prob.theta.detach().double()
-    key = (s.kind.name, float(s.damping), s.recipe, float(t.sum()), float(t.norm()))
+    key = (s.kind.name, float(s.damping), s.recipe, *fingerprint(s.prob.theta))
     store = _CONTINUATIONS.setdefault(s.prob, {})
     if key not in store:
         # solved to its round-off floor (a vanishing tolerance; it stops when steps no longer

@@ -229,7 +229,7 @@ def _probe_all(config: ExperimentConfig, problem, measure, s: RunSizes) -> dict[
         ops["newton_product"] = _newton_product(low, resp.model)
         ops["newton_value_grad"] = _value_grad(measure)
         if resp.model == "shared":
-            ops |= {f"newton_shared_{form}": _shared_product(low, form)
+            ops |= {f"newton_shared_{form}": _newton_product(low, form, shared=True)
                     for form in {_shared_form(k) for k in _newton_kinds(config)}}
     if "exact" in (inf.solver, inf.accurate_solver) and inf.curvature == "ggn":
         ops["dense_jacobian"] = _jacobian_rows(measure)
@@ -355,10 +355,11 @@ def _directions(prob, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return theta.expand(rows, -1).clone(), V
 
 
-def _newton_product(prob, model: str):
-    """``op(r, e)``: curvature products of r rows, each at its own parameters, over e examples, as
-    the Newton optimiser computes them: exact Hessian (forward-over-reverse) or, with ``model =
-    "gn"``, Gauss–Newton.
+def _newton_product(prob, model: str, shared: bool = False):
+    """``op(r, e)``: curvature products of r rows over e examples, as the Newton optimiser computes
+    them: exact Hessian (forward-over-reverse) or, with ``model = "gn"``, Gauss–Newton; each row at
+    its own parameters (the own model) or, with ``shared``, ONE curvature at θ^s for every row's
+    vector (the shared model: the forward pass shared, only the tangents batched).
     """
 
     def op(rows: int, examples: int) -> None:
@@ -379,34 +380,8 @@ def _newton_product(prob, model: str):
             hjv = jvp(grad(lambda o: prob.task.loss(o, t).mean()), (out,), (jv,))[1]
             return vjp(f, th)[1](hjv)[0]
 
-        vmap(gauss_newton if model == "gn" else hessian)(theta, V)
-
-    return op
-
-
-def _shared_product(prob, form: str):
-    """``op(r, e)``: products of ONE curvature at θ^s (Gauss–Newton or exact Hessian) with r
-    vectors over e examples, as the shared Newton model computes them (the forward pass shared,
-    only the tangents batched).
-    """
-
-    def op(rows: int, examples: int) -> None:
-        x, t = prob.x[:examples], prob.t[:examples]
-        theta, V = _directions(prob, rows)
-
-        def f(q):
-            return prob.outputs(prob.unflatten(q), x)
-
-        def gauss_newton(v):
-            out, jv = jvp(f, (theta[0],), (v,))
-            hjv = jvp(grad(lambda o: prob.task.loss(o, t).mean()), (out,), (jv,))[1]
-            return vjp(f, theta[0])[1](hjv)[0]
-
-        def hessian(v):
-            loss = lambda th: prob.losses(prob.unflatten(th), x, t).mean()  # noqa: E731
-            return jvp(grad(loss), (theta[0],), (v,))[1]
-
-        vmap(gauss_newton if form == "gn" else hessian)(V)
+        fn = vmap(gauss_newton if model == "gn" else hessian, in_dims=(None if shared else 0, 0))
+        fn(theta[0] if shared else theta, V)
 
     return op
 
