@@ -273,3 +273,26 @@ def test_rows_whose_low_precision_model_stalls_continue_in_float64():
     assert not bool(d["stalled"].any())
     assert float(d["grad_norm"].max()) <= 1e-12  # float64 gradients: certified
     assert bool(torch.isfinite(theta).all())
+
+
+def test_steps_below_the_losses_round_off_are_judged_by_the_gradient():
+    """A PBRF whose removal is tiny (weight 1e-6 on the tiny CNN): its value is ~1e-9 but it is
+    computed from losses of size J(θ^s) ≈ 0.2, so near the optimum its float64 differences are
+    round-off. Judged by them (a floor of 1e3·eps·|F|, the rule before), Newton steps that cut
+    the gradient are rejected and rows stall as far up as ρ ~ 1e-1; with the floor set by
+    J(θ^s), those steps are judged by the gradient and every row reaches the float64 gradient's
+    own floor."""
+    prob, groups, lam, w = _tiny_smooth_cnn(), [[0], [5], [11], [24], [30]], 1e-2, 1e-6
+    recipe = NewtonRecipe(tol=1e-10, max_iter=60, model="auto", products="float64",
+                          precondition=0)
+    resp = pbrf.respond(prob, "pbrf", groups, damping=lam, recipe=recipe, removal_weight=w,
+                        progress=False)
+    assert max(d.rho for d in resp.diagnostics) <= 1e-6
+    obj = pbrf.kinds.get("pbrf").objective(prob, lam)
+    theta0 = prob.theta.unsqueeze(0).expand(len(groups), -1).clone()
+    signal = removal_signal(prob, groups, w)
+    _, d = newton_optimize(prob, obj.value, obj.gn, obj.shift, theta0,
+                           obj.make_aux(prob, groups, w), signal, recipe,
+                           batch_fn(prob, obj.f_ref), False, removal_fn=obj.removal,
+                           magnitude=0.0)
+    assert float((d["grad_norm"] / signal).max()) >= 1e-3  # the case needs it

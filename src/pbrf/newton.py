@@ -579,6 +579,7 @@ def newton_optimize(
     removal_fn: Callable | None = None,
     aux0: dict | None = None,
     low: Precision | None = None,
+    magnitude: float = 0.0,
 ) -> tuple[Tensor, dict]:
     """Minimise K objectives ``value_fn(params_k, aux_k, batch)`` from ``theta0 [K, p]``.
 
@@ -595,21 +596,21 @@ def newton_optimize(
             problem (its removal signal); the stopping tolerance is ``recipe.tol · scale``.
         recipe: :class:`NewtonRecipe`.
         batch_fn: chunk indices → batch dict.
-        exact_from_start: with ``model="auto"``, use the exact Hessian from the first iteration
-            (for starts already near the optimum, e.g. the no-removal continuation); with
-            ``"shared"``, share the exact Hessian at the start rather than its Gauss–Newton part.
+        exact_from_start: the exact Hessian from the first iteration (starts near the optimum,
+            e.g. the continuation), shared at the start with ``"shared"`` (not its GN part).
         removal_fn: ``(params, aux_k) -> scalar``, the removal term of ``value_fn`` (the part that
             differs between problems); with ``aux0`` (one problem's aux without removal) it
             enables ``model="shared"``; without them every row uses ``"auto"``.
-        low: the model's products in another dtype (a :class:`Precision` built by the caller);
-            default: the problem's own dtype.
+        low: the model's products in another dtype (a :class:`Precision`); default: its own.
+        magnitude: the size of the losses the objective is summed from (``J(θ^s)``), which
+            sets the round-off floor of its differences (:func:`_judge`).
 
     Returns:
         ``(theta [K, p], diagnostics)`` with ``[K]`` tensors ``steps`` (accepted steps),
-        ``iterations``, ``cg_iterations`` (total), ``own_iterations`` (outer iterations on the
-        row's own model), ``objective``, ``grad_norm``, ``initial_objective``,
-        ``initial_grad_norm``, ``stalled``, ``runaway`` (the gradient grew 100-fold along accepted
-        descent steps: no minimum near the start) and ``diverged`` (non-finite, or runaway).
+        ``iterations``, ``cg_iterations`` (total), ``own_iterations`` (on the row's own model),
+        ``wide``, ``objective``, ``grad_norm``, ``initial_objective``, ``initial_grad_norm``,
+        ``stalled``, ``runaway`` (the gradient grew 100-fold along accepted descent steps: no
+        minimum near the start) and ``diverged`` (non-finite, or runaway).
     """
     B = Batched(prob, value_fn, gn_fn, aux, batch_fn, removal_fn)
     M = _model(B, low, recipe, shift, theta0[0], aux0, exact_from_start)
@@ -620,7 +621,7 @@ def newton_optimize(
         if rows.numel() == 0:
             break
         bar.update()
-        _iterate(B, M, recipe, state, rows, gnorm[rows])
+        _iterate(B, M, recipe, state, rows, gnorm[rows], magnitude)
     bar.close()
     return state.theta, state.diagnostics()
 
@@ -673,8 +674,10 @@ def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | 
 
 
 def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows: Tensor,
-             gn: Tensor) -> None:
-    """One trust-region iteration of the problems ``rows`` (gradient norms ``gn``)."""
+             gn: Tensor, magnitude: float = 0.0) -> None:
+    """One trust-region iteration of the problems ``rows`` (gradient norms ``gn``; ``magnitude``:
+    see :func:`newton_optimize`).
+    """
     dt = st.theta.dtype
     tiny = torch.finfo(dt).tiny
     th, gr, m = st.theta[rows], st.g[rows], st.mu[rows]
@@ -693,7 +696,7 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     st.own_iterations[rows] += own.long()
     pred = -(_rows_dot(gr, d) + 0.5 * _rows_dot(d, Ad))
     F_new, g_new = B.value_grad(rows, th + d)
-    accept, ratio, untestable = _judge(st.F[rows], gn, pred, F_new, g_new)
+    accept, ratio, untestable = _judge(st.F[rows], gn, pred, F_new, g_new, magnitude)
     st.at_roundoff[rows] |= untestable
     dd = _rows_dot(d, d).clamp_min(tiny)
     curv = (_rows_dot(d, Ad) / dd).clamp_min(M.shift if M.shift > 0 else tiny)
@@ -707,20 +710,26 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     st.watch(rows, accept, mu, curv, untestable, M.wide is not None)
 
 
-def _judge(F: Tensor, gn: Tensor, pred: Tensor, F_new: Tensor,
-           g_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _judge(F: Tensor, gn: Tensor, pred: Tensor, F_new: Tensor, g_new: Tensor,
+           magnitude: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """``(accept, ratio, untestable)`` of a step from objective ``F`` (gradient norm ``gn``) with
     predicted reduction ``pred`` to ``F_new`` (gradient ``g_new``).
 
     Reductions below the round-off of F cannot be tested by the ratio of actual to predicted
-    reduction (``untestable``): such a step is accepted when it reduces the gradient norm.
+    reduction (``untestable``): such a step is accepted when it reduces the gradient norm. The
+    round-off floor is ``1e3·eps`` times the size of what F is computed from: ``|F|`` and
+    ``magnitude`` (a PBRF near θ^s has ``|F|`` ~1e-11 but differences of losses of size
+    ``J(θ^s)`` in it: measured on mnist-mlp, its float64 differences carry noise ~3e-18, which
+    ``1e3·eps·|F|`` ~7e-24 took for signal and so rejected Newton steps that cut the gradient
+    10-fold).
     """
     dt = F.dtype
     eps = torch.finfo(dt).eps
     actual = F - F_new
     ratio = actual / pred.clamp_min(torch.finfo(dt).tiny)
     finite = torch.isfinite(F_new) & torch.isfinite(g_new).all(1)
-    untestable = pred.abs() <= 1e3 * eps * (F.abs() + F_new.abs().nan_to_num(0.0) + eps)
+    size = F.abs() + F_new.abs().nan_to_num(0.0) + abs(magnitude) + eps
+    untestable = pred.abs() <= 1e3 * eps * size
     better_g = g_new.norm(dim=1) < gn
     accept = finite & (pred > 0) & ((ratio > 1e-4) | (untestable & better_g))
     return accept, ratio, untestable

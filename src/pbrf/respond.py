@@ -73,6 +73,8 @@ _LOW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Each problem's no-removal continuations (weakly keyed), per kind, damping, recipe and θ: a run
 #: calls ``respond`` once per chunk of removals, and every chunk starts from the same one.
 _CONTINUATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Each problem's training objective J(θ^s) (weakly keyed, per θ^s): the Newton round-off floor.
+_MAGNITUDES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Default certificate threshold: a response is certified when ρ = ||∇F|| / signal ≤ this.
 RHO_THRESHOLD = 1e-2
 
@@ -299,8 +301,21 @@ def _run_newton(s: _Setting, groups, signal, desc, start=None, fallback=None):
                                obj.make_aux(s.prob, groups, s.weight), scale, s.recipe,
                                batch_fn(s.prob, obj.f_ref), s.progress, desc,
                                exact_from_start=start is not None, removal_fn=obj.removal,
-                               aux0=aux0, low=low)
+                               aux0=aux0, low=low, magnitude=_magnitude(s.prob))
     return theta.detach(), RemovalDiagnostics.newton_rows(d)
+
+
+def _magnitude(prob: Problem) -> float:
+    """``J(θ^s)``, the size of the losses every built-in objective is summed from (the Newton
+    round-off floor of its differences), once per problem and θ^s.
+    """
+    key = fingerprint(prob.theta)
+    store = _MAGNITUDES.setdefault(prob, {})
+    if key not in store:
+        with torch.no_grad():
+            store.clear()
+            store[key] = float(prob.objective())
+    return store[key]
 
 
 def _continuation(s: _Setting, signal):
