@@ -594,8 +594,7 @@ def newton_optimize(
         theta0: start ``[K, p]`` (one row repeated: the shared model's start).
         aux: per-problem tensors ``[K, ...]``. scale: ``[K]`` gradient-norm scale of each
             problem (its removal signal); the stopping tolerance is ``recipe.tol · scale``.
-        recipe: :class:`NewtonRecipe`.
-        batch_fn: chunk indices → batch dict.
+        recipe: :class:`NewtonRecipe`. batch_fn: chunk indices → batch dict.
         exact_from_start: the exact Hessian from the first iteration (starts near the optimum,
             e.g. the continuation), shared at the start with ``"shared"`` (not its GN part).
         removal_fn: ``(params, aux_k) -> scalar``, the removal term of ``value_fn`` (the part that
