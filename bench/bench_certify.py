@@ -1,8 +1,11 @@
 """Benchmark: time to certify K PBRF removals, the certified Newton engine of today vs the one
 before it, on the same θ^s and removals, in one run.
 
-* ``old``: ``NewtonRecipe(model="auto", products="float64", precondition=0)`` — each removal's own
-  Gauss–Newton / Hessian model with float64 products, plain CG (the engine before issue 17);
+* ``old``: ``NewtonRecipe(model="auto", products="float64", precondition=0, switch=0.1)`` — each
+  removal's own Gauss–Newton, then (once the gradient fell 10-fold) exact-Hessian model with
+  float64 products, plain CG: the engine before issue 17, with today's trust-region rules (the
+  round-off floor of the objective's differences and the μ reset, which both engines share and
+  which only make the old one faster);
 * ``new``: ``NewtonRecipe()`` — float32 products (objective, gradient and certificate float64), the
   shared curvature at θ^s plus each removal's exact term as the first model, a rank-256 Nyström
   preconditioner for every CG solve.
@@ -37,7 +40,7 @@ from pbrf.experiment.config import load_preset
 from pbrf.experiment.run import driver as pipeline
 from pbrf.models import build
 
-OLD = pbrf.NewtonRecipe(model="auto", products="float64", precondition=0)
+OLD = pbrf.NewtonRecipe(model="auto", products="float64", precondition=0, switch=0.1)
 NEW = pbrf.NewtonRecipe()
 
 

@@ -17,7 +17,15 @@ import pbrf
 from pbrf import tasks
 from pbrf.diagnostics import RemovalDiagnostics
 from pbrf.engine import batch_fn
-from pbrf.newton import Batched, NewtonRecipe, Precision, batched_cg, newton_optimize
+from pbrf.newton import (
+    Batched,
+    NewtonRecipe,
+    Precision,
+    batched_cg,
+    loops_over_rows,
+    newton_optimize,
+    per_row,
+)
 from pbrf.respond import removal_signal
 
 from .reference import make_objective, newton, rel
@@ -296,3 +304,32 @@ def test_steps_below_the_losses_round_off_are_judged_by_the_gradient():
                            batch_fn(prob, obj.f_ref), False, removal_fn=obj.removal,
                            magnitude=0.0)
     assert float((d["grad_norm"] / signal).max()) >= 1e-3  # the case needs it
+
+
+def test_rows_looped_or_vmapped_give_the_same_values():
+    """The rows' own products and gradients either ``vmap`` over the K parameter sets or loop
+    over them (whichever :func:`loops_over_rows` measures faster for the model): the same
+    values, per-row aux dicts and tuple outputs included."""
+    prob = _tiny_smooth_cnn()
+    assert isinstance(loops_over_rows(prob), bool)
+    obj = pbrf.kinds.get("pbrf").objective(prob, 0.05)
+    groups = [[0], [5], [2, 3]]
+    aux = obj.make_aux(prob, groups, 1.0)
+    batch = batch_fn(prob, obj.f_ref)(torch.arange(prob.n_train))
+    g = torch.Generator().manual_seed(0)
+    theta = prob.theta + 0.1 * torch.randn(3, prob.n_params, generator=g, dtype=F64)
+    V = torch.randn(3, prob.n_params, generator=g, dtype=F64)
+
+    def value(th, a, b):
+        return obj.value(prob.unflatten(th), a, b)
+
+    def hvp(th, v, a, b):
+        return torch.func.jvp(torch.func.grad(lambda t: value(t, a, b)), (th,), (v,))[1]
+
+    vg = [per_row(torch.func.grad_and_value(value), (0, 0, None), loop)(theta, aux, batch)
+          for loop in (False, True)]
+    hv = [per_row(hvp, (0, 0, 0, None), loop)(theta, V, aux, batch) for loop in (False, True)]
+    for a, b in ((vg[0][0], vg[1][0]), (vg[0][1], vg[1][1]), (hv[0], hv[1])):
+        assert a.shape == b.shape and rel(b, a) <= 1e-12
+    one = torch.func.grad(lambda t: value(t, {k: v[1] for k, v in aux.items()}, batch))(theta[1])
+    assert rel(vg[1][0][1], one) <= 1e-12  # row 1 sees its own aux

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .newton import Preconditioner, nystrom
+
 __all__ = ["SolveInfo", "SolverDivergedError", "solve", "solve_exact", "solve_cg", "solve_lissa",
            "SOLVERS",
            "check_options", "check_values", "option_names", "EXACT_MAX_PARAMS"]
@@ -96,6 +98,8 @@ _OPTION_RULES = {
         "max_iter": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None",
                      "max_iter=100"),
         "x0": (lambda v: v is None or isinstance(v, Tensor), "a tensor [m, p] or None", "x0=None"),
+        "precondition": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: plain CG)",
+                         "precondition=256"),
     },
     "lissa": {
         "scale": (lambda v: v is None or (_is_real(v) and v > 0),
@@ -230,7 +234,8 @@ def _factorise(C: Tensor, allow_indefinite: bool) -> tuple[str, Any]:
 
 
 def solve_cg(
-    op, B: Tensor, tol: float | None = None, max_iter: int | None = None, x0: Tensor | None = None
+    op, B: Tensor, tol: float | None = None, max_iter: int | None = None, x0: Tensor | None = None,
+    precondition: int = 0,
 ) -> tuple[Tensor, SolveInfo]:
     """Conjugate gradients on every row of ``B`` at once (one matvec with all active rows per step).
 
@@ -239,20 +244,22 @@ def solve_cg(
             ``10·eps`` of the dtype otherwise).
         max_iter: iteration cap (default ``min(10 p, 2000)``).
         x0: warm start ``[m, p]`` (e.g. the previous solution).
+        precondition: rank of the Nyström preconditioner (0: plain CG), the Newton engine's
+            (:func:`pbrf.newton.nystrom`): a low-rank approximation of the data curvature from that
+            many products, whose inverse plus the shift ``wd + λ`` preconditions every row; built
+            once per operator (kept in its ``factor_cache``). The stopping rule is unchanged.
     """
-    check_options("cg", {"tol": tol, "max_iter": max_iter, "x0": x0})
+    check_options("cg", {"tol": tol, "max_iter": max_iter, "x0": x0, "precondition": precondition})
     info = SolveInfo("cg")
-    tol = (
-        (1e-10 if B.dtype == torch.float64 else 10 * torch.finfo(B.dtype).eps)
-        if tol is None
-        else float(tol)
-    )
+    default = 1e-10 if B.dtype == torch.float64 else 10 * torch.finfo(B.dtype).eps
+    tol = default if tol is None else float(tol)
     max_iter = min(10 * op.n_params, 2000) if max_iter is None else int(max_iter)
+    apply = _preconditioner(op, precondition, B)
     X = torch.zeros_like(B) if x0 is None else x0.reshape(B.shape).clone().to(B)
     R = B - op.matvec(X) if x0 is not None else B.clone()
-    P, rs = R.clone(), (R * R).sum(1)
-    bn2 = (B * B).sum(1)
-    thresh = (tol**2) * bn2
+    Z = apply(R)
+    P, rz, rs = Z.clone(), (R * Z).sum(1), (R * R).sum(1)
+    thresh = (tol**2) * (B * B).sum(1)
     it = 0
     # shown on terminals only
     bar = tqdm(total=max_iter, desc="cg", disable=None, leave=False, mininterval=1.0)
@@ -270,20 +277,44 @@ def solve_cg(
                 "non-positive curvature direction met: C is not positive definite; increase damping"
             )
             break
-        alpha = torch.where(
-            active, rs / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rs)
-        )
+        alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), 0.0)
         X += alpha[:, None] * P
         R -= alpha[:, None] * AP
-        rs_new = (R * R).sum(1)
-        beta = torch.where(
-            active, rs_new / torch.where(active, rs, torch.ones_like(rs)), torch.zeros_like(rs)
-        )
-        P = R + beta[:, None] * P
-        rs = torch.where(active, rs_new, rs)
+        Z = apply(R)
+        rz_new = (R * Z).sum(1)
+        beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), 0.0)
+        P = Z + beta[:, None] * P
+        rz = torch.where(active, rz_new, rz)
+        rs = torch.where(active, (R * R).sum(1), rs)
     bar.close()
     info.iterations = it
+    if precondition:
+        info.extra["precondition"] = precondition
     return X, _finish(op, X, B, info, tol)
+
+
+def _preconditioner(op, rank: int, like: Tensor):
+    """``R -> M⁻¹ R`` for :func:`solve_cg` (the identity for ``rank = 0``)."""
+    if rank == 0:
+        return lambda R: R
+    shift = float(getattr(op, "shift", 0.0))
+    if shift <= 0:
+        raise ValueError("solver_options precondition needs a positive shift wd + λ under the "
+                         "curvature (the Nyström preconditioner inverts it plus the shift); "
+                         "set damping > 0 or precondition=0.")
+    cache = getattr(op, "factor_cache", None)
+    cache = {} if cache is None else cache
+    key = ("nystrom", rank, getattr(op, "cache_key", None))
+    if cache.get("nystrom", (None,))[0] != key:
+        p = op.n_params
+
+        def data(V: Tensor) -> Tensor:  # the curvature without its shift, 16 vectors a call
+            return torch.cat([op.matvec(V[i: i + 16]) - shift * V[i: i + 16]
+                              for i in range(0, V.shape[0], 16)])
+
+        cache["nystrom"] = (key, Preconditioner(*nystrom(data, p, min(rank, p), like)))
+    pre = cache["nystrom"][1]
+    return lambda R: pre(torch.full(R.shape[:1], shift, dtype=R.dtype, device=R.device), R)
 
 
 def _power_iteration(op, p: int, like: Tensor, iters: int = 30, seed: int = 0) -> float:

@@ -62,7 +62,7 @@ from pbrf.experiment.run.inputs import build_problem
 from pbrf.experiment.run.probes import Probe, probe, process_peak_bytes, resident_bytes
 from pbrf.experiment.run.selection import random_groups
 from pbrf.influence import per_example_grads
-from pbrf.newton import PRECONDITIONER_BYTES
+from pbrf.newton import PRECONDITIONER_BYTES, loops_over_rows, per_row
 
 __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHARED_OUTER",
            "NEWTON_OWN_OUTER", "PCG_ITERS",
@@ -380,8 +380,11 @@ def _newton_product(prob, model: str, shared: bool = False):
             hjv = jvp(grad(lambda o: prob.task.loss(o, t).mean()), (out,), (jv,))[1]
             return vjp(f, th)[1](hjv)[0]
 
-        fn = vmap(gauss_newton if model == "gn" else hessian, in_dims=(None if shared else 0, 0))
-        fn(theta[0] if shared else theta, V)
+        one = gauss_newton if model == "gn" else hessian
+        if shared:
+            vmap(one, in_dims=(None, 0))(theta[0], V)
+        else:  # the rows' own products, vmapped or looped as the engine chooses
+            per_row(one, (0, 0), loops_over_rows(prob))(theta, V)
 
     return op
 
@@ -392,7 +395,8 @@ def _value_grad(prob):
     def op(rows: int, examples: int) -> None:
         x, t = prob.x[:examples], prob.t[:examples]
         theta, _ = _directions(prob, rows)
-        vmap(grad_and_value(lambda th: prob.losses(prob.unflatten(th), x, t).mean()))(theta)
+        fn = grad_and_value(lambda th: prob.losses(prob.unflatten(th), x, t).mean())
+        per_row(fn, (0,), loops_over_rows(prob))(theta)
 
     return op
 
