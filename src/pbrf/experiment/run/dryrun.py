@@ -65,7 +65,7 @@ from pbrf.influence import per_example_grads
 from pbrf.newton import PRECONDITIONER_BYTES, loops_over_rows, per_row
 
 __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHARED_OUTER",
-           "NEWTON_OWN_OUTER", "PCG_ITERS",
+           "NEWTON_OWN_OUTER", "PCG_ITERS", "CONTINUATION_OUTER", "CONTINUATION_PCG",
            "NEWTON_PRODUCT_DTYPE", "PRECONDITIONER_PRODUCTS", "NEWTON_VECTORS", "TYPICAL_CG"]
 
 # The cost model of the Newton optimiser of the PBRF and proximal responses (pbrf.newton): typical
@@ -79,14 +79,20 @@ __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHAR
 # model's are each row's exact Hessian at its own parameters (K forward passes, batched).
 # PRECONDITIONER_PRODUCTS shared Gauss–Newton products build the Nyström preconditioner (counted
 # once per kind; the engine keeps one sketch per problem, so a run whose chunks alternate PBRF and
-# proximal rebuilds it per chunk); it keeps that many [p] vectors. Measured with the engine of
-# issue 17 (rank 256): smooth LeNet ×0.5, N = 500, K = 4, PBRF: 6–14 outer iterations, of which
-# 1–3 on the shared model (a row leaves it once it stops cutting its gradient 4-fold per step),
-# and 61–155 CG products per removal; mnist-mlp quick, K = 64: 4–7 outer iterations and 23–61 CG
-# products for most removals.
+# proximal rebuilds it per chunk); it keeps that many [p] vectors. The proximal response's
+# no-removal continuation (one row from θ^s, solved once per problem and kind, then shared by every
+# chunk) costs CONTINUATION_OUTER outer iterations of CONTINUATION_PCG products each on its own
+# model. Measured (smooth LeNet ×0.5 on CIFAR-10, N = 500, K = 4, λ = 0.1, θ^s after 30 epochs of
+# SGD; the engine of this version: exact Hessian from the start, μ dropped once a step matches its
+# prediction): PBRF 5–8 outer iterations, of which 1–3 on the shared model and 3–7 on the row's
+# own, 41–97 CG products per removal; the proximal continuation 58 outer iterations and 2,170 CG
+# products before its steps fell below round-off (negative curvature on the way: an unconverged
+# θ^s). mnist-mlp quick, K = 64: 4–7 outer iterations and 23–61 CG products for most removals.
 NEWTON_SHARED_OUTER = 2
-NEWTON_OWN_OUTER = 8
+NEWTON_OWN_OUTER = 5
 NEWTON_OUTER = NEWTON_SHARED_OUTER + NEWTON_OWN_OUTER
+CONTINUATION_OUTER = 60
+CONTINUATION_PCG = 40
 PCG_ITERS = 10
 NEWTON_PRODUCT_DTYPE = torch.float32
 PRECONDITIONER_PRODUCTS = 256
@@ -188,6 +194,8 @@ def _newton_model(config: ExperimentConfig) -> dict | None:
     return {"outer": NEWTON_OUTER,
             "shared_outer": NEWTON_SHARED_OUTER if config.responses.model == "shared" else 0,
             "pcg": PCG_ITERS, "preconditioner": PRECONDITIONER_PRODUCTS,
+            "continuation": ("proximal" in _newton_kinds(config))
+            * CONTINUATION_OUTER * CONTINUATION_PCG,
             "dtype": str(NEWTON_PRODUCT_DTYPE).removeprefix("torch."),
             "product": "gauss-newton" if config.responses.model == "gn" else "hessian"}
 
@@ -331,7 +339,9 @@ def _newton_seconds(config: ExperimentConfig, s: RunSizes, probes: dict[str, Pro
                 + NEWTON_OUTER * data_pass(value_grad, r))
 
     sketch = probes.get("newton_shared_gn", own)
-    return (s.n_chunks * sum(per_kind(k) for k in names)
+    continuation = ("proximal" in names) * CONTINUATION_OUTER * (
+        CONTINUATION_PCG * data_pass(own, 1) + data_pass(value_grad, 1))
+    return (s.n_chunks * sum(per_kind(k) for k in names) + continuation
             + len(names) * PRECONDITIONER_PRODUCTS * data_pass(sketch, 1))
 
 
@@ -502,7 +512,9 @@ def _caveat(d: dict) -> list[str]:
                  else f" on each row's own {m['product']}")
         lines.append(f"            Newton: {m['outer']} outer iterations per removal{where}, each "
                      f"{m['pcg']} {m['dtype']} products and one float64 gradient over the data; "
-                     f"{m['preconditioner']} preconditioner products per kind")
+                     f"{m['preconditioner']} preconditioner products per kind"
+                     + (f"; the proximal continuation {m['continuation']} products of one row"
+                        if m.get("continuation") else ""))
     return lines
 
 
