@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python bench/bench_run.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_certify.py
+	$(BIN)/python bench/bench_accurate.py
 
 clean:
 	rm -rf runs .pytest_cache
