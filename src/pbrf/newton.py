@@ -270,31 +270,39 @@ class Preconditioner:
 
 def loops_over_rows(prob) -> bool:
     """Whether the rows' own products and gradients loop over the rows instead of ``vmap``-ing
-    them, measured once per problem (the faster of the two on one Hessian product of 2 rows × 16
-    examples; the values are the same up to round-off). ``vmap`` over K parameter sets of a
-    convolution becomes a grouped convolution, whose speed depends on the model: on CPU, 1 thread,
-    per row and example, ResNet-20 ×0.25's float32 Hessian products take 9.9 ms with ``vmap``
-    and 4.8 looped, smooth LeNet ×0.5's 0.28 and 0.34 (float64: 0.79 and 2.4). The shared
-    products (one θ, many vectors) always ``vmap``.
+    them (the values are the same up to round-off). ``vmap`` over K parameter sets of a
+    convolution becomes a grouped convolution, whose speed on CPU depends on the model: per row
+    and example, 1 thread, ResNet-20 ×0.25's float32 Hessian products take 9.9 ms with ``vmap``
+    and 4.8 looped, smooth LeNet ×0.5's 0.28 and 0.34 (float64: 0.79 and 2.4). So a
+    convolutional model on CPU is measured once per problem (one Hessian product of 2 rows × 16
+    examples each way) and loops only where that is clearly faster (under 0.8 of the ``vmap``
+    time); every other model, and every other device, ``vmap``s. The shared products (one θ, many
+    vectors) always ``vmap``.
     """
     if prob not in _LOOPS:
-        x, t = prob.x[:16], prob.t[:16]
-        theta = prob.theta.detach().expand(2, -1).clone()
-        V = torch.ones_like(theta)
-
-        def hvp(th: Tensor, v: Tensor) -> Tensor:
-            loss = lambda q: prob.losses(prob.unflatten(q), x, t).mean()  # noqa: E731
-            return jvp(grad(loss), (th,), (v,))[1]
-
-        seconds = []
-        for loop in (False, True):
-            fn = per_row(hvp, (0, 0), loop)
-            fn(theta, V)  # warm-up
-            start = time.perf_counter()
-            fn(theta, V)
-            seconds.append(time.perf_counter() - start)
-        _LOOPS[prob] = seconds[1] < seconds[0]
+        conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        convolutional = any(isinstance(m, conv) for m in prob.model.modules())
+        _LOOPS[prob] = convolutional and prob.device.type == "cpu" and _loop_is_faster(prob)
     return _LOOPS[prob]
+
+
+def _loop_is_faster(prob) -> bool:
+    x, t = prob.x[:16], prob.t[:16]
+    theta = prob.theta.detach().expand(2, -1).clone()
+    V = torch.ones_like(theta)
+
+    def hvp(th: Tensor, v: Tensor) -> Tensor:
+        loss = lambda q: prob.losses(prob.unflatten(q), x, t).mean()  # noqa: E731
+        return jvp(grad(loss), (th,), (v,))[1]
+
+    seconds = []
+    for loop in (False, True):
+        fn = per_row(hvp, (0, 0), loop)
+        fn(theta, V)  # warm-up
+        start = time.perf_counter()
+        fn(theta, V)
+        seconds.append(time.perf_counter() - start)
+    return seconds[1] < 0.8 * seconds[0]
 
 
 def per_row(fn: Callable, in_dims: tuple, loop: bool) -> Callable:
