@@ -259,6 +259,20 @@ class Preconditioner:
     def __init__(self, values: Tensor, vectors: Tensor) -> None:
         self.values, self.vectors = values, vectors
 
+    @classmethod
+    def sketch(cls, matvec: Callable[[Tensor], Tensor], p: int, rank: int, like: Tensor,
+               eps: float | None = None, block: int = 16) -> "Preconditioner":
+        """The Nyström preconditioner of a positive semi-definite curvature ``matvec`` (rows in,
+        rows out) from ``rank`` products in blocks of ``block``, the rank cut to fit
+        :data:`PRECONDITIONER_BYTES`; ``eps`` as in :func:`nystrom`.
+        """
+        rank = min(rank, p, max(8, PRECONDITIONER_BYTES // (8 * p)))
+
+        def blocked(V: Tensor) -> Tensor:
+            return torch.cat([matvec(V[i: i + block]) for i in range(0, V.shape[0], block)])
+
+        return cls(*nystrom(blocked, p, rank, like, eps=eps))
+
     def __call__(self, sigma: Tensor, R: Tensor) -> Tensor:
         """``M⁻¹ R`` for rows ``R [k, p]`` with shifts ``sigma [k]``."""
         U = self.vectors.to(R.dtype)
@@ -719,12 +733,10 @@ def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | 
     p = theta0.shape[0]
     if aux0 is None or rank == 0 or shift <= 0:
         return None
-    rank = min(rank, p, max(8, PRECONDITIONER_BYTES // (8 * p)))
     prob = products.batched.prob if isinstance(products, Precision) else products.prob
 
     def matvec(V: Tensor) -> Tensor:
-        return torch.cat([products.shared("gn", theta0, aux0, V[i: i + block])
-                          for i in range(0, V.shape[0], block)])
+        return products.shared("gn", theta0, aux0, V)
 
     # chunks of one respond call share their start: sketch it once per problem, start and
     # curvature (one product tells the kinds' objectives apart: which kind built a sketch first
@@ -734,12 +746,9 @@ def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | 
     store = _SKETCHES.setdefault(prob, {})
     if key in store:
         return store[key]
-
-    eps = torch.finfo(products.batched.prob.dtype if isinstance(products, Precision)
-                      else theta0.dtype).eps
-    values, vectors = nystrom(matvec, p, rank, theta0, eps=eps)
+    eps = torch.finfo(prob.dtype).eps
     store.clear()  # one sketch per problem: a new start replaces the last
-    store[key] = Preconditioner(values, vectors)
+    store[key] = Preconditioner.sketch(matvec, p, rank, theta0, eps=eps, block=block)
     return store[key]
 
 

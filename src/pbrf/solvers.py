@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .newton import Preconditioner, nystrom
+from .newton import Preconditioner
 
 __all__ = ["SolveInfo", "SolverDivergedError", "solve", "solve_exact", "solve_cg", "solve_lissa",
            "SOLVERS",
@@ -245,9 +245,10 @@ def solve_cg(
         max_iter: iteration cap (default ``min(10 p, 2000)``).
         x0: warm start ``[m, p]`` (e.g. the previous solution).
         precondition: rank of the Nyström preconditioner (0: plain CG), the Newton engine's
-            (:func:`pbrf.newton.nystrom`): a low-rank approximation of the data curvature from that
-            many products, whose inverse plus the shift ``wd + λ`` preconditions every row; built
-            once per operator (kept in its ``factor_cache``). The stopping rule is unchanged.
+            (:meth:`pbrf.newton.Preconditioner.sketch`, the rank cut to fit its memory bound): a
+            low-rank approximation of the data curvature from that many products, whose inverse
+            plus the shift ``wd + λ`` preconditions every row; built once per operator (kept in
+            its ``factor_cache``). The stopping rule is unchanged.
     """
     check_options("cg", {"tol": tol, "max_iter": max_iter, "x0": x0, "precondition": precondition})
     info = SolveInfo("cg")
@@ -306,13 +307,10 @@ def _preconditioner(op, rank: int, like: Tensor):
     cache = {} if cache is None else cache
     key = ("nystrom", rank, getattr(op, "cache_key", None))
     if cache.get("nystrom", (None,))[0] != key:
-        p = op.n_params
+        def data(V: Tensor) -> Tensor:  # the curvature without its shift
+            return op.matvec(V) - shift * V
 
-        def data(V: Tensor) -> Tensor:  # the curvature without its shift, 16 vectors a call
-            return torch.cat([op.matvec(V[i: i + 16]) - shift * V[i: i + 16]
-                              for i in range(0, V.shape[0], 16)])
-
-        cache["nystrom"] = (key, Preconditioner(*nystrom(data, p, min(rank, p), like)))
+        cache["nystrom"] = (key, Preconditioner.sketch(data, op.n_params, rank, like))
     pre = cache["nystrom"][1]
     return lambda R: pre(torch.full(R.shape[:1], shift, dtype=R.dtype, device=R.device), R)
 
