@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_certify.py
 	$(BIN)/python bench/bench_accurate.py
+	$(BIN)/python bench/bench_continuation.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -22,6 +22,7 @@ from pbrf.newton import (
     NewtonRecipe,
     Precision,
     batched_cg,
+    descend,
     loops_over_rows,
     newton_optimize,
     per_row,
@@ -333,3 +334,58 @@ def test_rows_looped_or_vmapped_give_the_same_values():
         assert a.shape == b.shape and rel(b, a) <= 1e-12
     one = torch.func.grad(lambda t: value(t, {k: v[1] for k, v in aux.items()}, batch))(theta[1])
     assert rel(vg[1][0][1], one) <= 1e-12  # row 1 sees its own aux
+
+
+def test_descend_lowers_the_objective_to_its_gradient_target_within_its_budget():
+    """The continuation's L-BFGS warm-up, on the proximal objective of an unconverged MLP
+    without removal: it decreases the objective and reaches its gradient target within the
+    evaluations it is given, and never spends more than them."""
+    prob = _problem("classification")
+    obj = pbrf.kinds.get("proximal").objective(prob, 0.05)
+    B = Batched(prob, obj.value, obj.gn, obj.make_aux(prob, [[]], 1.0),
+                batch_fn(prob, obj.f_ref))
+    rows = torch.zeros(1, dtype=torch.long)
+    F0, g0 = B.value_grad(rows, prob.theta[None])
+    theta, evals = descend(B, prob.theta, 500, target=1e-4)
+    F, g = B.value_grad(rows, theta[None])
+    assert float(F[0]) < float(F0[0])
+    assert float(g.norm()) <= 1e-4 * float(g0.norm())
+    assert 2 < evals <= 500
+    for budget in (1, 5):
+        theta_b, evals_b = descend(B, prob.theta, budget)
+        assert evals_b <= budget
+        assert float(B.value_grad(rows, theta_b[None])[0][0]) <= float(F0[0])
+
+
+def test_the_warm_up_changes_the_continuations_path_not_its_certified_answer():
+    """Proximal responses from a continuation warmed up by L-BFGS and from Newton alone: both
+    certified, the same parameters (the tiny MLP's continuation has one minimum nearby)."""
+    prob = _problem("regression")
+    groups = [[0], [7], [2, 3]]
+    out = {w: pbrf.respond(prob, "proximal", groups, damping=0.05,
+                           recipe=NewtonRecipe(tol=1e-12, warmup=w), paired=True, progress=False)
+           for w in (0, 600)}
+    for resp in out.values():
+        assert all(resp.certified) and all(d["paired_certified"] for d in resp.diagnostics)
+    drift = (out[0].params_flat - prob.theta).norm(dim=1)
+    err = (out[600].params_flat - out[0].params_flat).norm(dim=1) / drift
+    assert float(err.max()) <= 1e-8, err
+
+
+def test_rows_stop_at_the_gradients_round_off_floor():
+    """A problem stops once its gradient norm is at the round-off floor it is given, even where
+    ``tol · signal`` lies below it (there, steps cannot be told apart from round-off); without
+    the floor the same rows iterate on."""
+    prob, groups = _problem("classification"), [[0], [3]]
+    obj = pbrf.kinds.get("proximal").objective(prob, 0.05)
+    signal = removal_signal(prob, groups)
+    theta0 = prob.theta.unsqueeze(0).expand(len(groups), -1).clone()
+    floor = 1e-4 * float(signal.min())
+    runs = {f: newton_optimize(prob, obj.value, obj.gn, obj.shift, theta0,
+                               obj.make_aux(prob, groups, 1.0), signal,
+                               NewtonRecipe(tol=1e-12, model="auto"),
+                               batch_fn(prob, obj.f_ref), False, grad_floor=f)[1]
+            for f in (0.0, floor)}
+    assert bool((runs[floor]["grad_norm"] <= floor).all())
+    assert bool((runs[0.0]["grad_norm"] < 1e-2 * floor).all())
+    assert int(runs[floor]["iterations"].sum()) < int(runs[0.0]["iterations"].sum())

@@ -216,7 +216,8 @@ class ResponsesConfig(NewtonOptions, RecipeFields):
     ``optimizer = "newton"`` (default) is the batched Gauss–Newton / Newton–CG trust-region
     optimiser (:class:`pbrf.NewtonRecipe`, full batch): ``steps`` caps its outer iterations
     (``max_iter``), ``cg_max_iter`` the CG iterations per step, ``tol`` stops a removal once
-    ``ρ ≤ tol``; ``forcing``, ``model`` and ``switch`` are its other settings (the first-order
+    ``ρ ≤ tol``; ``forcing``, ``model``, ``switch``, ``products``, ``precondition`` and ``warmup``
+    (the continuation's L-BFGS budget) are its other settings (the first-order
     fields are then unused).
     ``optimizer = "sgd" | "adam"`` is a first-order :class:`pbrf.Recipe` (``batch_size = "full"``
     means full batch; the Newton settings are then unused). Cold- and warm-start retraining use the
