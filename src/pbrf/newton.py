@@ -44,10 +44,10 @@ round-off floor (``grad_floor``), when ``max_iter`` is reached, or when it stall
 beyond any useful step). The certificate is computed by the caller from the final gradient norm —
 never from the fact that the loop stopped.
 
-Warm-up: a problem that starts far from its optimum (the no-removal continuation of the proximal
-response from an unconverged θ^s) first descends with full-batch L-BFGS (:func:`descend`), which
-crosses non-convex stretches on gradients alone, where the trust region's Hessian meets negative
-curvature step after step; Newton then converges from close by.
+Warm-up (``warmup``, off by default): a problem that starts far from its optimum (the no-removal
+continuation of the proximal response from an unconverged θ^s) can first descend with full-batch
+L-BFGS (:func:`descend`) on gradients alone, Newton then converging from close by. On a
+non-convex objective that path may end at another local minimum than Newton's own.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class NewtonOptions:
     switch: float = 1.0
     products: str = "float32"
     precondition: int = 256
-    warmup: int = 600
+    warmup: int = 0
 
 
 @dataclass(frozen=True)
@@ -142,10 +142,12 @@ class NewtonRecipe(NewtonOptions):
         warmup: the most full-batch L-BFGS evaluations (objective and gradient, the problem's
             dtype) spent on a problem that starts far from its optimum — the no-removal
             continuation of the proximal response and warm start, from an unconverged θ^s —
-            before Newton takes over (:func:`descend`); 0 starts Newton at once. Measured on
-            smooth LeNet ×0.5, N = 500, λ = 0.1: Newton alone spent 63 iterations and 2,907 CG
-            products crossing the continuation's non-convex stretch, where L-BFGS needs a few
-            hundred gradients and Newton then converges in a few iterations.
+            before Newton takes over (:func:`descend`); 0 (the default) starts Newton at once.
+            Off by default: on smooth LeNet ×0.5, N = 500, λ = 0.1, it brought the continuation
+            to a different, higher local minimum (14% of the drift away), where the paired
+            proximal Δm differed up to 3.3-fold, and the whole proximal call was no faster
+            (395.7 s vs 371.6 s, ``bench/bench_continuation.py``): the continuation's answer
+            depends on the path, and Newton's is the one every earlier number used.
     """
 
     max_iter: int = 100

@@ -80,22 +80,25 @@ __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHAR
 # Gauss–Newton products build the Nyström preconditioner (counted once per kind; the engine keeps
 # one sketch per problem, so a run whose chunks alternate PBRF and proximal rebuilds it per chunk);
 # it keeps that many [p] vectors. The proximal response's no-removal continuation (one row from θ^s,
-# solved once per problem and kind, then shared by every chunk) costs CONTINUATION_WARMUP L-BFGS
-# evaluations of its float64 value and gradient (at most the recipe's ``warmup``), then
-# CONTINUATION_OUTER outer iterations of CONTINUATION_PCG products each on its own model. Measured
-# (smooth LeNet ×0.5 on CIFAR-10, N = 500, K = 4, λ = 0.1, θ^s after 30 epochs of SGD; the engine of
-# this version: exact Hessian from the start, μ dropped once a step matches its prediction): PBRF
-# 5–8 outer iterations, of which 1–3 on the shared model and 3–7 on the row's own, 41–97 CG products
-# per removal; the proximal continuation, Newton alone, 63 outer iterations and 2,907 CG products
-# (709 s; negative curvature on the way: an unconverged θ^s), with the L-BFGS warm-up 360
-# evaluations, then 11 outer iterations and 423 CG products to the gradient's round-off floor (162
-# s). mnist-mlp quick, K = 64: 4–7 outer iterations and 23–61 CG products for most removals.
+# solved once per problem and kind, then shared by every chunk) costs CONTINUATION_OUTER outer
+# iterations of CONTINUATION_PCG products each on its own model, or, with the recipe's L-BFGS
+# ``warmup``, CONTINUATION_WARMUP evaluations of its float64 value and gradient (at most ``warmup``)
+# and then CONTINUATION_WARM_OUTER outer iterations. Measured (smooth LeNet ×0.5 on CIFAR-10, N =
+# 500, K = 4, λ = 0.1, θ^s after 30 epochs of SGD; the engine of this version: exact Hessian from
+# the start, μ dropped once a step matches its prediction): PBRF 5–8 outer iterations, of which 1–3
+# on the shared model and 3–7 on the row's own, 41–97 CG products per removal; the proximal
+# continuation, Newton alone, 56 outer iterations and 1,942 CG products to the gradient's round-off
+# floor (212 s; negative curvature on the way: an unconverged θ^s; before that floor, 709 s,
+# grinding below it), with the L-BFGS warm-up 360 evaluations, then 11 outer iterations and 423 CG
+# products (162 s, a different and higher local minimum). mnist-mlp quick, K = 64: 4–7 outer
+# iterations and 23–61 CG products for most removals.
 NEWTON_SHARED_OUTER = 2
 NEWTON_OWN_OUTER = 5
 NEWTON_OUTER = NEWTON_SHARED_OUTER + NEWTON_OWN_OUTER
+CONTINUATION_OUTER = 56
 CONTINUATION_WARMUP = 400
-CONTINUATION_OUTER = 12
-CONTINUATION_PCG = 40
+CONTINUATION_WARM_OUTER = 12
+CONTINUATION_PCG = 35
 PCG_ITERS = 10
 NEWTON_PRODUCT_DTYPE = torch.float32
 PRECONDITIONER_PRODUCTS = 256
@@ -198,15 +201,20 @@ def _newton_model(config: ExperimentConfig) -> dict | None:
             "shared_outer": NEWTON_SHARED_OUTER if config.responses.model == "shared" else 0,
             "pcg": PCG_ITERS, "preconditioner": PRECONDITIONER_PRODUCTS,
             "continuation": ("proximal" in _newton_kinds(config))
-            * CONTINUATION_OUTER * CONTINUATION_PCG,
-            "warmup": ("proximal" in _newton_kinds(config)) * _warmup_evals(config),
+            * math.prod(_continuation_counts(config)[1:]),
+            "warmup": ("proximal" in _newton_kinds(config)) * _continuation_counts(config)[0],
             "dtype": str(NEWTON_PRODUCT_DTYPE).removeprefix("torch."),
             "product": "gauss-newton" if config.responses.model == "gn" else "hessian"}
 
 
-def _warmup_evals(config: ExperimentConfig) -> int:
-    """The continuation's typical L-BFGS evaluations, within the recipe's ``warmup`` budget."""
-    return min(CONTINUATION_WARMUP, config.responses.warmup)
+def _continuation_counts(config: ExperimentConfig) -> tuple[int, int, int]:
+    """The proximal continuation's typical ``(L-BFGS evaluations, outer iterations, CG products
+    per outer iteration)``: Newton alone, or after the recipe's L-BFGS ``warmup``.
+    """
+    if config.responses.warmup:
+        return (min(CONTINUATION_WARMUP, config.responses.warmup), CONTINUATION_WARM_OUTER,
+                CONTINUATION_PCG)
+    return 0, CONTINUATION_OUTER, CONTINUATION_PCG
 
 
 def _newton_kinds(config: ExperimentConfig) -> list[str]:
@@ -348,9 +356,10 @@ def _newton_seconds(config: ExperimentConfig, s: RunSizes, probes: dict[str, Pro
                 + NEWTON_OUTER * data_pass(value_grad, r))
 
     sketch = probes.get("newton_shared_gn", own)
+    evals, outer, pcg = _continuation_counts(config)
     continuation = ("proximal" in names) * (
-        _warmup_evals(config) * data_pass(value_grad, 1)
-        + CONTINUATION_OUTER * (CONTINUATION_PCG * data_pass(own, 1) + data_pass(value_grad, 1)))
+        evals * data_pass(value_grad, 1)
+        + outer * (pcg * data_pass(own, 1) + data_pass(value_grad, 1)))
     return (s.n_chunks * sum(per_kind(k) for k in names) + continuation
             + len(names) * PRECONDITIONER_PRODUCTS * data_pass(sketch, 1))
 
@@ -523,8 +532,9 @@ def _caveat(d: dict) -> list[str]:
         lines.append(f"            Newton: {m['outer']} outer iterations per removal{where}, each "
                      f"{m['pcg']} {m['dtype']} products and one float64 gradient over the data; "
                      f"{m['preconditioner']} preconditioner products per kind"
-                     + (f"; the proximal continuation {m.get('warmup', 0)} L-BFGS gradients "
-                        f"and {m['continuation']} products of one row"
+                     + ("; the proximal continuation "
+                        + (f"{m['warmup']} L-BFGS gradients and " if m.get("warmup") else "")
+                        + f"{m['continuation']} products of one row"
                         if m.get("continuation") else ""))
     return lines
 
