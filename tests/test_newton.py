@@ -361,7 +361,7 @@ def test_the_warm_up_changes_the_continuations_path_not_its_certified_answer():
     """Proximal responses from a continuation warmed up by L-BFGS and from Newton alone: both
     certified, the same parameters (the tiny MLP's continuation has one minimum nearby)."""
     prob = _problem("regression")
-    groups = [[0], [7], [2, 3]]
+    groups = [[7], [2, 3]]
     out = {w: pbrf.respond(prob, "proximal", groups, damping=0.05,
                            recipe=NewtonRecipe(tol=1e-12, warmup=w), paired=True, progress=False)
            for w in (0, 600)}

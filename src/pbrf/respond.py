@@ -320,9 +320,11 @@ def _roundoff(prob: Problem) -> tuple[float, float]:
     key = fingerprint(prob.theta)
     store = _MAGNITUDES.setdefault(prob, {})
     if key not in store:
-        idx = torch.linspace(0, prob.n_train - 1, min(FLOOR_SAMPLE, prob.n_train)).long().tolist()
-        norms = torch.cat([removal_gradients(prob, [[i] for i in idx[c:c + 32]]).norm(dim=1)
-                           for c in range(0, len(idx), 32)])
+        idx = torch.linspace(0, prob.n_train - 1, min(FLOOR_SAMPLE, prob.n_train),
+                             device=prob.device).long()
+        # a few examples at a time: only their norms are kept, never [FLOOR_SAMPLE, p]
+        norms = torch.cat([per_example_grads(prob, prob.x[idx[c]], prob.t[idx[c]]).norm(dim=1)
+                           for c in prob.chunks(len(idx), 32)])
         eps = torch.finfo(prob.dtype).eps
         size = float(norms.mean()) + prob.weight_decay * float(prob.theta.norm())
         with torch.no_grad():
