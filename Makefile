@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python bench/bench_certify.py
 	$(BIN)/python bench/bench_accurate.py
 	$(BIN)/python bench/bench_continuation.py
+	$(BIN)/python bench/bench_rows.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -8,6 +8,7 @@ conventions) for the response objectives.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -18,14 +19,17 @@ from pbrf import tasks
 from pbrf.diagnostics import RemovalDiagnostics
 from pbrf.engine import batch_fn
 from pbrf.newton import (
+    FASTEST_MARGIN,
     Batched,
+    Fastest,
     NewtonRecipe,
     Precision,
     batched_cg,
     descend,
-    loops_over_rows,
+    hessian_product,
     newton_optimize,
     per_row,
+    row_ways,
 )
 from pbrf.respond import removal_signal
 
@@ -307,12 +311,13 @@ def test_steps_below_the_losses_round_off_are_judged_by_the_gradient():
     assert float((d["grad_norm"] / signal).max()) >= 1e-3  # the case needs it
 
 
-def test_rows_looped_or_vmapped_give_the_same_values():
-    """The rows' own products and gradients either ``vmap`` over the K parameter sets or loop
-    over them (whichever :func:`loops_over_rows` measures faster for the model): the same
-    values, per-row aux dicts and tuple outputs included."""
+def test_rows_looped_or_vmapped_forward_or_reverse_give_the_same_values():
+    """The rows' own products and gradients ``vmap`` over the K parameter sets or loop over them,
+    and the Hessian products are forward- or reverse-over-reverse (whichever :class:`Fastest`
+    measures faster): the same values, per-row aux dicts and tuple outputs included, equal to
+    the dense Hessian's products."""
     prob = _tiny_smooth_cnn()
-    assert isinstance(loops_over_rows(prob), bool)
+    assert row_ways(prob) == ("vmap", "loop")  # a CNN on CPU may loop
     obj = pbrf.kinds.get("pbrf").objective(prob, 0.05)
     groups = [[0], [5], [2, 3]]
     aux = obj.make_aux(prob, groups, 1.0)
@@ -324,16 +329,53 @@ def test_rows_looped_or_vmapped_give_the_same_values():
     def value(th, a, b):
         return obj.value(prob.unflatten(th), a, b)
 
-    def hvp(th, v, a, b):
-        return torch.func.jvp(torch.func.grad(lambda t: value(t, a, b)), (th,), (v,))[1]
-
     vg = [per_row(torch.func.grad_and_value(value), (0, 0, None), loop)(theta, aux, batch)
           for loop in (False, True)]
-    hv = [per_row(hvp, (0, 0, 0, None), loop)(theta, V, aux, batch) for loop in (False, True)]
-    for a, b in ((vg[0][0], vg[1][0]), (vg[0][1], vg[1][1]), (hv[0], hv[1])):
+    hv = [per_row(hessian_product(value, reverse), (0, 0, 0, None), loop)(theta, V, aux, batch)
+          for loop in (False, True) for reverse in (False, True)]
+    for a, b in ((vg[0][0], vg[1][0]), (vg[0][1], vg[1][1]), *((hv[0], h) for h in hv[1:])):
         assert a.shape == b.shape and rel(b, a) <= 1e-12
-    one = torch.func.grad(lambda t: value(t, {k: v[1] for k, v in aux.items()}, batch))(theta[1])
-    assert rel(vg[1][0][1], one) <= 1e-12  # row 1 sees its own aux
+    one = {k: v[1] for k, v in aux.items()}
+    assert rel(vg[1][0][1], torch.func.grad(lambda t: value(t, one, batch))(theta[1])) <= 1e-12
+    dense = torch.func.hessian(lambda t: value(t, one, batch))(theta[1])
+    assert rel(hv[3][1], dense @ V[1]) <= 1e-12  # row 1 sees its own aux
+
+
+def test_fastest_measures_the_variants_on_the_first_call_then_keeps_one_within_its_margin():
+    """:class:`Fastest` runs every variant on its first call (the first variant once more), keeps
+    the first, in the declared order, within FASTEST_MARGIN of the fastest, returns its result
+    from that call on and runs it alone after; one row is chosen apart, among the loops only;
+    the choice belongs to the problem, so another chunk's operator shares it."""
+    prob, calls = _tiny_smooth_cnn(), []
+
+    def variant(name: str, seconds: float, tag: float):
+        def fn(theta, b):
+            calls.append(name)
+            time.sleep(seconds)
+            return theta + tag
+        return fn
+
+    # the fastest (0.015 s) is "vmap reverse"; "loop forward" comes before it and within 2x
+    variants = {"vmap forward": variant("vf", 0.06, 0.0), "loop forward": variant("lf", 0.02, 1.0),
+                "vmap reverse": variant("vr", 0.015, 2.0), "loop reverse": variant("lr", 0.05, 3.0)}
+    assert FASTEST_MARGIN == 2.0
+    op = Fastest(prob, "test-op", variants)
+    b = {"idx": torch.arange(8)}
+    theta = torch.zeros(3, 2)
+    assert op.choice() is None
+    assert torch.equal(op(theta, b), theta + 1.0)  # the chosen one's result, already
+    assert calls == ["vf", "lf", "vr", "lr", "vf"]
+    assert op.choice() == "loop forward" and set(op.measured()) == set(variants)
+    for _ in range(3):
+        assert torch.equal(op(theta, b), theta + 1.0)
+    assert calls[5:] == ["lf"] * 3
+    calls.clear()
+    assert torch.equal(op(theta[:1], b), theta[:1] + 1.0)
+    assert calls == ["lf", "lr", "lf"] and op.choice(one_row=True) == "loop forward"
+    again = Fastest(prob, "test-op", variants)  # another chunk of the same run
+    calls.clear()
+    again(theta, b)
+    assert calls == ["lf"]
 
 
 def test_descend_lowers_the_objective_to_its_gradient_target_within_its_budget():

@@ -67,17 +67,27 @@ from tqdm.auto import tqdm
 
 __all__ = ["NewtonRecipe", "NewtonOptions", "newton_optimize", "batched_cg", "MODELS",
            "PRODUCTS", "Batched", "Precision", "exact_matmul", "PRECONDITIONER_BYTES",
-           "fingerprint", "loops_over_rows", "per_row", "descend", "DESCENT_TARGET"]
+           "SKETCHES_KEPT", "fingerprint", "row_ways", "hessian_product", "Fastest",
+           "FASTEST_MARGIN", "per_row", "descend", "DESCENT_TARGET"]
 
 MODELS = ("shared", "auto", "gn", "hessian")
 #: The most memory the preconditioner's basis may take (its rank is cut to fit: a big model gets a
 #: smaller rank, hence more CG iterations, never a different answer).
 PRECONDITIONER_BYTES = 2**29
-#: The last Nyström sketch of each problem (weakly keyed: it goes with the problem), reused by the
-#: next call from the same start (the chunks of one ``respond``).
+#: The last Nyström sketches of each problem (weakly keyed: they go with the problem), reused by
+#: the next call from the same start (the chunks of one ``respond``, and of a run, whose chunks
+#: alternate the PBRF, from θ^s, and the proximal response, from its continuation) ...
 _SKETCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: Each problem's choice of :func:`loops_over_rows` (weakly keyed: it goes with the problem).
-_LOOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: ... at most this many per problem (each at most :data:`PRECONDITIONER_BYTES`).
+SKETCHES_KEPT = 2
+#: Each problem's :class:`Fastest` choices (weakly keyed: they go with the problem) ...
+_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: ... the first variant within this factor of the fastest (per row and example, measured on
+#: the first call): a choice timing noise does not flip. Measured (bench/bench_rows.py, 2
+#: threads): ResNet-20 ×0.25's float32 Hessian products over 9 rows, 13.2 s per row and pass
+#: vmapped, 2.5 looped, 2.1 looped reverse-over-reverse (the loop is kept); smooth LeNet ×0.5,
+#: 0.076 vmapped; an MLP 64×2, 0.016 forward and 0.011 reverse (forward is kept).
+FASTEST_MARGIN = 2.0
 #: The dtype of the trust-region model's curvature products (the objective, the gradient and the
 #: certificate are always in the problem's own dtype, float64 in a measured run).
 PRODUCTS = ("float32", "float64")
@@ -305,41 +315,91 @@ class Preconditioner:
         return (R - C @ U) / sigma[:, None] + inner @ U
 
 
-def loops_over_rows(prob) -> bool:
-    """Whether the rows' own products and gradients loop over the rows instead of ``vmap``-ing
-    them (the values are the same up to round-off). ``vmap`` over K parameter sets of a
-    convolution becomes a grouped convolution, whose speed on CPU depends on the model: per row
-    and example, 1 thread, ResNet-20 ×0.25's float32 Hessian products take 9.9 ms with ``vmap``
-    and 4.8 looped, smooth LeNet ×0.5's 0.28 and 0.34 (float64: 0.79 and 2.4). So a
-    convolutional model on CPU is measured once per problem (one Hessian product of 2 rows × 16
-    examples each way) and loops only where that is clearly faster (under 0.8 of the ``vmap``
-    time); every other model, and every other device, ``vmap``s. The shared products (one θ, many
-    vectors) always ``vmap``.
+def row_ways(prob) -> tuple[str, ...]:
+    """How the rows' own products and gradients may run over the K rows: ``"vmap"``, and for a
+    convolutional model on CPU also ``"loop"`` (a Python loop, results stacked). ``vmap`` over K
+    parameter sets of a convolution becomes a grouped convolution, whose CPU speed depends on the
+    model and the sizes (per row, float32 exact-Hessian products, 2 threads: ResNet-20 ×0.25 over
+    512 images 4.1 s vmapped over 4 rows, 1.0 looped; smooth LeNet ×0.5 over 500, 0.08 and 0.07,
+    float64 0.36 and 0.72; at 2 rows × 16 images the two looked alike), so :class:`Fastest`
+    measures them at the run's own sizes. Every other model and device ``vmap``s.
     """
-    if prob not in _LOOPS:
-        conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-        convolutional = any(isinstance(m, conv) for m in prob.model.modules())
-        _LOOPS[prob] = convolutional and prob.device.type == "cpu" and _loop_is_faster(prob)
-    return _LOOPS[prob]
+    conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    convolutional = any(isinstance(m, conv) for m in prob.model.modules())
+    return ("vmap", "loop") if convolutional and prob.device.type == "cpu" else ("vmap",)
 
 
-def _loop_is_faster(prob) -> bool:
-    x, t = prob.x[:16], prob.t[:16]
-    theta = prob.theta.detach().expand(2, -1).clone()
-    V = torch.ones_like(theta)
+def hessian_product(fn: Callable, reverse: bool = False) -> Callable:
+    """``(θ, v, *args) ↦ ∇²_θ fn(θ, *args) v``: forward-over-reverse (the ``jvp`` of the
+    gradient) or, with ``reverse``, reverse-over-reverse (the gradient of ``⟨∇fn, v⟩``). The
+    same values up to round-off; which is faster depends on the model (float32, 2 threads, per
+    row, vmapped over 4: an MLP 64×2 on 1,000 MNIST images 5.6 ms reverse and 9.5 forward,
+    smooth LeNet ×0.5 on 500 CIFAR images 108 and 79), so :class:`Fastest` measures them.
+    """
+    gradient = grad(fn)
+    if reverse:
+        def product(th: Tensor, v: Tensor, *args) -> Tensor:
+            return grad(lambda t: torch.dot(gradient(t, *args), v))(th)
+    else:
+        def product(th: Tensor, v: Tensor, *args) -> Tensor:
+            return jvp(lambda t: gradient(t, *args), (th,), (v,))[1]
+    return product
 
-    def hvp(th: Tensor, v: Tensor) -> Tensor:
-        loss = lambda q: prob.losses(prob.unflatten(q), x, t).mean()  # noqa: E731
-        return jvp(grad(loss), (th,), (v,))[1]
 
-    seconds = []
-    for loop in (False, True):
-        fn = per_row(hvp, (0, 0), loop)
-        fn(theta, V)  # warm-up
-        start = time.perf_counter()
-        fn(theta, V)
-        seconds.append(time.perf_counter() - start)
-    return seconds[1] < 0.8 * seconds[0]
+class Fastest:
+    """Equivalent implementations of one operation on a problem's rows (the same values up to
+    round-off: ``vmap`` or loop, forward or reverse Hessian products), chosen once per problem
+    and operation by their speed on the first call's own arguments (the run's sizes, where small
+    probes mislead): that call runs each variant (the first once more at the end: it bore the
+    process's warm-up), keeps the first, in the declared order, within :data:`FASTEST_MARGIN` of
+    the fastest, and returns its result; every later call runs it alone. The margin keeps timing
+    noise from flipping the choice, so that the values do not depend on which call came first (a
+    resumed run computes what the uninterrupted one did). The choice is weakly keyed by the
+    problem, so every chunk of a run shares it; one row (a continuation) is chosen apart, among
+    the loops where there are loops (a loop over one row is the plain call).
+
+    Args:
+        prob: the problem the rows are of.
+        name: the operation (its choice's key).
+        variants: ``{name: fn}``; ``fn(theta [k, p], ..., batch)`` with ``batch["idx"]`` the
+            examples; the first is the default.
+    """
+
+    def __init__(self, prob, name: str, variants: dict[str, Callable]) -> None:
+        self.prob, self.name, self.variants = prob, name, variants
+
+    def __call__(self, theta: Tensor, *args):
+        """The operation on the rows of ``theta`` (the variant chosen, measured on this call if
+        none is yet).
+        """
+        rows, store = theta.shape[0], _CHOICES.setdefault(self.prob, {})
+        key = (self.name, rows == 1)
+        if key in store:
+            return self.variants[store[key][0]](theta, *args)
+        names = [n for n in self.variants if rows > 1 or "loop" in n] or list(self.variants)
+        units = rows * max(args[-1]["idx"].numel(), 1)
+        outs, seconds = {}, {}
+        for name in [*names, names[0]] if len(names) > 1 else names:
+            start = time.perf_counter()
+            outs[name] = self.variants[name](theta, *args)
+            if theta.device.type == "cuda":
+                torch.cuda.synchronize(theta.device)
+            per_unit = (time.perf_counter() - start) / units
+            seconds[name] = min(seconds.get(name, math.inf), per_unit)
+        fastest = min(seconds.values())
+        choice = next(n for n in names if seconds[n] <= FASTEST_MARGIN * fastest)
+        store[key] = (choice, seconds)
+        return outs[choice]
+
+    def choice(self, one_row: bool = False) -> str | None:
+        """The variant chosen (``None`` before the first call)."""
+        return _CHOICES.get(self.prob, {}).get((self.name, one_row), (None,))[0]
+
+    def measured(self, one_row: bool = False) -> dict[str, float]:
+        """The measured seconds per row and example of each variant (empty before the first
+        call).
+        """
+        return dict(_CHOICES.get(self.prob, {}).get((self.name, one_row), (None, {}))[1])
 
 
 def per_row(fn: Callable, in_dims: tuple, loop: bool) -> Callable:
@@ -374,9 +434,10 @@ class Batched:
 
     def __init__(self, prob, value_fn, gn_fn, aux: dict, batch_fn, removal_fn=None) -> None:
         self.prob, self.aux, self.batch_fn = prob, aux, batch_fn
-        loop = loops_over_rows(prob)
-        self._vg = per_row(grad_and_value(lambda th, a, b: value_fn(prob.unflatten(th), a, b)),
-                           (0, 0, None), loop)
+        ways = row_ways(prob)
+
+        def value(th: Tensor, a: dict, b: dict) -> Tensor:
+            return value_fn(prob.unflatten(th), a, b)
 
         def gn_one(th: Tensor, v: Tensor, a: dict, b: dict) -> Tensor:
             f = lambda t: prob.outputs(prob.unflatten(t), b["x"])  # noqa: E731
@@ -384,14 +445,17 @@ class Batched:
             hjv = jvp(grad(lambda o: gn_fn(o, a, b)), (out,), (jv,))[1]
             return vjp(f, th)[1](hjv)[0]
 
-        def hvp_one(th: Tensor, v: Tensor, a: dict, b: dict) -> Tensor:
-            return jvp(grad(lambda t: value_fn(prob.unflatten(t), a, b)), (th,), (v,))[1]
-
-        self._gn = per_row(gn_one, (0, 0, 0, None), loop)
-        self._hvp = per_row(hvp_one, (0, 0, 0, None), loop)
+        own = (0, 0, 0, None)
+        self._vg = Fastest(prob, "value_grad", {
+            w: per_row(grad_and_value(value), (0, 0, None), w == "loop") for w in ways})
+        self._gn = Fastest(prob, "gauss_newton", {
+            w: per_row(gn_one, own, w == "loop") for w in ways})
+        self._hvp = Fastest(prob, "hessian", {
+            f"{w} {d}": per_row(hessian_product(value, d == "reverse"), own, w == "loop")
+            for w in ways for d in ("forward", "reverse")})
         # one θ for every vector: the forward pass is shared, only the tangents are batched
         self._shared = {"gn": vmap(gn_one, in_dims=(None, 0, None, None)),
-                        "hessian": vmap(hvp_one, in_dims=(None, 0, None, None))}
+                        "hessian": vmap(hessian_product(value), in_dims=(None, 0, None, None))}
         self._removal = None
         if removal_fn is not None:
             def removal_one(th: Tensor, v: Tensor, a: dict) -> Tensor:
@@ -816,7 +880,8 @@ def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | 
     if key in store:
         return store[key]
     eps = torch.finfo(prob.dtype).eps
-    store.clear()  # one sketch per problem: a new start replaces the last
+    while len(store) >= SKETCHES_KEPT:  # the oldest start goes
+        store.pop(next(iter(store)))
     store[key] = Preconditioner.sketch(matvec, p, rank, theta0, eps=eps, block=block)
     return store[key]
 

@@ -44,8 +44,10 @@ high: LeNet ×0.25's operations at 9–10 rows × 512 examples 2–4 times.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +64,13 @@ from pbrf.experiment.run.inputs import build_problem
 from pbrf.experiment.run.probes import Probe, probe, process_peak_bytes, resident_bytes
 from pbrf.experiment.run.selection import random_groups
 from pbrf.influence import per_example_grads
-from pbrf.newton import PRECONDITIONER_BYTES, loops_over_rows, per_row
+from pbrf.newton import (
+    PRECONDITIONER_BYTES,
+    SKETCHES_KEPT,
+    hessian_product,
+    per_row,
+    row_ways,
+)
 
 __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHARED_OUTER",
            "NEWTON_OWN_OUTER", "PCG_ITERS", "CONTINUATION_OUTER", "CONTINUATION_PCG",
@@ -77,11 +85,11 @@ __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHAR
 # are of ONE curvature (Gauss–Newton at θ^s for the PBRF, the exact Hessian at the continuation for
 # the proximal response) for all K vectors, one forward pass shared; the own model's are each row's
 # exact Hessian at its own parameters (K forward passes, batched). PRECONDITIONER_PRODUCTS shared
-# Gauss–Newton products build the Nyström preconditioner (counted once per kind; the engine keeps
-# one sketch per problem, so a run whose chunks alternate PBRF and proximal rebuilds it per chunk);
-# it keeps that many [p] vectors. The proximal response's no-removal continuation (one row from θ^s,
-# solved once per problem and kind, then shared by every chunk) costs CONTINUATION_OUTER outer
-# iterations of CONTINUATION_PCG products each on its own model, or, with the recipe's L-BFGS
+# Gauss–Newton products build the Nyström preconditioner (once per kind: the engine keeps a sketch
+# per start, SKETCHES_KEPT of them, so a run whose chunks alternate PBRF and proximal builds each
+# once); it keeps that many [p] vectors. The proximal response's no-removal continuation (one row
+# from θ^s, solved once per problem and kind, then shared by every chunk) costs CONTINUATION_OUTER
+# outer iterations of CONTINUATION_PCG products each on its own model, or, with the recipe's L-BFGS
 # ``warmup``, CONTINUATION_WARMUP evaluations of its float64 value and gradient (at most ``warmup``)
 # and then CONTINUATION_WARM_OUTER outer iterations. Measured (smooth LeNet ×0.5 on CIFAR-10, N =
 # 500, K = 4, λ = 0.1, θ^s after 30 epochs of SGD; the engine of this version: exact Hessian from
@@ -251,14 +259,24 @@ def _probe_all(config: ExperimentConfig, problem, measure, s: RunSizes) -> dict[
            "per_example_grads": _example_grads(measure)}
     if _newton_kinds(config) and resp.optimizer == "newton":
         low = measure.astype(NEWTON_PRODUCT_DTYPE)
-        ops["newton_product"] = _newton_product(low, resp.model)
-        ops["newton_value_grad"] = _value_grad(measure)
+        ops["newton_product"] = _own_variants(low, resp.model)
+        ops["newton_value_grad"] = {w: _value_grad(measure, w) for w in row_ways(measure)}
         if resp.model == "shared":
             ops |= {f"newton_shared_{form}": _newton_product(low, form, shared=True)
                     for form in {_shared_form(k) for k in _newton_kinds(config)}}
     if "exact" in (inf.solver, inf.accurate_solver) and inf.curvature == "ggn":
         ops["dense_jacobian"] = _jacobian_rows(measure)
-    return {k: probe(op, *_run_size(k, s), dev) for k, op in ops.items()}
+    return {k: _fastest(op, *_run_size(k, s), dev) if isinstance(op, dict)
+            else probe(op, *_run_size(k, s), dev) for k, op in ops.items()}
+
+
+def _fastest(variants: dict, rows: int, examples: int, device) -> Probe:
+    """The probe of the variant fastest at ``(rows, examples)``, as the engine chooses it (a
+    loop's memory is that of one row at a time).
+    """
+    probes = [dataclasses.replace(probe(op, rows, examples, device), looped=name.startswith("loop"))
+              for name, op in variants.items()]
+    return min(probes, key=lambda p: p.seconds(rows, examples))
 
 
 def _memory(config: ExperimentConfig, s: RunSizes, probes: dict[str, Probe]
@@ -276,9 +294,10 @@ def _memory(config: ExperimentConfig, s: RunSizes, probes: dict[str, Probe]
     stages["dense_curvature"] = _dense_bytes(config, s, probes)
     state = 0
     if "newton_product" in probes:
-        # one float64 sketch kept per problem (pbrf.newton), capped
+        # a float64 sketch kept per problem and start (pbrf.newton): one per kind, capped
         sketch = min(PRECONDITIONER_PRODUCTS * s.p * 8, PRECONDITIONER_BYTES)
-        state = NEWTON_VECTORS * s.rows * s.p * 8 + sketch
+        kept = min(len(_newton_kinds(config)), SKETCHES_KEPT)
+        state = NEWTON_VECTORS * s.rows * s.p * 8 + kept * sketch
     return stages, state
 
 
@@ -384,11 +403,12 @@ def _directions(prob, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return theta.expand(rows, -1).clone(), V
 
 
-def _newton_product(prob, model: str, shared: bool = False):
+def _newton_product(prob, model: str, shared: bool = False, way: str = "vmap forward"):
     """``op(r, e)``: curvature products of r rows over e examples, as the Newton optimiser computes
-    them: exact Hessian (forward-over-reverse) or, with ``model = "gn"``, Gauss–Newton; each row at
-    its own parameters (the own model) or, with ``shared``, ONE curvature at θ^s for every row's
-    vector (the shared model: the forward pass shared, only the tangents batched).
+    them: exact Hessian or, with ``model = "gn"``, Gauss–Newton; each row at its own parameters
+    (the own model), ``way`` one of the engine's variants (``"vmap"`` or ``"loop"``, forward or
+    reverse: :class:`pbrf.newton.Fastest`), or, with ``shared``, ONE curvature at θ^s for every
+    row's vector (the shared model: the forward pass shared, only the tangents batched).
     """
 
     def op(rows: int, examples: int) -> None:
@@ -398,9 +418,6 @@ def _newton_product(prob, model: str, shared: bool = False):
         def loss(th):
             return prob.losses(prob.unflatten(th), x, t).mean()
 
-        def hessian(th, v):
-            return jvp(grad(loss), (th,), (v,))[1]
-
         def gauss_newton(th, v):
             def f(q):
                 return prob.outputs(prob.unflatten(q), x)
@@ -409,23 +426,32 @@ def _newton_product(prob, model: str, shared: bool = False):
             hjv = jvp(grad(lambda o: prob.task.loss(o, t).mean()), (out,), (jv,))[1]
             return vjp(f, th)[1](hjv)[0]
 
-        one = gauss_newton if model == "gn" else hessian
+        one = gauss_newton if model == "gn" else hessian_product(loss, way.endswith("reverse"))
         if shared:
             vmap(one, in_dims=(None, 0))(theta[0], V)
-        else:  # the rows' own products, vmapped or looped as the engine chooses
-            per_row(one, (0, 0), loops_over_rows(prob))(theta, V)
+        else:  # the rows' own products, vmapped or looped
+            per_row(one, (0, 0), way.startswith("loop"))(theta, V)
 
     return op
 
 
-def _value_grad(prob):
+def _own_variants(prob, model: str) -> dict[str, Callable]:
+    """The rows' own products in each of the engine's variants (it measures them and keeps the
+    fastest at the run's sizes; so does the dry run).
+    """
+    directions = ("forward",) if model == "gn" else ("forward", "reverse")
+    return {f"{w} {d}": _newton_product(prob, model, way=f"{w} {d}")
+            for w in row_ways(prob) for d in directions}
+
+
+def _value_grad(prob, way: str = "vmap"):
     """``op(r, e)``: the value and gradient of r rows, each at its own parameters, on e examples."""
 
     def op(rows: int, examples: int) -> None:
         x, t = prob.x[:examples], prob.t[:examples]
         theta, _ = _directions(prob, rows)
         fn = grad_and_value(lambda th: prob.losses(prob.unflatten(th), x, t).mean())
-        per_row(fn, (0,), loops_over_rows(prob))(theta)
+        per_row(fn, (0,), way == "loop")(theta)
 
     return op
 

@@ -88,6 +88,8 @@ class Probe:
     """
 
     points: tuple[Point, ...]
+    #: the operation loops over its rows: its memory is that of one row at a time
+    looped: bool = False
 
     def seconds(self, rows: int, examples: int) -> float:
         """Wall time of one call at ``(rows, examples)``."""
@@ -107,11 +109,13 @@ class Probe:
     def peak_bytes(self, rows: int, examples: int) -> int:
         """Peak memory above the call's start at ``(rows, examples)``."""
         last = self.points[-1]
+        if self.looped:  # one row at a time, whatever the rows
+            return int(last.peak_bytes * examples / last.examples)
         return int(last.peak_bytes * rows * examples / last.units)
 
     def to_dict(self) -> dict:
         """The measured points, as stored in the dry run's dict."""
-        return {"points": [asdict(p) for p in self.points]}
+        return {"points": [asdict(p) for p in self.points], "looped": self.looped}
 
 
 def probe(op: Callable[[int, int], object], rows: int, examples: int,
