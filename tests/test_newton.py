@@ -24,6 +24,7 @@ from pbrf.newton import (
     Fastest,
     NewtonRecipe,
     Precision,
+    _NewtonState,
     batched_cg,
     descend,
     hessian_product,
@@ -376,6 +377,26 @@ def test_fastest_measures_the_variants_on_the_first_call_then_keeps_one_within_i
     calls.clear()
     again(theta, b)
     assert calls == ["lf"]
+
+
+def test_a_row_bounded_below_is_never_a_runaway():
+    """A gradient grown 1000-fold along accepted steps makes a removal row a runaway (its PBRF may
+    have no minimum near θ^s), but not a row without a removal term: its objective is bounded
+    below (nonnegative losses and quadratics), so it is a long descent to a minimum that exists
+    (ResNet-20 ×0.25's proximal continuation at λ = 1e-3 was wrongly stopped so)."""
+    prob = _problem("classification")
+    obj = pbrf.kinds.get("proximal").objective(prob, 0.05)
+    B = Batched(prob, obj.value, obj.gn, obj.make_aux(prob, [[], [0]], 1.0),
+                batch_fn(prob, obj.f_ref))
+    theta0, rows = prob.theta.expand(2, -1).clone(), torch.arange(2)
+    for bounded, runaway in ((None, [True, True]), (torch.tensor([True, False]), [False, True])):
+        st = _NewtonState.start(B, theta0, torch.ones(2, dtype=F64), 1e-8, False, False, 0.0,
+                                bounded)
+        st.g = 1e3 * st.g / st.g.norm(dim=1, keepdim=True) * st.gn0.clamp_min(1.0)[:, None]
+        st.watch(rows, torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=F64),
+                 torch.ones(2, dtype=F64), torch.zeros(2, dtype=torch.bool), False)
+        assert st.runaway.tolist() == runaway
+        assert st.active.tolist() == [not r for r in runaway]
 
 
 def test_descend_lowers_the_objective_to_its_gradient_target_within_its_budget():

@@ -305,7 +305,8 @@ def _run_newton(s: _Setting, groups, signal, desc, start=None, fallback=None):
                                obj.make_aux(s.prob, groups, s.weight), scale, s.recipe,
                                batch_fn(s.prob, obj.f_ref), s.progress, desc,
                                exact_from_start=start is not None, removal_fn=obj.removal,
-                               aux0=aux0, low=low, magnitude=magnitude, grad_floor=grad_floor)
+                               aux0=aux0, low=low, magnitude=magnitude, grad_floor=grad_floor,
+                               bounded=torch.tensor([not g for g in groups], device=theta0.device))
     return theta.detach(), RemovalDiagnostics.newton_rows(d)
 
 

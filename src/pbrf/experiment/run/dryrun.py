@@ -7,7 +7,8 @@ heavy operation of the run at small sizes, and the measured wall times and peak 
 extrapolated to the run's sizes: both grow linearly in the rows (stacked models or directions)
 and in the examples of a call (:mod:`pbrf.experiment.run.probes` says how the sizes are chosen;
 the CNN presets' Newton products stop at two rows over 16 or 32 examples, where the run has 9
-rows over 512). The operations:
+rows over 512). Where the engine computes an operation several ways
+(:class:`pbrf.newton.Fastest`), each way is probed and the fastest counted. The operations:
 
 * the Newton optimiser of the PBRF and proximal responses (its cost model below): curvature
   products of K rows (``run.chunk_size`` removals, plus the paired no-removal reference) in
@@ -271,8 +272,10 @@ def _probe_all(config: ExperimentConfig, problem, measure, s: RunSizes) -> dict[
 
 
 def _fastest(variants: dict, rows: int, examples: int, device) -> Probe:
-    """The probe of the variant fastest at ``(rows, examples)``, as the engine chooses it (a
-    loop's memory is that of one row at a time).
+    """The probe of the variant fastest at ``(rows, examples)`` (a loop's memory is that of one
+    row at a time). The engine keeps a variant within 2× of the fastest measured at the run's
+    sizes, which small probes cannot rank: on ResNet-20 ×0.25 they put ``vmap`` within 2× of the
+    loop, which is 4.7× faster at 9 rows × 512 examples (bench/bench_rows.py).
     """
     probes = [dataclasses.replace(probe(op, rows, examples, device), looped=name.startswith("loop"))
               for name, op in variants.items()]
