@@ -65,6 +65,8 @@ def test_a_probe_grows_until_its_measurement_is_large_enough_then_extrapolates(m
     probe(None, rows=5, examples=12)
     assert seen == [(2, 8), (2, 12), (4, 12), (5, 12)]
     assert Probe((Point(3, 4, 0.5, 120),)).peak_bytes(6, 4) == 240  # one point: proportional
+    # a loop over rows holds one row at a time: its memory does not grow with the rows
+    assert Probe((Point(2, 4, 0.5, 120),), looped=True).peak_bytes(9, 8) == 240
 
 
 def test_the_resnet20_quick_dry_run_probes_far_below_the_runs_sizes():
