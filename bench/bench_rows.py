@@ -32,7 +32,7 @@ from torch.func import grad_and_value
 import pbrf
 from pbrf.engine import batch_fn
 from pbrf.models import build
-from pbrf.newton import Fastest, hessian_product, per_row, row_ways
+from pbrf.newton import Fastest, row_variants
 
 CASES = {
     "resnet20": (dict(name="resnet20", width_mult=0.25, activation="gelu"), (3, 32, 32), 1000, 9),
@@ -63,11 +63,8 @@ def variants(prob, op: str) -> dict:
         return obj.value(prob.unflatten(th), a, b)
 
     if op == "value_grad":
-        return {w: per_row(grad_and_value(value), (0, 0, None), w == "loop")
-                for w in row_ways(prob)}
-    return {f"{w} {d}": per_row(hessian_product(value, d == "reverse"), (0, 0, 0, None),
-                                w == "loop")
-            for w in row_ways(prob) for d in ("forward", "reverse")}
+        return row_variants(prob, grad_and_value(value), (0, 0, None))
+    return row_variants(prob, value, (0, 0, 0, None), hessian=True)
 
 
 def case(name: str) -> None:

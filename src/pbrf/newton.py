@@ -67,7 +67,8 @@ from tqdm.auto import tqdm
 
 __all__ = ["NewtonRecipe", "NewtonOptions", "newton_optimize", "batched_cg", "MODELS",
            "PRODUCTS", "Batched", "Precision", "exact_matmul", "PRECONDITIONER_BYTES",
-           "SKETCHES_KEPT", "fingerprint", "row_ways", "hessian_product", "Fastest",
+           "SKETCHES_KEPT", "fingerprint", "row_ways", "variant_names", "row_variants",
+           "hessian_product", "Fastest",
            "FASTEST_MARGIN", "per_row", "descend", "DESCENT_TARGET"]
 
 MODELS = ("shared", "auto", "gn", "hessian")
@@ -84,9 +85,9 @@ SKETCHES_KEPT = 2
 _CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: ... the first variant within this factor of the fastest (per row and example, measured on
 #: the first call): a choice timing noise does not flip. Measured (bench/bench_rows.py, 2
-#: threads): ResNet-20 ×0.25's float32 Hessian products over 9 rows, 13.2 s per row and pass
-#: vmapped, 2.5 looped, 2.1 looped reverse-over-reverse (the loop is kept); smooth LeNet ×0.5,
-#: 0.076 vmapped; an MLP 64×2, 0.016 forward and 0.011 reverse (forward is kept).
+#: threads): ResNet-20 ×0.25's float32 Hessian products over 9 rows, 10.7 s per row and pass
+#: vmapped, 2.3 looped, 2.0 looped reverse-over-reverse (the forward loop is kept); smooth LeNet
+#: ×0.5, 0.071 vmapped; an MLP 64×2, 0.015 forward and 0.014 reverse (forward is kept).
 FASTEST_MARGIN = 2.0
 #: The dtype of the trust-region model's curvature products (the objective, the gradient and the
 #: certificate are always in the problem's own dtype, float64 in a measured run).
@@ -346,6 +347,25 @@ def hessian_product(fn: Callable, reverse: bool = False) -> Callable:
     return product
 
 
+def variant_names(prob, hessian: bool = False) -> list[str]:
+    """The names of :func:`row_variants`: each of :func:`row_ways`, and with ``hessian`` each
+    also ``forward`` and ``reverse`` (``"loop reverse"``).
+    """
+    return [f"{w} {d}" if hessian else w for w in row_ways(prob)
+            for d in (("forward", "reverse") if hessian else ("",))]
+
+
+def row_variants(prob, fn: Callable, in_dims: tuple, hessian: bool = False
+                 ) -> dict[str, Callable]:
+    """The equivalent ways :class:`Fastest` chooses from: ``fn`` over the rows (:func:`per_row`,
+    ``vmap`` or a loop), or with ``hessian`` the Hessian products of ``fn``
+    (:func:`hessian_product`, forward and reverse; ``in_dims`` for ``(θ, v, *args)``).
+    """
+    return {name: per_row(hessian_product(fn, name.endswith("reverse")) if hessian else fn,
+                          in_dims, name.startswith("loop"))
+            for name in variant_names(prob, hessian)}
+
+
 class Fastest:
     """Equivalent implementations of one operation on a problem's rows (the same values up to
     round-off: ``vmap`` or loop, forward or reverse Hessian products), chosen once per problem
@@ -393,13 +413,16 @@ class Fastest:
 
     def choice(self, one_row: bool = False) -> str | None:
         """The variant chosen (``None`` before the first call)."""
-        return _CHOICES.get(self.prob, {}).get((self.name, one_row), (None,))[0]
+        return self._record(one_row)[0]
 
     def measured(self, one_row: bool = False) -> dict[str, float]:
         """The measured seconds per row and example of each variant (empty before the first
         call).
         """
-        return dict(_CHOICES.get(self.prob, {}).get((self.name, one_row), (None, {}))[1])
+        return dict(self._record(one_row)[1])
+
+    def _record(self, one_row: bool) -> tuple[str | None, dict]:
+        return _CHOICES.get(self.prob, {}).get((self.name, one_row), (None, {}))
 
 
 def per_row(fn: Callable, in_dims: tuple, loop: bool) -> Callable:
@@ -434,7 +457,6 @@ class Batched:
 
     def __init__(self, prob, value_fn, gn_fn, aux: dict, batch_fn, removal_fn=None) -> None:
         self.prob, self.aux, self.batch_fn = prob, aux, batch_fn
-        ways = row_ways(prob)
 
         def value(th: Tensor, a: dict, b: dict) -> Tensor:
             return value_fn(prob.unflatten(th), a, b)
@@ -446,13 +468,10 @@ class Batched:
             return vjp(f, th)[1](hjv)[0]
 
         own = (0, 0, 0, None)
-        self._vg = Fastest(prob, "value_grad", {
-            w: per_row(grad_and_value(value), (0, 0, None), w == "loop") for w in ways})
-        self._gn = Fastest(prob, "gauss_newton", {
-            w: per_row(gn_one, own, w == "loop") for w in ways})
-        self._hvp = Fastest(prob, "hessian", {
-            f"{w} {d}": per_row(hessian_product(value, d == "reverse"), own, w == "loop")
-            for w in ways for d in ("forward", "reverse")})
+        self._vg = Fastest(prob, "value_grad",
+                           row_variants(prob, grad_and_value(value), (0, 0, None)))
+        self._gn = Fastest(prob, "gauss_newton", row_variants(prob, gn_one, own))
+        self._hvp = Fastest(prob, "hessian", row_variants(prob, value, own, hessian=True))
         # one θ for every vector: the forward pass is shared, only the tangents are batched
         self._shared = {"gn": vmap(gn_one, in_dims=(None, 0, None, None)),
                         "hessian": vmap(hessian_product(value), in_dims=(None, 0, None, None))}
@@ -617,7 +636,7 @@ class _NewtonState:
     slow: Tensor
     own_iterations: Tensor
     wide: Tensor
-    bounded: Tensor | None = None
+    bounded: Tensor
 
     @classmethod
     def start(cls, B: Batched, theta0: Tensor, scale: Tensor, tol: float,
@@ -646,7 +665,8 @@ class _NewtonState:
                    iterations=zeros(torch.long), cg_iterations=zeros(torch.long),
                    own=torch.full((K,), not shared, dtype=torch.bool, device=dev),
                    slow=zeros(torch.long), own_iterations=zeros(torch.long),
-                   wide=zeros(torch.bool), bounded=bounded)
+                   wide=zeros(torch.bool),
+                   bounded=zeros(torch.bool) if bounded is None else bounded.to(dev))
 
     def rows_to_go(self) -> tuple[Tensor, Tensor]:
         """``(rows, gradient norms [K])``: the problems still active once those whose gradient
@@ -703,8 +723,7 @@ class _NewtonState:
         dt = self.theta.dtype
         away = self.g[rows].norm(dim=1) > 1e2 * torch.maximum(self.gn0[rows],
                                                               self.scale[rows].to(dt))
-        if self.bounded is not None:  # a long descent to a minimum that exists
-            away &= ~self.bounded[rows]
+        away &= ~self.bounded[rows]  # bounded below: a long descent to a minimum that exists
         self.runaway[rows] |= away
         self.active[rows] &= ~(stuck | away)
 

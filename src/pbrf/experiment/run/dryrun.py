@@ -69,8 +69,8 @@ from pbrf.newton import (
     PRECONDITIONER_BYTES,
     SKETCHES_KEPT,
     hessian_product,
-    per_row,
-    row_ways,
+    row_variants,
+    variant_names,
 )
 
 __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHARED_OUTER",
@@ -261,7 +261,7 @@ def _probe_all(config: ExperimentConfig, problem, measure, s: RunSizes) -> dict[
     if _newton_kinds(config) and resp.optimizer == "newton":
         low = measure.astype(NEWTON_PRODUCT_DTYPE)
         ops["newton_product"] = _own_variants(low, resp.model)
-        ops["newton_value_grad"] = {w: _value_grad(measure, w) for w in row_ways(measure)}
+        ops["newton_value_grad"] = {w: _value_grad(measure, w) for w in variant_names(measure)}
         if resp.model == "shared":
             ops |= {f"newton_shared_{form}": _newton_product(low, form, shared=True)
                     for form in {_shared_form(k) for k in _newton_kinds(config)}}
@@ -406,12 +406,13 @@ def _directions(prob, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return theta.expand(rows, -1).clone(), V
 
 
-def _newton_product(prob, model: str, shared: bool = False, way: str = "vmap forward"):
+def _newton_product(prob, model: str, shared: bool = False, way: str | None = None):
     """``op(r, e)``: curvature products of r rows over e examples, as the Newton optimiser computes
     them: exact Hessian or, with ``model = "gn"``, Gauss–Newton; each row at its own parameters
-    (the own model), ``way`` one of the engine's variants (``"vmap"`` or ``"loop"``, forward or
-    reverse: :class:`pbrf.newton.Fastest`), or, with ``shared``, ONE curvature at θ^s for every
-    row's vector (the shared model: the forward pass shared, only the tangents batched).
+    (the own model) as the engine's variant ``way`` (:func:`pbrf.newton.variant_names`:
+    ``"vmap"`` or ``"loop"``, for the Hessian forward or reverse), or, with ``shared``, ONE
+    curvature at θ^s for every row's vector (the shared model: the forward pass shared, only the
+    tangents batched).
     """
 
     def op(rows: int, examples: int) -> None:
@@ -429,32 +430,35 @@ def _newton_product(prob, model: str, shared: bool = False, way: str = "vmap for
             hjv = jvp(grad(lambda o: prob.task.loss(o, t).mean()), (out,), (jv,))[1]
             return vjp(f, th)[1](hjv)[0]
 
-        one = gauss_newton if model == "gn" else hessian_product(loss, way.endswith("reverse"))
         if shared:
+            one = gauss_newton if model == "gn" else hessian_product(loss)
             vmap(one, in_dims=(None, 0))(theta[0], V)
-        else:  # the rows' own products, vmapped or looped
-            per_row(one, (0, 0), way.startswith("loop"))(theta, V)
+        elif model == "gn":  # the rows' own products, as the engine's variant ``way``
+            row_variants(prob, gauss_newton, (0, 0))[way](theta, V)
+        else:
+            row_variants(prob, loss, (0, 0), hessian=True)[way](theta, V)
 
     return op
 
 
 def _own_variants(prob, model: str) -> dict[str, Callable]:
-    """The rows' own products in each of the engine's variants (it measures them and keeps the
-    fastest at the run's sizes; so does the dry run).
+    """The rows' own products in each of the engine's variants (it measures them and keeps one
+    within 2× of the fastest at the run's sizes; the dry run counts the fastest probe).
     """
-    directions = ("forward",) if model == "gn" else ("forward", "reverse")
-    return {f"{w} {d}": _newton_product(prob, model, way=f"{w} {d}")
-            for w in row_ways(prob) for d in directions}
+    return {way: _newton_product(prob, model, way=way)
+            for way in variant_names(prob, hessian=model != "gn")}
 
 
 def _value_grad(prob, way: str = "vmap"):
-    """``op(r, e)``: the value and gradient of r rows, each at its own parameters, on e examples."""
+    """``op(r, e)``: the value and gradient of r rows, each at its own parameters, on e examples,
+    as the engine's variant ``way``.
+    """
 
     def op(rows: int, examples: int) -> None:
         x, t = prob.x[:examples], prob.t[:examples]
         theta, _ = _directions(prob, rows)
         fn = grad_and_value(lambda th: prob.losses(prob.unflatten(th), x, t).mean())
-        per_row(fn, (0,), way == "loop")(theta)
+        row_variants(prob, fn, (0,))[way](theta)
 
     return op
 
