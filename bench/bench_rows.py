@@ -3,8 +3,8 @@ run's own sizes, in one run — what :class:`pbrf.newton.Fastest` chooses from.
 
 The rows' own exact-Hessian products (float32, as the engine's model) and their float64 value and
 gradient (the certificate's) over the whole training set, for K stacked rows at θ^s + noise, each
-way the engine can compute them: ``vmap`` over the rows or a loop (a convolutional model on CPU),
-forward- or reverse-over-reverse (the Hessian products). Printed per case: seconds per full-data
+way the engine can compute them: ``vmap`` over the rows or a loop (a convolutional model on CPU).
+Printed per case: seconds per full-data
 pass of one row of each variant, as the engine timed them on its first call (one data chunk of
 512 examples; each variant once, the first twice), the engine's choice (the first variant within
 FASTEST_MARGIN of the fastest), and the ratio of
