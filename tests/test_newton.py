@@ -20,6 +20,7 @@ from pbrf.diagnostics import RemovalDiagnostics
 from pbrf.engine import batch_fn
 from pbrf.newton import (
     FASTEST_MARGIN,
+    RUNAWAY_IDLE,
     Batched,
     Fastest,
     NewtonRecipe,
@@ -397,6 +398,50 @@ def test_a_row_bounded_below_is_never_a_runaway():
                  torch.ones(2, dtype=F64), torch.zeros(2, dtype=torch.bool), False)
         assert st.runaway.tolist() == runaway
         assert st.active.tolist() == [not r for r in runaway]
+
+
+def test_a_removal_row_that_does_not_halve_its_gradient_for_runaway_idle_iterations_runs_away():
+    """Rows whose gradient never halves: a removal row whose gradient stays above its start runs
+    away after exactly RUNAWAY_IDLE iterations (mnist-mlp's removal 32 spent 60% of its call's CG
+    products so); not one below its start (a stall at a kink: it stops by the stall rules or the
+    iteration cap, reported uncertified, not diverged); not a bounded row."""
+    prob = _problem("classification")
+    obj = pbrf.kinds.get("pbrf").objective(prob, 0.05)
+    B = Batched(prob, obj.value, obj.gn, obj.make_aux(prob, [[0], [1], [2]], 1.0),
+                batch_fn(prob, obj.f_ref))
+    rows = torch.arange(3)
+    st = _NewtonState.start(B, prob.theta.expand(3, -1).clone(), torch.zeros(3, dtype=F64), 1e-8,
+                            False, False, 0.0, torch.tensor([False, False, True]))
+    ratio = torch.tensor([2.0, 0.6, 2.0], dtype=F64)[:, None]
+    st.g = st.g * ratio
+    for it in range(1, RUNAWAY_IDLE + 1):
+        assert not st.runaway.any(), it
+        st.watch(rows, torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=F64),
+                 torch.ones(3, dtype=F64), torch.zeros(3, dtype=torch.bool), False)
+    assert st.runaway.tolist() == [True, False, False]
+    assert st.active.tolist() == [False, True, True]
+
+
+def test_the_proximal_and_warm_start_objectives_are_bounded_below_the_pbrf_is_not():
+    """Which kinds' removal rows may be called runaways. The proximal and warm-start objectives
+    are the kept points' nonnegative losses plus quadratics: nonnegative anywhere, however far
+    (random points up to 1e3 away from θ^s). The PBRF's removal term ``−(1/N) L(z, θ)`` is
+    bounded by nothing but the quadratic: its objective is already negative at θ^s."""
+    prob = _problem("classification")
+    aux = {k: v[0] for k, v in pbrf.objectives.removed_aux(prob, [[0]], 1.0).items()}
+    g = torch.Generator().manual_seed(0)
+    far = prob.theta + torch.randn(8, prob.n_params, generator=g, dtype=F64) * torch.logspace(
+        0, 3, 8, dtype=F64)[:, None]
+    for name in ("pbrf", "proximal", "warm"):
+        obj = pbrf.kinds.get(name).objective(prob, 0.05)
+        assert obj.bounded == (name != "pbrf")
+        batch = batch_fn(prob, obj.f_ref)(torch.arange(prob.n_train))
+        values = [float(obj.value(prob.unflatten(th), aux, batch)) for th in far]
+        at_start = float(obj.value(prob.params, aux, batch))
+        if obj.bounded:
+            assert min(values) >= 0.0 and at_start >= 0.0
+        else:
+            assert at_start < 0.0
 
 
 def test_descend_lowers_the_objective_to_its_gradient_target_within_its_budget():

@@ -69,7 +69,7 @@ __all__ = ["NewtonRecipe", "NewtonOptions", "newton_optimize", "batched_cg", "MO
            "PRODUCTS", "Batched", "Precision", "exact_matmul", "PRECONDITIONER_BYTES",
            "SKETCHES_KEPT", "fingerprint", "row_ways", "variant_names", "row_variants",
            "hessian_product", "Fastest",
-           "FASTEST_MARGIN", "per_row", "descend", "DESCENT_TARGET"]
+           "FASTEST_MARGIN", "per_row", "descend", "DESCENT_TARGET", "RUNAWAY_IDLE"]
 
 MODELS = ("shared", "auto", "gn", "hessian")
 #: The most memory the preconditioner's basis may take (its rank is cut to fit: a big model gets a
@@ -89,6 +89,14 @@ _CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: vmapped, 2.3 looped, 2.0 looped reverse-over-reverse (the forward loop is kept); smooth LeNet
 #: ×0.5, 0.071 vmapped; an MLP 64×2, 0.015 forward and 0.014 reverse (forward is kept).
 FASTEST_MARGIN = 2.0
+#: A row whose objective is not bounded below (a PBRF removal), whose gradient norm has not
+#: halved in this many outer iterations and lies above its start, is a runaway: it descends
+#: without nearing a stationary point. Measured (mnist-mlp quick, K = 64 PBRF removals,
+#: λ = 1e-2): the 63 certified removals went at most 4 iterations without halving their gradient
+#: norm (12 iterations in all at most); removal 32, never certified, went 61, its objective
+#: falling 260-fold, and took 3,363 of the call's 5,748 CG products before its gradient had grown
+#: 100-fold (the other runaway rule).
+RUNAWAY_IDLE = 20
 #: The dtype of the trust-region model's curvature products (the objective, the gradient and the
 #: certificate are always in the problem's own dtype, float64 in a measured run).
 PRODUCTS = ("float32", "float64")
@@ -613,7 +621,8 @@ class _NewtonState:
             iterations on the row's own model.
         wide: the row's model products are in the problem's own dtype (float64), not the lower
             ``products`` dtype: set where the low-precision model stalled (see :meth:`watch`).
-        bounded: the row's objective is bounded below (no removal term): never a runaway.
+        bounded: the row's objective is bounded below (no removal term; the proximal and warm
+            start): never a runaway.
     """
 
     theta: Tensor
@@ -700,12 +709,15 @@ class _NewtonState:
         row that would stall on the low-precision model is not stopped: it continues on its own
         model with products in the problem's own dtype (``wide``), μ reset — the engine before
         float32 products, so that float32 can cost iterations but never a certificate.
-        Runaway: accepted descent steps while the gradient grows by orders of magnitude — the
-        objective has no minimum near the start (e.g. a PBRF whose removed point's curvature
-        exceeds wd + λ); the response is treated as diverged. Not a row whose objective is
-        ``bounded`` below (no removal term: nonnegative losses and quadratics), which has a
-        minimum, however far (ResNet-20 ×0.25's proximal continuation at λ = 1e-3 from 5 epochs
-        of SGD: the gradient grew 100-fold in 48 iterations while the objective fell 1.97 → 1.11).
+        Runaway: accepted descent steps while the gradient grows by orders of magnitude, or
+        stays above its start after :data:`RUNAWAY_IDLE` iterations without halving (a row
+        stalled at a kink has a smaller gradient than at its start) — the objective has no
+        minimum near the start (e.g. a PBRF whose removed point's curvature exceeds wd + λ); the
+        response is treated as diverged. Not a row whose objective is ``bounded`` below (no
+        removal term, or the proximal and warm-start objectives: nonnegative losses and
+        quadratics), which has a minimum, however far (ResNet-20 ×0.25's proximal continuation
+        at λ = 1e-3 from 5 epochs of SGD: the gradient grew 100-fold in 48 iterations while the
+        objective fell 1.97 → 1.11).
         """
         gbest = torch.minimum(self.best[rows], self.g[rows].norm(dim=1))
         halved = gbest < 0.5 * self.best[rows]
@@ -723,8 +735,9 @@ class _NewtonState:
             stuck = stuck & ~widen
         self.stalled[rows] |= stuck
         dt = self.theta.dtype
-        away = self.g[rows].norm(dim=1) > 1e2 * torch.maximum(self.gn0[rows],
-                                                              self.scale[rows].to(dt))
+        start = torch.maximum(self.gn0[rows], self.scale[rows].to(dt))
+        gnorm = self.g[rows].norm(dim=1)
+        away = (gnorm > 1e2 * start) | ((self.idle[rows] >= RUNAWAY_IDLE) & (gnorm > start))
         away &= ~self.bounded[rows]  # bounded below: a long descent to a minimum that exists
         self.runaway[rows] |= away
         self.active[rows] &= ~(stuck | away)
@@ -807,7 +820,7 @@ def newton_optimize(
         low: the model's products in another dtype (a :class:`Precision`); default: its own.
         magnitude: ``J(θ^s)``, the size of the losses in the objective (its round-off,
             :func:`_judge`); grad_floor: the gradient's round-off floor, where a problem stops;
-            bounded: ``[K]`` bool, rows bounded below (no removal term), never a runaway.
+            bounded: ``[K]`` bool, rows bounded below (proximal, warm start), never runaways.
 
     Returns: ``(theta [K, p], diagnostics)``, ``[K]`` tensors ``steps`` (accepted), ``iterations``,
     ``cg_iterations``, ``own_iterations`` (on the row's own model), ``wide``, ``objective``,

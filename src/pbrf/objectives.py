@@ -42,6 +42,11 @@ class Objective(NamedTuple):
     make_aux: Callable[[Problem, list[list[int]], float], dict]
     f_ref: Tensor | None = None
     removal: Callable | None = None
+    #: every removal row's objective is bounded below while ``removal_weight ≤ 1`` (the kept
+    #: points' nonnegative losses plus quadratics): a long descent there reaches a minimum, so
+    #: :mod:`pbrf.newton` never calls it a runaway. Not the PBRF, whose removal term is linear
+    #: in the removed point's outputs.
+    bounded: bool = False
 
 
 def sq(params: Params, anchor: Params | None = None) -> Tensor:
@@ -140,13 +145,14 @@ def removed_aux(prob: Problem, groups: list[list[int]], weight: float) -> dict:
 def warm_objective(prob: Problem, damping: float) -> Objective:
     """``J_{−r}(θ)`` (warm and cold start; ``damping`` unused)."""
     return Objective(removal_objective(prob), removal_gn(prob), prob.weight_decay, removed_aux,
-                     removal=removal_term(prob))
+                     removal=removal_term(prob), bounded=True)
 
 
 def proximal_objective(prob: Problem, damping: float) -> Objective:
     """``J_{−r}(θ) + (λ/2)||θ − θ^s||²``."""
     return Objective(removal_objective(prob, damping), removal_gn(prob),
-                     prob.weight_decay + damping, removed_aux, removal=removal_term(prob))
+                     prob.weight_decay + damping, removed_aux, removal=removal_term(prob),
+                     bounded=True)
 
 
 def pbrf_response_objective(prob: Problem, damping: float) -> Objective:

@@ -306,7 +306,8 @@ def _run_newton(s: _Setting, groups, signal, desc, start=None, fallback=None):
                                batch_fn(s.prob, obj.f_ref), s.progress, desc,
                                exact_from_start=start is not None, removal_fn=obj.removal,
                                aux0=aux0, low=low, magnitude=magnitude, grad_floor=grad_floor,
-                               bounded=torch.tensor([not g for g in groups], device=theta0.device))
+                               bounded=torch.tensor([not g or (obj.bounded and s.weight <= 1)
+                                                     for g in groups], device=theta0.device))
     return theta.detach(), RemovalDiagnostics.newton_rows(d)
 
 
