@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python bench/bench_accurate.py
 	$(BIN)/python bench/bench_continuation.py
 	$(BIN)/python bench/bench_rows.py
+	$(BIN)/python bench/bench_jacobian.py
 
 clean:
 	rm -rf runs .pytest_cache

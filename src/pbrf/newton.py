@@ -65,6 +65,8 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
+from . import jacobian
+
 __all__ = ["NewtonRecipe", "NewtonOptions", "newton_optimize", "batched_cg", "MODELS",
            "PRODUCTS", "Batched", "Precision", "exact_matmul", "PRECONDITIONER_BYTES",
            "SKETCHES_KEPT", "fingerprint", "row_ways", "variant_names", "row_variants",
@@ -466,7 +468,8 @@ class Batched:
     """
 
     def __init__(self, prob, value_fn, gn_fn, aux: dict, batch_fn, removal_fn=None) -> None:
-        self.prob, self.aux, self.batch_fn = prob, aux, batch_fn
+        self.prob, self.aux, self.batch_fn, self.gn_fn = prob, aux, batch_fn, gn_fn
+        self._hessians: tuple | None = None  # (key, output Hessians per chunk) at the stored θ
 
         def value(th: Tensor, a: dict, b: dict) -> Tensor:
             return value_fn(prob.unflatten(th), a, b)
@@ -535,8 +538,31 @@ class Batched:
         penalties included (``"hessian"``).
         """
         fn = self._shared[form]
+        if form == "gn" and jacobian.pays(self.prob):
+            return self._stored_gn(theta0, aux0, V)
         (out,) = self._over_data(lambda b: (fn(theta0, V, aux0, b),))
         return out.detach()
+
+    def _stored_gn(self, theta0: Tensor, aux0: dict, V: Tensor) -> Tensor:
+        """:meth:`shared`'s Gauss–Newton products through the stored output Jacobians at
+        ``theta0`` (:mod:`pbrf.jacobian`); the chunks past their memory through the network.
+        """
+        prob, key = self.prob, (*fingerprint(theta0), id(aux0))
+        Js = jacobian.jacobians(prob, theta0, key[:-1])
+        if self._hessians is None or self._hessians[0] != key:
+            self._hessians = (key, [None if J is None else jacobian.output_hessians(
+                lambda o, b=b: self.gn_fn(o, aux0, b), prob.outputs_flat(theta0, b["x"]))
+                for J, b in zip(Js, self._chunk_batches())])
+        total = torch.zeros_like(V)
+        for J, H, b in zip(Js, self._hessians[1], self._chunk_batches()):
+            part = (self._shared["gn"](theta0, V, aux0, b) if J is None
+                    else jacobian.gn_product(J, H, V))
+            total += (b["idx"].numel() / prob.n_train) * part
+        return total.detach()
+
+    def _chunk_batches(self):
+        for s in self.prob.chunks():
+            yield self.batch_fn(torch.arange(s.start, s.stop, device=self.prob.device))
 
     def removal_hvp(self, rows: Tensor, theta: Tensor, V: Tensor) -> Tensor:
         """Exact Hessian products of each row's removal term at its own ``theta`` (a few

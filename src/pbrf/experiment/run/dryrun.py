@@ -17,6 +17,11 @@ rows over 512). Where the engine computes an operation several ways
   each row's exact Hessian at its own parameters (the own model; Gauss–Newton with
   ``responses.model = "gn"``), and a float64 value and gradient of each row, over one data chunk
   (``Problem.chunk_size`` examples; a full-data pass is several);
+* for a CNN (:func:`pbrf.jacobian.pays`), the shared model's Gauss–Newton products through the
+  per-example output Jacobians the engine stores (within :data:`pbrf.jacobian.JACOBIAN_BYTES`):
+  their build, probed per example, counted once per start point and chunk, and the two matrix
+  products per vector, probed on random Jacobians; the chunks past that memory through the
+  network, as above;
 * the influence solves' products at θ^s (``influence.curvature``) for as many directions as
   they have right-hand sides (the test points, or K), over one data chunk;
 * one vmapped gradient of K stacked models on one minibatch (base training with one model, cold
@@ -54,7 +59,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad, grad_and_value, jvp, vjp, vmap
 
-from pbrf import Recipe, kinds
+from pbrf import Recipe, jacobian, kinds
 from pbrf.curvature import CurvatureOperator
 from pbrf.engine import stack
 from pbrf.experiment import (
@@ -100,7 +105,13 @@ __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHAR
 # floor (212 s; negative curvature on the way: an unconverged θ^s; before that floor, 709 s,
 # grinding below it), with the L-BFGS warm-up 360 evaluations, then 11 outer iterations and 423 CG
 # products (162 s, a different and higher local minimum). mnist-mlp quick, K = 64: 4–7 outer
-# iterations and 23–61 CG products for most removals.
+# iterations and 23–61 CG products for most removals. These counts come from λ = 0.1 and 1e-2
+# and underestimate a smaller λ: ResNet-20 ×0.25's quick profile (λ = 1e-3, θ^s after 5 epochs),
+# one PBRF chunk of 8 removals was still in its 10th outer iteration after 50 minutes, where this
+# model counts 7 outer iterations, about 17 minutes.
+#: The smallest damping λ where the counts below were seen to hold (smooth LeNet at 0.1, mnist-mlp
+#: at 1e-2); a smaller λ conditions the systems worse (the caveat line says so).
+COUNTED_DAMPING = 1e-2
 NEWTON_SHARED_OUTER = 2
 NEWTON_OWN_OUTER = 5
 NEWTON_OUTER = NEWTON_SHARED_OUTER + NEWTON_OWN_OUTER
@@ -111,6 +122,8 @@ CONTINUATION_PCG = 35
 PCG_ITERS = 10
 NEWTON_PRODUCT_DTYPE = torch.float32
 PRECONDITIONER_PRODUCTS = 256
+#: Vectors per call of the preconditioner's sketch (``pbrf.newton._preconditioner``'s block).
+SKETCH_BLOCK = 16
 #: ``[K, p]`` float64 vectors the Newton optimiser keeps per chunk (θ, gradient, CG state, ...).
 NEWTON_VECTORS = 12
 #: Typical CG iterations of one linear solve of the influence estimate (its practical solver).
@@ -134,6 +147,9 @@ class RunSizes:
         batch, steps: the base recipe's minibatch and steps.
         n_test: test points (right-hand sides of the influence solve).
         outputs: model outputs per example (rows of the Gauss–Newton Jacobian).
+        stored_examples: examples whose output Jacobians the Newton engine stores for its shared
+            Gauss–Newton products (:mod:`pbrf.jacobian`; 0 where products through the network
+            are the cheaper).
     """
 
     n: int
@@ -146,6 +162,7 @@ class RunSizes:
     steps: int
     n_test: int
     outputs: int
+    stored_examples: int = 0
 
 
 def run_sizes(config: ExperimentConfig, problem) -> RunSizes:
@@ -160,7 +177,9 @@ def run_sizes(config: ExperimentConfig, problem) -> RunSizes:
         n_chunks=math.ceil(rc.n_removals / config.run.chunk_size),
         data_chunk=min(problem.chunk_size, n), batch=min(train.batch_size or n, n),
         steps=train.total_steps(n), n_test=rc.n_test_points,
-        outputs=problem.outputs_flat(problem.theta, problem.x[:1])[0].numel())
+        outputs=problem.outputs_flat(problem.theta, problem.x[:1])[0].numel(),
+        stored_examples=(jacobian.stored_examples(problem, NEWTON_PRODUCT_DTYPE)
+                         if jacobian.pays(problem) else 0))
 
 
 def dry_run(config: ExperimentConfig, inputs) -> dict:
@@ -191,7 +210,7 @@ def dry_run(config: ExperimentConfig, inputs) -> dict:
         "seeds": config.run.seeds, "train_seed": config.train.seed, "base_steps": s.steps,
         "cold_seeds": list(config.responses.cold_seeds),
         "response_recipe": config.responses.recipe_dict(), "lds_subsets": config.lds.subsets,
-        "newton_model": _newton_model(config),
+        "newton_model": _newton_model(config, s),
         "loading_peak_bytes": loading_peak, "loaded_rss_bytes": loaded,
         "baseline_rss_bytes": baseline, "probe_peak_bytes": stages,
         "newton_state_bytes": state, "estimated_peak_bytes": peak,
@@ -202,11 +221,13 @@ def dry_run(config: ExperimentConfig, inputs) -> dict:
     }
 
 
-def _newton_model(config: ExperimentConfig) -> dict | None:
+def _newton_model(config: ExperimentConfig, s: RunSizes) -> dict | None:
     """The Newton cost model in force (``None`` when no kind is optimised by Newton)."""
     if not _newton_kinds(config) or config.responses.optimizer != "newton":
         return None
-    return {"outer": NEWTON_OUTER,
+    shared = config.responses.model == "shared"
+    return {"outer": NEWTON_OUTER, "stored_examples": s.stored_examples * shared, "n": s.n,
+            "damping": config.influence.damping,
             "shared_outer": NEWTON_SHARED_OUTER if config.responses.model == "shared" else 0,
             "pcg": PCG_ITERS, "preconditioner": PRECONDITIONER_PRODUCTS,
             "continuation": ("proximal" in _newton_kinds(config))
@@ -245,7 +266,7 @@ def _kind_rows(config: ExperimentConfig, kind: str, s: RunSizes) -> int:
 
 def _run_size(name: str, s: RunSizes) -> tuple[int, int]:
     """``(rows, examples)`` of one call of a probed operation in the run."""
-    sizes = {"training_step": (s.rows, s.batch),
+    sizes = {"training_step": (s.rows, s.batch), "newton_jacobian": (1, s.data_chunk),
              "gauss_newton": (max(s.n_test, s.rows), s.data_chunk),
              "per_example_grads": (1, s.data_chunk),
              "dense_jacobian": (s.data_chunk * s.outputs, s.data_chunk)}
@@ -265,6 +286,9 @@ def _probe_all(config: ExperimentConfig, problem, measure, s: RunSizes) -> dict[
         if resp.model == "shared":
             ops |= {f"newton_shared_{form}": _newton_product(low, form, shared=True)
                     for form in {_shared_form(k) for k in _newton_kinds(config)}}
+            if s.stored_examples:  # the shared Gauss–Newton products through stored Jacobians
+                ops |= {"newton_jacobian": _jacobian_build(low),
+                        "newton_jacobian_product": _jacobian_product(low)}
     if "exact" in (inf.solver, inf.accurate_solver) and inf.curvature == "ggn":
         ops["dense_jacobian"] = _jacobian_rows(measure)
     return {k: _fastest(op, *_run_size(k, s), dev) if isinstance(op, dict)
@@ -290,7 +314,7 @@ def _memory(config: ExperimentConfig, s: RunSizes, probes: dict[str, Probe]
     stages = {k: probes[k].peak_bytes(*_run_size(k, s))
               for k in ("training_step", "gauss_newton", "per_example_grads",
                         "newton_product", "newton_value_grad", "newton_shared_gn",
-                        "newton_shared_hessian") if k in probes}
+                        "newton_shared_hessian", "newton_jacobian") if k in probes}
     if _newton_kinds(config) and "newton_product" not in probes:  # first-order PBRF/proximal
         stages["training_step"] = max(stages["training_step"], probes["training_step"].peak_bytes(
             s.rows, _response_recipe(config, s)[1]))
@@ -301,6 +325,8 @@ def _memory(config: ExperimentConfig, s: RunSizes, probes: dict[str, Probe]
         sketch = min(PRECONDITIONER_PRODUCTS * s.p * 8, PRECONDITIONER_BYTES)
         kept = min(len(_newton_kinds(config)), SKETCHES_KEPT)
         state = NEWTON_VECTORS * s.rows * s.p * 8 + kept * sketch
+        if "newton_jacobian" in probes:  # the stored Jacobians (pbrf.jacobian)
+            state += s.stored_examples * s.outputs * s.p * NEWTON_PRODUCT_DTYPE.itemsize
     return stages, state
 
 
@@ -368,22 +394,34 @@ def _newton_seconds(config: ExperimentConfig, s: RunSizes, probes: dict[str, Pro
     def data_pass(op: Probe, rows: int) -> float:
         return op.pass_seconds(rows, s.n, s.data_chunk)
 
+    def shared_pass(form: str, rows: int) -> float:
+        net = probes.get(f"newton_shared_{form}", own)
+        if form != "gn" or "newton_jacobian_product" not in probes:
+            return data_pass(net, rows)
+        stored = s.stored_examples
+        return (probes["newton_jacobian_product"].pass_seconds(rows, stored, s.data_chunk)
+                + net.pass_seconds(rows, s.n - stored, s.data_chunk))
+
     def per_kind(kind: str) -> float:
         r = _kind_rows(config, kind, s)
-        shared = probes.get(f"newton_shared_{_shared_form(kind)}")
-        if shared is None:  # every iteration on the rows' own models
+        if f"newton_shared_{_shared_form(kind)}" not in probes:  # only the rows' own models
             return NEWTON_OUTER * (PCG_ITERS * data_pass(own, r) + data_pass(value_grad, r))
-        return (PCG_ITERS * (NEWTON_SHARED_OUTER * data_pass(shared, r)
+        return (PCG_ITERS * (NEWTON_SHARED_OUTER * shared_pass(_shared_form(kind), r)
                              + NEWTON_OWN_OUTER * data_pass(own, r))
                 + NEWTON_OUTER * data_pass(value_grad, r))
 
-    sketch = probes.get("newton_shared_gn", own)
     evals, outer, pcg = _continuation_counts(config)
     continuation = ("proximal" in names) * (
         evals * data_pass(value_grad, 1)
         + outer * (pcg * data_pass(own, 1) + data_pass(value_grad, 1)))
-    return (s.n_chunks * sum(per_kind(k) for k in names) + continuation
-            + len(names) * PRECONDITIONER_PRODUCTS * data_pass(sketch, 1))
+    # the Nyström sketch in blocks of SKETCH_BLOCK vectors; the stored Jacobians are rebuilt at
+    # each chunk's start point when the kinds' chunks alternate (one point is stored)
+    sketch = len(names) * PRECONDITIONER_PRODUCTS / SKETCH_BLOCK * shared_pass("gn", SKETCH_BLOCK)
+    builds = 0.0
+    if "newton_jacobian" in probes:
+        builds = ((1 if len(names) == 1 else s.n_chunks * len(names))
+                  * probes["newton_jacobian"].pass_seconds(1, s.stored_examples, s.data_chunk))
+    return s.n_chunks * sum(per_kind(k) for k in names) + continuation + sketch + builds
 
 
 def _influence_seconds(s: RunSizes, probes: dict[str, Probe]) -> float:
@@ -437,6 +475,35 @@ def _newton_product(prob, model: str, shared: bool = False, way: str | None = No
             row_variants(prob, gauss_newton, (0, 0))[way](theta, V)
         else:
             row_variants(prob, loss, (0, 0), hessian=True)[way](theta, V)
+
+    return op
+
+
+def _jacobian_build(prob):
+    """``op(1, e)``: the output Jacobians of e examples at θ^s, as the engine stores them."""
+
+    def op(rows: int, examples: int) -> None:
+        jacobian.example_jacobians(prob, prob.theta.detach(), prob.x[:examples])
+
+    return op
+
+
+def _jacobian_product(prob):
+    """``op(r, e)``: shared Gauss–Newton products of r vectors through the stored Jacobians of e
+    examples (two matrix products each; the Jacobians, random, are allocated on the first call
+    — the warm-up — for up to 64 examples and 256 MiB, and reused in turn for more).
+    """
+    C, held = jacobian.outputs_per_example(prob), {}
+    block = max(1, min(64, 2**28 // (C * prob.n_params * prob.dtype.itemsize)))
+
+    def op(rows: int, examples: int) -> None:
+        if "J" not in held:
+            held["J"] = torch.randn(block, C, prob.n_params, dtype=prob.dtype, device=prob.device)
+            held["H"] = torch.randn(block, C, C, dtype=prob.dtype, device=prob.device)
+        _, V = _directions(prob, rows)
+        for i in range(0, examples, block):
+            n = min(block, examples - i)
+            jacobian.gn_product(held["J"][:n], held["H"][:n], V)
 
     return op
 
@@ -568,7 +635,14 @@ def _caveat(d: dict) -> list[str]:
                      + ("; the proximal continuation "
                         + (f"{m['warmup']} L-BFGS gradients and " if m.get("warmup") else "")
                         + f"{m['continuation']} products of one row"
-                        if m.get("continuation") else ""))
+                        if m.get("continuation") else "")
+                     + (f"; shared Gauss–Newton products through the stored Jacobians of "
+                        f"{m['stored_examples']:,} of {m['n']:,} examples"
+                        if m.get("stored_examples") else ""))
+        if m.get("damping", COUNTED_DAMPING) < COUNTED_DAMPING:
+            lines.append(f"            these counts hold at λ ≥ {COUNTED_DAMPING:g}; at λ = "
+                         f"{m['damping']:g} expect more (ResNet-20 ×0.25 at 1e-3: at least 3× the "
+                         "counted time for a PBRF chunk)")
     return lines
 
 
