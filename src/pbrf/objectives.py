@@ -44,8 +44,9 @@ class Objective(NamedTuple):
     removal: Callable | None = None
     #: every removal row's objective is bounded below while ``removal_weight ≤ 1`` (the kept
     #: points' nonnegative losses plus quadratics): a long descent there reaches a minimum, so
-    #: :mod:`pbrf.newton` never calls it a runaway. Not the PBRF, whose removal term is linear
-    #: in the removed point's outputs.
+    #: :mod:`pbrf.newton` never calls it a runaway. Not the PBRF: with the removed point's own
+    #: Bregman term, its removal term is linear in that point's outputs, bounded by nothing but
+    #: the quadratic.
     bounded: bool = False
 
 
