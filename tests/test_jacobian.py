@@ -12,17 +12,9 @@ from pbrf.curvature import dense_ggn
 from pbrf.engine import batch_fn
 from pbrf.newton import Batched
 
+from .test_newton import tiny_smooth_cnn
+
 F64 = torch.float64
-
-
-def _cnn(n: int = 40) -> pbrf.Problem:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 1, 8, 8, generator=g, dtype=F64)
-    y = (x.mean((1, 2)) @ torch.randn(8, 3, generator=g, dtype=F64)).argmax(1)
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.AvgPool2d(2), nn.Flatten(),
-                          nn.Linear(18, 3)).double()
-    return pbrf.Problem(model, tasks.Classification(), (x, y), weight_decay=1e-2, chunk_size=16)
 
 
 def _shared(prob, kind: str, theta, V):
@@ -35,7 +27,7 @@ def _shared(prob, kind: str, theta, V):
 def test_the_rule_reads_the_model_cnns_store_jacobians_mlps_do_not():
     """4·C·p against 3 forward FLOPs: the tiny CNN's product through its Jacobian is cheaper, an
     MLP's is not (its product through the network costs about as much as one through J)."""
-    cnn = _cnn()
+    cnn = tiny_smooth_cnn()
     assert jacobian.pays(cnn)
     x = torch.randn(20, 3, dtype=F64)
     mlp = pbrf.Problem(nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double(),
@@ -48,7 +40,7 @@ def test_stored_jacobian_products_are_the_networks_and_the_dense_gauss_newton(mo
     """At θ^s and at another point, for the PBRF's and the proximal objective's shared model:
     through the stored Jacobians, through the network, and the dense matrix (brute force) agree
     to 1e-12; with memory for one chunk only, the others go through the network, same values."""
-    prob = _cnn()
+    prob = tiny_smooth_cnn()
     g = torch.Generator().manual_seed(0)
     V = torch.randn(5, prob.n_params, generator=g, dtype=F64)
     other = prob.theta + 0.1 * torch.randn(prob.n_params, generator=g, dtype=F64)

@@ -203,7 +203,7 @@ def test_paired_warm_start_is_exact_leave_one_out_for_converged_logistic_regress
     assert all(d["paired_certified"] for d in resp.diagnostics)
 
 
-def _tiny_smooth_cnn(n: int = 40):
+def tiny_smooth_cnn(n: int = 40):
     """A float64 GELU + average-pooling CNN (3 classes, 8×8 inputs, 64 parameters) trained for a
     few full-batch steps on random images with a learnable rule."""
     g = torch.Generator().manual_seed(1)
@@ -218,12 +218,12 @@ def _tiny_smooth_cnn(n: int = 40):
     return pbrf.Problem(res.model, T, (x, y), weight_decay=1e-2, chunk_size=16)
 
 
-def test_float32_products_reach_the_float64_optimum_on_a_tiny_smooth_cnn():
+def test_float32_products_reach_the_float64_optimum_on_atiny_smooth_cnn():
     """The default engine (float32 curvature products, shared first model, Nyström
     preconditioner) and the all-float64 per-row engine find the same PBRF and proximal
     responses: the certificate is computed from float64 gradients, so the products' precision
     changes the path, never the optimum."""
-    prob = _tiny_smooth_cnn()
+    prob = tiny_smooth_cnn()
     groups = [[0], [5], [11], [2, 3]]
     old = NewtonRecipe(tol=1e-12, model="auto", products="float64", precondition=0)
     for kind in ("pbrf", "proximal"):
@@ -272,7 +272,7 @@ def test_rows_whose_low_precision_model_stalls_continue_in_float64():
     of ~2e-9. The engine does not stop those rows: they continue with float64 products on their
     own model and reach the tolerance (1e-12), so the products' precision costs iterations,
     never a certificate."""
-    prob, groups, lam = _tiny_smooth_cnn(), [[0], [5], [11], [2, 3]], 1e-3
+    prob, groups, lam = tiny_smooth_cnn(), [[0], [5], [11], [2, 3]], 1e-3
     obj = pbrf.kinds.get("pbrf").objective(prob, lam)
     low = prob.astype(torch.bfloat16)
     lobj = pbrf.kinds.get("pbrf").objective(low, lam)
@@ -297,7 +297,7 @@ def test_steps_below_the_losses_round_off_are_judged_by_the_gradient():
     the gradient are rejected and rows stall as far up as ρ ~ 1e-1; with the floor set by
     J(θ^s), those steps are judged by the gradient and every row reaches the float64 gradient's
     own floor."""
-    prob, groups, lam, w = _tiny_smooth_cnn(), [[0], [5], [11], [24], [30]], 1e-2, 1e-6
+    prob, groups, lam, w = tiny_smooth_cnn(), [[0], [5], [11], [24], [30]], 1e-2, 1e-6
     recipe = NewtonRecipe(tol=1e-10, max_iter=60, model="auto", products="float64",
                           precondition=0)
     resp = pbrf.respond(prob, "pbrf", groups, damping=lam, recipe=recipe, removal_weight=w,
@@ -318,7 +318,7 @@ def test_rows_looped_or_vmapped_forward_or_reverse_give_the_same_values():
     and the Hessian products are forward- or reverse-over-reverse (whichever :class:`Fastest`
     measures faster): the same values, per-row aux dicts and tuple outputs included, equal to
     the dense Hessian's products."""
-    prob = _tiny_smooth_cnn()
+    prob = tiny_smooth_cnn()
     assert row_ways(prob) == ("vmap", "loop")  # a CNN on CPU may loop
     obj = pbrf.kinds.get("pbrf").objective(prob, 0.05)
     groups = [[0], [5], [2, 3]]
@@ -348,7 +348,7 @@ def test_fastest_measures_the_variants_on_the_first_call_then_keeps_one_within_i
     the first, in the declared order, within FASTEST_MARGIN of the fastest, returns its result
     from that call on and runs it alone after; one row is chosen apart, among the loops only;
     the choice belongs to the problem, so another chunk's operator shares it."""
-    prob, calls = _tiny_smooth_cnn(), []
+    prob, calls = tiny_smooth_cnn(), []
 
     def variant(name: str, seconds: float, tag: float):
         def fn(theta, b):

@@ -44,7 +44,7 @@ JACOBIAN_BYTES = 2**30
 JACOBIAN_BLOCK = 64
 #: Each problem's stored Jacobians ``(key, [J [B, C, p] or None per chunk])`` (weakly keyed).
 _STORE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: Each problem's forward FLOPs per example.
+#: Each problem's forward FLOPs and outputs per example.
 _FLOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -52,17 +52,23 @@ def forward_flops(prob: Problem) -> int:
     """Floating-point operations of one example's forward pass (matrix products and
     convolutions, as :class:`torch.utils.flop_counter.FlopCounterMode` counts them).
     """
-    if prob not in _FLOPS:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            prob.outputs(prob.params, prob.x[:1])
-        _FLOPS[prob] = int(counter.get_total_flops())
-    return _FLOPS[prob]
+    return _measured(prob)[0]
 
 
 def outputs_per_example(prob: Problem) -> int:
     """``C``: the model's outputs per example (rows of one example's Jacobian)."""
-    with torch.no_grad():
-        return int(prob.outputs(prob.params, prob.x[:1])[0].numel())
+    return _measured(prob)[1]
+
+
+def _measured(prob: Problem) -> tuple[int, int]:
+    """``(forward FLOPs, outputs)`` of one example, from one counted forward pass per problem
+    (:func:`pays` is asked on every shared product).
+    """
+    if prob not in _FLOPS:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = prob.outputs(prob.params, prob.x[:1])
+        _FLOPS[prob] = (int(counter.get_total_flops()), int(out[0].numel()))
+    return _FLOPS[prob]
 
 
 def pays(prob: Problem) -> bool:

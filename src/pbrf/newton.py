@@ -505,12 +505,10 @@ class Batched:
         return {k: v[rows] for k, v in self.aux.items()}
 
     def _over_data(self, fn):
-        prob, total = self.prob, None
-        for s in prob.chunks():
-            idx = torch.arange(s.start, s.stop, device=prob.device)
-            w = (s.stop - s.start) / prob.n_train
-            part = fn(self.batch_fn(idx))
-            part = tuple(w * p for p in part)
+        total = None
+        for b in self._chunk_batches():
+            w = b["idx"].numel() / self.prob.n_train
+            part = tuple(w * p for p in fn(b))
             total = part if total is None else tuple(t + p for t, p in zip(total, part))
         return total
 
@@ -561,6 +559,7 @@ class Batched:
         return total.detach()
 
     def _chunk_batches(self):
+        """The batches of the training set's chunks, in order."""
         for s in self.prob.chunks():
             yield self.batch_fn(torch.arange(s.start, s.stop, device=self.prob.device))
 
