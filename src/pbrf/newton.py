@@ -99,6 +99,25 @@ FASTEST_MARGIN = 2.0
 #: falling 260-fold, and took 3,363 of the call's 5,748 CG products before its gradient had grown
 #: 100-fold (the other runaway rule).
 RUNAWAY_IDLE = 20
+#: A preconditioned float32 CG solve whose residual norm has not halved in this many iterations has
+#: stalled at its products' round-off: it stops there, and its row continues with products in the
+#: problem's own dtype (``wide``). Measured on ResNet-20 ×0.25's quick θ^s (N = 1,000, λ = 1e-2, 2
+#: PBRF removals): four Newton iterations brought the gradients to 2e3-4e3 × their tolerance, where
+#: the next exact-Hessian solves asked for relative residuals of 4e-5 and 2e-5; with float32
+#: products the residuals wandered between 1.4e-3 and 7.5e-3 of the right-hand side from the 10th
+#: iteration to the 60th (bound for ``cg_max_iter``, 500 products of ~1.8 s per row); with float64
+#: products the same systems met their targets in 9 and 11 iterations. On the bfloat16 tiny-CNN case
+#: of the tests (4 rows to 1e-12): 2,254 CG products and 109 outer iterations without the rule, 693
+#: and 63 with 25, 470 and 57 with 15, 366 and 44 with 10, every row certified each time. Not
+#: float64 solves or unpreconditioned ones: they may plateau that long on their conditioning.
+CG_STALL = 10
+#: A Newton solve asks for a relative residual no smaller than ``OVERSOLVE · atol / ||∇F||``: the
+#: forcing term ``||∇F|| / ||∇F(θ_0)||`` converges superlinearly but, one step from the
+#: tolerance, asks for far more than that step needs. Measured on ResNet-20 ×0.25's quick θ^s
+#: (λ = 1e-2, 8 PBRF removals): at 5-34 × their tolerance, five rows' last solves asked for
+#: 1e-7 to 3e-7 and were still at 2e-5 to 4e-3 after 10 float64 products each;
+#: 0.1 × atol needs 0.3% to 2%.
+OVERSOLVE = 0.1
 #: The dtype of the trust-region model's curvature products (the objective, the gradient and the
 #: certificate are always in the problem's own dtype, float64 in a measured run).
 PRODUCTS = ("float32", "float64")
@@ -225,7 +244,8 @@ def batched_cg(
     atol: Tensor,
     max_iter: int,
     precond: Callable[[Tensor, Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    stall: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(Preconditioned) conjugate gradients for K independent SPD systems ``A_k x_k = b_k`` at once.
 
     Args:
@@ -235,10 +255,12 @@ def batched_cg(
             without a preconditioner).
         max_iter: iteration cap.
         precond: ``(rows, R) -> M_rows⁻¹ R``, an SPD preconditioner per system (default none).
+        stall: stop a system whose residual norm has not halved in :data:`CG_STALL` iterations.
 
     Returns:
-        ``(X, R, iters, negative)``: solutions, recursive residuals ``B − A X``, iterations per
-        system, and whether it met a non-positive curvature direction (it stops where it is).
+        ``(X, R, iters, negative, stalled)``: solutions, recursive residuals ``B − A X``,
+        iterations per system, whether it met a non-positive curvature direction or stopped by
+        ``stall`` (either stops where it is).
     """
     K = B.shape[0]
     every = torch.arange(K, device=B.device)
@@ -248,7 +270,9 @@ def batched_cg(
     P, rz = Z.clone(), _rows_dot(R, Z)
     iters = torch.zeros(K, dtype=torch.long, device=B.device)
     negative = torch.zeros(K, dtype=torch.bool, device=B.device)
-    active = R.norm(dim=1) > atol
+    stalled, since = torch.zeros_like(negative), torch.zeros_like(iters)
+    mark = R.norm(dim=1)  # the residual norm at the last halving
+    active = mark > atol
     for _ in range(max_iter):
         rows = active.nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -267,9 +291,13 @@ def batched_cg(
         rz[rows] = rz_new
         iters[rows] += 1
         rn = R[rows].norm(dim=1)
+        halved = rn <= 0.5 * mark[rows]
+        mark[rows] = torch.where(halved, rn, mark[rows])
+        since[rows] = torch.where(halved, torch.zeros_like(since[rows]), since[rows] + 1)
         still = ok & (rn > atol[rows]) & torch.isfinite(rn)
-        active[rows] = still
-    return X, R, iters, negative
+        stalled[rows] |= still & (since[rows] >= CG_STALL) & stall
+        active[rows] = still & ~stalled[rows]
+    return X, R, iters, negative, stalled
 
 
 def nystrom(matvec: Callable[[Tensor], Tensor], p: int, rank: int, like: Tensor,
@@ -963,7 +991,10 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     tiny = torch.finfo(dt).tiny
     th, gr, m = st.theta[rows], st.g[rows], st.mu[rows]
     own = st.own[rows]
-    eta = (gn / st.gn0[rows].clamp_min(tiny)).clamp(max=recipe.forcing)
+    # no solve beyond the stopping tolerance (Eisenstat & Walker's safeguard): a residual of
+    # OVERSOLVE · atol leaves the step's gradient below atol as far as the model is right
+    eta = torch.maximum(gn / st.gn0[rows].clamp_min(tiny),
+                        OVERSOLVE * st.atol[rows] / gn.clamp_min(tiny)).clamp(max=recipe.forcing)
     # the shared model converges linearly: no use solving its systems far below its rate
     eta = torch.where(own, eta, eta.clamp(min=1e-3))
     eta = torch.where(st.wide[rows], eta, eta.clamp(min=M.floor))
@@ -971,7 +1002,7 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     # (where only the gradient can judge a step, and only the exact model reduces it reliably)
     switch_at = recipe.switch * torch.maximum(st.scale[rows].to(dt), st.gn0[rows])
     near = (gn <= switch_at) | st.at_roundoff[rows]
-    d, Ad, ci, neg = _step(M, recipe, rows, th, gr, m, eta * gn, near, own, st.wide[rows])
+    d, Ad, ci, neg, stuck = _step(M, recipe, rows, th, gr, m, eta * gn, near, own, st.wide[rows])
     st.cg_iterations[rows] += ci
     st.iterations[rows] += 1
     st.own_iterations[rows] += own.long()
@@ -987,6 +1018,9 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     slow = ~accept | (g_new.norm(dim=1) > 0.25 * gn)
     st.slow[rows] = torch.where(slow & ~own, st.slow[rows] + 1, torch.zeros_like(st.slow[rows]))
     st.own[rows] |= (st.slow[rows] >= 2) | (neg & ~own)
+    if M.wide is not None:  # round-off stopped an own-model solve: the problem's dtype from now
+        st.wide[rows] |= stuck & own
+    st.own[rows] |= stuck
     st.take(rows, accept, d, F_new, g_new, mu)
     st.watch(rows, accept, mu, curv, untestable, M.wide is not None)
 
@@ -1036,7 +1070,7 @@ def _next_mu(m: Tensor, accept: Tensor, ratio: Tensor, untestable: Tensor,
 def _cg(M: _Model, mode: str, rows, th, gr, m, atol, max_iter, sel: Tensor, wide: bool = False):
     """CG on the rows ``sel`` with the model ``mode`` (``"shared"``, ``"hessian"`` or ``"gn"``),
     its products in the problem's own dtype if ``wide``; returns ``(d, A d without μ,
-    iterations, negative curvature met)``.
+    iterations, negative curvature met, stalled)``.
     """
     P = M.wide if wide else M.products
     if mode == "shared":
@@ -1051,13 +1085,15 @@ def _cg(M: _Model, mode: str, rows, th, gr, m, atol, max_iter, sel: Tensor, wide
     if M.precond is not None:
         sigma = M.shift + m[sel]
         pc = lambda sub, R: M.precond(sigma[sub], R)  # noqa: E731
-    d, r, ci, neg = batched_cg(mv, -gr[sel], atol[sel], max_iter, pc)
-    return d, -gr[sel] - r - m[sel, None] * d, ci, neg
+    low = M.wide is not None and not wide and pc is not None  # CG_STALL: preconditioned float32
+    d, r, ci, neg, stuck = batched_cg(mv, -gr[sel], atol[sel], max_iter, pc, low)
+    return d, -gr[sel] - r - m[sel, None] * d, ci, neg, stuck
 
 
 def _step(M: _Model, recipe: NewtonRecipe, rows, th, gr, m, atol, near, own, wide):
     """The trust-region step ``d`` of every row, its model product ``A d`` (``A`` without μ), CG
-    iterations and whether the shared model met negative curvature.
+    iterations, whether the shared model met negative curvature and whether a CG solve stalled
+    (:data:`CG_STALL`).
 
     Rows on the shared model (``~own``) solve with it. The others follow ``recipe.model`` (the
     ``"auto"`` rule for ``"shared"``): exact Hessian for the rows ``near`` the optimum,
@@ -1067,10 +1103,11 @@ def _step(M: _Model, recipe: NewtonRecipe, rows, th, gr, m, atol, near, own, wid
     d, Ad = torch.zeros_like(gr), torch.zeros_like(gr)
     ci = torch.zeros(rows.numel(), dtype=torch.long, device=th.device)
     neg = torch.zeros(rows.numel(), dtype=torch.bool, device=th.device)
+    stuck = torch.zeros_like(neg)
     args = (rows, th, gr, m, atol, recipe.cg_max_iter)
     if bool((~own).any()):
         sel = (~own).nonzero().squeeze(1)
-        d[sel], Ad[sel], ci[sel], neg[sel] = _cg(M, "shared", *args, sel)
+        d[sel], Ad[sel], ci[sel], neg[sel], stuck[sel] = _cg(M, "shared", *args, sel)
     model = "auto" if recipe.model == "shared" else recipe.model
     for w in (False, True):
         mine = own & (wide if w else ~wide)
@@ -1078,16 +1115,16 @@ def _step(M: _Model, recipe: NewtonRecipe, rows, th, gr, m, atol, near, own, wid
             continue
         if model in ("gn", "hessian"):
             sel = mine.nonzero().squeeze(1)
-            d[sel], Ad[sel], ci[sel], _ = _cg(M, model, *args, sel, w)
+            d[sel], Ad[sel], ci[sel], _, stuck[sel] = _cg(M, model, *args, sel, w)
             continue
         use_gn = mine & ~near
         hess = mine & near
         if bool(hess.any()):
             sel = hess.nonzero().squeeze(1)
-            d[sel], Ad[sel], ci[sel], bad = _cg(M, "hessian", *args, sel, w)
+            d[sel], Ad[sel], ci[sel], bad, stuck[sel] = _cg(M, "hessian", *args, sel, w)
             use_gn[sel[bad]] = True
         if bool(use_gn.any()):
             sel = use_gn.nonzero().squeeze(1)
-            d2, Ad2, ci2, _ = _cg(M, "gn", *args, sel, w)
-            d[sel], Ad[sel], ci[sel] = d2, Ad2, ci[sel] + ci2
-    return d, Ad, ci, neg
+            d2, Ad2, ci2, _, stuck2 = _cg(M, "gn", *args, sel, w)
+            d[sel], Ad[sel], ci[sel], stuck[sel] = d2, Ad2, ci[sel] + ci2, stuck2
+    return d, Ad, ci, neg, stuck
