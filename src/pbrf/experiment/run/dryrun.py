@@ -110,7 +110,7 @@ __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHAR
 # after 5 epochs), one PBRF chunk of 8 removals was still in its 10th outer iteration after 50
 # minutes, where this model counts 7 outer iterations, about 17 minutes (the quick profiles now
 # use λ = 1e-2). At λ = 1e-2 the same chunk took 23 minutes (1,391 s, 2 idle cores), all 8
-# certified (ρ ≤ 3.5e-9): 7 outer iterations, 42–76 CG products per removal, the last solves in
+# certified (ρ ≤ 3.5e-9): 7–8 outer iterations, 42–76 CG products per removal, the last solves in
 # float64 (pbrf.newton.CG_STALL), whose products cost ~4× the float32 ones on a CPU.
 #: The smallest damping λ where the counts below were seen to hold (smooth LeNet at 0.1, mnist-mlp
 #: at 1e-2); a smaller λ conditions the systems worse (the caveat line says so).
