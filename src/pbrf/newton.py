@@ -1017,10 +1017,9 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     # curvature) continues on its own model
     slow = ~accept | (g_new.norm(dim=1) > 0.25 * gn)
     st.slow[rows] = torch.where(slow & ~own, st.slow[rows] + 1, torch.zeros_like(st.slow[rows]))
-    st.own[rows] |= (st.slow[rows] >= 2) | (neg & ~own)
-    if M.wide is not None:  # round-off stopped an own-model solve: the problem's dtype from now
-        st.wide[rows] |= stuck & own
-    st.own[rows] |= stuck
+    # (stuck: a float32 solve stopped at its round-off, CG_STALL: the problem's dtype from now)
+    st.wide[rows] |= stuck & own
+    st.own[rows] |= (st.slow[rows] >= 2) | (neg & ~own) | stuck
     st.take(rows, accept, d, F_new, g_new, mu)
     st.watch(rows, accept, mu, curv, untestable, M.wide is not None)
 

@@ -231,7 +231,7 @@ def _newton_model(config: ExperimentConfig, s: RunSizes) -> dict | None:
     shared = config.responses.model == "shared"
     return {"outer": NEWTON_OUTER, "stored_examples": s.stored_examples * shared, "n": s.n,
             "damping": config.influence.damping,
-            "shared_outer": NEWTON_SHARED_OUTER if config.responses.model == "shared" else 0,
+            "shared_outer": NEWTON_SHARED_OUTER if shared else 0,
             "pcg": PCG_ITERS, "preconditioner": PRECONDITIONER_PRODUCTS,
             "continuation": ("proximal" in _newton_kinds(config))
             * math.prod(_continuation_counts(config)[1:]),
