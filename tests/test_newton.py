@@ -333,6 +333,78 @@ def test_rows_whose_low_precision_model_stalls_continue_in_float64(monkeypatch):
     assert bool(torch.isfinite(theta).all())
 
 
+#: the continuation's scale: below its starting gradient (1.4e-2), so that it takes Gauss–Newton
+#: steps while its gradient is above that start, and tol · scale = 1e-13 (its round-off, ~1e-15)
+SCALE = torch.tensor([1e-4], dtype=F64)
+
+
+def _continuation_of_tiny_cnn(monkeypatch, refresh: bool):
+    """The tiny CNN's no-removal proximal continuation (one row, float32 products, λ = 1e-3)
+    with its first float32 solve far from the optimum (gradient above its start) forced to
+    stall; returns ``(θ, diagnostics, fresh sketches (point, row's point, stalled again?),
+    problem)``. ``refresh=False`` turns :func:`pbrf.newton._refresh` off."""
+    import pbrf.newton as engine
+    prob, lam = tiny_smooth_cnn(), 1e-3
+    obj = pbrf.kinds.get("proximal").objective(prob, lam)
+    low = prob.astype(torch.float32)
+    lobj = pbrf.kinds.get("proximal").objective(low, lam)
+    aux0 = {k: v[0] for k, v in lobj.make_aux(low, [[]], 1.0).items()}
+    products = Precision(Batched(low, lobj.value, lobj.gn, lobj.make_aux(low, [[]], 1.0),
+                                 batch_fn(low, lobj.f_ref), lobj.removal), F64)
+    forced, fresh = [], []
+    step, refresher = engine._step, engine._refresh
+
+    def stalling_step(M, recipe, rows, th, gr, m, atol, near, own, wide):
+        out = step(M, recipe, rows, th, gr, m, atol, near, own, wide)
+        far = own & ~near & ~wide
+        if not forced and bool(far.any()):
+            forced.append(True)
+            return (*out[:4], out[4] | far)
+        return out
+
+    def watched(M, st, rows, far, rank):
+        M2, got = refresher(M, st, rows, far, rank)
+        if bool(got.any()):  # and at the fresh sketch's own point, a stall widens instead
+            fresh.append((M2.fresh_at.clone(), st.theta[0].clone(),
+                          bool(refresher(M2, st, rows, far, rank)[1].any())))
+        return M2, got
+
+    monkeypatch.setattr("pbrf.newton._step", stalling_step)
+    monkeypatch.setattr("pbrf.newton._refresh", watched if refresh
+                        else (lambda M, st, rows, far, rank: (M, torch.zeros_like(far))))
+    theta, d = newton_optimize(
+        prob, obj.value, obj.gn, obj.shift, prob.theta[None].clone(),
+        obj.make_aux(prob, [[]], 1.0), SCALE, NewtonRecipe(tol=1e-9),
+        batch_fn(prob, obj.f_ref), False, aux0=aux0, low=products,
+        bounded=torch.ones(1, dtype=torch.bool))
+    assert forced  # the case has a float32 solve far from the optimum
+    return theta, d, fresh, prob
+
+
+def test_a_continuation_whose_float32_solve_stalls_far_from_its_optimum_gets_a_fresh_sketch(
+        monkeypatch):
+    """A one-row problem (a continuation) whose float32 solve stalls while its gradient is above
+    its start gets its preconditioner sketched anew at its point and stays in float32 (without
+    the refresh the same stall puts it on float64 products for good); a second stall at that
+    point widens it. Either way the certified optimum is the all-float64 engine's."""
+    theta, d, fresh, prob = _continuation_of_tiny_cnn(monkeypatch, refresh=True)
+    assert len(fresh) == 1 and torch.equal(fresh[0][0], fresh[0][1]) and not fresh[0][2]
+    assert not bool(d["wide"].any())
+    theta_off, d_off, _, _ = _continuation_of_tiny_cnn(monkeypatch, refresh=False)
+    assert bool(d_off["wide"].all())
+    monkeypatch.undo()
+    obj = pbrf.kinds.get("proximal").objective(prob, 1e-3)
+    ref, d_ref = newton_optimize(
+        prob, obj.value, obj.gn, obj.shift, prob.theta[None].clone(),
+        obj.make_aux(prob, [[]], 1.0), SCALE,
+        NewtonRecipe(tol=1e-9, model="auto", products="float64", precondition=0),
+        batch_fn(prob, obj.f_ref), False, bounded=torch.ones(1, dtype=torch.bool))
+    drift = float((ref[0] - prob.theta).norm())
+    for th, dd in ((theta, d), (theta_off, d_off), (ref, d_ref)):
+        assert float(dd["grad_norm"][0]) <= 1e-9 * float(SCALE)
+        assert float((th[0] - ref[0]).norm()) <= 1e-8 * drift
+
+
 def test_steps_below_the_losses_round_off_are_judged_by_the_gradient():
     """A PBRF whose removal is tiny (weight 1e-6 on the tiny CNN): its value is ~1e-9 but it is
     computed from losses of size J(θ^s) ≈ 0.2, so near the optimum its float64 differences are

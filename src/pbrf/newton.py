@@ -101,9 +101,10 @@ FASTEST_MARGIN = 2.0
 RUNAWAY_IDLE = 20
 #: A preconditioned float32 CG solve whose residual norm has not halved in this many iterations has
 #: stalled at its products' round-off: it stops there, and its row continues with products in the
-#: problem's own dtype (``wide``). Measured on ResNet-20 ×0.25's quick θ^s (N = 1,000, λ = 1e-2, 2
-#: PBRF removals): four Newton iterations brought the gradients to 2e3-4e3 × their tolerance, where
-#: the next exact-Hessian solves asked for relative residuals of 4e-5 and 2e-5; with float32
+#: problem's own dtype (``wide``; a one-row problem far from its optimum first gets a fresh
+#: preconditioner, :func:`_refresh`). Measured on ResNet-20 ×0.25's quick θ^s (N = 1,000, λ = 1e-2,
+#: 2 PBRF removals): four Newton iterations brought the gradients to 2e3-4e3 × their tolerance,
+#: where the next exact-Hessian solves asked for relative residuals of 4e-5 and 2e-5; with float32
 #: products the residuals wandered between 1.4e-3 and 7.5e-3 of the right-hand side from the 10th
 #: iteration to the 60th (bound for ``cg_max_iter``, 500 products of ~1.8 s per row); with float64
 #: products the same systems met their targets in 9 and 11 iterations. On the bfloat16 tiny-CNN case
@@ -825,6 +826,8 @@ class _Model:
     floor: float = 0.0
     precond: Preconditioner | None = None
     wide: Batched | None = None
+    #: where ``precond`` was sketched anew for a one-row problem (:func:`_refresh`), else None
+    fresh_at: Tensor | None = None
 
     def shared_product(self, rows: Tensor, th: Tensor, V: Tensor) -> Tensor:
         """``(S + ∇²R_k(θ_k)) v_k``: the shared curvature plus each row's removal term."""
@@ -890,7 +893,7 @@ def newton_optimize(
         if rows.numel() == 0:
             break
         bar.update()
-        _iterate(B, M, recipe, state, rows, gnorm[rows], magnitude)
+        M = _iterate(B, M, recipe, state, rows, gnorm[rows], magnitude)
     bar.close()
     return state.theta, state.diagnostics()
 
@@ -975,17 +978,26 @@ def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | 
     store = _SKETCHES.setdefault(prob, {})
     if key in store:
         return store[key]
-    eps = torch.finfo(prob.dtype).eps
     while len(store) >= SKETCHES_KEPT:  # the oldest start goes
         store.pop(next(iter(store)))
-    store[key] = Preconditioner.sketch(matvec, p, rank, theta0, eps=eps, block=block)
+    store[key] = _sketch(products, theta0, aux0, rank, block)
     return store[key]
 
 
+def _sketch(products: Batched | Precision, theta: Tensor, aux0: dict, rank: int,
+            block: int = 16) -> Preconditioner:
+    """The Nyström preconditioner of the no-removal Gauss–Newton curvature at ``theta [p]``
+    (``rank`` products of ``products``' dtype, in blocks of ``block``).
+    """
+    prob = products.batched.prob if isinstance(products, Precision) else products.prob
+    return Preconditioner.sketch(lambda V: products.shared("gn", theta, aux0, V), theta.shape[0],
+                                 rank, theta, eps=torch.finfo(prob.dtype).eps, block=block)
+
+
 def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows: Tensor,
-             gn: Tensor, magnitude: float = 0.0) -> None:
+             gn: Tensor, magnitude: float = 0.0) -> _Model:
     """One trust-region iteration of the problems ``rows`` (gradient norms ``gn``; ``magnitude``:
-    see :func:`newton_optimize`).
+    see :func:`newton_optimize`); returns the model for the next (:func:`_refresh`).
     """
     dt = st.theta.dtype
     tiny = torch.finfo(dt).tiny
@@ -1017,11 +1029,38 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     # curvature) continues on its own model
     slow = ~accept | (g_new.norm(dim=1) > 0.25 * gn)
     st.slow[rows] = torch.where(slow & ~own, st.slow[rows] + 1, torch.zeros_like(st.slow[rows]))
-    # (stuck: a float32 solve stopped at its round-off, CG_STALL: the problem's dtype from now)
-    st.wide[rows] |= stuck & own
+    # stuck: a float32 solve stopped (CG_STALL): a fresh preconditioner where that can help
+    # (_refresh), else the problem's dtype from now
     st.own[rows] |= (st.slow[rows] >= 2) | (neg & ~own) | stuck
     st.take(rows, accept, d, F_new, g_new, mu)
+    M, fresh = _refresh(M, st, rows, stuck & own & ~near, recipe.precondition)
+    st.wide[rows] |= stuck & own & ~fresh
     st.watch(rows, accept, mu, curv, untestable, M.wide is not None)
+    return M
+
+
+def _refresh(M: _Model, st: _NewtonState, rows: Tensor, far: Tensor, rank: int
+             ) -> tuple[_Model, Tensor]:
+    """A one-row problem (a no-removal continuation) whose float32 solve stalled far from its
+    optimum (``far``: its gradient above its start) gets its preconditioner sketched anew at its
+    point, once per point; returns the model and which ``rows`` got one (the others widen).
+
+    The sketch at the common start goes stale where the row has moved far: measured on ResNet-20
+    ×0.25's quick θ^s (λ = 1e-2), 25 iterations into the proximal continuation the Gauss–Newton
+    curvature's top eigenvalue was 1.7e3 against 15 at θ^s; the float32 solve (asked for 0.1 of
+    its right-hand side, μ = 0.15) stalled at 0.38 after 15 products; with float64 products it
+    took 22 (140 s); with float32 products and a sketch at the row's point, 3 (3.9 s, after
+    10.8 s for the sketch).
+    """
+    fresh = torch.zeros_like(far)
+    if st.theta.shape[0] != 1 or M.precond is None or M.wide is None or not bool(far.any()):
+        return M, fresh
+    x = st.theta[0]
+    if M.fresh_at is not None and torch.equal(M.fresh_at, x):
+        return M, fresh  # it stalled again at the point of its fresh sketch: coarse products
+    fresh[:] = True
+    return dataclasses.replace(M, precond=_sketch(M.products, x, M.aux0, rank),
+                               fresh_at=x.clone()), fresh
 
 
 def _judge(F: Tensor, gn: Tensor, pred: Tensor, F_new: Tensor, g_new: Tensor,
