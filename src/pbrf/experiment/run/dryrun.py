@@ -111,7 +111,13 @@ __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHAR
 # minutes, where this model counts 7 outer iterations, about 17 minutes (the quick profiles now
 # use λ = 1e-2). At λ = 1e-2 the same chunk took 23 minutes (1,391 s, 2 idle cores), all 8
 # certified (ρ ≤ 3.5e-9): 7–8 outer iterations, 42–76 CG products per removal, the last solves in
-# float64 (pbrf.newton.CG_STALL), whose products cost ~4× the float32 ones on a CPU.
+# float64 (pbrf.newton.CG_STALL), whose products cost ~4× the float32 ones on a CPU. The proximal
+# continuation on that θ^s (5 epochs of SGD, training loss 1.98, λ = 1e-2) is a whole training run:
+# 100 Newton iterations (the recipe's cap), 717 CG products, 4 fresh sketches (pbrf.newton._refresh)
+# and 1,338 s brought its objective to 0.34 with its gradient still 12× its start, uncertified, and
+# every proximal row then starts from there. From a θ^s trained 60 epochs (loss 0.07) its first step
+# cut the gradient 2.4-fold, then the exact Hessian met negative curvature and the next two steps,
+# in float64, were rejected (395 s). The counts below assume a continuation that converges.
 #: The smallest damping λ where the counts below were seen to hold (smooth LeNet at 0.1, mnist-mlp
 #: at 1e-2); a smaller λ conditions the systems worse (the caveat line says so).
 COUNTED_DAMPING = 1e-2
