@@ -362,16 +362,16 @@ def _continuation_of_tiny_cnn(monkeypatch, refresh: bool):
             return (*out[:4], out[4] | far)
         return out
 
-    def watched(M, st, rows, far, rank):
-        M2, got = refresher(M, st, rows, far, rank)
+    def watched(M, st, far, rank):
+        M2, got = refresher(M, st, far, rank)
         if bool(got.any()):  # and at the fresh sketch's own point, a stall widens instead
             fresh.append((M2.fresh_at.clone(), st.theta[0].clone(),
-                          bool(refresher(M2, st, rows, far, rank)[1].any())))
+                          bool(refresher(M2, st, far, rank)[1].any())))
         return M2, got
 
     monkeypatch.setattr("pbrf.newton._step", stalling_step)
     monkeypatch.setattr("pbrf.newton._refresh", watched if refresh
-                        else (lambda M, st, rows, far, rank: (M, torch.zeros_like(far))))
+                        else (lambda M, st, far, rank: (M, torch.zeros_like(far))))
     theta, d = newton_optimize(
         prob, obj.value, obj.gn, obj.shift, prob.theta[None].clone(),
         obj.make_aux(prob, [[]], 1.0), SCALE, NewtonRecipe(tol=1e-9),

@@ -962,20 +962,14 @@ def _preconditioner(products: Batched | Precision, theta0: Tensor, aux0: dict | 
     no-removal ``aux0``), ``rank`` products in blocks of ``block``; ``None`` without ``aux0``,
     with ``rank = 0`` or without a shift (no positive floor under the curvature).
     """
-    p = theta0.shape[0]
     if aux0 is None or rank == 0 or shift <= 0:
         return None
-    prob = products.batched.prob if isinstance(products, Precision) else products.prob
-
-    def matvec(V: Tensor) -> Tensor:
-        return products.shared("gn", theta0, aux0, V)
-
     # chunks of one respond call share their start: sketch it once per problem, start and
     # curvature (one product tells the kinds' objectives apart: which kind built a sketch first
     # must not change another's path)
-    one = matvec(torch.ones(1, p, dtype=theta0.dtype, device=theta0.device))
+    one = products.shared("gn", theta0, aux0, torch.ones_like(theta0)[None])
     key = (rank, *fingerprint(theta0), *fingerprint(one[0]))
-    store = _SKETCHES.setdefault(prob, {})
+    store = _SKETCHES.setdefault(_measured(products), {})
     if key in store:
         return store[key]
     while len(store) >= SKETCHES_KEPT:  # the oldest start goes
@@ -989,9 +983,14 @@ def _sketch(products: Batched | Precision, theta: Tensor, aux0: dict, rank: int,
     """The Nyström preconditioner of the no-removal Gauss–Newton curvature at ``theta [p]``
     (``rank`` products of ``products``' dtype, in blocks of ``block``).
     """
-    prob = products.batched.prob if isinstance(products, Precision) else products.prob
+    eps = torch.finfo(_measured(products).dtype).eps
     return Preconditioner.sketch(lambda V: products.shared("gn", theta, aux0, V), theta.shape[0],
-                                 rank, theta, eps=torch.finfo(prob.dtype).eps, block=block)
+                                 rank, theta, eps=eps, block=block)
+
+
+def _measured(products: Batched | Precision):
+    """The problem whose dtype ``products`` compute in (a :class:`Precision`'s low one)."""
+    return products.batched.prob if isinstance(products, Precision) else products.prob
 
 
 def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows: Tensor,
@@ -1033,17 +1032,17 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     # (_refresh), else the problem's dtype from now
     st.own[rows] |= (st.slow[rows] >= 2) | (neg & ~own) | stuck
     st.take(rows, accept, d, F_new, g_new, mu)
-    M, fresh = _refresh(M, st, rows, stuck & own & ~near, recipe.precondition)
+    M, fresh = _refresh(M, st, stuck & own & ~near, recipe.precondition)
     st.wide[rows] |= stuck & own & ~fresh
     st.watch(rows, accept, mu, curv, untestable, M.wide is not None)
     return M
 
 
-def _refresh(M: _Model, st: _NewtonState, rows: Tensor, far: Tensor, rank: int
-             ) -> tuple[_Model, Tensor]:
+def _refresh(M: _Model, st: _NewtonState, far: Tensor, rank: int) -> tuple[_Model, Tensor]:
     """A one-row problem (a no-removal continuation) whose float32 solve stalled far from its
     optimum (``far``: its gradient above its start) gets its preconditioner sketched anew at its
-    point, once per point; returns the model and which ``rows`` got one (the others widen).
+    point, once per point; returns the model and which rows of ``far`` got one (the others
+    widen). A stall is only reported for preconditioned low-precision solves (:func:`_cg`).
 
     The sketch at the common start goes stale where the row has moved far: measured on ResNet-20
     ×0.25's quick θ^s (λ = 1e-2), 25 iterations into the proximal continuation the Gauss–Newton
@@ -1052,15 +1051,12 @@ def _refresh(M: _Model, st: _NewtonState, rows: Tensor, far: Tensor, rank: int
     took 22 (140 s); with float32 products and a sketch at the row's point, 3 (3.9 s, after
     10.8 s for the sketch).
     """
-    fresh = torch.zeros_like(far)
-    if st.theta.shape[0] != 1 or M.precond is None or M.wide is None or not bool(far.any()):
-        return M, fresh
     x = st.theta[0]
-    if M.fresh_at is not None and torch.equal(M.fresh_at, x):
-        return M, fresh  # it stalled again at the point of its fresh sketch: coarse products
-    fresh[:] = True
+    if st.theta.shape[0] != 1 or not bool(far.any()) or (
+            M.fresh_at is not None and torch.equal(M.fresh_at, x)):  # stalled again: coarse
+        return M, torch.zeros_like(far)
     return dataclasses.replace(M, precond=_sketch(M.products, x, M.aux0, rank),
-                               fresh_at=x.clone()), fresh
+                               fresh_at=x.clone()), torch.ones_like(far)
 
 
 def _judge(F: Tensor, gn: Tensor, pred: Tensor, F_new: Tensor, g_new: Tensor,
