@@ -263,6 +263,35 @@ def test_the_plan_is_data():
         assert profile in reproduce.TABLE_PROFILES
 
 
+def test_each_cnn_row_is_followed_by_its_literal_relu_max_pool_variant():
+    """Every CIFAR-10 row builds a smooth variant and is followed, in every profile, by a run of
+    its literal variant (ReLU, and max-pooling where the architecture pools that way): same
+    preset, profile and sizes, only the activation and pooling differ; the MLP has none."""
+    assert set(reproduce.LITERAL) == set(reproduce.TABLE_ROWS) - {"mnist-mlp"}
+    for profile in reproduce.PROFILES:
+        rows = reproduce.table_rows(profile)
+        keys = [r for r, _, _ in rows]
+        assert keys[0] == "mnist-mlp" and len(keys) == 9
+        for smooth in reproduce.LITERAL:
+            literal = smooth + reproduce.LITERAL_SUFFIX
+            assert keys.index(literal) == keys.index(smooth) + 1
+            base = reproduce._row_config(smooth, profile, [])
+            lit = reproduce._row_config(smooth, profile, [], dict(
+                (r, v) for r, _, v in rows)[literal])
+            assert lit.model.options["activation"] == "relu"
+            assert base.model.options["activation"] == "gelu"
+            pooled = "max" if smooth != "cifar10-resnet20" else "avg"
+            assert lit.model.options["pooling"] == pooled
+            strip = lambda c: {k: v for k, v in c.to_dict().items() if k != "model"}  # noqa: E731
+            assert strip(lit) == strip(base)
+            assert reproduce.row_label(literal, lit).endswith(
+                "; ReLU, max-pool)" if pooled == "max" else "; ReLU, avg-pool)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(reproduce.TABLE_PROFILES, "cpu", {"profile": "cpu", "sets": (),
+                                                     "literal": False})
+        assert [r for r, _, _ in reproduce.table_rows("cpu")] == list(reproduce.TABLE_ROWS)
+
+
 def test_row_labels_say_the_variant_their_config_builds():
     """The CIFAR-10 rows build GELU + average pooling by default and say so; the literal ReLU /
     max-pool variant is one ``--set`` away and is labelled as such.
@@ -304,11 +333,13 @@ def test_reproduce_tiny_with_the_real_tables(tmp_path, monkeypatch):
     out = tmp_path / "out"
     plan = reproduce.plan_reproduction("tiny", out)  # check_data: each run's data and model
     assert not out.exists()
-    assert [row for row, _, _ in plan.rows] == list(reproduce.TABLE_ROWS)
+    assert [row for row, _, _ in plan.rows] == [r for r, _, _ in reproduce.table_rows("tiny")]
     assert [fp.factor for fp in plan.sweep.factors] == list(cli.SWEEP_FACTORS)
     study = reproduce.FACTOR_STUDIES["tiny"]
     assert all(len(cfgs) == int(study["seeds"]) for fp in plan.sweep.factors for cfgs in fp.configs)
     for row, config, _ in plan.rows:
+        if row.endswith(reproduce.LITERAL_SUFFIX):
+            continue  # the same sizes as its smooth row
         probe = dry_run(config, prepare_inputs(config))
         assert all(probe["probe_peak_bytes"][k] > 0 for k in ("gauss_newton", "newton_product",
                                                              "per_example_grads", "training_step"))
@@ -321,16 +352,29 @@ def test_reproduce_tiny_with_the_real_tables(tmp_path, monkeypatch):
         "sets": (*study.get("sets", ()), 'responses.kinds=["linearized", "influence"]')})
     assert cli.main(_command(out)) == 0
     text = (out / "reproduction.md").read_text()
-    line = next(ln for ln in text.splitlines()  # the label says the preset's smooth variant
-                if ln.startswith("| LeNet (CIFAR-10; GELU, avg-pool) |"))
-    assert "not run" not in line
+    lines = text.splitlines()
+    smooth, literal = (next(i for i, ln in enumerate(lines) if ln.startswith(f"| {name} |"))
+                       for name in ("LeNet (CIFAR-10; GELU, avg-pool)",
+                                    "LeNet (CIFAR-10; ReLU, max-pool)"))
+    assert literal == smooth + 1  # the literal variant's line right below the smooth one's
+    assert "not run" not in lines[smooth] and "not run" not in lines[literal]
+    certified = _table(text, "PBRF certified")
+    for name, key in (("LeNet (CIFAR-10; GELU, avg-pool)", row),
+                      ("LeNet (CIFAR-10; ReLU, max-pool)", row + reproduce.LITERAL_SUFFIX)):
+        cert = json.loads((out / "table" / key / "summary.json").read_text())["certificates"]
+        assert certified[name]["PBRF certified"].startswith(
+            f"{cert['by_kind']['pbrf']['certified']} of ")
+    lit_cfg = json.loads((out / "table" / (row + reproduce.LITERAL_SUFFIX) / "config.json")
+                         .read_text())
+    assert lit_cfg["model"]["options"]["activation"] == "relu"
     summary = json.loads((out / "table" / row / "summary.json").read_text())
     assert "test_metric_std" in summary["theta_s"]  # the profile's two seeds, aggregated
     for factor in cli.SWEEP_FACTORS:
         assert f"### {factor}" in text
     assert all((out / link).is_file() for link in _figure_links(text))
     record = json.loads((out / "reproduce.json").read_text())
-    assert set(record["table"]) == {row} and set(record["factors"]) == set(cli.SWEEP_FACTORS)
+    assert set(record["table"]) == {row, row + reproduce.LITERAL_SUFFIX}
+    assert set(record["factors"]) == set(cli.SWEEP_FACTORS)
 
 
 def test_help(capsys):

@@ -17,10 +17,13 @@ training epochs, weight decay, damping, fraction of data removed). This module r
    of each row (read from its ``config.json``), a decomposition figure per architecture and a
    figure plus "how each gap moved" per factor. Each row is labelled with the activation and
    pooling its config builds (:func:`row_label`): the CIFAR-10 presets' smooth GELU /
-   average-pooling variants by default (:data:`VARIANT_NOTE` says why).
+   average-pooling variants by default (:data:`VARIANT_NOTE` says why), each CNN row followed by
+   its literal ReLU / max-pooling variant (:data:`LITERAL`), a run of its own, so that a reader
+   sees what smoothness changes (its certification counts) and what it does not.
 
-The plan lives in data (:data:`TABLE_ROWS`, :data:`TABLE_PROFILES`, :data:`ACCEPTANCE`,
-:data:`FACTOR_STUDIES`): changing what is run means editing those tables only.
+The plan lives in data (:data:`TABLE_ROWS`, :data:`TABLE_PROFILES`, :data:`LITERAL`,
+:data:`ACCEPTANCE`, :data:`FACTOR_STUDIES`): changing what is run means editing those tables
+only.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ from pbrf.models import variant_label
 __all__ = [
     "TABLE_ROWS",
     "TABLE_PROFILES",
+    "LITERAL",
+    "LITERAL_SUFFIX",
+    "table_rows",
     "ACCEPTANCE",
     "ARCHITECTURES",
     "row_label",
@@ -87,13 +93,26 @@ PROFILES = ("cpu", "paper", "tiny")
 #: The parts that ``--only`` can choose.
 PARTS = ("table", "factors")
 
-#: Per profile of ``pbrf reproduce``: the preset profile the table rows run with, and ``--set``
-#: overrides applied to every row.
+#: Per profile of ``pbrf reproduce``: the preset profile the table rows run with, ``--set``
+#: overrides applied to every row, and whether each row of :data:`LITERAL` is followed by its
+#: literal variant (``"literal"``, default true).
 TABLE_PROFILES = {
     "cpu": {"profile": "cpu", "sets": ()},
     "paper": {"profile": "paper", "sets": ()},
     "tiny": {"profile": "tiny", "sets": ()},
 }
+
+#: The rows whose presets build a smooth variant of the paper's architecture, and the ``--set``
+#: overrides of its literal one (ReLU, and max-pooling where the architecture pools that way;
+#: ResNet-20's global average pooling is its own). Each such row is followed in the table by a
+#: run of the literal variant, ``<row>`` + :data:`LITERAL_SUFFIX`.
+LITERAL = {
+    "cifar10-lenet": ("model.activation=relu", "model.pooling=max"),
+    "cifar10-alexnet": ("model.activation=relu", "model.pooling=max"),
+    "cifar10-vgg13": ("model.activation=relu", "model.pooling=max"),
+    "cifar10-resnet20": ("model.activation=relu",),
+}
+LITERAL_SUFFIX = "-literal"
 
 #: Minimum test accuracy of θ^s per row (the base model must be a reasonable classifier).
 ACCEPTANCE = {
@@ -119,9 +138,11 @@ VARIANT_NOTE = (
     "Each label names the activation (and pooling) of the row's model, read from its config. The "
     "CIFAR-10 presets build smooth variants (GELU, average pooling; ResNet-20 keeps its global "
     "average pooling): ReLU and max-pooling make the PBRF objective non-smooth, and at a kink no "
-    "gradient certificate can hold. The literal variant is one `--set` away, "
-    "e.g. `pbrf run cifar10-lenet --set model.activation=relu --set model.pooling=max`; its report "
-    "counts the removals it certified and leaves every other one out of its statistics."
+    "gradient certificate can hold. Each such row is followed by its literal variant (ReLU, "
+    "max-pooling where the architecture pools that way), a run of its own, e.g. `pbrf run "
+    "cifar10-lenet --set model.activation=relu --set model.pooling=max`: its correlations use "
+    "only the removals it certified (the other ones are left out of its statistics), and its "
+    "certification counts are in the table below."
 )
 
 #: Per profile: the preset and preset profile of the factor studies, the seeds per value,
@@ -160,7 +181,8 @@ PROFILE_NOTES = {
         "with 64–256 CIFAR-10 training images: those base models are far below the paper's "
         "accuracy and below this project's acceptance thresholds, and their rows test the "
         "machinery, not the paper's claim. The CNN rows omit the proximal response (its "
-        "continuation from a non-converged θ^s took over 15 minutes per seed for LeNet). The MLP "
+        "continuation from a non-converged θ^s took over 15 minutes per seed for LeNet); each "
+        "is followed by its literal ReLU / max-pooling variant at the same sizes. The MLP "
         "row (MNIST, 5,000 training images) and the factor studies (digits, 300 training "
         "images) are at a scale where the numbers mean something. The `paper` profile (full "
         "data, one large GPU) is the reproduction proper."
@@ -176,12 +198,31 @@ def _percent(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def table_rows(profile: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``(row, preset, --set overrides of the row)`` of every table row of ``profile``, in the
+    report's order: :data:`TABLE_ROWS`, each row of :data:`LITERAL` followed by its literal variant
+    (``row`` + :data:`LITERAL_SUFFIX`) unless the profile's ``"literal"`` is false.
+    """
+    literal = TABLE_PROFILES[profile].get("literal", True)
+    out = []
+    for row in TABLE_ROWS:
+        out.append((row, row, ()))
+        if literal and row in LITERAL:
+            out.append((row + LITERAL_SUFFIX, row, tuple(LITERAL[row])))
+    return out
+
+
+def _preset(row: str) -> str:
+    """The preset of a table row (a literal variant's is its smooth row's)."""
+    return row.removesuffix(LITERAL_SUFFIX)
+
+
 def row_label(row: str, config: ExperimentConfig | None) -> str:
     """A table row's name in the report: its :data:`ARCHITECTURES` label (else the preset's name)
     with the activation and pooling that ``config`` builds (:func:`pbrf.models.variant_label`),
     e.g. ``"LeNet (CIFAR-10; GELU, avg-pool)"``; the bare label when ``config`` is ``None``.
     """
-    base = ARCHITECTURES.get(row, row)
+    base = ARCHITECTURES.get(_preset(row), row)
     variant = "" if config is None else variant_label(config.model.name, config.model.options)
     if not variant:
         return base
@@ -223,9 +264,11 @@ def _finished(config: ExperimentConfig, run_dir: Path, overwrite: bool) -> bool:
         return False
 
 
-def _row_config(row: str, profile: str, sets: Sequence[str]) -> ExperimentConfig:
+def _row_config(preset: str, profile: str, sets: Sequence[str],
+                variant: Sequence[str] = ()) -> ExperimentConfig:
     table = TABLE_PROFILES[profile]
-    return load_preset(row, table["profile"], list(table.get("sets", ())) + list(sets))
+    return load_preset(preset, table["profile"],
+                       list(table.get("sets", ())) + list(variant) + list(sets))
 
 
 def _factor_plan(profile: str, out: Path, sets: Sequence[str], overwrite: bool) -> SweepPlan:
@@ -349,14 +392,14 @@ def _plan_rows(profile: str, out: Path, sets: Sequence[str], run: bool,
     has ``None``.
     """
     rows = []
-    for row in TABLE_ROWS:
+    for row, preset, variant in table_rows(profile):
         run_dir = out / "table" / row
         if run:
-            config = _row_config(row, profile, sets)
+            config = _row_config(preset, profile, sets, variant)
             check_out_dir(run_dir, config, overwrite)
         else:  # only reported, when already finished
             try:
-                config = _row_config(row, profile, sets)
+                config = _row_config(preset, profile, sets, variant)
             except ConfigError:
                 config = None
         rows.append((row, config, run_dir))
@@ -717,7 +760,7 @@ def _table_section(plan: ReproductionPlan, table: dict, img: Path, path: Path) -
         body.append([name] + [report.fmt_mean_std(s, f"{key}.{m}") for _, key in _TABLE_COLUMNS
                               for m in ("pearson", "spearman")])
         acc, _ = report.mean_std(s, "theta_s.test_metric")
-        threshold = ACCEPTANCE.get(row)
+        threshold = ACCEPTANCE.get(_preset(row))
         verdict = ("—" if threshold is None or acc is None
                    else "met" if acc >= threshold else "NOT met")
         quality.append([name, report.fmt_mean_std(s, "theta_s.test_metric", fmt=_percent),
