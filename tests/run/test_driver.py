@@ -421,3 +421,37 @@ def test_a_second_process_on_the_same_run_dir_is_refused(tiny_run):
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
         ).stdout
     assert "another pbrf process is running" in out
+
+
+def test_a_run_computes_with_tf32_off_and_restores_it(tmp_path, monkeypatch):
+    """On CUDA, TF32 rounds float32 matmuls and convolutions to ~1e-3, which would blur the 1/N
+    effects a run measures: θ^s's training and every chunk (also in a Ray worker, a process of
+    its own) compute with it off; the caller's setting is restored afterwards."""
+    from pbrf.experiment.run import chunks, context
+
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    seen = []
+
+    def flags(where):
+        seen.append((where, cuda.allow_tf32, cudnn.allow_tf32))
+
+    train, chunk = context.train_theta, chunks._compute_chunk
+    monkeypatch.setattr(context, "train_theta",
+                        lambda *a, **k: (flags("train"), train(*a, **k))[1])
+    monkeypatch.setattr(chunks, "_compute_chunk",
+                        lambda *a, **k: (flags("chunk"), chunk(*a, **k))[1])
+    saved = (cuda.allow_tf32, cudnn.allow_tf32)  # backend flags: set and restored by hand
+    cuda.allow_tf32 = cudnn.allow_tf32 = True
+    try:
+        cfg = load_preset("digits-mlp", "tiny", ['responses.kinds=["linearized", "influence"]'])
+        pipeline.run_experiment(cfg, tmp_path / "r", progress=False)
+        assert {w for w, _, _ in seen} == {"train", "chunk"}
+        assert all(not a and not b for _, a, b in seen)
+        assert cuda.allow_tf32 and cudnn.allow_tf32
+        seen.clear()  # a chunk computed by itself (what a Ray worker runs) switches it off too
+        with Store(tmp_path / "r") as store:
+            ctx = context.setup(pipeline.prepare_inputs(cfg), tmp_path / "r", store, False)
+            chunks.compute_chunk(ctx, 0, "influence")
+        assert seen[-1] == ("chunk", False, False) and cuda.allow_tf32 and cudnn.allow_tf32
+    finally:
+        cuda.allow_tf32, cudnn.allow_tf32 = saved

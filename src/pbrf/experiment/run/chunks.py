@@ -19,6 +19,7 @@ from pbrf.experiment.run.context import Context
 from pbrf.experiment.run.inputs import build_model, make_recipe
 from pbrf.experiment.run.selection import response_seed, solver_options_for
 from pbrf.experiment.run.store import ChunkResult
+from pbrf.newton import exact_matmul
 
 
 # ---------------------------------------------------------------------------- chunks
@@ -91,11 +92,17 @@ def influence_settings(config: ExperimentConfig) -> dict:
 
 
 def compute_chunk(ctx: Context, chunk: int, kind: str) -> ChunkResult:
-    """Δm ``[n_test, k]``, Δf ``[k, n_test, *out]`` and diagnostics of one kind on one chunk.
+    """Δm ``[n_test, k]``, Δf ``[k, n_test, *out]`` and diagnostics of one kind on one chunk, TF32
+    off on CUDA (:func:`pbrf.newton.exact_matmul`; a Ray worker is a process of its own).
 
     ``extra``: linearized — the actual change ``m(θ^s + Δθ) − m(θ^s)``; warm and proximal (paired)
     — Δm against the no-removal continuation of the same recipe and seed.
     """
+    with exact_matmul():
+        return _compute_chunk(ctx, chunk, kind)
+
+
+def _compute_chunk(ctx: Context, chunk: int, kind: str) -> ChunkResult:
     start = time.perf_counter()
     spec = kinds.get(kind)
     if spec.method == "estimate":

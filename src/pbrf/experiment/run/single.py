@@ -21,6 +21,7 @@ from pbrf.experiment.run.lds_stage import run_lds
 from pbrf.experiment.run.rundir import check_run_dir, exclusive, open_run
 from pbrf.experiment.run.store import Store
 from pbrf.experiment.run.summary import finish
+from pbrf.newton import exact_matmul
 from pbrf.solvers import SolverDivergedError
 
 __all__ = ["run_one"]
@@ -67,8 +68,10 @@ def run_one(
         inputs = prepare_inputs(config)
     executor = executor or LocalExecutor()
     t0 = time.perf_counter()
-    # taken before the resume/overwrite decision, on a file beside run_dir
-    with exclusive(run_dir):
+    # taken before the resume/overwrite decision, on a file beside run_dir; TF32 off for the
+    # whole run on CUDA (float32 matmuls and convolutions rounded to ~1e-3 would blur the 1/N
+    # effects every kind measures; float64 never uses it)
+    with exact_matmul(), exclusive(run_dir):
         mode = open_run(config, run_dir, overwrite)
         log.info("%s run directory %s", mode, run_dir)
         with Store(run_dir) as store:
