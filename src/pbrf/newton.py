@@ -100,10 +100,10 @@ FASTEST_MARGIN = 2.0
 #: 100-fold (the other runaway rule).
 RUNAWAY_IDLE = 20
 #: A preconditioned float32 CG solve whose residual norm has not halved in this many iterations has
-#: stalled: it stops there, and where it ended within ``forcing`` of its right-hand side (its
-#: products' round-off, :func:`_coarse`) its row continues with products in the problem's own
-#: dtype (``wide``; a one-row problem far from its optimum first gets a fresh preconditioner,
-#: :func:`_refresh`). Measured on ResNet-20 ×0.25's quick θ^s (N = 1,000, λ = 1e-2,
+#: stalled: it stops there, and where it ended within ``forcing`` of its right-hand side or
+#: within its products' round-off (:func:`_coarse`) its row continues with products in the
+#: problem's own dtype (``wide``; a one-row problem far from its optimum first gets a fresh
+#: preconditioner, :func:`_refresh`). Measured on ResNet-20 ×0.25's quick θ^s (N = 1,000, λ = 1e-2,
 #: 2 PBRF removals): four Newton iterations brought the gradients to 2e3-4e3 × their tolerance,
 #: where the next exact-Hessian solves asked for relative residuals of 4e-5 and 2e-5; with float32
 #: products the residuals wandered between 1.4e-3 and 7.5e-3 of the right-hand side from the 10th
@@ -1034,7 +1034,7 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     st.own[rows] |= (st.slow[rows] >= 2) | (neg & ~own) | stuck
     st.take(rows, accept, d, F_new, g_new, mu)
     M, fresh = _refresh(M, st, stuck & own & ~near, recipe.precondition)
-    st.wide[rows] |= stuck & own & ~fresh & _coarse(gr, d, Ad, m, recipe.forcing)
+    st.wide[rows] |= stuck & own & ~fresh & _coarse(M, gr, d, Ad, m, recipe.forcing)
     st.watch(rows, accept, mu, curv, untestable, M.wide is not None)
     return M
 
@@ -1060,22 +1060,28 @@ def _refresh(M: _Model, st: _NewtonState, far: Tensor, rank: int) -> tuple[_Mode
                                fresh_at=x.clone()), torch.ones_like(far)
 
 
-def _coarse(g: Tensor, d: Tensor, Ad: Tensor, m: Tensor, forcing: float) -> Tensor:
-    """Whether each row's solve of ``(A + μ) d = −g`` ended with a relative residual within
-    ``forcing``, the loosest a Newton solve asks for: only there can a stalled low-precision
-    solve have met its products' round-off, and products in the problem's dtype help.
+def _coarse(M: _Model, g: Tensor, d: Tensor, Ad: Tensor, m: Tensor, forcing: float) -> Tensor:
+    """Whether each row's solve of ``(A + μ) d = −g`` ended where its low-precision products'
+    round-off can have stopped it: a relative residual within ``forcing`` (the loosest a Newton
+    solve asks for) or within that round-off, ``M.floor`` (10 ε of the products' dtype) times the
+    condition number ``1 + λ_max / (s + μ)`` of the preconditioned system (``λ_max``: the
+    preconditioner's top eigenvalue). Only there do products in the problem's dtype help.
 
-    A solve that stalls above it stalls in float64 too, and widening then costs a row its
+    A float32 solve that stalls above both stalls in float64 too, and widening then costs a row its
     float32 products for nothing: measured on mnist-mlp quick (K = 64 PBRF removals, λ = 1e-2),
     removal 32, whose PBRF has no minimum near θ^s (a runaway, never certified), stalled in float32
     exact-Hessian solves at 0.23–8.4 of its gradient (asked 0.1); widened, its float64 solves were
     still at 1.05 after 10 products and 0.35 after 20, and its float64 iterations took 85 of the
     call's 129 s until the runaway rule stopped it; kept in float32, the call took 71 s, every
     other removal on the same path. The stalls that motivated widening (ResNet-20 ×0.25 PBRF rows
-    near their optimum, :data:`CG_STALL`) sat at 1.4e-3–7.5e-3.
+    near their optimum, :data:`CG_STALL`) sat at 1.4e-3–7.5e-3; bfloat16 products (ε = 7.8e-3)
+    stall at their round-off far above ``forcing``.
     """
-    rel = (g + Ad + m[:, None] * d).norm(dim=1) / g.norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
-    return rel <= forcing
+    tiny = torch.finfo(g.dtype).tiny
+    rel = (g + Ad + m[:, None] * d).norm(dim=1) / g.norm(dim=1).clamp_min(tiny)
+    top = float(M.precond.values.max()) if M.precond is not None else 0.0
+    reach = M.floor * (1 + top / (M.shift + m).clamp_min(tiny))
+    return rel <= reach.clamp_min(forcing)
 
 
 def _judge(F: Tensor, gn: Tensor, pred: Tensor, F_new: Tensor, g_new: Tensor,
