@@ -452,6 +452,24 @@ def test_a_float32_solve_that_stalls_far_above_its_round_off_keeps_its_row_in_fl
     assert float(((theta_f - theta_w).norm(dim=1) / size).max()) <= 1e-8
 
 
+def test_a_stall_widens_only_within_forcing_or_the_products_round_off():
+    """``_coarse``: a stalled solve's row widens where its relative residual is within
+    ``forcing`` or within its products' round-off (10 ε times the preconditioned condition
+    number): float32 stalls at half the gradient do not widen, bfloat16 ones do (measured on the
+    tiny CNN: residuals up to 9.8 of the gradient, top eigenvalue 3.8, shift 0.011)."""
+    from pbrf.newton import Preconditioner, _coarse, _Model
+
+    g = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], dtype=F64)
+    d = torch.zeros_like(g)
+    Ad = -g * torch.tensor([[0.95], [0.5], [-8.8]], dtype=F64)  # residuals 0.05, 0.5 and 9.8
+    m = torch.zeros(3, dtype=F64)
+    pre = Preconditioner(torch.tensor([3.8], dtype=F64), torch.tensor([[1.0, 0.0]], dtype=F64))
+    for dtype, expect in ((torch.float32, [True, False, False]),
+                          (torch.bfloat16, [True, True, True])):
+        M = _Model(None, 0.011, "shared", floor=10 * torch.finfo(dtype).eps, precond=pre)
+        assert _coarse(M, g, d, Ad, m, 0.1).tolist() == expect, dtype
+
+
 def test_steps_below_the_losses_round_off_are_judged_by_the_gradient():
     """A PBRF whose removal is tiny (weight 1e-6 on the tiny CNN): its value is ~1e-9 but it is
     computed from losses of size J(θ^s) ≈ 0.2, so near the optimum its float64 differences are
