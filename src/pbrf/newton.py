@@ -1034,7 +1034,9 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     st.own[rows] |= (st.slow[rows] >= 2) | (neg & ~own) | stuck
     st.take(rows, accept, d, F_new, g_new, mu)
     M, fresh = _refresh(M, st, stuck & own & ~near, recipe.precondition)
-    st.wide[rows] |= stuck & own & ~fresh & _coarse(M, gr, d, Ad, m, recipe.forcing)
+    widen = stuck & own & ~fresh
+    if bool(widen.any()):  # rare: no residual norms, no device sync on every iteration
+        st.wide[rows] |= widen & _coarse(M, gr, d, Ad, m, recipe.forcing)
     st.watch(rows, accept, mu, curv, untestable, M.wide is not None)
     return M
 
