@@ -409,14 +409,15 @@ def _pbrf_rows_with_a_forced_stall(monkeypatch, scale: float):
     """Two PBRF removals of the tiny CNN (own models, float32 products, λ = 1e-2) whose first
     float32 solve is forced to report a stall, its step multiplied by ``scale`` (1: the solve's
     own residual, within its tolerance; 0.5: half the gradient left); returns ``(θ,
-    diagnostics, signal)``."""
+    diagnostics, signal, cut)``, ``cut`` whether each row's forced step was accepted and cut its
+    gradient 4-fold."""
     prob, lam, groups = tiny_smooth_cnn(), 1e-2, [[0], [5]]
     obj = pbrf.kinds.get("pbrf").objective(prob, lam)
     low = prob.astype(torch.float32)
     lobj = pbrf.kinds.get("pbrf").objective(low, lam)
     products = Precision(Batched(low, lobj.value, lobj.gn, lobj.make_aux(low, groups, 1.0),
                                  batch_fn(low, lobj.f_ref), lobj.removal), F64)
-    step, forced = pbrf.newton._step, []
+    step, take, forced, cut = pbrf.newton._step, pbrf.newton._NewtonState.take, [], []
 
     def stalling_step(M, recipe, rows, th, gr, m, atol, near, own, wide):
         d, Ad, ci, neg, stuck = step(M, recipe, rows, th, gr, m, atol, near, own, wide)
@@ -425,25 +426,35 @@ def _pbrf_rows_with_a_forced_stall(monkeypatch, scale: float):
             return scale * d, scale * Ad, ci, neg, stuck | (own & ~wide)
         return d, Ad, ci, neg, stuck
 
+    def watched_take(self, rows, accept, d, F_new, g_new, mu):
+        if not cut:  # the forced iteration
+            ratio = g_new.norm(dim=1) / self.g[rows].norm(dim=1)
+            cut.extend((accept & (ratio <= pbrf.newton.KEEP_CUT)).tolist())
+        return take(self, rows, accept, d, F_new, g_new, mu)
+
     monkeypatch.setattr("pbrf.newton._step", stalling_step)
+    monkeypatch.setattr("pbrf.newton._NewtonState.take", watched_take)
     signal = removal_signal(prob, groups, 1.0)
     theta, d = newton_optimize(
         prob, obj.value, obj.gn, obj.shift, prob.theta.expand(2, -1).clone(),
         obj.make_aux(prob, groups, 1.0), signal, NewtonRecipe(tol=1e-9, model="auto"),
         batch_fn(prob, obj.f_ref), False, removal_fn=obj.removal, low=products)
     monkeypatch.undo()
-    return theta, d, signal
+    return theta, d, signal, cut
 
 
 def test_a_float32_solve_that_stalls_far_above_its_round_off_keeps_its_row_in_float32(
         monkeypatch):
     """A stalled float32 solve widens its row to float64 products only where it ended within
-    the loosest tolerance Newton asks (``forcing``), where round-off can be what stopped it; one
-    that stalled with half its right-hand side left keeps its row in float32 (float64 would stall
-    there too), the trust region judging the truncated step. Both reach the certified optimum."""
-    theta_w, d_w, signal = _pbrf_rows_with_a_forced_stall(monkeypatch, 1.0)
-    assert d_w["wide"].tolist() == [True, True]
-    theta_f, d_f, _ = _pbrf_rows_with_a_forced_stall(monkeypatch, 0.5)
+    the loosest tolerance Newton asks (``forcing``), where round-off can be what stopped it, and
+    its step did not cut the gradient 4-fold (one that did keeps float32: the outer iteration
+    refines it); one that stalled with half its right-hand side left keeps its row in float32
+    (float64 would stall there too), the trust region judging the truncated step. All reach the
+    certified optimum."""
+    theta_w, d_w, signal, cut = _pbrf_rows_with_a_forced_stall(monkeypatch, 1.0)
+    assert d_w["wide"].tolist() == [not c for c in cut]
+    assert cut.count(True) == 1  # here one row of each: measured, not chosen
+    theta_f, d_f, _, _ = _pbrf_rows_with_a_forced_stall(monkeypatch, 0.5)
     assert d_f["wide"].tolist() == [False, False]
     for d in (d_w, d_f):
         assert bool((d["grad_norm"] <= 1e-9 * signal).all())
