@@ -128,3 +128,55 @@ def test_dry_run_memory_estimate_within_30_percent_of_the_measured_peak(tmp_path
     est = json.loads(estimate.stdout.strip().splitlines()[-1])
     peak = int(measured.stdout.split()[-1])
     assert abs(est - peak) <= 0.3 * peak, (est / 2**20, peak / 2**20)
+
+
+def test_the_paired_reference_row_starts_at_its_continuation_and_takes_no_newton_iteration(
+        monkeypatch):
+    """What the dry run's Newton cost model counts for the paired reference (its starting gradient
+    only): in a proximal call, the no-removal row of each chunk starts at the continuation, solved
+    to its round-off floor, and stops before its first iteration, while the removals iterate."""
+    import importlib
+
+    import pbrf
+    from tests.conftest import tiny_problem
+
+    respond_module = importlib.import_module("pbrf.respond")
+    calls, real = [], respond_module.newton_optimize
+
+    def spy(*args, **kwargs):
+        theta, diagnostics = real(*args, **kwargs)
+        calls.append((args[10], diagnostics["iterations"].tolist(),  # desc, positional
+                      diagnostics["cg_iterations"].tolist()))
+        return theta, diagnostics
+
+    monkeypatch.setattr(respond_module, "newton_optimize", spy)
+    pbrf.respond(tiny_problem("classification"), "proximal", [[0], [1]], damping=1.0,
+                 paired=True, progress=False)
+    (continuation, its_iterations, _), (_, iterations, cg) = calls
+    assert "continuation" in continuation and its_iterations[0] > 0
+    assert iterations[-1] == 0 and cg[-1] == 0  # the reference (the empty group, last)
+    assert min(iterations[:-1]) > 0 and min(cg[:-1]) > 0
+
+
+def test_the_newton_cost_counts_the_paired_reference_once_and_the_continuation_apart():
+    """The Newton cost model's parts (synthetic probes, 1 s per row and example): pairing adds one
+    starting gradient of one row per chunk (not a row of products), and the proximal continuation
+    is its own part, one row's (CONTINUATION_OUTER x (CONTINUATION_PCG products + a gradient)),
+    absent without the proximal response."""
+    from pbrf.experiment.run import dryrun as D
+
+    flat = Probe((Point(1, 1, 1.0, 0), Point(2, 2, 4.0, 0)))  # 1 s per row and example
+    probes = {"newton_product": flat, "newton_value_grad": flat, "newton_shared_gn": flat,
+              "newton_shared_hessian": flat, "training_step": flat}
+    s = D.RunSizes(n=10, p=5, per_chunk=4, rows=5, n_chunks=3, data_chunk=10, batch=2, steps=1,
+                   n_test=1, outputs=1)
+    kinds = 'responses.kinds=["influence", "proximal", "pbrf"]'
+    paired = D._newton_parts(c.load_preset("digits-mlp", "tiny", [kinds]), s, probes)
+    alone = D._newton_parts(c.load_preset("digits-mlp", "tiny", [kinds, "responses.paired=false"]),
+                            s, probes)
+    assert paired["removals"] - alone["removals"] == pytest.approx(3 * 10)
+    assert paired["continuation"] == pytest.approx(
+        D.CONTINUATION_OUTER * (D.CONTINUATION_PCG * 10 + 10))
+    pbrf_only = D._newton_parts(
+        c.load_preset("digits-mlp", "tiny", ['responses.kinds=["influence", "pbrf"]']), s, probes)
+    assert "continuation" not in pbrf_only

@@ -80,14 +80,16 @@ from pbrf.newton import (
 
 __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHARED_OUTER",
            "NEWTON_OWN_OUTER", "PCG_ITERS", "CONTINUATION_OUTER", "CONTINUATION_PCG",
+           "PROXIMAL_OWN_OUTER", "PROXIMAL_PCG", "KIND_COUNTS",
            "NEWTON_PRODUCT_DTYPE", "PRECONDITIONER_PRODUCTS", "NEWTON_VECTORS", "TYPICAL_CG"]
 
 # The cost model of the Newton optimiser of the PBRF and proximal responses (pbrf.newton): typical
 # counts, not the caps, so the estimate is an order of magnitude. Per chunk of K removal rows and
-# per kind: NEWTON_SHARED_OUTER outer (trust-region) iterations on the shared model and
-# NEWTON_OWN_OUTER on each row's own model, each with PCG_ITERS preconditioned-CG curvature
-# products, in NEWTON_PRODUCT_DTYPE (the objective, gradient and certificate stay float64), and one
-# float64 full-data value-and-gradient of every row per outer iteration. The shared model's products
+# per kind (KIND_COUNTS): for the PBRF, NEWTON_SHARED_OUTER outer (trust-region) iterations on the
+# shared model and NEWTON_OWN_OUTER on each row's own model, each with PCG_ITERS preconditioned-CG
+# curvature products (for the proximal rows, PROXIMAL_OWN_OUTER and PROXIMAL_PCG), in
+# NEWTON_PRODUCT_DTYPE (the objective, gradient and certificate stay float64), and one float64
+# full-data value-and-gradient of every row per outer iteration. The shared model's products
 # are of ONE curvature (Gauss–Newton at θ^s for the PBRF, the exact Hessian at the continuation for
 # the proximal response) for all K vectors, one forward pass shared; the own model's are each row's
 # exact Hessian at its own parameters (K forward passes, batched). PRECONDITIONER_PRODUCTS shared
@@ -118,17 +120,31 @@ __all__ = ["dry_run", "format_dry_run", "RunSizes", "NEWTON_OUTER", "NEWTON_SHAR
 # every proximal row then starts from there. From a θ^s trained 60 epochs (loss 0.07) its first step
 # cut the gradient 2.4-fold, then the exact Hessian met negative curvature and the next two steps,
 # in float64, were rejected (395 s). The counts below assume a continuation that converges.
+# Re-measured on this version's engine (same LeNet case, 2 threads; a stalled float32 solve whose
+# step still cuts the gradient 4-fold keeps float32, pbrf.newton.KEEP_CUT): the continuation 55
+# outer iterations and 1,082 float32 products (100 s; before KEEP_CUT 51 and 1,098, of which 248
+# in float64, 250 s); the 4 proximal rows, each from the continuation, 27, 26, 7 and 5 outer
+# iterations (2 on the shared model each) and 345, 386, 163 and 107 products (114 s): two rows
+# descend for 20 iterations with their gradient near 1e6 × its tolerance before Newton's fast
+# phase (an unconverged θ^s: the removal moves them along nearly flat directions), 3.6× the PBRF
+# rows' count, which the proximal rows had been counted with until then.
 #: The smallest damping λ where the counts below were seen to hold (smooth LeNet at 0.1, mnist-mlp
 #: at 1e-2); a smaller λ conditions the systems worse (the caveat line says so).
 COUNTED_DAMPING = 1e-2
 NEWTON_SHARED_OUTER = 2
 NEWTON_OWN_OUTER = 5
 NEWTON_OUTER = NEWTON_SHARED_OUTER + NEWTON_OWN_OUTER
-CONTINUATION_OUTER = 56
+CONTINUATION_OUTER = 55
 CONTINUATION_WARMUP = 400
 CONTINUATION_WARM_OUTER = 12
-CONTINUATION_PCG = 35
+CONTINUATION_PCG = 20
 PCG_ITERS = 10
+PROXIMAL_OWN_OUTER = 14
+PROXIMAL_PCG = 16
+#: Per kind: ``(outer iterations on the shared model, on each row's own, CG products per outer
+#: iteration)``.
+KIND_COUNTS = {"pbrf": (NEWTON_SHARED_OUTER, NEWTON_OWN_OUTER, PCG_ITERS),
+               "proximal": (NEWTON_SHARED_OUTER, PROXIMAL_OWN_OUTER, PROXIMAL_PCG)}
 NEWTON_PRODUCT_DTYPE = torch.float32
 PRECONDITIONER_PRODUCTS = 256
 #: Vectors per call of the preconditioner's sketch (``pbrf.newton._preconditioner``'s block).
@@ -220,6 +236,8 @@ def dry_run(config: ExperimentConfig, inputs) -> dict:
         "cold_seeds": list(config.responses.cold_seeds),
         "response_recipe": config.responses.recipe_dict(), "lds_subsets": config.lds.subsets,
         "newton_model": _newton_model(config, s),
+        "newton_parts": {k: v * config.run.seeds
+                         for k, v in _newton_parts(config, s, probes).items()},
         "loading_peak_bytes": loading_peak, "loaded_rss_bytes": loaded,
         "baseline_rss_bytes": baseline, "probe_peak_bytes": stages,
         "newton_state_bytes": state, "estimated_peak_bytes": peak,
@@ -239,6 +257,8 @@ def _newton_model(config: ExperimentConfig, s: RunSizes) -> dict | None:
             "damping": config.influence.damping,
             "shared_outer": NEWTON_SHARED_OUTER if shared else 0,
             "pcg": PCG_ITERS, "preconditioner": PRECONDITIONER_PRODUCTS,
+            "proximal_outer": ("proximal" in _newton_kinds(config))
+            * (NEWTON_SHARED_OUTER + PROXIMAL_OWN_OUTER), "proximal_pcg": PROXIMAL_PCG,
             "continuation": ("proximal" in _newton_kinds(config))
             * math.prod(_continuation_counts(config)[1:]),
             "warmup": ("proximal" in _newton_kinds(config)) * _continuation_counts(config)[0],
@@ -391,13 +411,24 @@ def _compute_seconds(config: ExperimentConfig, s: RunSizes,
 
 def _newton_seconds(config: ExperimentConfig, s: RunSizes, probes: dict[str, Probe]) -> float:
     """The PBRF and proximal responses: the Newton cost model (module constants) or, with a
-    first-order recipe, its steps of K stacked models.
+    first-order recipe, its steps of K stacked models (the sum of :func:`_newton_parts`).
+    """
+    return sum(_newton_parts(config, s, probes).values())
+
+
+def _newton_parts(config: ExperimentConfig, s: RunSizes, probes: dict[str, Probe]
+                  ) -> dict[str, float]:
+    """:func:`_newton_seconds` in its parts: ``"removals"`` (every chunk's rows, the sketches and
+    the stored Jacobians) and, for the proximal response, ``"continuation"`` (one row, solved once
+    per run). The paired reference row of a chunk starts at the continuation, solved to its
+    round-off floor, and takes no iteration (measured: ``pbrf.respond(..., paired=True)``'s
+    reference row, 0 iterations and 0 CG products): it costs its starting gradient only.
     """
     names = _newton_kinds(config)
     if "newton_product" not in probes:
         steps, batch = _response_recipe(config, s)
-        return sum(s.n_chunks * steps * probes["training_step"].seconds(
-            _kind_rows(config, k, s), batch) for k in names)
+        return {"removals": sum(s.n_chunks * steps * probes["training_step"].seconds(
+            _kind_rows(config, k, s), batch) for k in names)}
     own, value_grad = probes["newton_product"], probes["newton_value_grad"]
 
     def data_pass(op: Probe, rows: int) -> float:
@@ -412,12 +443,14 @@ def _newton_seconds(config: ExperimentConfig, s: RunSizes, probes: dict[str, Pro
                 + net.pass_seconds(rows, s.n - stored, s.data_chunk))
 
     def per_kind(kind: str) -> float:
-        r = _kind_rows(config, kind, s)
+        r = s.per_chunk  # the paired reference: its starting gradient only
+        reference = (_kind_rows(config, kind, s) - r) * data_pass(value_grad, 1)
+        shared, mine, pcg = KIND_COUNTS[kind]
+        gradients = (shared + mine) * data_pass(value_grad, r)
         if f"newton_shared_{_shared_form(kind)}" not in probes:  # only the rows' own models
-            return NEWTON_OUTER * (PCG_ITERS * data_pass(own, r) + data_pass(value_grad, r))
-        return (PCG_ITERS * (NEWTON_SHARED_OUTER * shared_pass(_shared_form(kind), r)
-                             + NEWTON_OWN_OUTER * data_pass(own, r))
-                + NEWTON_OUTER * data_pass(value_grad, r))
+            return reference + gradients + (shared + mine) * pcg * data_pass(own, r)
+        return (reference + gradients + pcg * (shared * shared_pass(_shared_form(kind), r)
+                                               + mine * data_pass(own, r)))
 
     evals, outer, pcg = _continuation_counts(config)
     continuation = ("proximal" in names) * (
@@ -430,7 +463,8 @@ def _newton_seconds(config: ExperimentConfig, s: RunSizes, probes: dict[str, Pro
     if "newton_jacobian" in probes:
         builds = ((1 if len(names) == 1 else s.n_chunks * len(names))
                   * probes["newton_jacobian"].pass_seconds(1, s.stored_examples, s.data_chunk))
-    return s.n_chunks * sum(per_kind(k) for k in names) + continuation + sketch + builds
+    parts = {"removals": s.n_chunks * sum(per_kind(k) for k in names) + sketch + builds}
+    return parts | ({"continuation": continuation} if continuation else {})
 
 
 def _influence_seconds(s: RunSizes, probes: dict[str, Probe]) -> float:
@@ -606,9 +640,19 @@ def format_dry_run(d: dict) -> str:
         _memory_line(d),
         f"  compute   roughly {_duration(d['estimated_total_seconds'])} at this machine's speed:",
     ]
-    lines += [f"              {k}: {_duration(v)}" for k, v in d["estimated_seconds"].items() if v]
+    lines += [f"              {k}: {_duration(v)}{_parts(k, d)}"
+              for k, v in d["estimated_seconds"].items() if v]
     lines += _caveat(d)
     return "\n".join(lines)
+
+
+def _parts(key: str, d: dict) -> str:
+    """The PBRF / proximal line's parts, where the proximal continuation is one of them."""
+    parts = d.get("newton_parts") or {}
+    if not key.startswith("PBRF") or "continuation" not in parts:
+        return ""
+    return (f" ({_duration(parts['removals'])} the removals, "
+            f"{_duration(parts['continuation'])} the proximal continuation)")
 
 
 def _memory_line(d: dict) -> str:
@@ -638,9 +682,11 @@ def _caveat(d: dict) -> list[str]:
         where = (f" ({m['shared_outer']} on the shared curvature, one forward pass for all rows; "
                  f"{own} on each row's own {m['product']})" if m.get("shared_outer")
                  else f" on each row's own {m['product']}")
-        lines.append(f"            Newton: {m['outer']} outer iterations per removal{where}, each "
-                     f"{m['pcg']} {m['dtype']} products and one float64 gradient over the data; "
-                     f"{m['preconditioner']} preconditioner products per kind"
+        proximal = (f"; {m['proximal_outer']} per proximal removal, each {m['proximal_pcg']} "
+                    "products" if m.get("proximal_outer") else "")
+        lines.append(f"            Newton: {m['outer']} outer iterations per PBRF removal{where}, "
+                     f"each {m['pcg']} {m['dtype']} products and one float64 gradient over the "
+                     f"data{proximal}; {m['preconditioner']} preconditioner products per kind"
                      + ("; the proximal continuation "
                         + (f"{m['warmup']} L-BFGS gradients and " if m.get("warmup") else "")
                         + f"{m['continuation']} products of one row"
