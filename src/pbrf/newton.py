@@ -1044,12 +1044,12 @@ def _iterate(B: Batched, M: _Model, recipe: NewtonRecipe, st: _NewtonState, rows
     st.own[rows] |= (st.slow[rows] >= 2) | (neg & ~own) | stuck
     st.take(rows, accept, d, F_new, g_new, mu)
     M, fresh = _refresh(M, st, stuck & own & ~near, recipe.precondition)
-    # a stalled solve whose step still cut the gradient 4-fold keeps its products: the outer
-    # iteration, with the gradient in the problem's dtype, refines the step (KEEP_CUT)
-    cut = accept & (g_new.norm(dim=1) <= KEEP_CUT * gn)
-    widen = stuck & own & ~fresh & ~cut
-    if bool(widen.any()):  # rare: no residual norms, no device sync on every iteration
-        st.wide[rows] |= widen & _coarse(M, gr, d, Ad, m, recipe.forcing)
+    stalled = stuck & own & ~fresh
+    if bool(stalled.any()):  # rare: no residual or gradient norms on every iteration
+        # a stalled solve whose step still cut the gradient 4-fold keeps its products: the outer
+        # iteration, with the gradient in the problem's dtype, refines the step (KEEP_CUT)
+        cut = accept & (g_new.norm(dim=1) <= KEEP_CUT * gn)
+        st.wide[rows] |= stalled & ~cut & _coarse(M, gr, d, Ad, m, recipe.forcing)
     st.watch(rows, accept, mu, curv, untestable, M.wide is not None)
     return M
 

@@ -1,6 +1,7 @@
 """``pbrf run --dry-run``: writes nothing, probes at small sizes, and its peak-memory estimate is
 within 30% of a run's."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 
+import pbrf
 from pbrf.experiment import config as c
 from pbrf.experiment.run import probes
 from pbrf.experiment.run.dryrun import dry_run, format_dry_run
@@ -15,6 +17,7 @@ from pbrf.experiment.run.inputs import prepare_inputs
 from pbrf.experiment.run.probes import ENOUGH_BYTES, ENOUGH_SECONDS, Point, Probe, probe
 
 from ..cli.test_cli import TINY, pbrf_cmd
+from ..conftest import tiny_problem
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -135,11 +138,6 @@ def test_the_paired_reference_row_starts_at_its_continuation_and_takes_no_newton
     """What the dry run's Newton cost model counts for the paired reference (its starting gradient
     only): in a proximal call, the no-removal row of each chunk starts at the continuation, solved
     to its round-off floor, and stops before its first iteration, while the removals iterate."""
-    import importlib
-
-    import pbrf
-    from tests.conftest import tiny_problem
-
     respond_module = importlib.import_module("pbrf.respond")
     calls, real = [], respond_module.newton_optimize
 

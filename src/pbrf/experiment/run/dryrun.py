@@ -253,15 +253,15 @@ def _newton_model(config: ExperimentConfig, s: RunSizes) -> dict | None:
     if not _newton_kinds(config) or config.responses.optimizer != "newton":
         return None
     shared = config.responses.model == "shared"
+    proximal = "proximal" in _newton_kinds(config)
     return {"outer": NEWTON_OUTER, "stored_examples": s.stored_examples * shared, "n": s.n,
             "damping": config.influence.damping,
             "shared_outer": NEWTON_SHARED_OUTER if shared else 0,
             "pcg": PCG_ITERS, "preconditioner": PRECONDITIONER_PRODUCTS,
-            "proximal_outer": ("proximal" in _newton_kinds(config))
-            * (NEWTON_SHARED_OUTER + PROXIMAL_OWN_OUTER), "proximal_pcg": PROXIMAL_PCG,
-            "continuation": ("proximal" in _newton_kinds(config))
-            * math.prod(_continuation_counts(config)[1:]),
-            "warmup": ("proximal" in _newton_kinds(config)) * _continuation_counts(config)[0],
+            "proximal_outer": proximal * (NEWTON_SHARED_OUTER + PROXIMAL_OWN_OUTER),
+            "proximal_pcg": PROXIMAL_PCG,
+            "continuation": proximal * math.prod(_continuation_counts(config)[1:]),
+            "warmup": proximal * _continuation_counts(config)[0],
             "dtype": str(NEWTON_PRODUCT_DTYPE).removeprefix("torch."),
             "product": "gauss-newton" if config.responses.model == "gn" else "hessian"}
 
